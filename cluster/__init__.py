@@ -1,1 +1,24 @@
+"""moeshard.cluster: config, checkpoints, tokenizers, the model math, the engine and the offline ``LLM`` API.
 
+Names are imported lazily so that light modules (the client SDK) load without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "LLM": "moeshard.cluster.llm",
+    "RequestOutput": "moeshard.cluster.llm",
+    "SamplingParams": "moeshard.cluster.sampling",
+    "ModelConfig": "moeshard.cluster.config",
+    "EngineConfig": "moeshard.cluster.config",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'moeshard.cluster' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,0 +1,43 @@
+"""Small stateless layers of the Mixtral decoder: RMSNorm and rotary position embedding.
+
+Dimensions: T tokens, D hidden, Dh head dim, H heads.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, D] -> [T, D]; normalised in float32, scaled in x's dtype."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)  # [T, 1]
+    normed = x.float() * torch.rsqrt(variance + eps)
+    return weight * normed.to(x.dtype)
+
+
+class RotaryTables(NamedTuple):
+    cos: torch.Tensor  # [T, Dh]
+    sin: torch.Tensor  # [T, Dh]
+
+
+class RotaryEmbedding:
+    """Default (unscaled) RoPE with the half-split layout of Hugging Face Llama/Mixtral."""
+
+    def __init__(self, head_dim: int, theta: float):
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        self.inv_freq = 1.0 / (theta**exponents)  # [Dh/2]
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
+        """positions [T] -> cos, sin [T, Dh] in ``dtype``."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, Dh/2]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [T, Dh]
+        return RotaryTables(cos=angles.cos().to(dtype), sin=angles.sin().to(dtype))
+
+
+def apply_rotary(x: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
+    """x [T, H, Dh] -> [T, H, Dh] rotated by each token's position."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # rotate_half
+    return x * tables.cos[:, None, :] + rotated * tables.sin[:, None, :]

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny Mixtral checkpoints written by transformers' own save_pretrained."""
+
+from __future__ import annotations
+
+import os
+
+# Triton kernels run on CPU only through the interpreter; set before anything imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.resources  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TINY_BASE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=50,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+)
+
+
+def mistral_tokenizer_path() -> Path:
+    """The real Mixtral SentencePiece model (32000 tokens) shipped in mistral-common's wheel."""
+    return Path(str(importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"))
+
+
+def write_tiny_mixtral(out_dir: Path, seed: int = 0, with_tokenizer: bool = False, **overrides) -> Path:
+    """Save a random MixtralForCausalLM with weights large enough that greedy choices are clear-cut."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    params = {**TINY_BASE, **overrides}
+    if with_tokenizer:
+        params["vocab_size"] = 32000
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(MixtralConfig(**params)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
+            else:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(out_dir)
+    if with_tokenizer:
+        shutil.copy(mistral_tokenizer_path(), out_dir / "tokenizer.model")
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_dir(tmp_path_factory) -> Path:
+    """The default tiny checkpoint: 8 experts, top-2, GQA 2."""
+    return write_tiny_mixtral(tmp_path_factory.mktemp("tiny_mixtral"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_factory(tmp_path_factory):
+    def make(name: str, **overrides) -> Path:
+        return write_tiny_mixtral(tmp_path_factory.mktemp(name), **overrides)
+
+    return make
