@@ -9,7 +9,7 @@ import importlib
 
 _EXPORTS = {
     "LLM": "moeshard.cluster.llm",
-    "RequestOutput": "moeshard.cluster.llm",
+    "RequestOutput": "moeshard.cluster.generation",
     "SamplingParams": "moeshard.cluster.sampling",
     "ModelConfig": "moeshard.cluster.config",
     "EngineConfig": "moeshard.cluster.config",

@@ -17,11 +17,20 @@ The Mixtral-Instruct format (mistral-common's "v1" instruct tokenizer):
 
 This module knows nothing about token ids: it returns ``ChatSegment``s (text to
 encode, or a special token) that a tokenizer turns into ids.
+
+``ChatTemplate`` renders a Hugging Face Jinja chat template (from
+``tokenizer_config.json`` or ``chat_template.jinja``) the way ``transformers``
+does: a sandboxed environment with ``trim_blocks``/``lstrip_blocks``,
+``raise_exception``, ``strftime_now``, a non-escaping ``tojson``, and the
+``{% generation %}`` tag accepted (rendered as its body).
 """
 
 from __future__ import annotations
 
+import datetime
 import enum
+import functools
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -127,3 +136,70 @@ def mistral_instruct_segments(messages: Sequence[ChatMessage]) -> list[ChatSegme
         elif message.role is Role.ASSISTANT:
             segments += [message.content, SpecialToken.EOS]
     return segments
+
+
+class ChatTemplate:
+    """A compiled Jinja chat template."""
+
+    def __init__(self, source: str):
+        if not isinstance(source, str) or not source.strip():
+            raise ValueError("A chat template must be a non-empty string")
+        self.source = source
+        self._template = _compile_template(source)
+
+    def render(self, messages: Sequence[Mapping], special_tokens: Mapping[str, str], add_generation_prompt: bool = True) -> str:
+        """The conversation as text; template errors (e.g. bad role order) become ValueError."""
+        import jinja2
+
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise ValueError(f"messages must be a list of role/content mappings, got {type(messages).__name__}")
+        if not messages:
+            raise ValueError("Conversation must have at least one message")
+        for i, message in enumerate(messages):
+            if not isinstance(message, Mapping) or "role" not in message:
+                raise ValueError(f"Message {i} must be a mapping with 'role' and 'content', got {message!r}")
+        # As transformers does: keys whose value is None are dropped (OpenAI sends content=None).
+        plain = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        try:
+            return self._template.render(
+                **special_tokens, messages=plain, tools=None, documents=None, add_generation_prompt=add_generation_prompt
+            )
+        except jinja2.TemplateError as e:
+            raise ValueError(f"Chat template error: {e}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_template(source: str):
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(jinja2.ext.Extension):
+        """``{% generation %}...{% endgeneration %}`` marks assistant text for training masks; render the body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"Chat template does not parse: {e.message} (line {e.lineno})") from None

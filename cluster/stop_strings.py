@@ -28,3 +28,13 @@ class StopStringMatcher:
             return None
         index, stop = min(found)
         return StopMatch(stop=stop, text=text[:index])
+
+    def holdback(self, text: str) -> int:
+        """How many trailing characters could still become a stop string (not to be streamed yet)."""
+        longest = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(text)), longest, -1):
+                if stop.startswith(text[len(text) - n :]):
+                    longest = n
+                    break
+        return longest

@@ -5,7 +5,7 @@ The engine moves token ids only; everything that touches text goes through the
 ``load_tokenizer(model_dir)`` picks the implementation from the files present:
 
     tokenizer.model   -> SentencePieceTokenizer (Mixtral; Mixtral-Instruct chat format)
-    tokenizer.json    -> Hugging Face BPE (not supported yet)
+    tokenizer.json    -> HFTokenizer (hf_tokenizer.py; the model's Jinja chat template)
 
 Special token ids come from the tokenizer file and may be overridden by the
 model directory's ``config.json`` (``bos_token_id``, ``eos_token_id``);
@@ -84,14 +84,16 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     if (model_dir / SENTENCEPIECE_FILE).is_file():
         return SentencePieceTokenizer(model_dir / SENTENCEPIECE_FILE, overrides)
     if (model_dir / HF_TOKENIZER_FILE).is_file():
-        raise NotImplementedError(f"{HF_TOKENIZER_FILE} tokenizers are not supported yet (in {model_dir})")
+        from moeshard.cluster.hf_tokenizer import HFTokenizer  # needs `tokenizers` and `jinja2`
+
+        return HFTokenizer(model_dir, overrides)
     raise FileNotFoundError(f"No tokenizer in {model_dir}: looked for {', '.join(TOKENIZER_FILES)}")
 
 
 def read_special_token_ids(model_dir: Path) -> SpecialTokenIds:
     """bos/eos ids from ``config.json`` and ``generation_config.json``, where present."""
-    config = _read_json(model_dir / "config.json")
-    generation = _read_json(model_dir / "generation_config.json")
+    config = read_json(model_dir / "config.json")
+    generation = read_json(model_dir / "generation_config.json")
     bos = config.get("bos_token_id")
     if bos is not None and not isinstance(bos, int):
         raise ValueError(f"bos_token_id in {model_dir / 'config.json'} must be an int, got {bos!r}")
@@ -102,7 +104,8 @@ def read_special_token_ids(model_dir: Path) -> SpecialTokenIds:
     )
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object file; {} when the file is absent."""
     if not path.is_file():
         return {}
     try:
@@ -175,7 +178,7 @@ class SentencePieceTokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        ids = self._checked_ids(ids)
+        ids = check_token_ids(ids, self._vocab_size)
         if skip_special_tokens:
             return self._sp.decode(ids)  # SentencePiece drops control tokens itself
         # Keep control tokens as their pieces; decode the text runs between them.
@@ -191,7 +194,7 @@ class SentencePieceTokenizer:
         return "".join(parts)
 
     def id_to_piece(self, token_id: int) -> str:
-        (token_id,) = self._checked_ids([token_id])
+        (token_id,) = check_token_ids([token_id], self._vocab_size)
         return self._sp.id_to_piece(token_id)
 
     def encode_chat(self, messages: Sequence[Mapping]) -> list[int]:
@@ -206,12 +209,14 @@ class SentencePieceTokenizer:
                 ids += self._sp.encode(segment)
         return ids
 
-    def _checked_ids(self, ids: Sequence[int]) -> list[int]:
-        ids = [int(i) for i in ids]
-        if ids and (min(ids) < 0 or max(ids) >= self._vocab_size):
-            bad = next(i for i in ids if not 0 <= i < self._vocab_size)
-            raise ValueError(f"Token id {bad} is outside the vocabulary (size {self._vocab_size})")
-        return ids
+
+def check_token_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
+    """``ids`` as plain ints; ValueError naming the first one outside [0, vocab_size)."""
+    ids = [int(i) for i in ids]
+    if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+        bad = next(i for i in ids if not 0 <= i < vocab_size)
+        raise ValueError(f"Token id {bad} is outside the vocabulary (size {vocab_size})")
+    return ids
 
 
 def _id_or_none(token_id: int) -> int | None:

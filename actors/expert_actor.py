@@ -1,0 +1,71 @@
+"""The expert actor: hosts some experts of every MoE layer and runs them on the rows it is sent.
+
+It reads only its own experts from the checkpoint (by key, on its own node).
+Ray restarts it after a crash; ``__init__`` then reloads the same experts.
+
+Dimensions: n rows sent here, D hidden, K chosen per token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from moeshard.actors.wire import ExpertBatch, encode_rows
+from moeshard.cluster.checkpoint import CheckpointReader, expert_weight_shapes, ExpertKey
+from moeshard.cluster.config import ModelConfig
+from moeshard.cluster.moe import load_expert_stacks
+from moeshard.cluster.runtime import torch_dtype
+
+logger = logging.getLogger(__name__)
+
+
+class ExpertActor:
+    def __init__(self, actor_index: int, model_dir: str, dtype: str, hosted: dict[int, list[int]]):
+        self.actor_index = actor_index
+        self.model_config = ModelConfig.from_model_dir(model_dir)
+        reader = CheckpointReader(model_dir, self.model_config)
+        self.stacks = load_expert_stacks(reader, hosted, torch_dtype(dtype))
+        self.device = "cpu"
+        if torch.cuda.is_available():
+            self.device = "cuda"
+            for stack in self.stacks.values():
+                stack.w1, stack.w3, stack.w2 = (w.to(self.device) for w in (stack.w1, stack.w3, stack.w2))
+        logger.info("expert actor %d hosts %d experts on %s", actor_index, sum(len(s.expert_ids) for s in self.stacks.values()), self.device)
+
+    def ready(self) -> bool:
+        return True
+
+    @torch.inference_mode()
+    def run_experts(self, message: bytes) -> bytes:
+        """One MoE layer's work: an encoded ``ExpertBatch`` in, the weighted expert outputs [n, D] out."""
+        if not message:
+            return b""  # no rows for this actor in this layer (compiled graphs call every actor)
+        batch = ExpertBatch.decode(message)
+        stack = self.stacks[batch.layer]
+        out = stack.run(batch.rows.to(self.device), batch.local_ids.to(self.device).long(), batch.weights.to(self.device))
+        return encode_rows(out.cpu())
+
+    def info(self) -> dict:
+        """Where this actor runs and what it holds."""
+        import ray
+
+        context = ray.get_runtime_context()
+        return {
+            "actor_index": self.actor_index,
+            "node_id": context.get_node_id(),
+            "pid": os.getpid(),
+            "device": self.device,
+            "hosted": {layer: list(stack.expert_ids) for layer, stack in self.stacks.items()},
+            "weight_bytes": sum(stack.nbytes() for stack in self.stacks.values()),
+        }
+
+    def hosted_keys(self) -> list[str]:
+        """The checkpoint keys of every expert tensor this actor holds."""
+        keys = []
+        for layer, stack in self.stacks.items():
+            for expert in stack.expert_ids:
+                keys.extend(expert_weight_shapes(self.model_config, ExpertKey(layer, expert)))
+        return sorted(keys)

@@ -1,0 +1,78 @@
+"""The bytes that cross between coordinator and expert actors: raw tensor buffers behind a small msgpack header.
+
+No pickled torch objects travel: a message is ``[4-byte header length][msgpack header][tensor bytes...]``,
+and each tensor is described in the header by name, dtype and shape.
+
+Dimensions: n rows sent to one actor, D hidden, K chosen per token.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import msgpack
+import torch
+
+_DTYPES = {str(dt).removeprefix("torch."): dt for dt in (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64)}
+
+
+def pack_tensors(meta: dict, tensors: dict[str, torch.Tensor]) -> bytes:
+    """Serialise named tensors (any of float32/bfloat16/float16/int32/int64) plus plain metadata."""
+    specs, buffers = [], []
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().contiguous().cpu()
+        specs.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)])
+        buffers.append(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    header = msgpack.packb({"meta": meta, "tensors": specs})
+    return b"".join([len(header).to_bytes(4, "little"), header, *buffers])
+
+
+def unpack_tensors(message: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Inverse of ``pack_tensors``; tensors are read-only views of ``message`` made writable by a copy-free path."""
+    header_len = int.from_bytes(message[:4], "little")
+    header = msgpack.unpackb(message[4 : 4 + header_len])
+    offset = 4 + header_len
+    tensors = {}
+    for name, dtype_name, shape in header["tensors"]:
+        dtype = _DTYPES[dtype_name]
+        count = 1
+        for size in shape:
+            count *= size
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        if nbytes == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        else:
+            with warnings.catch_warnings():  # the buffer is read-only; nothing writes into these inputs
+                warnings.simplefilter("ignore", UserWarning)
+                raw = torch.frombuffer(message, dtype=torch.uint8, count=nbytes, offset=offset)
+            tensors[name] = raw.view(dtype).reshape(shape)
+        offset += nbytes
+    return header["meta"], tensors
+
+
+@dataclass(frozen=True)
+class ExpertBatch:
+    """What the coordinator sends one expert actor for one MoE layer."""
+
+    layer: int
+    rows: torch.Tensor  # [n, D] hidden states of the tokens routed here (each token once)
+    local_ids: torch.Tensor  # [n, K] int32 index into the actor's stack of this layer, -1 = expert not here
+    weights: torch.Tensor  # [n, K] float32 routing weights (0 where local_ids is -1)
+
+    def encode(self) -> bytes:
+        return pack_tensors({"layer": self.layer}, {"rows": self.rows, "local_ids": self.local_ids, "weights": self.weights})
+
+    @classmethod
+    def decode(cls, message: bytes) -> "ExpertBatch":
+        meta, t = unpack_tensors(message)
+        return cls(layer=meta["layer"], rows=t["rows"], local_ids=t["local_ids"], weights=t["weights"])
+
+
+def encode_rows(rows: torch.Tensor) -> bytes:
+    """An actor's reply: its weighted expert outputs [n, D]."""
+    return pack_tensors({}, {"rows": rows})
+
+
+def decode_rows(message: bytes) -> torch.Tensor:
+    return unpack_tensors(message)[1]["rows"]

@@ -1,0 +1,132 @@
+"""The expert-sharded cluster on a real multi-node Ray cluster equals the single-process path."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from moeshard.actors.transport import ExpertActorFailed
+from moeshard.cluster import LLM, SamplingParams
+from moeshard.cluster.checkpoint import ExpertKey, expert_weight_shapes
+from moeshard.cluster.config import ModelConfig
+
+PROMPTS = [[1, 5, 9, 33, 17], [1, 100, 3, 8], [1, 7, 7, 7, 64, 12, 90, 4, 55, 21, 3]]
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+NODES = ("node_a", "node_b")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"head": 1}})
+    nodes = {name: cluster.add_node(num_cpus=4, resources={name: 100}) for name in NODES}
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+    yield {name: node.node_id for name, node in nodes.items()}
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_mixtral_dir):
+    with LLM(tiny_mixtral_dir) as llm:
+        yield {
+            "logits": [llm.logits(p) for p in PROMPTS],
+            "tokens": [o.token_ids for o in llm.generate(PROMPTS, GREEDY)],
+        }
+
+
+def _pinned(num_actors: int) -> list[dict[str, float]]:
+    """Alternate actors between the two worker nodes."""
+    return [{NODES[a % 2]: 1} for a in range(num_actors)]
+
+
+LAYOUTS = {
+    "1_actor": dict(expert_actors=1),
+    "2_actors": dict(expert_actors=2),
+    "3_actors_uneven": dict(expert_actors=3),
+    "4_actors": dict(expert_actors=4),
+    "3_actors_replicated": dict(
+        expert_actors=3, expert_map={e: [e % 3, (e + 1) % 3] for e in range(8)}
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_sharded_cluster_equals_single_process(layout, ray_cluster, tiny_mixtral_dir, reference):
+    options = dict(LAYOUTS[layout])
+    n = options.pop("expert_actors")
+    cluster = dict(options, actor_resources=_pinned(n), coordinator_resources={"head": 1})
+    with LLM(tiny_mixtral_dir, expert_actors=n, cluster=cluster) as llm:
+        for prompt, expected in zip(PROMPTS, reference["logits"]):
+            assert (llm.logits(prompt) - expected).abs().max().item() < 1e-5
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference["tokens"]
+
+        # Each actor holds exactly the experts the placement gives it, on the node it was pinned to.
+        config = ModelConfig.from_model_dir(tiny_mixtral_dir)
+        placement = llm._cluster.placement
+        for actor, handle in enumerate(llm._cluster.expert_actors):
+            expected_keys = sorted(
+                key
+                for layer, experts in placement.hosted_by(actor).items()
+                for e in experts
+                for key in expert_weight_shapes(config, ExpertKey(layer, e))
+            )
+            assert ray.get(handle.hosted_keys.remote()) == expected_keys
+        report = llm.placement()
+        assert len(report) == config.num_layers * config.num_experts
+        for row in report:
+            assert row["nodes"] == [ray_cluster[NODES[a % 2]] for a in row["actors"]]
+        if "expert_map" in cluster:
+            assert all(row["actors"] == cluster["expert_map"][row["expert"]] for row in report)
+
+        # The coordinator holds no expert tensor.
+        names = ray.get(llm._cluster.coordinator.tensor_names.remote())
+        assert names and not any("expert" in name for name in names)
+
+
+def test_killed_expert_actor_fails_requests_then_recovers(ray_cluster, tiny_mixtral_dir, reference):
+    cluster = dict(actor_resources=_pinned(2), coordinator_resources={"head": 1}, dispatch_timeout_s=20)
+    with LLM(tiny_mixtral_dir, expert_actors=2, cluster=cluster) as llm:
+        victim = llm._cluster.expert_actors[1]
+        outcome: dict = {}
+
+        def long_generation():
+            try:
+                outcome["result"] = llm.generate(PROMPTS, SamplingParams(max_tokens=240, temperature=0, ignore_eos=True))
+            except Exception as exc:  # noqa: BLE001 - the test inspects it
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=long_generation)
+        started = time.monotonic()
+        worker.start()
+        time.sleep(1.0)
+        ray.kill(victim, no_restart=False)
+        worker.join(timeout=60)
+        assert not worker.is_alive(), "generation hung after an expert actor died"
+        assert time.monotonic() - started < 60
+        error = outcome.get("error")
+        assert isinstance(error, ExpertActorFailed), outcome
+        assert "expert actor 1" in str(error) and "experts [4, 5, 6, 7]" in str(error)
+
+        # Ray restarts the actor, which reloads its experts; the next request is correct.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference["tokens"]
+                break
+            except ExpertActorFailed:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+        assert (llm.logits(PROMPTS[0]) - reference["logits"][0]).abs().max().item() < 1e-5
