@@ -2,8 +2,8 @@
 
 The files of a model directory, as ``transformers`` reads them:
 
-    tokenizer.json          the tokenizer itself, used as written
-    tokenizer_config.json   bos/eos token strings, add_bos_token, chat_template
+    tokenizer.json          the tokenizer itself, used as written (its post-processor adds BOS)
+    tokenizer_config.json   bos/eos token strings, chat_template
     chat_template.jinja     the chat template (wins over tokenizer_config's)
     special_tokens_map.json older home of the special token strings
     config.json             bos/eos ids that override the tokenizer's
@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import tokenizers
-import tokenizers.processors
 
 from moeshard.cluster.chat_format import ChatTemplate
 from moeshard.cluster.tokenizer import (
@@ -59,7 +58,6 @@ class HFTokenizer:
         self._eos_id = eos_ids[0] if eos_ids else None
         self._eos_token_ids = frozenset(eos_ids + overrides.generation_eos_ids)
         check_token_ids([i for i in (self._bos_id, *self._eos_token_ids) if i is not None], self._vocab_size)
-        self._use_config_post_processor(config)
         self._special_ids = frozenset(i for i, t in self._tk.get_added_tokens_decoder().items() if t.special)
         self._chat_template = _load_chat_template(model_dir, config)
         logger.info(
@@ -89,8 +87,8 @@ class HFTokenizer:
         return self._vocab_size
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """``add_bos``: add the special tokens this tokenizer adds around a text (BOS for Llama-style
-        tokenizers, nothing for ChatML ones), as its post-processor or ``add_bos_token`` says."""
+        """``add_bos``: add the special tokens tokenizer.json's post-processor adds around a text
+        (BOS for Llama/Mistral-style tokenizers, nothing for ChatML ones)."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         return self._tk.encode(text, add_special_tokens=add_bos).ids
@@ -117,22 +115,6 @@ class HFTokenizer:
         if token_id is None:
             raise ValueError(f"{name} {token!r} from tokenizer_config.json is not in the vocabulary of {path}")
         return token_id
-
-    def _use_config_post_processor(self, config: Mapping) -> None:
-        """As transformers does: ``add_bos_token``/``add_eos_token`` in the config (or no post-processor
-        in tokenizer.json) replace the post-processor with one that adds just those tokens."""
-        if "add_bos_token" not in config and "add_eos_token" not in config and self._tk.post_processor is not None:
-            return
-        parts, tokens = ["$A:0"], {}
-        if config.get("add_bos_token") and (bos := self._token_strings.get("bos_token")):
-            parts.insert(0, f"{bos}:0")
-            tokens[bos] = self._tk.token_to_id(bos)
-        if config.get("add_eos_token") and (eos := self._token_strings.get("eos_token")):
-            parts.append(f"{eos}:0")
-            tokens[eos] = self._tk.token_to_id(eos)
-        self._tk.post_processor = tokenizers.processors.TemplateProcessing(
-            single=" ".join(parts), special_tokens=list(tokens.items())
-        )
 
 
 def _token_string(value: object) -> str | None:

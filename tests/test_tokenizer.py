@@ -134,7 +134,7 @@ def test_missing_model_directory(tmp_path):
         load_tokenizer(tmp_path / "nope")
 
 
-def test_tokenizer_json_alone_is_not_supported_yet(tmp_path):
+def test_malformed_tokenizer_json_is_a_clear_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
-    with pytest.raises(NotImplementedError, match="tokenizer.json tokenizers are not supported yet"):
+    with pytest.raises(ValueError, match="Cannot load .*tokenizer.json"):
         load_tokenizer(tmp_path)
