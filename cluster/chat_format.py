@@ -73,7 +73,9 @@ def _parse_message(index: int, message: Mapping) -> ChatMessage:
         role = Role(message["role"])
     except ValueError:
         allowed = ", ".join(r.value for r in Role)
-        raise ValueError(f"Message {index} has unsupported role {message['role']!r}; expected one of {allowed}") from None
+        raise ValueError(
+            f"Message {index} has unsupported role {message['role']!r}; expected one of {allowed}"
+        ) from None
     return ChatMessage(role=role, content=_content_text(index, message.get("content")))
 
 
@@ -147,7 +149,9 @@ class ChatTemplate:
         self.source = source
         self._template = _compile_template(source)
 
-    def render(self, messages: Sequence[Mapping], special_tokens: Mapping[str, str], add_generation_prompt: bool = True) -> str:
+    def render(
+        self, messages: Sequence[Mapping], special_tokens: Mapping[str, str], add_generation_prompt: bool = True
+    ) -> str:
         """The conversation as text; template errors (e.g. bad role order) become ValueError."""
         import jinja2
 
@@ -162,7 +166,11 @@ class ChatTemplate:
         plain = [{k: v for k, v in m.items() if v is not None} for m in messages]
         try:
             return self._template.render(
-                **special_tokens, messages=plain, tools=None, documents=None, add_generation_prompt=add_generation_prompt
+                **special_tokens,
+                messages=plain,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
             )
         except jinja2.TemplateError as e:
             raise ValueError(f"Chat template error: {e}") from None

@@ -2,7 +2,7 @@
 
 The files of a model directory, as ``transformers`` reads them:
 
-    tokenizer.json          the tokenizer itself, used as written (its post-processor adds BOS)
+    tokenizer.json          the tokenizer, used as written (its post-processor decides BOS)
     tokenizer_config.json   bos/eos token strings, chat_template
     chat_template.jinja     the chat template (wins over tokenizer_config's)
     special_tokens_map.json older home of the special token strings
@@ -41,7 +41,7 @@ class HFTokenizer:
     """A ``tokenizer.json`` tokenizer with the model's Jinja chat template."""
 
     def __init__(self, model_dir: str | Path, overrides: SpecialTokenIds | None = None):
-        model_dir = Path(model_dir)
+        model_dir = self._model_dir = Path(model_dir)
         path = model_dir / HF_TOKENIZER_FILE
         if not path.is_file():
             raise FileNotFoundError(f"Tokenizer file not found: {path}")
@@ -103,7 +103,8 @@ class HFTokenizer:
     def encode_chat(self, messages: Sequence[Mapping]) -> list[int]:
         """The chat template rendered with the generation prompt, then tokenized as is (no BOS added)."""
         if self._chat_template is None:
-            raise ValueError(f"This tokenizer has no chat template ({CHAT_TEMPLATE_FILE} or chat_template in tokenizer_config.json)")
+            where = f"{CHAT_TEMPLATE_FILE} or chat_template in tokenizer_config.json"
+            raise ValueError(f"{self._model_dir} has no chat template ({where})")
         text = self._chat_template.render(messages, self._token_strings, add_generation_prompt=True)
         return self._tk.encode(text, add_special_tokens=False).ids
 
