@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from moeshard.actors.wire import ExpertBatch, encode_rows
+from moeshard.actors.wire import NO_WORK, ExpertBatch, encode_rows
 from moeshard.cluster.checkpoint import CheckpointReader, expert_weight_shapes, ExpertKey
 from moeshard.cluster.config import ModelConfig
 from moeshard.cluster.moe import load_expert_stacks
@@ -41,8 +41,8 @@ class ExpertActor:
     @torch.inference_mode()
     def run_experts(self, message: bytes) -> bytes:
         """One MoE layer's work: an encoded ``ExpertBatch`` in, the weighted expert outputs [n, D] out."""
-        if not message:
-            return b""  # no rows for this actor in this layer (compiled graphs call every actor)
+        if message == NO_WORK:
+            return NO_WORK  # no rows for this actor in this layer (compiled graphs call every actor)
         batch = ExpertBatch.decode(message)
         stack = self.stacks[batch.layer]
         out = stack.run(batch.rows.to(self.device), batch.local_ids.to(self.device).long(), batch.weights.to(self.device))

@@ -19,6 +19,8 @@ from typing import Protocol
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayChannelTimeoutError
 
+from moeshard.actors.wire import NO_WORK
+
 logger = logging.getLogger(__name__)
 
 
@@ -87,15 +89,22 @@ class CompiledGraphTransport:
         if self._graph is None:
             self._graph = self._compile()
         try:
-            refs = self._graph.execute(*[m if m is not None else b"" for m in messages])
+            refs = self._graph.execute(*[m if m is not None else NO_WORK for m in messages])
             replies = ray.get(refs, timeout=self.timeout_s)
         except (RayActorError, RayChannelError, RayChannelTimeoutError, GetTimeoutError) as exc:
             self._teardown()  # first: an actor still inside the graph's loop cannot answer a ping
-            failed = self._find_dead_actor()
+            failed = self._actor_named_in(exc) or self._find_dead_actor()
             if failed is None:
                 raise ExpertActorFailed(f"compiled-graph dispatch failed: {type(exc).__name__}: {exc}") from None
             raise _failure(failed, exc) from None
         return [reply if messages[i] is not None else None for i, reply in enumerate(replies)]
+
+    def _actor_named_in(self, exc: BaseException) -> ActorRef | None:
+        actor_id = getattr(exc, "actor_id", None) if isinstance(exc, RayActorError) else None
+        for actor in self.actors:
+            if actor_id is not None and actor.handle._actor_id.hex() == actor_id:
+                return actor
+        return None
 
     def _find_dead_actor(self) -> ActorRef | None:
         """The first actor that does not answer a ping (a dead one fails at once, a restarting one times out)."""

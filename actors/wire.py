@@ -14,6 +14,10 @@ from dataclasses import dataclass
 import msgpack
 import torch
 
+# Sent to (and returned by) an actor with no rows this layer. Not empty: an empty message can
+# stall a compiled graph's cross-node channel; a real message is never shorter than 4 bytes.
+NO_WORK = b"\x00"
+
 _DTYPES = {str(dt).removeprefix("torch."): dt for dt in (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64)}
 
 

@@ -56,6 +56,7 @@ LAYOUTS = {
     "2_actors": dict(expert_actors=2),
     "3_actors_uneven": dict(expert_actors=3),
     "4_actors": dict(expert_actors=4),
+    "4_actors_compiled_graph": dict(expert_actors=4, transport="compiled_graph"),
     "3_actors_replicated": dict(
         expert_actors=3, expert_map={e: [e % 3, (e + 1) % 3] for e in range(8)}
     ),
@@ -95,8 +96,11 @@ def test_sharded_cluster_equals_single_process(layout, ray_cluster, tiny_mixtral
         assert names and not any("expert" in name for name in names)
 
 
-def test_killed_expert_actor_fails_requests_then_recovers(ray_cluster, tiny_mixtral_dir, reference):
-    cluster = dict(actor_resources=_pinned(2), coordinator_resources={"head": 1}, dispatch_timeout_s=20)
+@pytest.mark.parametrize("transport", ["actor_calls", "compiled_graph"])
+def test_killed_expert_actor_fails_requests_then_recovers(transport, ray_cluster, tiny_mixtral_dir, reference):
+    cluster = dict(
+        actor_resources=_pinned(2), coordinator_resources={"head": 1}, dispatch_timeout_s=20, transport=transport
+    )
     with LLM(tiny_mixtral_dir, expert_actors=2, cluster=cluster) as llm:
         victim = llm._cluster.expert_actors[1]
         outcome: dict = {}
