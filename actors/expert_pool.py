@@ -1,0 +1,152 @@
+"""Start and stop the pool of expert actors, all in one placement group.
+
+The group holds one bundle per expert actor (and optionally one for the
+coordinator), so the pool comes up whole or fails as one: a bundle that cannot
+be placed is reported before any weight is read. Ray restarts a crashed expert
+actor, which reloads its experts; a bundle may carry custom resources (or
+``node:<ip>``) to pin an actor to a node. Each actor takes one GPU when the
+cluster has GPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from moeshard.actors.expert_actor import ExpertActor
+from moeshard.actors.transport import ActorRef
+from moeshard.cluster.config import EngineConfig, ModelConfig
+from moeshard.cluster.placement import ExpertPlacement
+
+logger = logging.getLogger(__name__)
+
+
+class ClusterStartError(RuntimeError):
+    """The expert actors could not be brought up; nothing is left running."""
+
+
+def make_placement(config: EngineConfig, model_config: ModelConfig) -> ExpertPlacement:
+    cluster = config.cluster
+    if cluster.expert_map is not None:
+        return ExpertPlacement.from_expert_map(
+            model_config.num_layers, model_config.num_experts, cluster.expert_actors, cluster.expert_map
+        )
+    return ExpertPlacement.even(model_config.num_layers, model_config.num_experts, cluster.expert_actors)
+
+
+def describe_actor(placement: ExpertPlacement, actor: int) -> str:
+    hosted = placement.hosted_by(actor)
+    experts = sorted({e for es in hosted.values() for e in es})
+    return f"expert actor {actor} (experts {experts} in {len(hosted)} layers)"
+
+
+def connect_ray(config: EngineConfig) -> bool:
+    """Join the configured Ray cluster, or start a local one; True if this call connected."""
+    if ray.is_initialized():
+        return False
+    address = config.cluster.ray_address
+    if address is not None:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return True
+    # A local cluster with a logical CPU per actor (actors mostly wait on each other).
+    num_cpus = max(os.cpu_count() or 1, int(config.cluster.expert_actors * config.cluster.cpus_per_actor) + 2)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+@dataclass
+class ExpertPool:
+    config: EngineConfig
+    placement: ExpertPlacement
+    actors: list[ActorRef]
+    group: PlacementGroup
+
+    def coordinator_strategy(self) -> PlacementGroupSchedulingStrategy:
+        """Scheduling into the coordinator's bundle (the group's last one)."""
+        return PlacementGroupSchedulingStrategy(
+            placement_group=self.group, placement_group_bundle_index=self.config.cluster.expert_actors
+        )
+
+    def health(self, timeout_s: float = 5.0) -> list[dict]:
+        """Each actor's state: "ok" if it answers within the timeout, else the error."""
+        refs = [a.handle.ready.remote() for a in self.actors]
+        states = []
+        for actor, ref in zip(self.actors, refs):
+            try:
+                ray.get(ref, timeout=timeout_s)
+                states.append({"actor": actor.index, "state": "ok", "description": actor.description})
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                states.append(
+                    {"actor": actor.index, "state": f"unavailable: {type(exc).__name__}", "description": actor.description}
+                )
+        return states
+
+    def placement_report(self) -> list[dict]:
+        infos = ray.get([a.handle.info.remote() for a in self.actors], timeout=self.config.cluster.dispatch_timeout_s)
+        return [
+            {"layer": layer, "expert": expert, "actors": list(actors), "nodes": [infos[a]["node_id"] for a in actors]}
+            for layer, experts in enumerate(self.placement.hosts)
+            for expert, actors in enumerate(experts)
+        ]
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor.handle, no_restart=True)
+        remove_placement_group(self.group)
+
+
+def _bundles(config: EngineConfig, use_gpus: bool, with_coordinator: bool) -> list[dict[str, float]]:
+    cluster = config.cluster
+    bundles = []
+    for actor in range(cluster.expert_actors):
+        bundle = {"CPU": cluster.cpus_per_actor} if cluster.cpus_per_actor else {}
+        if use_gpus:
+            bundle["GPU"] = 1.0
+        if cluster.actor_resources is not None:
+            bundle.update(cluster.actor_resources[actor])
+        bundles.append(bundle or {"CPU": 0.001})
+    if with_coordinator:
+        bundles.append({"CPU": 1.0, **cluster.coordinator_resources})
+    return bundles
+
+
+def start_expert_pool(config: EngineConfig, model_config: ModelConfig, with_coordinator: bool = False) -> ExpertPool:
+    """Place and start the expert actors; waits until every one has loaded its experts."""
+    cluster = config.cluster
+    placement = make_placement(config, model_config)
+    use_gpus = cluster.use_gpus if cluster.use_gpus is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    bundles = _bundles(config, use_gpus, with_coordinator)
+    group = placement_group(bundles, strategy=cluster.placement_strategy)
+    try:
+        ray.get(group.ready(), timeout=cluster.startup_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise ClusterStartError(
+            f"could not place {cluster.expert_actors} expert actors within {cluster.startup_timeout_s:.0f}s: "
+            f"bundles {bundles} do not fit the cluster's resources {ray.cluster_resources()}"
+        ) from None
+
+    expert_cls = ray.remote(ExpertActor)
+    actors = []
+    for index in range(cluster.expert_actors):
+        handle = expert_cls.options(
+            num_cpus=bundles[index].get("CPU", 0),
+            num_gpus=bundles[index].get("GPU", 0),
+            max_restarts=-1,
+            max_task_retries=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index),
+        ).remote(index, config.model_dir, config.dtype, placement.hosted_by(index))
+        actors.append(ActorRef(index, handle, describe_actor(placement, index)))
+    pool = ExpertPool(config, placement, actors, group)
+    try:
+        ray.get([a.handle.ready.remote() for a in actors], timeout=cluster.startup_timeout_s)
+    except Exception as exc:
+        pool.shutdown()
+        raise ClusterStartError(f"expert actors failed to start: {str(exc).splitlines()[0]}") from exc
+    logger.info("started %d expert actors", cluster.expert_actors)
+    return pool
