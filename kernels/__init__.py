@@ -1,1 +1,30 @@
+"""moeshard.kernels: the tensor ops of one MoE layer, each with a Triton kernel and a torch reference.
 
+    route -> permute (dispatch gather) -> expert_ffn (grouped SwiGLU) -> combine (weighted un-permute)
+
+Dimensions: T tokens, D hidden, I expert hidden, E experts, K chosen per token, N rows.
+Every op takes ``backend="auto"|"triton"|"torch"`` (see ``backend.py``) and an optional ``out=``.
+"""
+
+from moeshard.kernels.backend import BACKENDS, ENV_VAR, resolve_backend, triton_interprets
+from moeshard.kernels.combine import combine
+from moeshard.kernels.destinations import dedupe_destinations
+from moeshard.kernels.expert_ffn import expert_ffn
+from moeshard.kernels.permute import Permutation, PermutationPlan, permute, plan_permutation
+from moeshard.kernels.route import RouterOutput, route
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "Permutation",
+    "PermutationPlan",
+    "RouterOutput",
+    "combine",
+    "dedupe_destinations",
+    "expert_ffn",
+    "permute",
+    "plan_permutation",
+    "resolve_backend",
+    "route",
+    "triton_interprets",
+]

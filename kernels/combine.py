@@ -1,0 +1,112 @@
+"""combine: the weighted un-permute that ends an MoE layer.
+
+    out[t] = sum_j weights[t, j] * expert_out[slot[t, j]]     over the j with slot[t, j] >= 0
+
+Dimensions: T tokens, D hidden, K chosen per token, N rows.
+
+Accumulated in float32 in j order and cast back to expert_out's dtype; a token
+with no row sent gets zeros. Each output row is owned by one program that loops
+over j: no atomics, so the result is deterministic.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import triton
+import triton.language as tl
+
+from moeshard.kernels.backend import resolve_backend, tile_rows
+from moeshard.kernels.permute import Permutation
+
+logger = logging.getLogger(__name__)
+
+
+def combine(
+    expert_out: torch.Tensor,
+    weights: torch.Tensor,
+    perm: Permutation,
+    *,
+    backend: str = "auto",
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """expert_out [N, D] (rows in perm's order), weights [T, K] -> out [T, D] in expert_out's dtype."""
+    assert expert_out.dim() == 2 and weights.dim() == 2 and weights.is_floating_point(), (
+        expert_out.shape,
+        weights.shape,
+    )
+    assert weights.shape == perm.slot.shape, (weights.shape, perm.slot.shape)
+    assert expert_out.shape[0] == perm.source_token.shape[0], (expert_out.shape, perm.source_token.shape)
+    T, D = weights.shape[0], expert_out.shape[1]
+    if out is None:
+        out = torch.empty(T, D, dtype=expert_out.dtype, device=expert_out.device)
+    assert out.shape == (T, D) and out.dtype == expert_out.dtype, (out.shape, out.dtype)
+    if resolve_backend(backend, expert_out.device) == "triton":
+        combine_triton(expert_out, weights, perm.slot, out)
+    else:
+        combine_torch(expert_out, weights, perm.slot, out)
+    return out
+
+
+def combine_torch(expert_out: torch.Tensor, weights: torch.Tensor, slot: torch.Tensor, out: torch.Tensor) -> None:
+    T, K = slot.shape
+    acc = torch.zeros(T, expert_out.shape[1], dtype=torch.float32, device=expert_out.device)  # [T, D]
+    if expert_out.shape[0] > 0:
+        sent = slot >= 0  # [T, K]
+        all_sent = bool(sent.all())
+        w = torch.where(sent, weights.float(), 0.0)  # [T, K]
+        index = slot.clamp(min=0)  # [T, K]
+        for j in range(K):
+            rows = expert_out.index_select(0, index[:, j])  # [T, D]
+            if not all_sent:
+                rows.masked_fill_(~sent[:, j, None], 0)  # never let an unsent row's inf/nan through
+            acc.addcmul_(rows, w[:, j, None])
+    out.copy_(acc)
+
+
+def combine_triton(expert_out: torch.Tensor, weights: torch.Tensor, slot: torch.Tensor, out: torch.Tensor) -> None:
+    T, K = slot.shape
+    D = out.shape[1]
+    if T == 0 or D == 0:
+        return
+    expert_out = expert_out if expert_out.stride(1) == 1 else expert_out.contiguous()
+    assert out.stride(1) == 1, "out must have unit stride along D"
+    block_d = min(256, triton.next_power_of_2(D))
+    block_t = tile_rows(block_d, T)
+    grid = (triton.cdiv(T, block_t), triton.cdiv(D, block_d))
+    _combine_kernel[grid](
+        expert_out, weights, slot, out,
+        T, D, K,
+        expert_out.stride(0), weights.stride(0), weights.stride(1), slot.stride(0), slot.stride(1), out.stride(0),
+        BLOCK_T=block_t, BLOCK_D=block_d,
+    )  # fmt: skip
+
+
+@triton.jit
+def _combine_kernel(
+    x_ptr, w_ptr, slot_ptr, out_ptr,
+    T, D, K,
+    stride_x, stride_wt, stride_wk, stride_st, stride_sk, stride_out,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program owns a [BLOCK_T, BLOCK_D] tile of the output and loops over the K choices.
+
+    x_ptr    [N, D] expert outputs, any float dtype (unit stride along D)
+    w_ptr    [T, K] routing weights, any float dtype
+    slot_ptr [T, K] int64 row of x for (t, j), -1 = not sent
+    out_ptr  [T, D] x's dtype (unit stride along D)
+    """
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
+    row_ok = rows < T
+    col_ok = cols < D
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for j in range(K):
+        s = tl.load(slot_ptr + rows * stride_st + j * stride_sk, mask=row_ok, other=-1).to(tl.int64)  # [BT]
+        sent = s >= 0
+        w = tl.load(w_ptr + rows * stride_wt + j * stride_wk, mask=row_ok & sent, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + s[:, None] * stride_x + cols[None, :], mask=sent[:, None] & col_ok[None, :], other=0.0)
+        acc += w[:, None] * x.to(tl.float32)  # [BT, BD]
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

@@ -1,0 +1,218 @@
+"""expert_ffn: grouped SwiGLU over rows already grouped by expert.
+
+    rows of expert e = rows[off[e]:off[e + 1]]
+    out = W2_e @ (silu(W1_e @ x) * (W3_e @ x))       for each row x of expert e
+
+Dimensions: N rows, D hidden, I expert hidden, E experts, B row blocks.
+
+Experts with no rows cost nothing. The torch reference loops over the experts
+that have rows. The Triton version is a grouped GEMM in two kernels, gate/up
+fused (-> activated intermediate [N, I] in rows' dtype) then down, over a table
+of (expert, first row) blocks of BLOCK_M rows built on the device, so no host
+sync; the table is sized by the bound cdiv(N, BLOCK_M) + min(E, N) and its
+unused tail entries return at once. Accumulation is float32.
+
+Triton's interpreter has no bfloat16 arithmetic (its ``tl.dot`` multiplies the
+raw bit patterns: triton-lang/triton#11584), so under the interpreter the
+operands are cast to float32 before ``tl.dot`` (DOT_FP32). bf16 x bf16 products
+are exact in float32, so this is the same sum as the GPU's bf16 ``tl.dot``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from moeshard.kernels.backend import resolve_backend, triton_interprets
+
+logger = logging.getLogger(__name__)
+
+
+def expert_ffn(
+    rows: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    backend: str = "auto",
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """rows [N, D] grouped by expert, expert_offsets [E + 1], w1/w3 [E, I, D], w2 [E, D, I] -> [N, D]."""
+    assert rows.dim() == 2 and w1.dim() == 3, (rows.shape, w1.shape)
+    N, D = rows.shape
+    E, I = w1.shape[0], w1.shape[1]
+    assert w1.shape == (E, I, D) and w3.shape == (E, I, D) and w2.shape == (E, D, I), (w1.shape, w3.shape, w2.shape)
+    assert expert_offsets.shape == (E + 1,) and not expert_offsets.is_floating_point(), expert_offsets.shape
+    assert rows.dtype == w1.dtype == w3.dtype == w2.dtype, (rows.dtype, w1.dtype, w3.dtype, w2.dtype)
+    if out is None:
+        out = torch.empty(N, D, dtype=rows.dtype, device=rows.device)
+    assert out.shape == (N, D) and out.dtype == rows.dtype, (out.shape, out.dtype)
+    if resolve_backend(backend, rows.device) == "triton":
+        expert_ffn_triton(rows, expert_offsets, w1, w3, w2, out)
+    else:
+        expert_ffn_torch(rows, expert_offsets, w1, w3, w2, out)
+    return out
+
+
+def expert_ffn_torch(rows, expert_offsets, w1, w3, w2, out) -> None:
+    offsets = expert_offsets.tolist()
+    assert offsets[0] == 0 and offsets[-1] == rows.shape[0], (offsets[0], offsets[-1], rows.shape)
+    for e, (start, end) in enumerate(zip(offsets[:-1], offsets[1:])):
+        if end == start:
+            continue
+        x = rows[start:end]  # [n, D]
+        h = F.silu(F.linear(x, w1[e])) * F.linear(x, w3[e])  # [n, I]
+        torch.mm(h, w2[e].t(), out=out[start:end])  # [n, D]
+
+
+class GemmTiles(NamedTuple):
+    m: int  # rows per block
+    n: int  # output columns per program
+    k: int  # reduction step
+
+
+def gemm_tiles(out_dim: int, reduce_dim: int) -> GemmTiles:
+    """Tiles for [rows, reduce_dim] @ [reduce_dim, out_dim]: 32 x 64 x 64 at most on a GPU, shrunk
+    to small dims (16 at least, for tl.dot). The interpreter pays per operation more than per
+    element, so there the tiles may be twice as wide."""
+    m, cap = (64, 128) if triton_interprets() else (32, 64)
+    n = max(16, min(cap, triton.next_power_of_2(out_dim)))
+    k = max(16, min(cap, triton.next_power_of_2(reduce_dim)))
+    return GemmTiles(m, n, k)
+
+
+class ExpertBlocks(NamedTuple):
+    expert: torch.Tensor  # [B] int32 expert of each row block, -1 = unused
+    row_start: torch.Tensor  # [B] int64 first row of each block
+
+
+def expert_blocks(expert_offsets: torch.Tensor, num_rows: int, block_m: int) -> ExpertBlocks:
+    """Cut each expert's segment into blocks of block_m rows, as a table indexed by block id."""
+    E = expert_offsets.shape[0] - 1
+    offsets = expert_offsets.long()  # [E + 1]
+    blocks = (offsets.diff() + block_m - 1) // block_m  # [E] blocks per expert
+    ends = torch.cumsum(blocks, 0)  # [E] one past each expert's last block id
+    bound = triton.cdiv(num_rows, block_m) + min(E, num_rows)
+    b = torch.arange(bound, device=offsets.device)  # [B]
+    e = torch.searchsorted(ends, b, right=True)  # [B] expert owning block b; E = past the last
+    owner = e.clamp(max=E - 1)
+    row_start = offsets[owner] + (b - (ends - blocks)[owner]) * block_m  # [B]
+    return ExpertBlocks(torch.where(e < E, e, -1).to(torch.int32), row_start)
+
+
+def expert_ffn_triton(rows, expert_offsets, w1, w3, w2, out) -> None:
+    N, D = rows.shape
+    I = w1.shape[1]
+    if N == 0 or D == 0:
+        return
+    rows = rows if rows.stride(1) == 1 else rows.contiguous()
+    assert out.stride(1) == 1, "out must have unit stride along D"
+    offsets = expert_offsets.long().contiguous()
+    up, down = gemm_tiles(I, D), gemm_tiles(D, I)
+    table = expert_blocks(offsets, N, up.m)
+    B = table.expert.shape[0]
+    h = torch.empty(N, I, dtype=rows.dtype, device=rows.device)  # [N, I] activated intermediate
+    _gate_up_kernel[(B, triton.cdiv(I, up.n))](
+        rows, w1, w3, h, offsets, table.expert, table.row_start,
+        D, I,
+        rows.stride(0), w1.stride(0), w1.stride(1), w1.stride(2), w3.stride(0), w3.stride(1), w3.stride(2), h.stride(0),
+        BLOCK_M=up.m, BLOCK_N=up.n, BLOCK_K=up.k, DOT_FP32=triton_interprets(),
+    )  # fmt: skip
+    _down_kernel[(B, triton.cdiv(D, down.n))](
+        h, w2, out, offsets, table.expert, table.row_start,
+        D, I,
+        h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0),
+        BLOCK_M=down.m, BLOCK_N=down.n, BLOCK_K=down.k, DOT_FP32=triton_interprets(),
+    )  # fmt: skip
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, w1_ptr, w3_ptr, h_ptr, offsets_ptr, block_expert_ptr, block_start_ptr,
+    D, I,
+    stride_xn, stride_1e, stride_1i, stride_1d, stride_3e, stride_3i, stride_3d, stride_hn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    """h[m, n] = silu(x[m] . w1[e, n]) * (x[m] . w3[e, n]) for a [BLOCK_M, BLOCK_N] tile of block b's rows.
+
+    x_ptr            [N, D] rows grouped by expert (unit stride along D)
+    w1_ptr, w3_ptr   [E, I, D] x's dtype
+    h_ptr            [N, I] x's dtype out (unit stride along I)
+    offsets_ptr      [E + 1] int64 expert segment offsets
+    block_expert_ptr [B] int32 expert of each row block, -1 = unused
+    block_start_ptr  [B] int64 first row of each block
+    """
+    e = tl.load(block_expert_ptr + tl.program_id(0)).to(tl.int64)
+    if e < 0:
+        return
+    m = tl.load(block_start_ptr + tl.program_id(0)) + tl.arange(0, BLOCK_M)  # [BM] rows
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] columns of I
+    k = tl.arange(0, BLOCK_K)  # [BK] columns of D
+    m_ok = m < tl.load(offsets_ptr + e + 1)
+    n_ok = n < I
+    x_ptrs = x_ptr + m[:, None] * stride_xn + k[None, :]  # [BM, BK]
+    w1_ptrs = w1_ptr + e * stride_1e + n[None, :] * stride_1i + k[:, None] * stride_1d  # [BK, BN]
+    w3_ptrs = w3_ptr + e * stride_3e + n[None, :] * stride_3i + k[:, None] * stride_3d  # [BK, BN]
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = k < D - k0
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w1 = tl.load(w1_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        w3 = tl.load(w3_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if DOT_FP32:
+            x, w1, w3 = x.to(tl.float32), w1.to(tl.float32), w3.to(tl.float32)
+        acc1 = tl.dot(x, w1, acc1, input_precision="ieee")  # [BM, BN]
+        acc3 = tl.dot(x, w3, acc3, input_precision="ieee")
+        x_ptrs += BLOCK_K
+        w1_ptrs += BLOCK_K * stride_1d
+        w3_ptrs += BLOCK_K * stride_3d
+    h = acc1 * tl.sigmoid(acc1) * acc3  # [BM, BN]
+    h_out = h_ptr + m[:, None] * stride_hn + n[None, :]
+    tl.store(h_out, h.to(h_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr, w2_ptr, out_ptr, offsets_ptr, block_expert_ptr, block_start_ptr,
+    D, I,
+    stride_hn, stride_2e, stride_2d, stride_2i, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    """out[m, n] = h[m] . w2[e, n] for a [BLOCK_M, BLOCK_N] tile of block b's rows.
+
+    h_ptr            [N, I] activated intermediate (unit stride along I)
+    w2_ptr           [E, D, I] h's dtype
+    out_ptr          [N, D] h's dtype out (unit stride along D)
+    offsets_ptr      [E + 1] int64 expert segment offsets
+    block_expert_ptr [B] int32 expert of each row block, -1 = unused
+    block_start_ptr  [B] int64 first row of each block
+    """
+    e = tl.load(block_expert_ptr + tl.program_id(0)).to(tl.int64)
+    if e < 0:
+        return
+    m = tl.load(block_start_ptr + tl.program_id(0)) + tl.arange(0, BLOCK_M)  # [BM] rows
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] columns of D
+    k = tl.arange(0, BLOCK_K)  # [BK] columns of I
+    m_ok = m < tl.load(offsets_ptr + e + 1)
+    n_ok = n < D
+    h_ptrs = h_ptr + m[:, None] * stride_hn + k[None, :]  # [BM, BK]
+    w2_ptrs = w2_ptr + e * stride_2e + n[None, :] * stride_2d + k[:, None] * stride_2i  # [BK, BN]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        k_ok = k < I - k0
+        h = tl.load(h_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w2 = tl.load(w2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if DOT_FP32:
+            h, w2 = h.to(tl.float32), w2.to(tl.float32)
+        acc = tl.dot(h, w2, acc, input_precision="ieee")  # [BM, BN]
+        h_ptrs += BLOCK_K
+        w2_ptrs += BLOCK_K * stride_2i
+    out = out_ptr + m[:, None] * stride_on + n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

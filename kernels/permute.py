@@ -1,0 +1,133 @@
+"""permute (the dispatch gather): token rows regrouped so each destination's rows are contiguous.
+
+    dest_ids [T, K] -> counts per destination -> exclusive scan (offsets)
+                    -> stable rank of each (token, j) within its destination
+                    -> rows[n] = hidden[source_token[n]]          (the gather)
+
+Dimensions: T tokens, D hidden, K chosen per token, N rows sent (ids >= 0).
+
+A destination is an expert (then ``num_dest`` = E) or an expert actor (then
+``num_dest`` = actors). The id -1 means "not sent": no row, ``slot`` -1. Rows
+are ordered by destination, then token, then j (stable). The index plan is
+plain torch on both backends; the Triton kernel is the row gather.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from moeshard.kernels.backend import resolve_backend, tile_rows
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Permutation:
+    rows: torch.Tensor  # [N, D] hidden rows grouped by destination, hidden's dtype
+    expert_offsets: torch.Tensor  # [num_dest + 1] int64: destination d owns rows[off[d]:off[d + 1]]
+    source_token: torch.Tensor  # [N] int64: the token each row came from
+    slot: torch.Tensor  # [T, K] int64: the row of token t's j-th choice, -1 where not sent
+
+    @property
+    def dest_offsets(self) -> torch.Tensor:
+        """``expert_offsets`` under its general name, for destinations that are actors."""
+        return self.expert_offsets
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def num_dest(self) -> int:
+        return self.expert_offsets.shape[0] - 1
+
+
+class PermutationPlan(NamedTuple):
+    expert_offsets: torch.Tensor  # [num_dest + 1] int64
+    source_token: torch.Tensor  # [N] int64
+    slot: torch.Tensor  # [T, K] int64
+
+
+def plan_permutation(dest_ids: torch.Tensor, num_dest: int) -> PermutationPlan:
+    """The index half of permute: offsets, source token of each row, slot of each (token, j)."""
+    assert dest_ids.dim() == 2 and not dest_ids.is_floating_point(), dest_ids.shape
+    assert num_dest >= 1, num_dest
+    T, K = dest_ids.shape
+    flat = dest_ids.reshape(-1).long()  # [T*K]
+    if flat.numel():
+        lo, hi = torch.aminmax(flat)
+        assert lo >= -1 and hi < num_dest, f"dest ids must be in [-1, {num_dest}), got [{int(lo)}, {int(hi)}]"
+    keys = torch.where(flat >= 0, flat, num_dest)  # [T*K] "not sent" sorts last
+    order = torch.argsort(keys, stable=True)  # [T*K] (dest, token, j) order
+    counts = torch.bincount(keys, minlength=num_dest + 1)[:num_dest]  # [num_dest]
+    offsets = torch.zeros(num_dest + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    n = int(offsets[-1])
+    order = order[:n]  # [N]
+    slot = torch.full((T * K,), -1, dtype=torch.int64, device=flat.device)
+    slot[order] = torch.arange(n, device=flat.device)
+    return PermutationPlan(offsets, torch.div(order, K, rounding_mode="floor"), slot.view(T, K))
+
+
+def permute(
+    hidden: torch.Tensor,
+    dest_ids: torch.Tensor,
+    num_dest: int,
+    *,
+    backend: str = "auto",
+    out: torch.Tensor | None = None,
+) -> Permutation:
+    """hidden [T, D], dest_ids [T, K] in [-1, num_dest) -> rows grouped by destination (see module doc)."""
+    assert hidden.dim() == 2 and dest_ids.dim() == 2, (hidden.shape, dest_ids.shape)
+    assert dest_ids.shape[0] == hidden.shape[0], (hidden.shape, dest_ids.shape)
+    assert dest_ids.device == hidden.device, (hidden.device, dest_ids.device)
+    plan = plan_permutation(dest_ids, num_dest)
+    n, D = plan.source_token.shape[0], hidden.shape[1]
+    if out is None:
+        out = torch.empty(n, D, dtype=hidden.dtype, device=hidden.device)
+    assert out.shape == (n, D) and out.dtype == hidden.dtype, (out.shape, out.dtype)
+    if resolve_backend(backend, hidden.device) == "triton":
+        gather_rows_triton(hidden, plan.source_token, out)
+    else:
+        torch.index_select(hidden, 0, plan.source_token, out=out)
+    return Permutation(out, plan.expert_offsets, plan.source_token, plan.slot)
+
+
+def gather_rows_triton(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+    """out[n] = src[index[n]] for src [T, D], index [N], out [N, D]."""
+    N, D = out.shape
+    if N == 0 or D == 0:
+        return
+    src = src if src.stride(1) == 1 else src.contiguous()
+    assert out.stride(1) == 1, "out must have unit stride along D"
+    block_d = min(256, triton.next_power_of_2(D))
+    block_n = tile_rows(block_d, N)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(D, block_d))
+    _gather_rows_kernel[grid](
+        src, index, out, N, D, src.stride(0), out.stride(0), BLOCK_N=block_n, BLOCK_D=block_d
+    )
+
+
+@triton.jit
+def _gather_rows_kernel(
+    src_ptr, index_ptr, out_ptr, N, D, stride_src, stride_out, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """One program copies a [BLOCK_N, BLOCK_D] tile of gathered rows.
+
+    src_ptr   [T, D] any dtype (unit stride along D)
+    index_ptr [N]    int64, row of src for each output row
+    out_ptr   [N, D] src's dtype (unit stride along D)
+    """
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
+    row_ok = rows < N
+    src_rows = tl.load(index_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BN]
+    mask = row_ok[:, None] & (cols[None, :] < D)  # [BN, BD]
+    tile = tl.load(src_ptr + src_rows[:, None] * stride_src + cols[None, :], mask=mask)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :], tile, mask=mask)
