@@ -23,13 +23,18 @@ logger = logging.getLogger(__name__)
 TRANSPORTS = {"actor_calls": ActorCallTransport, "compiled_graph": CompiledGraphTransport}
 
 
+def remote_experts(config: EngineConfig, placement: ExpertPlacement, actors: list[ActorRef]) -> RemoteExperts:
+    """The experts function that dispatches to ``actors`` over the configured transport."""
+    transport = TRANSPORTS[config.cluster.transport](actors, config.cluster.dispatch_timeout_s)
+    return RemoteExperts(placement, transport)
+
+
 class Coordinator:
     def __init__(self, config: EngineConfig, placement: ExpertPlacement, actors: list[ActorRef]):
         self.config = config
         self.model_config = ModelConfig.from_model_dir(config.model_dir)
         self.tokenizer = maybe_tokenizer(config.model_dir)
-        transport = TRANSPORTS[config.cluster.transport](actors, config.cluster.dispatch_timeout_s)
-        self.experts = RemoteExperts(placement, transport)
+        self.experts = remote_experts(config, placement, actors)
         self.engine = build_engine(config, self.model_config, self.tokenizer, lambda reader, dtype: self.experts)
 
     def ready(self) -> bool:

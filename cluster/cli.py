@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     generate.set_defaults(run=_cmd_generate)
 
+    from moeshard.deploy.serve_cli import add_serve_command
+
+    add_serve_command(commands)
+
     demo = commands.add_parser("demo-model", help="write a small demo checkpoint", description="Write a small random-weight Mixtral checkpoint.")
     demo.add_argument("out_dir", metavar="OUT_DIR", help="where to write it")
     demo.add_argument("--seed", type=int, default=0)

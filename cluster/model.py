@@ -9,7 +9,7 @@
 The experts are injected (``ExpertsFn``): in one process they are local, in
 the cluster they live on expert actors. The model never holds expert weights.
 
-Dimensions: T tokens, D hidden, V vocab, E experts, K chosen per token, B sequences.
+Dimensions: T tokens, D hidden, V vocab, L layers, E experts, K chosen per token, R rows whose logits are kept.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ class MixtralModel:
         self.cache = cache
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.dtype = weights.embed.dtype
+        # Tokens routed to each expert since start: the load that metrics (and rebalancing) read.
+        self.expert_load = torch.zeros(config.num_layers, config.num_experts, dtype=torch.int64)  # [L, E]
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, logits_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -53,6 +55,7 @@ class MixtralModel:
             x = x + attention(config, lw, layer, rms_norm(x, lw.input_norm, config.rms_norm_eps), batch, rotary, self.cache)
             r = rms_norm(x, lw.post_attention_norm, config.rms_norm_eps)  # [T, D]
             routing = route(r @ lw.router.T, config.experts_per_token)  # weights, expert ids [T, K]
+            self.expert_load[layer] += torch.bincount(routing.expert_ids.reshape(-1).long(), minlength=config.num_experts)
             x = x + self.experts(layer, r, routing)  # [T, D]
         x = rms_norm(x[rows], w.final_norm, config.rms_norm_eps)  # [R, D]
         return (x @ w.lm_head.T).float()  # [R, V]

@@ -1,0 +1,352 @@
+"""The Ray Serve application: an OpenAI-compatible HTTP server in front of the MoE engine.
+
+``build_app(args)`` is the one builder, usable from ``serve run deploy/serve.yaml``
+(``import_path: moeshard.deploy.app:build_app``) and from ``moeshard serve``.
+The ingress replica is the coordinator: it runs embeddings, attention with its
+KV cache, routers and LM head, and dispatches every MoE layer to the expert
+actors it started (or to local experts when ``expert_actors`` is 0).
+"""
+
+# No "from __future__ import annotations": FastAPI must see real types on the Serve ingress methods.
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+
+from moeshard.cluster.async_engine import AsyncEngine, Overloaded, RequestFailed, RequestHandle, StreamDelta
+from moeshard.cluster.config import ModelConfig
+from moeshard.cluster.moe import LocalExperts
+from moeshard.cluster.runtime import build_engine, maybe_tokenizer
+from moeshard.deploy.config import ServeArgs
+from moeshard.deploy.errors import APIError, error_body, error_response
+from moeshard.deploy.metrics import ServerMetrics
+from moeshard.deploy.protocol import ChatCompletionRequest, CompletionRequest
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+api = FastAPI(title="moeshard", description="OpenAI-compatible serving of Mixture-of-Experts models")
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return error_response(exc.status, exc.message, exc.param)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    return error_response(400, f"{where}: {message}" if where else message, where or None)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
+@serve.ingress(api)
+class OpenAIServer:
+    def __init__(self, args: dict):
+        self.args = ServeArgs(**args)
+        config = self.args.engine_config()
+        self.model_config = ModelConfig.from_model_dir(config.model_dir)
+        self.tokenizer = maybe_tokenizer(config.model_dir)
+        self.pool = None
+        if config.cluster.expert_actors > 0:
+            from moeshard.actors.coordinator import remote_experts
+            from moeshard.actors.expert_pool import start_expert_pool
+
+            self.pool = start_expert_pool(config, self.model_config)
+            experts = remote_experts(config, self.pool.placement, self.pool.actors)
+            make_experts = lambda reader, dtype: experts  # noqa: E731
+        else:
+            make_experts = LocalExperts.from_checkpoint
+        engine = build_engine(config, self.model_config, self.tokenizer, make_experts)
+        self.engine = AsyncEngine(engine, self.tokenizer, self.args.max_waiting)
+        self.metrics = ServerMetrics()
+        self.created = int(time.time())
+        logger.info("serving %s as %r", config.model_dir, self.args.served_model_name)
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+        if getattr(self, "pool", None) is not None:
+            self.pool.shutdown()
+
+    # -- plumbing -------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        key = self.args.api_key
+        if key is not None and request.headers.get("authorization") != f"Bearer {key}":
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'")
+
+    def _check_model(self, model: str) -> None:
+        if model != self.args.served_model_name:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.args.served_model_name}'", "model")
+
+    def _submit(self, prompt_ids: list[int], params, with_prompt: bool) -> RequestHandle:
+        try:
+            return self.engine.submit(prompt_ids, params, detokenize_with_prompt=with_prompt)
+        except Overloaded as exc:
+            self.metrics.requests.labels("overloaded").inc()
+            raise APIError(503, str(exc)) from None
+        except ValueError as exc:
+            self.metrics.requests.labels("invalid").inc()
+            raise APIError(400, str(exc), "prompt") from None
+
+    def _submit_all(self, jobs: list[tuple[list[int], object]], with_prompt: bool) -> list[RequestHandle]:
+        """Admit every choice or none: an error on one aborts those already admitted."""
+        handles: list[RequestHandle] = []
+        try:
+            for prompt_ids, params in jobs:
+                handles.append(self._submit(prompt_ids, params, with_prompt))
+        except APIError:
+            for handle in handles:
+                handle.abort()
+            raise
+        return handles
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer: send the prompt as token ids", "prompt")
+            return self.tokenizer.encode(prompt)
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"prompt token id {bad[0]} is out of range for a vocabulary of {vocab}", "prompt")
+        return list(prompt)
+
+    async def _timed(self, index: int, handle: RequestHandle, started: float) -> AsyncIterator[tuple[int, StreamDelta]]:
+        """A choice's deltas, recording time to first token and time per output token."""
+        last = None
+        async for delta in handle.stream():
+            now = time.monotonic()
+            if last is None:
+                self.metrics.time_to_first_token.observe(now - started)
+            else:
+                self.metrics.time_per_output_token.observe(now - last)
+            last = now
+            self.metrics.generation_tokens.inc(len(delta.token_ids))
+            yield index, delta
+
+    async def _collect(self, handles: list[RequestHandle]) -> list[dict]:
+        started = time.monotonic()
+
+        async def one(index: int, handle: RequestHandle) -> dict:
+            text, tokens, finish = [], 0, None
+            async for _, delta in self._timed(index, handle, started):
+                text.append(delta.text)
+                tokens += len(delta.token_ids)
+                finish = delta.finish_reason
+            return {"index": index, "text": "".join(text), "tokens": tokens, "finish_reason": finish}
+
+        try:
+            results = await asyncio.gather(*(one(i, h) for i, h in enumerate(handles)))
+        except RequestFailed as exc:
+            self.metrics.requests.labels("failed").inc()
+            for handle in handles:
+                handle.abort()
+            raise APIError(500, f"generation failed: {exc}") from None
+        self.metrics.requests.labels("ok").inc()
+        return results
+
+    async def _merged(self, handles: list[RequestHandle]) -> AsyncIterator[tuple[int, StreamDelta]]:
+        """Every choice's deltas as they come; cancelling this generator cancels (and frees) them all."""
+        started = time.monotonic()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, handle: RequestHandle) -> None:
+            try:
+                async for item in self._timed(index, handle, started):
+                    await queue.put(item)
+            except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
+                await queue.put(exc)
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            for handle in handles:
+                handle.abort()
+
+    def _sse(self, chunks: AsyncIterator[dict]) -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for chunk in chunks:
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                self.metrics.requests.labels("ok").inc()
+            except RequestFailed as exc:
+                self.metrics.requests.labels("failed").inc()
+                yield f"data: {json.dumps(error_body(500, f'generation failed: {exc}'))}\n\n"
+            except asyncio.CancelledError:
+                self.metrics.requests.labels("cancelled").inc()
+                raise
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    @staticmethod
+    def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    # -- routes ---------------------------------------------------------------------
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._authorize(request)
+        return {
+            "object": "list",
+            "data": [{"id": self.args.served_model_name, "object": "model", "created": self.created, "owned_by": "moeshard"}],
+        }
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        self._authorize(request)
+        self._check_model(body.model)
+        try:
+            prompts = [self._encode(p) for p in body.prompts()]
+            jobs = [(ids, body.sampling_params(DEFAULT_COMPLETION_MAX_TOKENS, c)) for ids in prompts for c in range(body.n)]
+        except ValueError as exc:
+            raise APIError(400, _one_line(exc), "prompt") from None
+        handles = self._submit_all(jobs, with_prompt=True)
+        prompt_tokens = sum(len(ids) for ids in prompts)
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        model = self.args.served_model_name
+
+        def chunk(choices: list[dict], usage: dict | None = None) -> dict:
+            out = {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": choices}
+            if usage is not None:
+                out["usage"] = usage
+            return out
+
+        if not body.stream:
+            results = await self._collect(handles)
+            choices = [
+                {"index": r["index"], "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]} for r in results
+            ]
+            return chunk(choices, self._usage(prompt_tokens, sum(r["tokens"] for r in results)))
+
+        async def chunks() -> AsyncIterator[dict]:
+            generated = 0
+            async for index, delta in self._merged(handles):
+                generated += len(delta.token_ids)
+                if delta.text or delta.finish_reason:
+                    yield chunk([{"index": index, "text": delta.text, "logprobs": None, "finish_reason": delta.finish_reason}])
+            if body.include_usage:
+                yield chunk([], self._usage(prompt_tokens, generated))
+
+        return self._sse(chunks())
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        self._authorize(request)
+        self._check_model(body.model)
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer, so it cannot chat")
+        try:
+            prompt_ids = self.tokenizer.encode_chat(body.plain_messages())
+            remaining = max(1, self.engine.engine.max_model_len - len(prompt_ids))
+            jobs = [(prompt_ids, body.sampling_params(remaining, c)) for c in range(body.n)]
+        except ValueError as exc:
+            raise APIError(400, _one_line(exc), "messages") from None
+        handles = self._submit_all(jobs, with_prompt=False)
+        self.metrics.prompt_tokens.inc(len(prompt_ids))
+        request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        model = self.args.served_model_name
+
+        def chunk(choices: list[dict], usage: dict | None = None, final: bool = False) -> dict:
+            kind = "chat.completion" if final else "chat.completion.chunk"
+            out = {"id": request_id, "object": kind, "created": created, "model": model, "choices": choices}
+            if usage is not None:
+                out["usage"] = usage
+            return out
+
+        if not body.stream:
+            results = await self._collect(handles)
+            choices = [
+                {
+                    "index": r["index"],
+                    "message": {"role": "assistant", "content": r["text"]},
+                    "logprobs": None,
+                    "finish_reason": r["finish_reason"],
+                }
+                for r in results
+            ]
+            return chunk(choices, self._usage(len(prompt_ids), sum(r["tokens"] for r in results)), final=True)
+
+        async def chunks() -> AsyncIterator[dict]:
+            for index in range(body.n):
+                yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            generated = 0
+            async for index, delta in self._merged(handles):
+                generated += len(delta.token_ids)
+                if delta.text or delta.finish_reason:
+                    content = {"content": delta.text} if delta.text else {}
+                    yield chunk([{"index": index, "delta": content, "logprobs": None, "finish_reason": delta.finish_reason}])
+            if body.include_usage:
+                yield chunk([], self._usage(len(prompt_ids), generated))
+
+        return self._sse(chunks())
+
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        experts = await asyncio.to_thread(self.pool.health) if self.pool is not None else []
+        alive = self.engine.is_running
+        healthy = alive and all(e["state"] == "ok" for e in experts)
+        body = {"status": "ok" if healthy else "unhealthy", "coordinator": "ok" if alive else "stopped", "expert_actors": experts}
+        return JSONResponse(status_code=200 if healthy else 503, content=body)
+
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        text = self.metrics.render(self.engine.stats(), self.engine.engine.model.expert_load)
+        return Response(content=text, media_type="text/plain; version=0.0.4")
+
+    @api.get("/v1/experts")
+    async def experts(self, request: Request) -> dict:
+        """Expert placement (which actor and node hosts each expert) and tokens routed to each so far."""
+        self._authorize(request)
+        placement = await asyncio.to_thread(self.pool.placement_report) if self.pool is not None else []
+        load = self.engine.engine.model.expert_load.tolist()
+        return {"expert_actors": self.args.expert_actors, "placement": placement, "load": load}
+
+    def check_health(self) -> None:
+        """Serve's own health probe: the engine loop must be running."""
+        if not self.engine.is_running:
+            raise RuntimeError("the engine loop has stopped")
+
+
+def _one_line(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):  # a pydantic ValidationError: its first error, without the banner
+        first = exc.errors()[0]
+        return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}".removeprefix(": ").replace("Value error, ", "")
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def build_app(args: dict) -> serve.Application:
+    """The Serve application for ``args`` (see ``ServeArgs``)."""
+    validated = ServeArgs(**args)
+    return OpenAIServer.options(max_ongoing_requests=validated.max_ongoing_requests).bind(validated.model_dump())

@@ -1,0 +1,33 @@
+"""The server's settings: one pydantic tree, validated once when the application is built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from moeshard.cluster.config import EngineConfig
+
+
+class ServeArgs(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_dir: str
+    model_name: str | None = None  # the id clients send as "model"; default: the directory's name
+    api_key: str | None = None
+    expert_actors: int = Field(default=0, ge=0)
+    dtype: str = "float32"
+    ray_address: str | None = None
+    max_waiting: int = Field(default=256, ge=1)  # requests queued beyond the running batch; more get 503
+    max_ongoing_requests: int = Field(default=1024, ge=1)
+    engine: dict = Field(default_factory=dict)  # further EngineConfig fields (kv_cache_bytes, cluster: {...}, ...)
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or Path(self.model_dir).resolve().name
+
+    def engine_config(self) -> EngineConfig:
+        fields = dict(self.engine)
+        cluster = dict(fields.pop("cluster", {}))
+        cluster.update(expert_actors=self.expert_actors, ray_address=self.ray_address)
+        return EngineConfig(model_dir=self.model_dir, dtype=self.dtype, cluster=cluster, **fields)

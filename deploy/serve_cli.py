@@ -1,0 +1,71 @@
+"""``moeshard serve``: start Ray (or join a cluster), deploy the OpenAI-compatible app, print the URL, block."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def add_serve_command(commands) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over an OpenAI-compatible HTTP API (Ray Serve), with experts on Ray actors.",
+    )
+    serve.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face model directory (safetensors)")
+    serve.add_argument("--expert-actors", type=int, default=0, help="expert actors to start (0: experts in the server)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    serve.add_argument("--model-name", default=None, help="model id clients send (default: the directory's name)")
+    serve.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--transport", default="actor_calls", choices=["actor_calls", "compiled_graph"])
+    serve.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
+    serve.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    if not Path(args.model_dir).is_dir():
+        raise FileNotFoundError(f"model directory {args.model_dir!r} does not exist")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
+    from moeshard.deploy.config import ServeArgs
+
+    serve_args = ServeArgs(
+        model_dir=args.model_dir,
+        model_name=args.model_name,
+        api_key=args.api_key,
+        expert_actors=args.expert_actors,
+        dtype=args.dtype,
+        ray_address=args.ray_address,
+        max_waiting=args.max_waiting,
+        engine={"cluster": {"transport": args.transport}},
+    )
+    config = serve_args.engine_config()  # validates everything before Ray starts
+
+    import ray
+    from ray import serve
+
+    from moeshard.actors.expert_pool import connect_ray
+    from moeshard.deploy.app import build_app
+
+    connect_ray(config)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(serve_args.model_dump()), name="moeshard", route_prefix="/")
+    print(f"moeshard: serving {serve_args.served_model_name!r} at http://{args.host}:{args.port}/v1", flush=True)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
