@@ -22,6 +22,8 @@ from moeshard.kernels.permute import Permutation
 
 logger = logging.getLogger(__name__)
 
+CHUNK_TOKENS = 64  # torch path: tokens per step, [64, D] float32 fits in cache
+
 
 def combine(
     expert_out: torch.Tensor,
@@ -50,19 +52,35 @@ def combine(
 
 
 def combine_torch(expert_out: torch.Tensor, weights: torch.Tensor, slot: torch.Tensor, out: torch.Tensor) -> None:
+    """Chunks of CHUNK_TOKENS tokens, so the float32 accumulator stays in cache; only float32
+    tensors meet in the arithmetic (mixed-dtype elementwise ops take torch's slow path on CPU)."""
     T, K = slot.shape
-    acc = torch.zeros(T, expert_out.shape[1], dtype=torch.float32, device=expert_out.device)  # [T, D]
-    if expert_out.shape[0] > 0:
-        sent = slot >= 0  # [T, K]
-        all_sent = bool(sent.all())
-        w = torch.where(sent, weights.float(), 0.0)  # [T, K]
-        index = slot.clamp(min=0)  # [T, K]
+    D = expert_out.shape[1]
+    if expert_out.shape[0] == 0 or T == 0:
+        out.zero_()
+        return
+    sent = slot >= 0  # [T, K]
+    some_unsent = not bool(sent.all())
+    w = torch.where(sent, weights.float(), 0.0)  # [T, K]
+    index = slot.clamp(min=0)  # [T, K]
+    n = min(T, CHUNK_TOKENS)
+    acc = torch.empty(n, D, dtype=torch.float32, device=out.device)  # [n, D]
+    rows = torch.empty(n, D, dtype=expert_out.dtype, device=out.device)  # [n, D]
+    rows32 = rows if rows.dtype == torch.float32 else torch.empty_like(acc)
+    for t0 in range(0, T, n):
+        t1 = min(t0 + n, T)
+        a, r, r32 = acc[: t1 - t0], rows[: t1 - t0], rows32[: t1 - t0]
         for j in range(K):
-            rows = expert_out.index_select(0, index[:, j])  # [T, D]
-            if not all_sent:
-                rows.masked_fill_(~sent[:, j, None], 0)  # never let an unsent row's inf/nan through
-            acc.addcmul_(rows, w[:, j, None])
-    out.copy_(acc)
+            torch.index_select(expert_out, 0, index[t0:t1, j], out=r)
+            if some_unsent:
+                r.masked_fill_(~sent[t0:t1, j, None], 0)  # never let an unsent choice's row (inf/nan) through
+            if r32 is not r:
+                r32.copy_(r)
+            if j == 0:
+                torch.mul(r32, w[t0:t1, j, None], out=a)
+            else:
+                a.addcmul_(r32, w[t0:t1, j, None])
+        out[t0:t1].copy_(a)
 
 
 def combine_triton(expert_out: torch.Tensor, weights: torch.Tensor, slot: torch.Tensor, out: torch.Tensor) -> None:

@@ -1,0 +1,168 @@
+"""Benchmark of the kernels: ``python -m moeshard.kernels.bench``.
+
+1. The torch (CPU) path of permute and combine as bandwidth, next to a plain
+   memcpy (``Tensor.copy_``) of the same bytes in the same run: the ratio is the
+   number to read, absolute GB/s depend on the machine and its load.
+2. The per-call time of each Triton kernel at a small size: on a GPU when there
+   is one, else under Triton's CPU interpreter (re-executed with
+   TRITON_INTERPRET=1 when it was not set), next to the torch path.
+
+Dimensions: T tokens, D hidden, I expert hidden, E experts, K chosen per token, N = T*K rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from moeshard.kernels.backend import triton_interprets
+from moeshard.kernels.combine import combine
+from moeshard.kernels.expert_ffn import expert_ffn
+from moeshard.kernels.permute import permute
+from moeshard.kernels.route import route
+
+logger = logging.getLogger(__name__)
+
+
+def median_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@dataclass
+class BandwidthRow:
+    op: str
+    dtype: str
+    T: int
+    megabytes: float  # read + written
+    op_us: float  # allocating its output
+    op_out_us: float  # into a preallocated out=
+    copy_us: float
+
+    def gbs(self, us: float) -> float:
+        return self.megabytes * 1e3 / us
+
+
+def bandwidth_rows(tokens: list[int], D: int, E: int, K: int, repeats: int) -> list[BandwidthRow]:
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for T in tokens:
+            torch.manual_seed(T)
+            hidden = torch.randn(T, D).to(dtype)  # [T, D]
+            routing = route(torch.randn(T, E), K, backend="torch")
+            perm = permute(hidden, routing.expert_ids, E, backend="torch")
+            expert_out = torch.randn(perm.num_rows, D).to(dtype)  # [N, D]
+            elt = hidden.element_size()
+            permuted, combined = torch.empty_like(perm.rows), torch.empty_like(hidden)
+            cases = [
+                ("permute", 2 * perm.num_rows * D * elt,
+                 lambda out=None: permute(hidden, routing.expert_ids, E, backend="torch", out=out), permuted),
+                ("combine", (perm.num_rows + T) * D * elt,
+                 lambda out=None: combine(expert_out, routing.weights, perm, backend="torch", out=out), combined),
+            ]  # fmt: skip
+            for op, nbytes, fn, out in cases:
+                src = torch.randn(nbytes // (2 * elt)).to(dtype)  # copy_ reads and writes it: the same bytes
+                dst = torch.randn_like(src)
+                times = [
+                    median_seconds(call, warmup=3, repeats=repeats) * 1e6
+                    for call in (fn, lambda: fn(out), lambda: dst.copy_(src))
+                ]
+                rows.append(BandwidthRow(op, str(dtype).removeprefix("torch."), T, nbytes / 1e6, *times))
+    return rows
+
+
+@dataclass
+class KernelRow:
+    kernel: str
+    dtype: str
+    triton_ms: float
+    torch_ms: float
+
+
+def kernel_rows(T: int, D: int, I: int, E: int, K: int, repeats: int) -> list[KernelRow]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        g = torch.Generator().manual_seed(0)
+        logits = torch.randn(T, E, generator=g).to(device, dtype)
+        hidden = torch.randn(T, D, generator=g).to(device, dtype)
+        w1, w3 = (torch.randn(E, I, D, generator=g).div(D**0.5).to(device, dtype) for _ in range(2))
+        w2 = torch.randn(E, D, I, generator=g).div(I**0.5).to(device, dtype)
+        routing = route(logits, K, backend="torch")
+        perm = permute(hidden, routing.expert_ids, E, backend="torch")
+        cases = {
+            "route": lambda b: route(logits, K, backend=b),
+            "permute": lambda b: permute(hidden, routing.expert_ids, E, backend=b),
+            "expert_ffn": lambda b: expert_ffn(perm.rows, perm.expert_offsets, w1, w3, w2, backend=b),
+            "combine": lambda b: combine(perm.rows, routing.weights, perm, backend=b),
+        }
+        for name, fn in cases.items():
+            triton_s = median_seconds(lambda: fn("triton"), warmup=1, repeats=repeats)
+            torch_s = median_seconds(lambda: fn("torch"), warmup=1, repeats=repeats)
+            rows.append(KernelRow(name, str(dtype).removeprefix("torch."), triton_s * 1e3, torch_s * 1e3))
+    return rows
+
+
+def format_bandwidth(rows: list[BandwidthRow]) -> str:
+    lines = [
+        "| op | dtype | T | MB moved | op GB/s | op out= GB/s | memcpy GB/s | op out= / memcpy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.op} | {r.dtype} | {r.T} | {r.megabytes:.1f} | {r.gbs(r.op_us):.1f} | {r.gbs(r.op_out_us):.1f} "
+            f"| {r.gbs(r.copy_us):.1f} | {r.copy_us / r.op_out_us:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def format_kernels(rows: list[KernelRow], where: str) -> str:
+    lines = [
+        f"| kernel | dtype | Triton ({where}) ms/call | torch ms/call | Triton / torch |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r.kernel} | {r.dtype} | {r.triton_ms:.2f} | {r.torch_ms:.3f} | {r.triton_ms / r.torch_ms:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() and not triton_interprets():
+        # Triton needs its interpreter on CPU, and reads the switch when first imported: start again with it.
+        os.execve(sys.executable, [sys.executable, "-m", "moeshard.kernels.bench", *sys.argv[1:]],
+                  {**os.environ, "TRITON_INTERPRET": "1"})  # fmt: skip
+    E, K, D = 8, 2, 4096
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; E={E}, K={K}, D={D}; median of {args.repeats}")
+    print()
+    print("## torch path: permute and combine vs memcpy of the same bytes (CPU)")
+    print()
+    print(format_bandwidth(bandwidth_rows([64, 512, 4096], D, E, K, args.repeats)))
+    print()
+    small = dict(T=64, D=256, I=512, E=8, K=2)
+    where = "GPU" if torch.cuda.is_available() else "interpreter"
+    print(f"## Triton kernels, {where}, per call at T={small['T']}, D={small['D']}, I={small['I']}, E=8, K=2")
+    print()
+    print(format_kernels(kernel_rows(**small, repeats=3), where))
+
+
+if __name__ == "__main__":
+    main()
