@@ -25,7 +25,7 @@ from moeshard.cluster.config import ModelConfig
 from moeshard.cluster.moe import LocalExperts
 from moeshard.cluster.runtime import build_engine, maybe_tokenizer
 from moeshard.deploy.config import ServeArgs
-from moeshard.deploy.errors import APIError, error_body, error_response
+from moeshard.deploy.errors import APIError, error_body, error_response, one_line
 from moeshard.deploy.metrics import ServerMetrics
 from moeshard.deploy.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -229,7 +229,7 @@ class OpenAIServer:
             prompts = [self._encode(p) for p in body.prompts()]
             jobs = [(ids, body.sampling_params(DEFAULT_COMPLETION_MAX_TOKENS, c)) for ids in prompts for c in range(body.n)]
         except ValueError as exc:
-            raise APIError(400, _one_line(exc), "prompt") from None
+            raise APIError(400, one_line(exc), "prompt") from None
         handles = self._submit_all(jobs, with_prompt=True)
         prompt_tokens = sum(len(ids) for ids in prompts)
         self.metrics.prompt_tokens.inc(prompt_tokens)
@@ -271,7 +271,7 @@ class OpenAIServer:
             remaining = max(1, self.engine.engine.max_model_len - len(prompt_ids))
             jobs = [(prompt_ids, body.sampling_params(remaining, c)) for c in range(body.n)]
         except ValueError as exc:
-            raise APIError(400, _one_line(exc), "messages") from None
+            raise APIError(400, one_line(exc), "messages") from None
         handles = self._submit_all(jobs, with_prompt=False)
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -336,14 +336,6 @@ class OpenAIServer:
         """Serve's own health probe: the engine loop must be running."""
         if not self.engine.is_running:
             raise RuntimeError("the engine loop has stopped")
-
-
-def _one_line(exc: Exception) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):  # a pydantic ValidationError: its first error, without the banner
-        first = exc.errors()[0]
-        return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}".removeprefix(": ").replace("Value error, ", "")
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def build_app(args: dict) -> serve.Application:
