@@ -1,11 +1,13 @@
-# Set up a virtual environment and run moeshard. `make demo` and `make test` are all a newcomer needs.
+# Set up a virtual environment and run moeshard. `make serve` and `make test` are all a newcomer needs.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR := models/demo
 PROMPT ?= The capital of France is
+EXPERT_ACTORS ?= 2
+PORT ?= 8000
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo-model demo serve test bench clean
 
 # torch is pinned to the CPU build; numpy<2.4 is what mistral-common supports on Python 3.11.
 $(VENV)/.installed: pyproject.toml
@@ -16,9 +18,16 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-demo: setup
+demo-model: setup
 	$(BIN)/moeshard demo-model $(DEMO_DIR)
+
+# Offline: one completion from the demo model, experts in this process.
+demo: demo-model
 	$(BIN)/moeshard generate $(DEMO_DIR) --prompt "$(PROMPT)" --max-tokens 32 --temperature 0
+
+# Serve the demo model over the OpenAI API on 127.0.0.1:$(PORT), experts on $(EXPERT_ACTORS) Ray actors.
+serve: demo-model
+	$(BIN)/moeshard serve $(DEMO_DIR) --expert-actors $(EXPERT_ACTORS) --port $(PORT) --model-name demo
 
 test: setup
 	$(BIN)/pytest
