@@ -11,6 +11,7 @@ only place that reads it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Literal
@@ -46,6 +47,11 @@ def tile_rows(row_width: int, num_rows: int) -> int:
     return max(1, min(budget // row_width, triton.next_power_of_2(max(num_rows, 1))))
 
 
+@functools.cache
+def _log_override(backend: str) -> None:
+    logger.info("%s=%s: kernels called with backend='auto' run on %s", ENV_VAR, backend, backend)
+
+
 def _check(name: str, source: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"kernel backend from {source} must be one of {BACKENDS}, got {name!r}")
@@ -57,6 +63,8 @@ def resolve_backend(backend: str, device: torch.device) -> Resolved:
     backend = _check(backend, "the backend argument")
     if backend == "auto":
         backend = _check(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+        if backend != "auto":
+            _log_override(backend)
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     if backend == "triton" and device.type != "cuda" and not triton_interprets():

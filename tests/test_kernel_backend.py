@@ -53,3 +53,13 @@ def test_environment_reaches_the_ops(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "triton")
     route(logits, 2)
     assert calls == [1]
+
+
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
+    import importlib
+
+    backend = importlib.import_module("moeshard.kernels.backend")
+    monkeypatch.setattr(backend, "triton_interprets", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        resolve_backend("triton", CPU)
+    assert resolve_backend("triton", CUDA) == "triton"
