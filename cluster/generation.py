@@ -27,30 +27,29 @@ class RequestOutput:
 
 
 class TextStream:
-    """One request's generated text: incremental detokenisation plus stop-string matching."""
+    """One request's generated text: incremental detokenisation plus stop strings."""
 
     def __init__(self, tokenizer: Tokenizer | None, prompt_ids: list[int], params: SamplingParams):
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids=prompt_ids) if tokenizer else None
         self.stops = StopStringMatcher(params.stop)
-        self.text = ""
-        self.stopped = False  # a stop string was found; the text is cut before it
+        self._pieces: list[str] = []
+        self.stopped = False  # a stop string was found; the text ends right before it
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
 
     def push(self, token_id: int, last: bool) -> str:
-        """Add a token; returns the new text delta (the text never grows past a stop string)."""
+        """Add a token; returns the new text to show (never a piece of a stop string)."""
         if self.detokenizer is None or self.stopped:
             return ""
-        self.detokenizer.push(token_id)
+        new_text = self.detokenizer.push(token_id)
         if last:
-            self.detokenizer.finish()
-        full = self.detokenizer.text
-        match = self.stops.search(full)
-        if match is not None:
-            full, self.stopped = match.text, True
-        elif not last:
-            full = full[: len(full) - self.stops.holdback(full)]
-        delta = full[len(self.text) :]
-        self.text = full
-        return delta
+            new_text += self.detokenizer.finish()
+        check = self.stops.feed(new_text, final=last)
+        self.stopped = check.stopped
+        self._pieces.append(check.emit)
+        return check.emit
 
 
 def generate_to_completion(

@@ -1,40 +1,43 @@
-"""Stop strings: find the first stop string in generated text and cut the text before it."""
+"""Stop strings over streamed text: emit text as it grows, never past (or into) a stop string.
+
+Text that could still turn out to be the start of a stop string is held back
+until it is decided, so a streamed client never sees a piece of a stop string
+that the final text does not contain. Each call costs the length of the new
+text plus the held-back tail, not the whole text.
+"""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
 
-class StopMatch(NamedTuple):
-    stop: str
-    text: str  # the generated text up to (not including) the stop string
+class StopCheck(NamedTuple):
+    emit: str  # text now safe to show
+    stopped: bool  # a stop string was found; ``emit`` ends right before it
 
 
 class StopStringMatcher:
     def __init__(self, stops: list[str]):
-        self.stops = list(stops)
-        self._longest = max((len(s) for s in self.stops), default=0)
-        self._searched = 0  # text before this index cannot start a match any more
+        self.stops = [s for s in stops if s]
+        self._held = ""  # the tail that may begin a stop string
 
-    def search(self, text: str) -> StopMatch | None:
-        """Earliest stop string in ``text`` (text only grows between calls)."""
-        if not self.stops:
-            return None
-        start = max(0, self._searched - self._longest + 1)
-        found = [(text.find(s, start), s) for s in self.stops]
-        found = [(i, s) for i, s in found if i >= 0]
-        self._searched = len(text)
-        if not found:
-            return None
-        index, stop = min(found)
-        return StopMatch(stop=stop, text=text[:index])
+    def feed(self, new_text: str, final: bool = False) -> StopCheck:
+        """Add newly decoded text; ``final`` releases whatever is held back."""
+        text = self._held + new_text
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self._held = ""
+            return StopCheck(emit=text[: min(found)], stopped=True)
+        keep = 0 if final else self._longest_stop_prefix_suffix(text)
+        self._held = text[len(text) - keep :] if keep else ""
+        return StopCheck(emit=text[: len(text) - keep], stopped=False)
 
-    def holdback(self, text: str) -> int:
-        """How many trailing characters could still become a stop string (not to be streamed yet)."""
+    def _longest_stop_prefix_suffix(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
         longest = 0
         for stop in self.stops:
             for n in range(min(len(stop) - 1, len(text)), longest, -1):
-                if stop.startswith(text[len(text) - n :]):
+                if text.endswith(stop[:n]):
                     longest = n
                     break
         return longest
