@@ -110,15 +110,18 @@ class CheckpointReader:
     def read(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Read the given keys (validated first, all of them) as ``dtype``."""
         self._validate(shapes)
-        by_file: dict[str, list[str]] = {}
-        for key in shapes:
-            by_file.setdefault(self._file_of_key[key], []).append(key)
         tensors: dict[str, torch.Tensor] = {}
-        for file_name, keys in by_file.items():
+        for file_name, keys in self._group_by_file(shapes).items():
             with safe_open(self.model_dir / file_name, framework="pt") as handle:
                 for key in keys:
                     tensors[key] = handle.get_tensor(key).to(dtype)
         return tensors
+
+    def _group_by_file(self, keys) -> dict[str, list[str]]:
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self._file_of_key[key], []).append(key)
+        return by_file
 
     def read_dense(self, dtype: torch.dtype) -> DenseWeights:
         config = self.config
@@ -163,14 +166,11 @@ class CheckpointReader:
         return experts
 
     def _validate(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        for key, expected in shapes.items():
-            file_name = self._file_of_key.get(key)
-            if file_name is None:
-                raise CheckpointError(f"{self.model_dir}: missing weight {key!r} in the checkpoint")
-        by_file: dict[str, list[str]] = {}
+        """Every key present with its expected shape, checked from the headers before any tensor is read."""
         for key in shapes:
-            by_file.setdefault(self._file_of_key[key], []).append(key)
-        for file_name, keys in by_file.items():
+            if key not in self._file_of_key:
+                raise CheckpointError(f"{self.model_dir}: missing weight {key!r} in the checkpoint")
+        for file_name, keys in self._group_by_file(shapes).items():
             with safe_open(self.model_dir / file_name, framework="pt") as handle:
                 for key in keys:
                     shape = tuple(handle.get_slice(key).get_shape())
