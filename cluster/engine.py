@@ -2,9 +2,13 @@
 
 It knows nothing about text. Each ``step`` builds one batch under a token
 budget (every running decode gets its token, then prefill chunks fill the
-rest), runs the model once, samples, and reports token events. A request's KV
-blocks (prompt + max_tokens) are reserved when it is admitted, so a running
-request can never be starved of cache; a request that does not fit waits.
+rest), runs the model once, samples, and reports token events.
+
+KV blocks are taken as sequences grow. A waiting request is admitted when its
+prompt fits with a block of headroom per running sequence; when a running
+sequence cannot grow, the most recently admitted other sequence is preempted:
+its blocks are freed and it goes back to the head of the queue, to be
+recomputed (prompt + tokens so far) when room returns.
 """
 
 from __future__ import annotations
@@ -56,10 +60,6 @@ class Sequence:
     def num_generated(self) -> int:
         return len(self.token_ids) - self.prompt_len
 
-    @property
-    def reserved_len(self) -> int:
-        return self.prompt_len + self.params.max_tokens
-
 
 class Engine:
     def __init__(self, model: MixtralModel, eos_token_ids: frozenset[int], max_batch_tokens: int = 2048):
@@ -70,7 +70,8 @@ class Engine:
         self.max_model_len = min(model.config.max_position_embeddings, self.cache.capacity_tokens)
         self._ids = itertools.count()
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order
+        self.num_preemptions = 0
 
     # -- requests -----------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -133,9 +134,14 @@ class Engine:
         return events
 
     def _admit(self) -> None:
-        while self.waiting and self.cache.can_reserve(self.waiting[0].seq_id, self.waiting[0].reserved_len):
-            seq = self.waiting.popleft()
-            self.cache.reserve(seq.seq_id, seq.reserved_len)
+        """Admit waiting sequences in order while each fits, keeping one block of growth per running sequence."""
+        while self.waiting:
+            seq = self.waiting[0]
+            needed = self.cache.blocks_needed(seq.seq_id, len(seq.token_ids)) + len(self.running)
+            if needed > self.cache.num_free_blocks:
+                return
+            self.waiting.popleft()
+            self.cache.reserve(seq.seq_id, len(seq.token_ids))
             self.running.append(seq)
 
     def _schedule(self) -> list[tuple[Sequence, SequenceChunk]]:
@@ -143,14 +149,37 @@ class Engine:
         budget = self.max_batch_tokens
         decodes = [s for s in self.running if len(s.token_ids) - s.num_computed == 1]
         prefills = [s for s in self.running if len(s.token_ids) - s.num_computed > 1]
-        scheduled = []
+        scheduled: list[tuple[Sequence, SequenceChunk]] = []
         for seq in decodes + prefills:
+            if seq not in self.running:
+                continue  # preempted to make room for an earlier one
             n = min(len(seq.token_ids) - seq.num_computed, budget)
             if n <= 0:
                 break
+            if not self._make_room(seq, seq.num_computed + n, {s.seq_id for s, _ in scheduled}):
+                continue
             scheduled.append((seq, SequenceChunk(seq.seq_id, seq.num_computed, n)))
             budget -= n
         return scheduled
+
+    def _make_room(self, seq: Sequence, length: int, keep: set[int]) -> bool:
+        """Reserve ``length`` slots for ``seq``, preempting the newest unscheduled others; False if ``seq`` itself went."""
+        while not self.cache.can_reserve(seq.seq_id, length):
+            victims = [s for s in self.running if s.seq_id not in keep and s is not seq]
+            victim = victims[-1] if victims else seq
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.cache.reserve(seq.seq_id, length)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        logger.info("KV cache full: preempting %s after %d tokens (recomputed later)", seq.request_id, seq.num_generated)
+        self.running.remove(seq)
+        self.cache.free(seq.seq_id)
+        seq.num_computed = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
 
     def _append_token(self, seq: Sequence, token_id: int) -> TokenEvent:
         seq.token_ids.append(token_id)

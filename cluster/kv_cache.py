@@ -65,6 +65,10 @@ class KVCache:
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free_blocks)
+
     def blocks_needed(self, seq_id: int, length: int) -> int:
         """Blocks still to be taken for the sequence to hold ``length`` tokens."""
         held = len(self._tables.get(seq_id, ()))

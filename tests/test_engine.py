@@ -84,3 +84,16 @@ def test_kv_cache_is_empty_after_generation_and_errors(llm):
 def test_logits_dtype_and_shape(llm):
     logits = llm.logits(PROMPTS[0])
     assert logits.dtype == torch.float32 and logits.shape == (len(PROMPTS[0]), 128)
+
+
+def test_preemption_under_a_small_cache_changes_no_output(tiny_mixtral_dir, llm):
+    """Six blocks of 16 tokens for three growing sequences: some must be preempted and recomputed."""
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    expected = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # layers x (K, V) x block x kv heads x head dim x fp32
+    with LLM(tiny_mixtral_dir, kv_cache_bytes=6 * block_bytes, kv_block_size=16) as small:
+        assert small._engine.cache.num_blocks == 6
+        outputs = small.generate(PROMPTS, params)
+        assert [o.token_ids for o in outputs] == expected
+        assert small._engine.num_preemptions > 0
+        assert small._engine.cache.usage().used_blocks == 0
