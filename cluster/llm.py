@@ -84,8 +84,11 @@ class LLM:
         return [int(t) for t in prompt]
 
     def close(self) -> None:
+        """Release the model: stop the cluster's actors, or drop the in-process weights and KV cache."""
         if self._cluster is not None and not self._closed:
             self._cluster.shutdown()
+        self._cluster = None
+        self._engine = None
         self._closed = True
 
     def __enter__(self) -> "LLM":
