@@ -25,6 +25,7 @@ from moeshard.cluster.chat_format import ChatTemplate
 from moeshard.cluster.tokenizer import (
     HF_TOKENIZER_FILE,
     SpecialTokenIds,
+    TokenIdProperties,
     check_token_ids,
     read_json,
     read_special_token_ids,
@@ -37,7 +38,7 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TEMPLATE_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-class HFTokenizer:
+class HFTokenizer(TokenIdProperties):
     """A ``tokenizer.json`` tokenizer with the model's Jinja chat template."""
 
     def __init__(self, model_dir: str | Path, overrides: SpecialTokenIds | None = None):
@@ -65,26 +66,6 @@ class HFTokenizer:
             model_dir.name, self._vocab_size, self._bos_id, sorted(self._eos_token_ids),
             self._chat_template is not None,
         )
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._bos_id
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._eos_id
-
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return self._eos_token_ids
-
-    @property
-    def special_token_ids(self) -> frozenset[int]:
-        return self._special_ids
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """``add_bos``: add the special tokens tokenizer.json's post-processor adds around a text

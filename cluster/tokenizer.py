@@ -126,7 +126,37 @@ def _id_list(value: object, source: Path) -> tuple[int, ...]:
     return tuple(values)
 
 
-class SentencePieceTokenizer:
+class TokenIdProperties:
+    """The id properties every tokenizer exposes, from attributes its ``__init__`` sets."""
+
+    _bos_id: int | None
+    _eos_id: int | None
+    _eos_token_ids: frozenset[int]
+    _special_ids: frozenset[int]
+    _vocab_size: int
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos_id
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eos_token_ids
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        return self._special_ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+
+class SentencePieceTokenizer(TokenIdProperties):
     """A SentencePiece model (Mixtral's ``tokenizer.model``) with the Mixtral-Instruct chat format."""
 
     def __init__(self, model_file: str | Path, overrides: SpecialTokenIds = SpecialTokenIds()):
@@ -148,26 +178,6 @@ class SentencePieceTokenizer:
             "loaded SentencePiece tokenizer %s: vocab %d, bos %s, eos %s",
             model_file.name, self._vocab_size, self._bos_id, sorted(self._eos_token_ids),
         )
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._bos_id
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._eos_id
-
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return self._eos_token_ids
-
-    @property
-    def special_token_ids(self) -> frozenset[int]:
-        return self._special_ids
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         if not isinstance(text, str):

@@ -27,7 +27,7 @@ from moeshard.cluster.runtime import build_engine, maybe_tokenizer
 from moeshard.deploy.config import ServeArgs
 from moeshard.deploy.errors import APIError, error_body, error_response, one_line
 from moeshard.deploy.metrics import ServerMetrics
-from moeshard.deploy.protocol import ChatCompletionRequest, CompletionRequest
+from moeshard.deploy.protocol import ChatCompletionRequest, CompletionRequest, envelope, usage_counts
 
 logger = logging.getLogger(__name__)
 
@@ -204,14 +204,6 @@ class OpenAIServer:
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
-    @staticmethod
-    def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-        return {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
-
     # -- routes ---------------------------------------------------------------------
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
@@ -237,17 +229,14 @@ class OpenAIServer:
         model = self.args.served_model_name
 
         def chunk(choices: list[dict], usage: dict | None = None) -> dict:
-            out = {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": choices}
-            if usage is not None:
-                out["usage"] = usage
-            return out
+            return envelope(request_id, "text_completion", created, model, choices, usage)
 
         if not body.stream:
             results = await self._collect(handles)
             choices = [
                 {"index": r["index"], "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]} for r in results
             ]
-            return chunk(choices, self._usage(prompt_tokens, sum(r["tokens"] for r in results)))
+            return chunk(choices, usage_counts(prompt_tokens, sum(r["tokens"] for r in results)))
 
         async def chunks() -> AsyncIterator[dict]:
             generated = 0
@@ -256,7 +245,7 @@ class OpenAIServer:
                 if delta.text or delta.finish_reason:
                     yield chunk([{"index": index, "text": delta.text, "logprobs": None, "finish_reason": delta.finish_reason}])
             if body.include_usage:
-                yield chunk([], self._usage(prompt_tokens, generated))
+                yield chunk([], usage_counts(prompt_tokens, generated))
 
         return self._sse(chunks())
 
@@ -279,10 +268,7 @@ class OpenAIServer:
 
         def chunk(choices: list[dict], usage: dict | None = None, final: bool = False) -> dict:
             kind = "chat.completion" if final else "chat.completion.chunk"
-            out = {"id": request_id, "object": kind, "created": created, "model": model, "choices": choices}
-            if usage is not None:
-                out["usage"] = usage
-            return out
+            return envelope(request_id, kind, created, model, choices, usage)
 
         if not body.stream:
             results = await self._collect(handles)
@@ -295,7 +281,7 @@ class OpenAIServer:
                 }
                 for r in results
             ]
-            return chunk(choices, self._usage(len(prompt_ids), sum(r["tokens"] for r in results)), final=True)
+            return chunk(choices, usage_counts(len(prompt_ids), sum(r["tokens"] for r in results)), final=True)
 
         async def chunks() -> AsyncIterator[dict]:
             for index in range(body.n):
@@ -307,7 +293,7 @@ class OpenAIServer:
                     content = {"content": delta.text} if delta.text else {}
                     yield chunk([{"index": index, "delta": content, "logprobs": None, "finish_reason": delta.finish_reason}])
             if body.include_usage:
-                yield chunk([], self._usage(len(prompt_ids), generated))
+                yield chunk([], usage_counts(len(prompt_ids), generated))
 
         return self._sse(chunks())
 

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible request schemas, validated at the edge, and their mapping to ``SamplingParams``."""
+"""The OpenAI-compatible schemas: requests validated at the edge (and mapped to ``SamplingParams``), response envelopes."""
 
 from __future__ import annotations
 
@@ -126,3 +126,19 @@ class ChatCompletionRequest(_SamplingFields):
 
     def plain_messages(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+def envelope(request_id: str, kind: str, created: int, model: str, choices: list[dict], usage: dict | None) -> dict:
+    """The fields every completion response and stream chunk carries."""
+    out = {"id": request_id, "object": kind, "created": created, "model": model, "choices": choices}
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def usage_counts(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
