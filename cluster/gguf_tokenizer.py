@@ -63,7 +63,7 @@ class GGUFTokenizerFiles:
 @functools.cache
 def byte_alphabet() -> dict[int, str]:
     """GPT-2's map from each byte to a printable character (bytes_to_unicode)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars = printable[:]
     extra = 0
     for byte in range(256):
@@ -86,7 +86,9 @@ def build_gguf_tokenizer(gguf: GGUFFile) -> GGUFTokenizerFiles:
     """The byte-level BPE tokenizer and its config described by ``gguf``'s metadata."""
     kind = gguf.required_field("tokenizer.ggml.model")
     if kind != BYTE_LEVEL_MODEL:
-        raise GGUFError(f"{gguf.path}: tokenizer model {kind!r} is not supported; expected {BYTE_LEVEL_MODEL!r} (byte-level BPE)")
+        raise GGUFError(
+            f"{gguf.path}: tokenizer model {kind!r} is not supported; expected {BYTE_LEVEL_MODEL!r} (byte-level BPE)"
+        )
     tokens: list[str] = gguf.required_field("tokenizer.ggml.tokens")
     token_types: list[int] = gguf.field("tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = [tuple(m.split(" ")) for m in gguf.required_field("tokenizer.ggml.merges")]
@@ -94,7 +96,8 @@ def build_gguf_tokenizer(gguf: GGUFFile) -> GGUFTokenizerFiles:
     if len(vocab) != len(tokens):
         raise GGUFError(f"{gguf.path}: the vocabulary has duplicate tokens ({len(tokens) - len(vocab)})")
 
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    bpe = models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
+    tokenizer = Tokenizer(bpe)
     tokenizer.pre_tokenizer = _pre_tokenizer(gguf)
     tokenizer.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
     in_alphabet = set(byte_alphabet().values())
@@ -106,14 +109,18 @@ def build_gguf_tokenizer(gguf: GGUFFile) -> GGUFTokenizerFiles:
 
     config = _tokenizer_config(gguf, tokens)
     tokenizer.post_processor = _post_processor(config, vocab)
-    logger.info("built a byte-level BPE tokenizer from %s: %d tokens, %d merges, %d special", gguf.path.name, len(vocab), len(merges), len(special))
+    logger.info(
+        "built a byte-level BPE tokenizer from %s: %d tokens, %d merges, %d special",
+        gguf.path.name, len(vocab), len(merges), len(special),
+    )
     return GGUFTokenizerFiles(tokenizer=tokenizer, config=config)
 
 
 def _pre_tokenizer(gguf: GGUFFile) -> PreTokenizer:
     name = gguf.field("tokenizer.ggml.pre", "default")
     if name not in GPT2_PRE_TOKENIZERS:
-        raise GGUFError(f"{gguf.path}: pre-tokenizer {name!r} is not supported; supported: {', '.join(GPT2_PRE_TOKENIZERS)}")
+        supported = ", ".join(GPT2_PRE_TOKENIZERS)
+        raise GGUFError(f"{gguf.path}: pre-tokenizer {name!r} is not supported; supported: {supported}")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     if name == "smollm":
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
@@ -126,9 +133,8 @@ def _post_processor(config: dict, vocab: dict[str, int]) -> processors.TemplateP
     after = [config["eos_token"]] if config["add_eos_token"] and "eos_token" in config else []
     single = [*before, "$A", *after]
     pair = [*single, *before, "$B:1", *after]
-    return processors.TemplateProcessing(
-        single=" ".join(single), pair=" ".join(pair), special_tokens=[(t, vocab[byte_level_spelling(t)]) for t in dict.fromkeys(before + after)]
-    )
+    special = [(t, vocab[byte_level_spelling(t)]) for t in dict.fromkeys(before + after)]
+    return processors.TemplateProcessing(single=" ".join(single), pair=" ".join(pair), special_tokens=special)
 
 
 def _tokenizer_config(gguf: GGUFFile, tokens: list[str]) -> dict:

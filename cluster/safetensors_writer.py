@@ -34,7 +34,9 @@ DTYPE_NAMES = {
 HEADER_ALIGNMENT = 8
 
 
-def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """Write ``tensors`` (key -> CPU tensor, in this order) to ``path`` as one safetensors file."""
     path = Path(path)
     header: dict[str, dict] = {"__metadata__": dict(metadata)} if metadata else {}
@@ -45,7 +47,9 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], met
         if tensor.device.type != "cpu":
             raise ValueError(f"cannot write {key!r}: it is on {tensor.device}, not the CPU")
         size = tensor.numel() * tensor.element_size()
-        header[key] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        header[key] = {
+            "dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]
+        }
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % HEADER_ALIGNMENT)

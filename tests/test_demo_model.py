@@ -168,7 +168,8 @@ def test_tokenizer_files_load_in_transformers(demo_dir, hf_tokenizer):
     for text in TOKENIZER_TEXTS:
         assert loaded(text)["input_ids"] == hf_tokenizer(text)["input_ids"]
     expected = hf_tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False)
-    assert list(loaded.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False)) == list(expected)
+    rendered = loaded.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(rendered) == list(expected)
 
 
 # -- generation: transformers == single process == expert-sharded cluster ----------------------------------------------
@@ -195,7 +196,8 @@ def test_chat_answer_names_paris_and_stops_at_im_end(single_process_outputs):
 
 
 def test_cli_generate_chat(demo_dir, capsys):
-    assert cli_main(["generate", str(demo_dir), "--prompt", CHAT[0]["content"], "--chat", "--temperature", "0", "--max-tokens", "16"]) == 0
+    args = ["generate", str(demo_dir), "--prompt", CHAT[0]["content"], "--chat", "--temperature", "0", "--max-tokens", "16"]
+    assert cli_main(args) == 0
     assert "Paris" in capsys.readouterr().out
 
 
