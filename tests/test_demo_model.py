@@ -7,7 +7,9 @@ The oracle is transformers loading the same GGUF as a dense ``LlamaForCausalLM``
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -58,8 +60,10 @@ def gguf_path() -> Path:
 
 
 @pytest.fixture(scope="module")
-def demo_dir(gguf_path, tmp_path_factory) -> Path:
-    return write_demo_model(tmp_path_factory.mktemp("demo"))
+def demo_dir(gguf_path, tmp_path_factory) -> Iterator[Path]:
+    out = write_demo_model(tmp_path_factory.mktemp("demo"))
+    yield out
+    shutil.rmtree(out, ignore_errors=True)  # ~2.8 GB; pytest keeps the temp dirs of the last runs
 
 
 @pytest.fixture(scope="module")
