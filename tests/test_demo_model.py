@@ -7,9 +7,9 @@ The oracle is transformers loading the same GGUF as a dense ``LlamaForCausalLM``
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
