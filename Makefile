@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR := models/demo
-PROMPT ?= The capital of France is
+PROMPT ?= What is the capital of France?
 EXPERT_ACTORS ?= 2
 PORT ?= 8000
 
@@ -23,9 +23,9 @@ setup: $(VENV)/.installed
 demo-model: setup
 	$(BIN)/moeshard demo-model $(DEMO_DIR)
 
-# Offline: one completion from the demo model, experts in this process.
+# Offline: one chat answer from the demo model, experts in this process.
 demo: demo-model
-	$(BIN)/moeshard generate $(DEMO_DIR) --prompt "$(PROMPT)" --max-tokens 32 --temperature 0
+	$(BIN)/moeshard generate $(DEMO_DIR) --prompt "$(PROMPT)" --chat --max-tokens 32 --temperature 0
 
 # Serve the demo model over the OpenAI API on 127.0.0.1:$(PORT), experts on $(EXPERT_ACTORS) Ray actors.
 serve: demo-model
