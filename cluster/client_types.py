@@ -1,0 +1,134 @@
+"""The client SDK's typed responses: completions, chat completions, stream events, models, health and experts.
+
+They mirror the server's JSON (OpenAI's shapes, plus moeshard's ``/health`` and ``/v1/experts``) and ignore
+fields they do not know, so a newer server does not break an older client.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    finish_reason: str | None = None
+
+
+class Completion(_Response):
+    """``POST /v1/completions``; ``text`` and ``finish_reason`` are the first choice's."""
+
+    id: str
+    model: str
+    created: int
+    choices: list[CompletionChoice]
+    usage: Usage
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason
+
+
+class ChatMessage(_Response):
+    role: str
+    content: str | None = None
+
+
+class ChatChoice(_Response):
+    index: int
+    message: ChatMessage
+    finish_reason: str | None = None
+
+
+class ChatCompletion(_Response):
+    """``POST /v1/chat/completions``; ``text`` and ``finish_reason`` are the first choice's."""
+
+    id: str
+    model: str
+    created: int
+    choices: list[ChatChoice]
+    usage: Usage
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].message.content or ""
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason
+
+
+class StreamEvent(_Response):
+    """One event of a streamed completion.
+
+    Every event but the last carries a text delta of choice ``index`` (a choice's last delta also has its
+    ``finish_reason``). The last event has ``done=True``, empty ``text``, the request's ``usage`` and the
+    first choice's ``finish_reason``.
+    """
+
+    text: str = ""
+    index: int = 0
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    done: bool = False
+
+
+class Model(_Response):
+    id: str
+    created: int | None = None
+    owned_by: str | None = None
+
+
+class ActorHealth(_Response):
+    actor: int
+    state: str  # "ok", or "unavailable: <error>"
+    description: str | None = None
+
+
+class Health(_Response):
+    """``GET /health``: the engine loop (coordinator) and every expert actor."""
+
+    status: str
+    coordinator: str
+    expert_actors: list[ActorHealth] = []
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+class ExpertPlacement(_Response):
+    layer: int
+    expert: int
+    actors: list[int]  # the expert actors hosting it (more than one when replicated)
+    nodes: list[str]  # the Ray node of each of those actors
+
+
+class Experts(_Response):
+    """``GET /v1/experts``: where each expert lives and how many tokens were routed to it so far."""
+
+    expert_actors: int
+    placement: list[ExpertPlacement]  # empty when the experts run inside the server
+    load: list[list[int]]  # [layer][expert] tokens routed
+
+    def imbalance(self) -> list[float]:
+        """Per layer, the busiest expert's tokens over the mean (1.0 is perfectly balanced; 0 with no tokens yet)."""
+        out = []
+        for layer in self.load:
+            mean = sum(layer) / len(layer) if layer else 0.0
+            out.append(max(layer) / mean if mean else 0.0)
+        return out
