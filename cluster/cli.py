@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_command(commands)
 
+    from moeshard.cluster.bench_cli import add_bench_command
+    from moeshard.cluster.chat_cli import add_chat_command
+
+    add_chat_command(commands)
+    add_bench_command(commands)
+
     demo = commands.add_parser(
         "demo-model",
         help="build the demo checkpoint (SmolLM2-135M-Instruct upcycled to 8 experts)",
