@@ -142,7 +142,10 @@ class StreamDecoder:
         if data == "[DONE]":
             self.done = True
             return []
-        chunk = json.loads(data)
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise APIError(None, f"malformed stream event: {data[:200]!r}") from None
         if "error" in chunk:
             error = chunk["error"] if isinstance(chunk["error"], dict) else {}
             raise error_from_body(int(error.get("code") or 500), chunk)
