@@ -19,6 +19,7 @@ import torch
 NO_WORK = b"\x00"
 
 _DTYPES = {str(dt).removeprefix("torch."): dt for dt in (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64)}
+_ITEMSIZE = {name: dt.itemsize for name, dt in _DTYPES.items()}
 
 
 def pack_tensors(meta: dict, tensors: dict[str, torch.Tensor]) -> bytes:
@@ -27,7 +28,7 @@ def pack_tensors(meta: dict, tensors: dict[str, torch.Tensor]) -> bytes:
     for name, tensor in tensors.items():
         tensor = tensor.detach().contiguous().cpu()
         specs.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)])
-        buffers.append(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        buffers.append(tensor.reshape(-1).view(torch.uint8).numpy())  # a view: join copies the bytes once
     header = msgpack.packb({"meta": meta, "tensors": specs})
     return b"".join([len(header).to_bytes(4, "little"), header, *buffers])
 
@@ -38,20 +39,20 @@ def unpack_tensors(message: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
     header = msgpack.unpackb(message[4 : 4 + header_len])
     offset = 4 + header_len
     tensors = {}
-    for name, dtype_name, shape in header["tensors"]:
-        dtype = _DTYPES[dtype_name]
-        count = 1
-        for size in shape:
-            count *= size
-        nbytes = count * torch.empty((), dtype=dtype).element_size()
-        if nbytes == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        else:
-            with warnings.catch_warnings():  # the buffer is read-only; nothing writes into these inputs
-                warnings.simplefilter("ignore", UserWarning)
+    with warnings.catch_warnings():  # the buffer is read-only; nothing writes into these inputs
+        warnings.simplefilter("ignore", UserWarning)
+        for name, dtype_name, shape in header["tensors"]:
+            dtype = _DTYPES[dtype_name]
+            count = 1
+            for size in shape:
+                count *= size
+            nbytes = count * _ITEMSIZE[dtype_name]
+            if nbytes == 0:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+            else:
                 raw = torch.frombuffer(message, dtype=torch.uint8, count=nbytes, offset=offset)
-            tensors[name] = raw.view(dtype).reshape(shape)
-        offset += nbytes
+                tensors[name] = raw.view(dtype).reshape(shape)
+            offset += nbytes
     return header["meta"], tensors
 
 
