@@ -66,3 +66,48 @@ def tiny_checkpoint_factory(tmp_path_factory):
         return write_tiny_mixtral(tmp_path_factory.mktemp(name), **overrides)
 
     return make
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function returning a port on 127.0.0.1 that nothing listens on right now."""
+    return _free_port
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory):
+    """Start Ray, Ray Serve on a free 127.0.0.1 port and the given apps ({route_prefix: build_app args}).
+
+    Use as ``with live_server({"/": {...}}) as base_url: ...``; everything is shut down on exit.
+    """
+    import contextlib
+
+    @contextlib.contextmanager
+    def start(apps: dict[str, dict], num_cpus: int = 4):
+        import ray
+        from ray import serve
+
+        from moeshard.deploy.app import build_app
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+            port = _free_port()
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+            try:
+                serve.start(http_options={"host": "127.0.0.1", "port": port})
+                for prefix, args in apps.items():
+                    serve.run(build_app(args), name=prefix.strip("/") or "main", route_prefix=prefix)
+                yield f"http://127.0.0.1:{port}"
+            finally:
+                serve.shutdown()
+                ray.shutdown()
+
+    return start

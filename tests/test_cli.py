@@ -5,27 +5,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import ray
-from ray import serve
 
 from moeshard.cluster.client import Client
-from moeshard.deploy.app import build_app
 
 API_KEY = "cli-key"
 MODEL = "tiny"
 MOESHARD = shutil.which("moeshard", path=str(Path(sys.executable).parent)) or shutil.which("moeshard")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def moeshard(*args: str, stdin: str = "", timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -34,21 +24,10 @@ def moeshard(*args: str, stdin: str = "", timeout: float = 120, cwd: Path | None
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint_factory, tmp_path_factory):
+def server(tiny_checkpoint_factory, live_server):
     model_dir = tiny_checkpoint_factory("tiny_cli", seed=5, with_tokenizer=True, max_position_embeddings=512)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
-        port = _free_port()
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(
-            build_app({"model_dir": str(model_dir), "model_name": MODEL, "api_key": API_KEY, "expert_actors": 1}),
-            name="main",
-            route_prefix="/",
-        )
-        yield f"http://127.0.0.1:{port}"
-        serve.shutdown()
-        ray.shutdown()
+    with live_server({"/": {"model_dir": str(model_dir), "model_name": MODEL, "api_key": API_KEY, "expert_actors": 1}}) as url:
+        yield url
 
 
 def test_the_entry_point_is_installed():
@@ -116,8 +95,8 @@ def test_bench_writes_a_table_and_json(server, tmp_path):
     assert "| - | 20 | 3 |" in poisson.stdout
 
 
-def test_one_line_errors(server, tmp_path):
-    down = f"http://127.0.0.1:{_free_port()}"
+def test_one_line_errors(server, tmp_path, free_port):
+    down = f"http://127.0.0.1:{free_port()}"
     cases = [
         (["generate", str(tmp_path / "missing"), "--prompt", "hi"], f"model directory '{tmp_path / 'missing'}' does not exist"),
         (["serve", str(tmp_path / "missing")], f"model directory '{tmp_path / 'missing'}' does not exist"),

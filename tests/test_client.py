@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -12,8 +11,6 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import ray
-from ray import serve
 
 from moeshard.cluster.client import (
     AsyncClient,
@@ -25,7 +22,6 @@ from moeshard.cluster.client import (
     RequestTimeout,
     Unauthorized,
 )
-from moeshard.deploy.app import build_app
 
 API_KEY = "client-key"
 MODEL = "tiny"
@@ -33,28 +29,11 @@ PROMPT = "The weather today"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint_factory, tmp_path_factory):
+def server(tiny_checkpoint_factory, live_server):
     model_dir = tiny_checkpoint_factory("tiny_client", seed=3, with_tokenizer=True, max_position_embeddings=512)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
-        port = _free_port()
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(
-            build_app({"model_dir": str(model_dir), "model_name": MODEL, "api_key": API_KEY, "expert_actors": 1}),
-            name="main",
-            route_prefix="/",
-        )
-        yield f"http://127.0.0.1:{port}"
-        serve.shutdown()
-        ray.shutdown()
+    with live_server({"/": {"model_dir": str(model_dir), "model_name": MODEL, "api_key": API_KEY, "expert_actors": 1}}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +130,8 @@ def test_errors_are_typed_with_status_and_message(server, client):
     assert client.complete(PROMPT, max_tokens=2).usage.completion_tokens == 2  # still serving
 
 
-def test_unreachable_server_is_connection_failed():
-    url = f"http://127.0.0.1:{_free_port()}"
+def test_unreachable_server_is_connection_failed(free_port):
+    url = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     with pytest.raises(ConnectionFailed) as info:
         Client(url, max_retries=2, backoff=0.01).models()

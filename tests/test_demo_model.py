@@ -243,35 +243,16 @@ def test_safetensors_writer_shares_one_tensor_between_keys(tmp_path):
 # -- the default model behind the server ---------------------------------------------------------------------------------
 
 
-def test_chat_endpoint_answers_paris(demo_dir, tmp_path_factory):
+def test_chat_endpoint_answers_paris(demo_dir, live_server):
     """The README's first request: the demo model on two expert actors, asked through the chat endpoint."""
-    import socket
-
     import openai
-    import ray
-    from ray import serve
 
-    from moeshard.deploy.app import build_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray_serve")))
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-        try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(build_app({"model_dir": str(demo_dir), "model_name": "demo", "expert_actors": 2}), name="demo")
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
-            question = [{"role": "user", "content": "What is the capital of France?"}]
-            answer = client.chat.completions.create(model="demo", messages=question, max_tokens=32, temperature=0)
-            assert "Paris" in answer.choices[0].message.content
-            assert answer.choices[0].finish_reason == "stop"
-            streamed = client.chat.completions.create(
-                model="demo", messages=question, max_tokens=32, temperature=0, stream=True
-            )
-            text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
-            assert text == answer.choices[0].message.content
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+    with live_server({"/": {"model_dir": str(demo_dir), "model_name": "demo", "expert_actors": 2}}) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        answer = client.chat.completions.create(model="demo", messages=question, max_tokens=32, temperature=0)
+        assert "Paris" in answer.choices[0].message.content
+        assert answer.choices[0].finish_reason == "stop"
+        streamed = client.chat.completions.create(model="demo", messages=question, max_tokens=32, temperature=0, stream=True)
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
+        assert text == answer.choices[0].message.content

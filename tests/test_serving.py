@@ -4,27 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import urllib.request
 
 import openai
 import pytest
-import ray
-from ray import serve
 
 from moeshard.cluster import LLM, SamplingParams
-from moeshard.deploy.app import build_app
 
 API_KEY = "test-key"
 MODEL = "tiny"
 PROMPTS = ["Hello, my name is", "The weather today", "One two three four five six seven", "Paris is"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,34 +23,20 @@ def chat_model_dir(tiny_checkpoint_factory):
 
 
 @pytest.fixture(scope="module")
-def server(chat_model_dir, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
-        port = _free_port()
-        ray.init(num_cpus=6, include_dashboard=False, logging_level="WARNING")
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(
-            build_app({"model_dir": str(chat_model_dir), "model_name": MODEL, "api_key": API_KEY, "expert_actors": 2}),
-            name="main",
-            route_prefix="/",
-        )
-        # A second app with room for one sequence and a one-request queue, to show 503 and recovery.
-        tight_cache = 2 * 2 * 64 * 2 * 32 * 4  # blocks of 64 tokens: 2 layers x (K, V) x 64 x 2 heads x 32 dims x 4 bytes
-        serve.run(
-            build_app(
-                {
-                    "model_dir": str(chat_model_dir),
-                    "model_name": MODEL,
-                    "max_waiting": 1,
-                    "engine": {"kv_cache_bytes": tight_cache, "kv_block_size": 64},
-                }
-            ),
-            name="tight",
-            route_prefix="/tight",
-        )
-        yield f"http://127.0.0.1:{port}"
-        serve.shutdown()
-        ray.shutdown()
+def server(chat_model_dir, live_server):
+    # A second app with room for one sequence and a one-request queue, to show 503 and recovery.
+    tight_cache = 2 * 2 * 64 * 2 * 32 * 4  # blocks of 64 tokens: 2 layers x (K, V) x 64 x 2 heads x 32 dims x 4 bytes
+    apps = {
+        "/": {"model_dir": str(chat_model_dir), "model_name": MODEL, "api_key": API_KEY, "expert_actors": 2},
+        "/tight": {
+            "model_dir": str(chat_model_dir),
+            "model_name": MODEL,
+            "max_waiting": 1,
+            "engine": {"kv_cache_bytes": tight_cache, "kv_block_size": 64},
+        },
+    }
+    with live_server(apps, num_cpus=6) as base_url:
+        yield base_url
 
 
 @pytest.fixture(scope="module")
