@@ -28,7 +28,6 @@ from moeshard.cluster.client_base import (
     DEFAULT_TIMEOUT_S,
     ClientSettings,
     Messages,
-    RetryPolicy,
     StreamDecoder,
     chat_body,
     completion_body,
@@ -90,9 +89,7 @@ class Client:
         max_retries: int = DEFAULT_MAX_RETRIES,
         backoff: float = 0.5,
     ):
-        self.settings = ClientSettings(
-            base_url=base_url, api_key=api_key, model=model, timeout_s=timeout, retry=RetryPolicy(max_retries=max_retries, backoff_s=backoff)
-        )
+        self.settings = ClientSettings.from_arguments(base_url, api_key, model, timeout, max_retries, backoff)
         self._session = requests.Session()
         self._model = self.settings.model
 

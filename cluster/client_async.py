@@ -23,7 +23,6 @@ from moeshard.cluster.client_base import (
     DEFAULT_TIMEOUT_S,
     ClientSettings,
     Messages,
-    RetryPolicy,
     StreamDecoder,
     chat_body,
     completion_body,
@@ -50,9 +49,7 @@ class AsyncClient:
         max_retries: int = DEFAULT_MAX_RETRIES,
         backoff: float = 0.5,
     ):
-        self.settings = ClientSettings(
-            base_url=base_url, api_key=api_key, model=model, timeout_s=timeout, retry=RetryPolicy(max_retries=max_retries, backoff_s=backoff)
-        )
+        self.settings = ClientSettings.from_arguments(base_url, api_key, model, timeout, max_retries, backoff)
         self._session: aiohttp.ClientSession | None = None
         self._model = self.settings.model
 

@@ -64,6 +64,14 @@ class ClientSettings(BaseModel):
             raise ValueError(f"the server URL must start with http:// or https://, got {url!r}")
         return url.removesuffix("/v1")
 
+    @classmethod
+    def from_arguments(
+        cls, base_url: str, api_key: str | None, model: str | None, timeout: float, max_retries: int, backoff: float
+    ) -> "ClientSettings":
+        """The settings behind ``Client(...)`` and ``AsyncClient(...)``, whose arguments are the same."""
+        retry = RetryPolicy(max_retries=max_retries, backoff_s=backoff)
+        return cls(base_url=base_url, api_key=api_key, model=model, timeout_s=timeout, retry=retry)
+
     def url(self, route: str) -> str:
         return f"{self.base_url}{route}"
 
