@@ -39,16 +39,17 @@ from multiprocessing import shared_memory
 import ray
 import torch
 
-from moeshard.actors.coordinator import remote_experts
+from moeshard.actors.offline_coordinator import remote_experts
 from moeshard.actors.expert_pool import start_expert_pool
 from moeshard.actors.transport import ActorRef
 from moeshard.actors.wire import NO_WORK, ExpertBatch, encode_rows
-from moeshard.cluster.checkpoint import CheckpointReader
-from moeshard.cluster.config import EngineConfig, ModelConfig
-from moeshard.cluster.llm import LLM
-from moeshard.cluster.moe import LocalExperts
-from moeshard.cluster.sampling import SamplingParams
-from moeshard.cluster.synthetic_model import write_synthetic_mixtral
+from moeshard.cluster.model.checkpoint import CheckpointReader
+from moeshard.cluster.engine.config import EngineConfig
+from moeshard.cluster.model.config import ModelConfig
+from moeshard.cluster.engine.llm import LLM
+from moeshard.cluster.model.moe import LocalExperts
+from moeshard.cluster.engine.sampling import SamplingParams
+from moeshard.cluster.convert.synthetic_model import write_synthetic_mixtral
 from moeshard.kernels import route
 
 logger = logging.getLogger(__name__)
@@ -380,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("moeshard.cluster.runtime").setLevel(logging.ERROR)  # "no tokenizer": prompts are token ids
+    logging.getLogger("moeshard.cluster.engine.assembly").setLevel(logging.ERROR)  # "no tokenizer": prompts are token ids
 
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="moeshard-bench-"))
     ray.init(num_cpus=2 * args.actors + 2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)

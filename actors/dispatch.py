@@ -23,7 +23,7 @@ import torch
 
 from moeshard.actors.transport import Transport
 from moeshard.actors.wire import ExpertBatch, decode_rows
-from moeshard.cluster.placement import ExpertPlacement
+from moeshard.actors.placement import ExpertPlacement
 from moeshard.kernels import RouterOutput, combine, dedupe_destinations, permute
 
 logger = logging.getLogger(__name__)

@@ -20,8 +20,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from moeshard.actors.expert_actor import ExpertActor
 from moeshard.actors.transport import ActorRef
-from moeshard.cluster.config import EngineConfig, ModelConfig
-from moeshard.cluster.placement import ExpertPlacement
+from moeshard.cluster.engine.config import EngineConfig
+from moeshard.cluster.model.config import ModelConfig
+from moeshard.actors.placement import ExpertPlacement
 
 logger = logging.getLogger(__name__)
 

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 import ray
 
-from moeshard.actors.coordinator import Coordinator
+from moeshard.actors.offline_coordinator import OfflineCoordinator
 from moeshard.actors.expert_pool import ClusterStartError, ExpertPool, connect_ray, start_expert_pool
-from moeshard.cluster.config import EngineConfig, ModelConfig
-from moeshard.cluster.generation import RequestOutput
-from moeshard.cluster.sampling import SamplingParams
+from moeshard.cluster.engine.config import EngineConfig
+from moeshard.cluster.model.config import ModelConfig
+from moeshard.cluster.engine.generation import RequestOutput
+from moeshard.cluster.engine.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ __all__ = ["ClusterStartError", "ExpertCluster", "launch_cluster"]
 @dataclass
 class ExpertCluster:
     pool: ExpertPool
-    coordinator: object  # ActorHandle of Coordinator
+    coordinator: object  # ActorHandle of OfflineCoordinator
     connected_ray: bool
 
     @property
@@ -61,7 +62,7 @@ def launch_cluster(config: EngineConfig, model_config: ModelConfig) -> ExpertClu
             ray.shutdown()
         raise
     coordinator = (
-        ray.remote(Coordinator)
+        ray.remote(OfflineCoordinator)
         .options(num_cpus=1, max_restarts=0, scheduling_strategy=pool.coordinator_strategy())
         .remote(config, pool.placement, pool.actors)
     )

@@ -8,11 +8,11 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "LLM": "moeshard.cluster.llm",
-    "RequestOutput": "moeshard.cluster.generation",
-    "SamplingParams": "moeshard.cluster.sampling",
-    "ModelConfig": "moeshard.cluster.config",
-    "EngineConfig": "moeshard.cluster.config",
+    "LLM": "moeshard.cluster.engine.llm",
+    "RequestOutput": "moeshard.cluster.engine.generation",
+    "SamplingParams": "moeshard.cluster.engine.sampling",
+    "ModelConfig": "moeshard.cluster.model.config",
+    "EngineConfig": "moeshard.cluster.engine.config",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -20,10 +20,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
-from moeshard.cluster.async_engine import AsyncEngine, Overloaded, RequestFailed, RequestHandle, StreamDelta
-from moeshard.cluster.config import ModelConfig
-from moeshard.cluster.moe import LocalExperts
-from moeshard.cluster.runtime import build_engine, maybe_tokenizer
+from moeshard.cluster.engine.async_engine import AsyncEngine, Overloaded, RequestFailed, RequestHandle, StreamDelta
+from moeshard.cluster.model.config import ModelConfig
+from moeshard.cluster.model.moe import LocalExperts
+from moeshard.cluster.engine.assembly import build_engine, maybe_tokenizer
 from moeshard.deploy.config import ServeArgs
 from moeshard.deploy.errors import APIError, error_body, error_response, one_line
 from moeshard.deploy.metrics import ServerMetrics
@@ -51,7 +51,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
 @serve.ingress(api)
-class OpenAIServer:
+class ServingCoordinator:
     def __init__(self, args: dict):
         self.args = ServeArgs(**args)
         config = self.args.engine_config()
@@ -59,7 +59,7 @@ class OpenAIServer:
         self.tokenizer = maybe_tokenizer(config.model_dir)
         self.pool = None
         if config.cluster.expert_actors > 0:
-            from moeshard.actors.coordinator import remote_experts
+            from moeshard.actors.offline_coordinator import remote_experts
             from moeshard.actors.expert_pool import start_expert_pool
 
             self.pool = start_expert_pool(config, self.model_config)
@@ -327,4 +327,4 @@ class OpenAIServer:
 def build_app(args: dict) -> serve.Application:
     """The Serve application for ``args`` (see ``ServeArgs``)."""
     validated = ServeArgs(**args)
-    return OpenAIServer.options(max_ongoing_requests=validated.max_ongoing_requests).bind(validated.model_dump())
+    return ServingCoordinator.options(max_ongoing_requests=validated.max_ongoing_requests).bind(validated.model_dump())

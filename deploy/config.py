@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moeshard.cluster.config import EngineConfig
+from moeshard.cluster.engine.config import EngineConfig
 
 
 class ServeArgs(BaseModel):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from moeshard.cluster.sampling import SamplingParams
+from moeshard.cluster.engine.sampling import SamplingParams
 
 
 class StreamOptions(BaseModel):

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moeshard.cluster import LLM, SamplingParams
-from moeshard.cluster import checkpoint as checkpoint_module
-from moeshard.cluster.checkpoint import CheckpointError, CheckpointReader, ExpertKey
-from moeshard.cluster.config import ConfigError, ModelConfig
+from moeshard.cluster.model import checkpoint as checkpoint_module
+from moeshard.cluster.model.checkpoint import CheckpointError, CheckpointReader, ExpertKey
+from moeshard.cluster.model.config import ConfigError, ModelConfig
 
 
 @pytest.fixture()

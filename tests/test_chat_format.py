@@ -8,14 +8,14 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from moeshard.cluster.chat_format import (
+from moeshard.cluster.text.chat_format import (
     ChatMessage,
     Role,
     SpecialToken,
     mistral_instruct_segments,
     parse_messages,
 )
-from moeshard.cluster.tokenizer import load_tokenizer
+from moeshard.cluster.text.tokenizer import load_tokenizer
 
 MISTRAL_CLASSES = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
 

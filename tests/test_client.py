@@ -295,7 +295,7 @@ def test_timeout_is_not_retried():
 def test_importing_the_client_loads_neither_torch_nor_ray(tmp_path):
     code = (
         "import sys\n"
-        "import moeshard.cluster.client, moeshard.cluster.client_async, moeshard.cluster.loadgen\n"
+        "import moeshard.cluster.client, moeshard.cluster.client.async_client, moeshard.cluster.loadtest.loadgen\n"
         "from moeshard.cluster.client import AsyncClient, Client\n"
         "print(sorted(m for m in ('torch', 'ray', 'transformers', 'numpy') if m in sys.modules))\n"
     )

@@ -11,8 +11,8 @@ from ray.cluster_utils import Cluster
 
 from moeshard.actors.transport import ExpertActorFailed
 from moeshard.cluster import LLM, SamplingParams
-from moeshard.cluster.checkpoint import ExpertKey, expert_weight_shapes
-from moeshard.cluster.config import ModelConfig
+from moeshard.cluster.model.checkpoint import ExpertKey, expert_weight_shapes
+from moeshard.cluster.model.config import ModelConfig
 
 PROMPTS = [[1, 5, 9, 33, 17], [1, 100, 3, 8], [1, 7, 7, 7, 64, 12, 90, 4, 55, 21, 3]]
 GREEDY = SamplingParams(max_tokens=12, temperature=0)

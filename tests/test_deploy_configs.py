@@ -24,9 +24,9 @@ from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
 from moeshard.actors.expert_pool import make_placement
-from moeshard.cluster.cli import build_parser
-from moeshard.cluster.config import ModelConfig
-from moeshard.deploy.app import OpenAIServer, build_app
+from moeshard.cluster.cli.main import build_parser
+from moeshard.cluster.model.config import ModelConfig
+from moeshard.deploy.app import ServingCoordinator, build_app
 from moeshard.deploy.config import ServeArgs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,7 +119,7 @@ def test_args_validate_and_build(name, app, tiny_mixtral_dir):
         assert placement.num_actors == config.cluster.expert_actors
     assert isinstance(build_app(args), serve.Application)
     for deployment in app.get("deployments", []):
-        assert deployment["name"] == OpenAIServer.name
+        assert deployment["name"] == ServingCoordinator.name
         assert deployment.get("num_replicas", 1) == 1  # each replica would start its own expert actors
 
 

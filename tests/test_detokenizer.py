@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from moeshard.cluster.detokenizer import IncrementalDetokenizer
-from moeshard.cluster.tokenizer import load_tokenizer
+from moeshard.cluster.text.detokenizer import IncrementalDetokenizer
+from moeshard.cluster.text.tokenizer import load_tokenizer
 
 REPLACEMENT = "\ufffd"
 

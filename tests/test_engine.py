@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moeshard.cluster import LLM, SamplingParams
-from moeshard.cluster.batch import SequenceChunk, StepBatch
+from moeshard.cluster.model.batch import SequenceChunk, StepBatch
 
 PROMPTS = [[1, 5, 9, 33, 17, 2, 64], [1, 100], [1, 7, 7, 7, 7, 7, 7, 7, 64, 12, 90, 4, 3, 3, 9, 11, 40, 41, 42]]
 

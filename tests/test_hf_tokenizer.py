@@ -8,9 +8,9 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from moeshard.cluster.detokenizer import IncrementalDetokenizer
-from moeshard.cluster.hf_tokenizer import HFTokenizer
-from moeshard.cluster.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
+from moeshard.cluster.text.detokenizer import IncrementalDetokenizer
+from moeshard.cluster.text.hf_tokenizer import HFTokenizer
+from moeshard.cluster.text.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

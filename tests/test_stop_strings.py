@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moeshard.cluster.stop_strings import StopStringMatcher
+from moeshard.cluster.engine.stop_strings import StopStringMatcher
 
 
 def _stream(stops: list[str], pieces: list[str]) -> tuple[str, bool, list[str]]:

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import sentencepiece
 
-from moeshard.cluster.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
+from moeshard.cluster.text.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 TEXTS = [
     "",

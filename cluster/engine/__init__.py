@@ -1,0 +1,1 @@
+"""The engine: scheduling and stepping, sampling, generation with stop strings, engine assembly and the offline ``LLM``."""

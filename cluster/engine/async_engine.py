@@ -1,0 +1,221 @@
+"""The serving engine: the step loop on its own thread, requests as async streams of text deltas.
+
+Requests are admitted into a bounded queue (``Overloaded`` beyond it), joined
+to the running batch between steps (continuous batching) and streamed back as
+``StreamDelta``s. Cancelling a stream (a client disconnect) aborts its request
+and frees its KV cache. A failed step (an expert actor died) fails only the
+requests in that step's batch; the loop keeps serving.
+
+The loop thread owns the ``Engine``; other threads talk to it through a
+thread-safe inbox, and it answers through each request's asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from moeshard.cluster.engine.engine import Engine, FinishReason
+from moeshard.cluster.engine.generation import TextStream
+from moeshard.cluster.engine.sampling import SamplingParams
+from moeshard.cluster.text.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class Overloaded(RuntimeError):
+    """The waiting queue is full; the request was not admitted."""
+
+
+class RequestFailed(RuntimeError):
+    """The engine failed while running this request."""
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    token_ids: list[int]  # new generated ids
+    text: str  # new text
+    finish_reason: str | None  # set on the last delta
+    num_prompt_tokens: int
+    num_generated_tokens: int
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    text: TextStream
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    num_generated: int = 0
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    waiting: int
+    running: int
+    kv_used_blocks: int
+    kv_total_blocks: int
+
+
+class RequestHandle:
+    """One submitted request: iterate ``stream()`` for its deltas; ``abort()`` (or leaving the stream early) frees it."""
+
+    def __init__(self, engine: "AsyncEngine", request: _Request):
+        self._engine = engine
+        self._request = request
+        self.request_id = request.request_id
+        self.num_prompt_tokens = len(request.prompt_ids)
+
+    async def stream(self) -> AsyncIterator[StreamDelta]:
+        finished = False
+        try:
+            while True:
+                item = await self._request.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:  # cancelled (client gone), failed, or abandoned: free the request's cache now
+                self.abort()
+
+    def abort(self) -> None:
+        self._engine._send(("abort", self.request_id))
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer | None, max_waiting: int = 256):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.max_waiting = max_waiting
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._requests: dict[str, _Request] = {}  # owned by the loop thread
+        self._pending = 0  # submitted but not yet taken by the loop thread
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._ids = itertools.count()
+        self._stats = EngineStats(0, 0, 0, engine.cache.num_blocks)
+        self._thread = threading.Thread(target=self._run, name="moeshard-engine", daemon=True)
+        self._thread.start()
+
+    # -- called from the event loop -------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams, detokenize_with_prompt: bool = True) -> "RequestHandle":
+        """Admit a request (ValueError for a bad one, Overloaded when the queue is full); stream it from the handle."""
+        self.engine.check_prompt(prompt_ids, params.max_tokens)
+        with self._lock:
+            if self._stats.waiting + self._pending >= self.max_waiting:
+                raise Overloaded(f"the server is overloaded: {self.max_waiting} requests are already waiting")
+            self._pending += 1
+        request = _Request(
+            request_id=f"req-{next(self._ids)}",
+            prompt_ids=list(prompt_ids),
+            params=params,
+            text=TextStream(self.tokenizer, list(prompt_ids) if detokenize_with_prompt else [], params),
+            loop=asyncio.get_running_loop(),
+            out=asyncio.Queue(),
+        )
+        self._send(("add", request))
+        return RequestHandle(self, request)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive()
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    # -- the loop thread ------------------------------------------------------------
+    def _send(self, message) -> None:
+        self._inbox.put(message)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            self._drain_inbox()
+            self._refresh_stats()
+            if not self.engine.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
+                logger.error("engine step failed: %s", exc)
+                self._fail_all(exc)
+                continue
+            for event in events:
+                request = self._requests.get(event.request_id)
+                if request is not None:
+                    self._deliver(request, event.token_id, event.finish_reason)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                with self._lock:
+                    self._pending -= 1
+                try:
+                    self.engine.add_request(payload.request_id, payload.prompt_ids, payload.params)
+                except Exception as exc:  # noqa: BLE001 - reported to the request
+                    self._put(payload, exc)
+                    continue
+                self._requests[payload.request_id] = payload
+            elif kind == "abort":
+                if self._requests.pop(payload, None) is not None:
+                    self.engine.abort(payload)
+
+    def _deliver(self, request: _Request, token_id: int, finish: FinishReason | None) -> None:
+        request.num_generated += 1
+        delta = request.text.push(token_id, last=finish is not None)
+        if request.text.stopped and finish is None:
+            self.engine.abort(request.request_id)
+            finish = FinishReason.STOP
+        if finish is not None:
+            self._requests.pop(request.request_id, None)
+        self._put(
+            request,
+            StreamDelta(
+                token_ids=[token_id],
+                text=delta,
+                finish_reason=finish.value if finish is not None else None,
+                num_prompt_tokens=len(request.prompt_ids),
+                num_generated_tokens=request.num_generated,
+            ),
+        )
+
+    def _fail_all(self, exc: Exception) -> None:
+        for request_id, request in list(self._requests.items()):
+            self.engine.abort(request_id)
+            self._put(request, RequestFailed(str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+        self._requests.clear()
+
+    def _put(self, request: _Request, item) -> None:
+        request.loop.call_soon_threadsafe(request.out.put_nowait, item)
+
+    def _refresh_stats(self) -> None:
+        usage = self.engine.cache.usage()
+        self._stats = EngineStats(
+            waiting=len(self.engine.waiting),
+            running=len(self.engine.running),
+            kv_used_blocks=usage.used_blocks,
+            kv_total_blocks=usage.total_blocks,
+        )

@@ -1,0 +1,61 @@
+"""The engine's settings: one pydantic tree (``EngineConfig`` with its ``ClusterConfig``), validated once at the edge.
+
+``LLM``, ``moeshard serve`` and the Serve config all build an ``EngineConfig``; nothing deeper reads the environment.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ClusterConfig(BaseModel):
+    """Where the experts run: the number of expert actors, their placement and the dispatch transport."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    expert_actors: int = Field(default=0, ge=0)
+    ray_address: str | None = None
+    # expert -> actor ids, the same in every layer; None spreads experts evenly. Several actors = replicas.
+    expert_map: dict[int, list[int]] | None = None
+    # Extra Ray resources per expert actor (custom node resources or "node:<ip>") to pin actors to nodes.
+    actor_resources: list[dict[str, float]] | None = None
+    coordinator_resources: dict[str, float] = Field(default_factory=dict)
+    cpus_per_actor: float = Field(default=1.0, ge=0)
+    use_gpus: bool | None = None  # None: one GPU per actor when the cluster has GPUs
+    transport: str = "actor_calls"
+    placement_strategy: str = "SPREAD"
+    dispatch_timeout_s: float = Field(default=60.0, gt=0)
+    startup_timeout_s: float = Field(default=600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ClusterConfig":
+        if self.transport not in ("actor_calls", "compiled_graph"):
+            raise ValueError(f"transport must be 'actor_calls' or 'compiled_graph', got {self.transport!r}")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"placement_strategy must be a Ray placement group strategy, got {self.placement_strategy!r}")
+        if self.actor_resources is not None and len(self.actor_resources) != self.expert_actors:
+            raise ValueError(
+                f"actor_resources has {len(self.actor_resources)} entries for {self.expert_actors} expert actors"
+            )
+        return self
+
+
+class EngineConfig(BaseModel):
+    """How one model is run: the settings a user passes to ``LLM`` or ``moeshard serve``, validated once."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_dir: str
+    dtype: str = "float32"
+    kv_cache_bytes: int = Field(default=512 * 2**20, gt=0)
+    kv_block_size: int = Field(default=16, gt=0)
+    max_batch_tokens: int = Field(default=2048, gt=0)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _check_dtype(self) -> "EngineConfig":
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        return self

@@ -1,0 +1,206 @@
+"""The engine: sequences of token ids in, one sampled token per sequence per step out.
+
+It knows nothing about text. Each ``step`` builds one batch under a token
+budget (every running decode gets its token, then prefill chunks fill the
+rest), runs the model once, samples, and reports token events.
+
+KV blocks are taken as sequences grow. A waiting request is admitted when its
+prompt fits with a block of headroom per running sequence; when a running
+sequence cannot grow, the most recently admitted other sequence is preempted:
+its blocks are freed and it goes back to the head of the queue, to be
+recomputed (prompt + tokens so far) when room returns.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from moeshard.cluster.model.batch import SequenceChunk, StepBatch
+from moeshard.cluster.model.model import MixtralModel
+from moeshard.cluster.engine.sampling import SamplingParams, make_generator, sample_token
+
+logger = logging.getLogger(__name__)
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+class RequestTooLong(ValueError):
+    """A prompt (plus max_tokens) longer than the model's context."""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    token_id: int
+    finish_reason: FinishReason | None  # set on the request's last event
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    request_id: str
+    token_ids: list[int]  # prompt + generated
+    prompt_len: int
+    params: SamplingParams
+    generator: torch.Generator
+    num_computed: int = 0
+    stop_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+
+class Engine:
+    def __init__(self, model: MixtralModel, eos_token_ids: frozenset[int], max_batch_tokens: int = 2048):
+        self.model = model
+        self.cache = model.cache
+        self.eos_token_ids = eos_token_ids
+        self.max_batch_tokens = max_batch_tokens
+        self.max_model_len = min(model.config.max_position_embeddings, self.cache.capacity_tokens)
+        self._ids = itertools.count()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+        self.num_preemptions = 0
+
+    # -- requests -----------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.check_prompt(prompt_ids, params.max_tokens)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        self.waiting.append(
+            Sequence(
+                seq_id=next(self._ids),
+                request_id=request_id,
+                token_ids=list(prompt_ids),
+                prompt_len=len(prompt_ids),
+                params=params,
+                generator=make_generator(params),
+                stop_ids=stop_ids,
+            )
+        )
+
+    def check_prompt(self, prompt_ids: list[int], max_tokens: int) -> None:
+        """Raise a one-line ValueError for an empty prompt, a bad token id, or too long a request."""
+        prompt_len = len(prompt_ids)
+        if prompt_len == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of range for a vocabulary of {vocab}")
+        if prompt_len + max_tokens > self.max_model_len:
+            raise RequestTooLong(
+                f"this model's maximum context length is {self.max_model_len} tokens, but {prompt_len + max_tokens} "
+                f"were requested ({prompt_len} in the prompt, {max_tokens} for the completion)"
+            )
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request wherever it is and free its cache; True if it was known."""
+        for queue in (self.waiting, self.running):
+            for seq in list(queue):
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self.cache.free(seq.seq_id)
+                    return True
+        return False
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step -----------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        self._admit()
+        scheduled = self._schedule()
+        if not scheduled:
+            return []
+        batch = StepBatch.build([(chunk, seq.token_ids[chunk.start_pos : chunk.end_pos]) for seq, chunk in scheduled])
+        logits = self.model.forward(batch)  # [B, V]
+        events = []
+        for (seq, chunk), row in zip(scheduled, logits):
+            seq.num_computed = chunk.end_pos
+            if seq.num_computed < len(seq.token_ids):
+                continue  # a prefill chunk that has not reached the end of the prompt
+            events.append(self._append_token(seq, sample_token(row, seq.params, seq.generator)))
+        return events
+
+    def _admit(self) -> None:
+        """Admit waiting sequences in order while each fits, keeping one block of growth per running sequence."""
+        while self.waiting:
+            seq = self.waiting[0]
+            needed = self.cache.blocks_needed(seq.seq_id, len(seq.token_ids)) + len(self.running)
+            if needed > self.cache.num_free_blocks:
+                return
+            self.waiting.popleft()
+            self.cache.reserve(seq.seq_id, len(seq.token_ids))
+            self.running.append(seq)
+
+    def _schedule(self) -> list[tuple[Sequence, SequenceChunk]]:
+        """Decodes first (one token each), then prefill chunks until the token budget is spent."""
+        budget = self.max_batch_tokens
+        decodes = [s for s in self.running if len(s.token_ids) - s.num_computed == 1]
+        prefills = [s for s in self.running if len(s.token_ids) - s.num_computed > 1]
+        scheduled: list[tuple[Sequence, SequenceChunk]] = []
+        for seq in decodes + prefills:
+            if seq not in self.running:
+                continue  # preempted to make room for an earlier one
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            if n <= 0:
+                break
+            if not self._make_room(seq, seq.num_computed + n, {s.seq_id for s, _ in scheduled}):
+                continue
+            scheduled.append((seq, SequenceChunk(seq.seq_id, seq.num_computed, n)))
+            budget -= n
+        return scheduled
+
+    def _make_room(self, seq: Sequence, length: int, keep: set[int]) -> bool:
+        """Reserve ``length`` slots for ``seq``, preempting the newest unscheduled others; False if ``seq`` itself went."""
+        while not self.cache.can_reserve(seq.seq_id, length):
+            victims = [s for s in self.running if s.seq_id not in keep and s is not seq]
+            victim = victims[-1] if victims else seq
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.cache.reserve(seq.seq_id, length)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        logger.info("KV cache full: preempting %s after %d tokens (recomputed later)", seq.request_id, seq.num_generated)
+        self.running.remove(seq)
+        self.cache.free(seq.seq_id)
+        seq.num_computed = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _append_token(self, seq: Sequence, token_id: int) -> TokenEvent:
+        seq.token_ids.append(token_id)
+        finish = None
+        if token_id in seq.stop_ids:
+            finish = FinishReason.STOP
+        elif seq.num_generated >= seq.params.max_tokens:
+            finish = FinishReason.LENGTH
+        if finish is not None:
+            self.running.remove(seq)
+            self.cache.free(seq.seq_id)
+        return TokenEvent(seq.request_id, token_id, finish)
+
+    # -- whole-prompt logits ------------------------------------------------------
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """float32 logits [T, V] of a prefill over ``token_ids`` (a scratch sequence, freed afterwards)."""
+        self.check_prompt(token_ids, 0)
+        seq_id = next(self._ids)
+        self.cache.reserve(seq_id, len(token_ids))
+        try:
+            batch = StepBatch.build([(SequenceChunk(seq_id, 0, len(token_ids)), list(token_ids))])
+            return self.model.forward(batch, logits_rows=torch.arange(len(token_ids)))
+        finally:
+            self.cache.free(seq_id)

@@ -1,0 +1,85 @@
+"""Run a set of requests through an engine to completion, with text and stop strings at this edge.
+
+Shared by the single-process ``LLM`` and the cluster coordinator, so both
+produce the same outputs from the same engine steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from moeshard.cluster.text.detokenizer import IncrementalDetokenizer
+from moeshard.cluster.engine.engine import Engine, FinishReason
+from moeshard.cluster.engine.sampling import SamplingParams
+from moeshard.cluster.engine.stop_strings import StopStringMatcher
+from moeshard.cluster.text.tokenizer import Tokenizer
+
+_batch_ids = itertools.count()
+
+
+@dataclass
+class RequestOutput:
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)  # generated ids only
+    text: str = ""
+    finish_reason: str | None = None
+
+
+class TextStream:
+    """One request's generated text: incremental detokenisation plus stop strings."""
+
+    def __init__(self, tokenizer: Tokenizer | None, prompt_ids: list[int], params: SamplingParams):
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids=prompt_ids) if tokenizer else None
+        self.stops = StopStringMatcher(params.stop)
+        self._pieces: list[str] = []
+        self.stopped = False  # a stop string was found; the text ends right before it
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+    def push(self, token_id: int, last: bool) -> str:
+        """Add a token; returns the new text to show (never a piece of a stop string)."""
+        if self.detokenizer is None or self.stopped:
+            return ""
+        new_text = self.detokenizer.push(token_id)
+        if last:
+            new_text += self.detokenizer.finish()
+        check = self.stops.feed(new_text, final=last)
+        self.stopped = check.stopped
+        self._pieces.append(check.emit)
+        return check.emit
+
+
+def generate_to_completion(
+    engine: Engine, tokenizer: Tokenizer | None, prompts: list[list[int]], params: list[SamplingParams]
+) -> list[RequestOutput]:
+    """Add every prompt, step the engine until all finish, and return the outputs in prompt order."""
+    if len(prompts) != len(params):
+        raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+    batch = next(_batch_ids)
+    outputs: dict[str, RequestOutput] = {}
+    streams: dict[str, TextStream] = {}
+    try:
+        for i, (ids, p) in enumerate(zip(prompts, params)):
+            request_id = f"offline-{batch}-{i}"
+            engine.add_request(request_id, ids, p)
+            outputs[request_id] = RequestOutput(prompt_token_ids=list(ids))
+            streams[request_id] = TextStream(tokenizer, list(ids), p)
+        while engine.has_work():
+            for event in engine.step():
+                out, stream = outputs[event.request_id], streams[event.request_id]
+                out.token_ids.append(event.token_id)
+                stream.push(event.token_id, last=event.finish_reason is not None)
+                finish = event.finish_reason
+                if stream.stopped and finish is None:
+                    engine.abort(event.request_id)
+                    finish = FinishReason.STOP
+                if finish is not None:
+                    out.finish_reason = finish.value
+                    out.text = stream.text
+    finally:
+        for request_id in outputs:  # an error must not leave requests holding the KV cache
+            engine.abort(request_id)
+    return list(outputs.values())

@@ -1,0 +1,123 @@
+"""The offline API: ``LLM(model_dir).generate(prompts, params)`` and ``LLM.logits(token_ids)``.
+
+``expert_actors=0`` runs everything in this process: the reference path. With
+``expert_actors=N`` a coordinator actor and N expert actors run on Ray, and
+the outputs must equal the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from moeshard.cluster.engine.config import ClusterConfig, EngineConfig
+from moeshard.cluster.model.config import ModelConfig
+from moeshard.cluster.engine.generation import RequestOutput, generate_to_completion
+from moeshard.cluster.model.moe import LocalExperts
+from moeshard.cluster.engine.assembly import build_engine, maybe_tokenizer
+from moeshard.cluster.engine.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | Sequence[int]
+
+__all__ = ["LLM", "Prompt", "RequestOutput"]
+
+
+class LLM:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        expert_actors: int = 0,
+        dtype: str = "float32",
+        ray_address: str | None = None,
+        cluster: dict | ClusterConfig | None = None,
+        **options,
+    ):
+        cluster_fields = dict(cluster or {}) if not isinstance(cluster, ClusterConfig) else cluster.model_dump()
+        cluster_fields.update(expert_actors=expert_actors, ray_address=ray_address)
+        self.config = EngineConfig(model_dir=str(model_dir), dtype=dtype, cluster=cluster_fields, **options)
+        self.model_config = ModelConfig.from_model_dir(model_dir)
+        self.tokenizer = maybe_tokenizer(model_dir)
+        self._engine = None
+        self._cluster = None
+        if expert_actors == 0:
+            self._engine = build_engine(self.config, self.model_config, self.tokenizer, LocalExperts.from_checkpoint)
+        else:
+            from moeshard.actors.launch import launch_cluster  # Ray is imported only for the cluster path
+
+            self._cluster = launch_cluster(self.config, self.model_config)
+        self._closed = False
+
+    # -- public API ---------------------------------------------------------------
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); one output per prompt, in order."""
+        self._check_open()
+        prompt_ids = [self.encode(p) for p in _as_prompt_list(prompts)]
+        params_list = _as_params_list(params, len(prompt_ids))
+        if self._cluster is not None:
+            return self._cluster.generate(prompt_ids, params_list)
+        return generate_to_completion(self._engine, self.tokenizer, prompt_ids, params_list)
+
+    def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """float32 logits [T, vocab] of a prefill over ``token_ids``."""
+        self._check_open()
+        ids = [int(t) for t in token_ids]
+        if self._cluster is not None:
+            return self._cluster.logits(ids)
+        return self._engine.prompt_logits(ids)
+
+    def placement(self) -> list[dict]:
+        """Which actor (and node) hosts which (layer, expert); empty in single-process mode."""
+        self._check_open()
+        return self._cluster.placement_report() if self._cluster is not None else []
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.config.model_dir} has no tokenizer: pass token ids instead of text")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def close(self) -> None:
+        """Release the model: stop the cluster's actors, or drop the in-process weights and KV cache."""
+        if self._cluster is not None and not self._closed:
+            self._cluster.shutdown()
+        self._cluster = None
+        self._engine = None
+        self._closed = True
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this LLM is closed")
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # a single prompt of token ids
+    return prompts
+
+
+def _as_params_list(params, count: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(count)]
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params = list(params)
+    if len(params) != count:
+        raise ValueError(f"got {len(params)} sampling params for {count} prompts")
+    return params

@@ -1,0 +1,1 @@
+"""Load against a running server: the load generator and the serving benchmark."""

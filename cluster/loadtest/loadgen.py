@@ -1,0 +1,158 @@
+"""A load generator for a serving endpoint: synthetic prompts, closed-loop concurrency or Poisson arrivals.
+
+Each request streams a completion with ``ignore_eos`` so that it generates exactly ``output_len`` tokens, and
+records its time to first token (TTFT: request sent -> first text delta) and time per output token
+(TPOT: the rest of its latency over its remaining tokens, as vLLM's benchmark does). ``run_load`` returns
+a ``LoadReport``: throughput, TTFT and TPOT percentiles, and every request's record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+
+from pydantic import BaseModel, Field
+
+from moeshard.cluster.client.async_client import AsyncClient
+from moeshard.cluster.client.errors import APIError
+
+# Common short English words: about one token each for SentencePiece and byte-level BPE vocabularies alike.
+_WORDS = (
+    "the of and to in is was for on are with as at be by this from have or one had not but what all were when we "
+    "there can an your which their said if do will each about how up out them then she many some so these would "
+    "other into has more her two like him see time could no make than first been its who now people my made over "
+    "did down only way find use may water long little very after words called just where most know get through"
+).split()
+
+
+class LoadSpec(BaseModel):
+    """What to send. ``concurrency`` caps requests in flight (default: 1 without a rate, no cap with one);
+    ``request_rate`` (requests/s) makes arrivals a Poisson process instead of a closed loop."""
+
+    requests: int = Field(default=32, ge=1)
+    concurrency: int | None = Field(default=None, ge=1)
+    request_rate: float | None = Field(default=None, gt=0)
+    prompt_len: int = Field(default=32, ge=1)
+    output_len: int = Field(default=32, ge=1)
+    seed: int = 0
+
+    @property
+    def max_in_flight(self) -> int:
+        if self.concurrency is not None:
+            return self.concurrency
+        return self.requests if self.request_rate is not None else 1
+
+
+class RequestRecord(BaseModel):
+    ok: bool
+    error: str | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft_s: float | None = None
+    tpot_s: float | None = None  # None with fewer than 2 output tokens
+    latency_s: float = 0.0
+
+
+class LoadReport(BaseModel):
+    spec: LoadSpec
+    duration_s: float
+    completed: int
+    failed: int
+    request_throughput: float  # completed requests per second
+    output_throughput: float  # output tokens per second
+    mean_prompt_tokens: float
+    mean_output_tokens: float
+    ttft_p50_s: float | None
+    ttft_p99_s: float | None
+    tpot_p50_s: float | None
+    tpot_p99_s: float | None
+    first_error: str | None = None
+    records: list[RequestRecord]
+
+
+def synthetic_prompt(rng: random.Random, length: int) -> str:
+    """About ``length`` tokens of words (a BOS token counts as one)."""
+    return " ".join(rng.choice(_WORDS) for _ in range(max(1, length - 1)))
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q``-th percentile (0..100) with linear interpolation, as numpy's default; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+async def _one(client: AsyncClient, model: str | None, prompt: str, spec: LoadSpec) -> RequestRecord:
+    sent = time.perf_counter()
+    first = usage = None
+    try:
+        async for event in client.stream(prompt, model=model, max_tokens=spec.output_len, temperature=0, ignore_eos=True):
+            if event.text and first is None:
+                first = time.perf_counter()
+            if event.done:
+                usage = event.usage
+    except APIError as exc:
+        return RequestRecord(ok=False, error=str(exc), latency_s=time.perf_counter() - sent)
+    latency = time.perf_counter() - sent
+    outputs = usage.completion_tokens if usage else 0
+    ttft = (first if first is not None else time.perf_counter()) - sent
+    tpot = (latency - ttft) / (outputs - 1) if outputs > 1 else None
+    return RequestRecord(
+        ok=True, prompt_tokens=usage.prompt_tokens if usage else 0, output_tokens=outputs, ttft_s=ttft, tpot_s=tpot, latency_s=latency
+    )
+
+
+async def run_load(
+    client: AsyncClient, spec: LoadSpec, model: str | None = None, on_done: Callable[[RequestRecord], None] | None = None
+) -> LoadReport:
+    """Send ``spec.requests`` requests for ``model`` (default: the client's) and measure them; failures are recorded, not raised."""
+    rng = random.Random(spec.seed)
+    prompts = [synthetic_prompt(rng, spec.prompt_len) for _ in range(spec.requests)]
+    arrivals = [0.0] * spec.requests
+    if spec.request_rate is not None:
+        t = 0.0
+        for i in range(spec.requests):
+            arrivals[i] = t
+            t += rng.expovariate(spec.request_rate)
+    gate = asyncio.Semaphore(spec.max_in_flight)
+    start = time.perf_counter()
+
+    async def scheduled(prompt: str, at: float) -> RequestRecord:
+        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+        async with gate:
+            record = await _one(client, model, prompt, spec)
+        if on_done is not None:
+            on_done(record)
+        return record
+
+    records = await asyncio.gather(*(scheduled(p, a) for p, a in zip(prompts, arrivals)))
+    return summarize(spec, list(records), time.perf_counter() - start)
+
+
+def summarize(spec: LoadSpec, records: list[RequestRecord], duration_s: float) -> LoadReport:
+    ok = [r for r in records if r.ok]
+    ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
+    tpots = [r.tpot_s for r in ok if r.tpot_s is not None]
+    failed = [r for r in records if not r.ok]
+    return LoadReport(
+        spec=spec,
+        duration_s=duration_s,
+        completed=len(ok),
+        failed=len(failed),
+        request_throughput=len(ok) / duration_s,
+        output_throughput=sum(r.output_tokens for r in ok) / duration_s,
+        mean_prompt_tokens=sum(r.prompt_tokens for r in ok) / len(ok) if ok else 0.0,
+        mean_output_tokens=sum(r.output_tokens for r in ok) / len(ok) if ok else 0.0,
+        ttft_p50_s=percentile(ttfts, 50),
+        ttft_p99_s=percentile(ttfts, 99),
+        tpot_p50_s=percentile(tpots, 50),
+        tpot_p99_s=percentile(tpots, 99),
+        first_error=failed[0].error if failed else None,
+        records=records,
+    )

@@ -1,0 +1,85 @@
+"""The sparse MoE block's expert side: an injected experts function and the local one.
+
+The model computes the route (router logits -> top-k weights and expert ids)
+and hands the rest to an ``ExpertsFn``: dispatch -> experts -> combine. In one
+process that is ``LocalExperts``; in the cluster it is the coordinator's
+all-to-all over expert actors, which must return the same numbers.
+
+Dimensions: T tokens, N rows (token, expert) pairs, D hidden, I expert hidden,
+E experts of a layer, El experts hosted here, K chosen per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from moeshard.cluster.model.checkpoint import CheckpointReader, ExpertKey
+from moeshard.kernels import RouterOutput, combine, expert_ffn, permute
+
+
+class ExpertsFn(Protocol):
+    def __call__(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        """hidden [T, D], routing ([T, K] weights and expert ids) -> sum_j w[t, j] * Expert_{ids[t, j]}(x_t) [T, D]."""
+        ...
+
+
+@dataclass
+class ExpertStack:
+    """Some experts of one layer, stacked so a grouped FFN can run over them."""
+
+    expert_ids: tuple[int, ...]  # global ids of the hosted experts, in stack order
+    w1: torch.Tensor  # [El, I, D]
+    w3: torch.Tensor  # [El, I, D]
+    w2: torch.Tensor  # [El, D, I]
+
+    def run(self, hidden: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """hidden [T, D], local_ids [T, K] (stack index, -1 = not here), weights [T, K] -> weighted sum [T, D]."""
+        assert hidden.dim() == 2 and local_ids.shape == weights.shape and local_ids.shape[0] == hidden.shape[0]
+        perm = permute(hidden, local_ids, len(self.expert_ids))  # rows [N, D] grouped by hosted expert
+        out = expert_ffn(perm.rows, perm.expert_offsets, self.w1, self.w3, self.w2)  # [N, D]
+        return combine(out, weights, perm)  # [T, D]
+
+    def nbytes(self) -> int:
+        return sum(w.numel() * w.element_size() for w in (self.w1, self.w3, self.w2))
+
+
+def load_expert_stacks(
+    reader: CheckpointReader, hosted: dict[int, Iterable[int]], dtype: torch.dtype
+) -> dict[int, ExpertStack]:
+    """Read the experts hosted per layer ({layer: expert ids}) and stack them, one stack per layer."""
+    wanted = [ExpertKey(layer, e) for layer, experts in hosted.items() for e in experts]
+    weights = reader.read_experts(wanted, dtype)
+    stacks = {}
+    for layer, experts in hosted.items():
+        ids = tuple(sorted(set(experts)))
+        if not ids:
+            continue
+        parts = [weights[ExpertKey(layer, e)] for e in ids]
+        stacks[layer] = ExpertStack(
+            expert_ids=ids,
+            w1=torch.stack([p.w1 for p in parts]),
+            w3=torch.stack([p.w3 for p in parts]),
+            w2=torch.stack([p.w2 for p in parts]),
+        )
+    return stacks
+
+
+class LocalExperts:
+    """Every expert of every layer in this process: the reference experts function."""
+
+    def __init__(self, stacks: dict[int, ExpertStack]):
+        self.stacks = stacks
+
+    @classmethod
+    def from_checkpoint(cls, reader: CheckpointReader, dtype: torch.dtype) -> "LocalExperts":
+        config = reader.config
+        hosted = {layer: range(config.num_experts) for layer in range(config.num_layers)}
+        return cls(load_expert_stacks(reader, hosted, dtype))
+
+    def __call__(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        stack = self.stacks[layer]
+        return stack.run(hidden, routing.expert_ids.long(), routing.weights)
