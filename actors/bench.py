@@ -39,17 +39,18 @@ from multiprocessing import shared_memory
 import ray
 import torch
 
-from moeshard.actors.offline_coordinator import remote_experts
+from moeshard.actors.dispatch import remote_experts
 from moeshard.actors.expert_pool import start_expert_pool
+from moeshard.actors.ray_init import init_ray
 from moeshard.actors.transport import ActorRef
 from moeshard.actors.wire import NO_WORK, ExpertBatch, encode_rows
-from moeshard.cluster.model.checkpoint import CheckpointReader
-from moeshard.cluster.engine.config import EngineConfig
-from moeshard.cluster.model.config import ModelConfig
-from moeshard.cluster.engine.llm import LLM
-from moeshard.cluster.model.moe import LocalExperts
-from moeshard.cluster.engine.sampling import SamplingParams
 from moeshard.cluster.convert.synthetic_model import write_synthetic_mixtral
+from moeshard.cluster.engine.config import EngineConfig
+from moeshard.cluster.engine.llm import LLM
+from moeshard.cluster.engine.sampling import SamplingParams
+from moeshard.cluster.model.checkpoint import CheckpointReader
+from moeshard.cluster.model.config import ModelConfig
+from moeshard.cluster.model.moe import LocalExperts
 from moeshard.kernels import route
 
 logger = logging.getLogger(__name__)
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("moeshard.cluster.engine.assembly").setLevel(logging.ERROR)  # "no tokenizer": prompts are token ids
 
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="moeshard-bench-"))
-    ray.init(num_cpus=2 * args.actors + 2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    init_ray(num_cpus=2 * args.actors + 2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         layer_model = write_synthetic_mixtral(

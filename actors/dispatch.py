@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from moeshard.actors.transport import Transport
-from moeshard.actors.wire import ExpertBatch, decode_rows
 from moeshard.actors.placement import ExpertPlacement
+from moeshard.actors.transport import ActorCallTransport, ActorRef, CompiledGraphTransport, Transport
+from moeshard.actors.wire import ExpertBatch, decode_rows
+from moeshard.cluster.engine.config import EngineConfig
 from moeshard.kernels import RouterOutput, combine, dedupe_destinations, permute
 
 logger = logging.getLogger(__name__)
@@ -99,3 +100,12 @@ class RemoteExperts:
         partials = torch.cat([decode_rows(r) for r in replies if r is not None])  # [N, D] in actor order
         ones = (plan.send_to >= 0).to(torch.float32)  # [T, K] each partial counts once
         return combine(partials, ones, perm)  # [T, D]
+
+
+TRANSPORTS = {"actor_calls": ActorCallTransport, "compiled_graph": CompiledGraphTransport}
+
+
+def remote_experts(config: EngineConfig, placement: ExpertPlacement, actors: list[ActorRef]) -> RemoteExperts:
+    """The experts function that dispatches to ``actors`` over the configured transport."""
+    transport = TRANSPORTS[config.cluster.transport](actors, config.cluster.dispatch_timeout_s)
+    return RemoteExperts(placement, transport)

@@ -14,10 +14,10 @@ import os
 import torch
 
 from moeshard.actors.wire import NO_WORK, ExpertBatch, encode_rows
-from moeshard.cluster.model.checkpoint import CheckpointReader, expert_weight_shapes, ExpertKey
+from moeshard.cluster.engine.assembly import torch_dtype
+from moeshard.cluster.model.checkpoint import CheckpointReader, ExpertKey, expert_weight_shapes
 from moeshard.cluster.model.config import ModelConfig
 from moeshard.cluster.model.moe import load_expert_stacks
-from moeshard.cluster.engine.assembly import torch_dtype
 
 logger = logging.getLogger(__name__)
 

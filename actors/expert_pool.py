@@ -11,7 +11,6 @@ cluster has GPUs.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import ray
@@ -19,10 +18,11 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from moeshard.actors.expert_actor import ExpertActor
+from moeshard.actors.placement import ExpertPlacement
 from moeshard.actors.transport import ActorRef
 from moeshard.cluster.engine.config import EngineConfig
+from moeshard.cluster.errors import one_line
 from moeshard.cluster.model.config import ModelConfig
-from moeshard.actors.placement import ExpertPlacement
 
 logger = logging.getLogger(__name__)
 
@@ -44,20 +44,6 @@ def describe_actor(placement: ExpertPlacement, actor: int) -> str:
     hosted = placement.hosted_by(actor)
     experts = sorted({e for es in hosted.values() for e in es})
     return f"expert actor {actor} (experts {experts} in {len(hosted)} layers)"
-
-
-def connect_ray(config: EngineConfig) -> bool:
-    """Join the configured Ray cluster, or start a local one; True if this call connected."""
-    if ray.is_initialized():
-        return False
-    address = config.cluster.ray_address
-    if address is not None:
-        ray.init(address=address, logging_level=logging.WARNING)
-        return True
-    # A local cluster with a logical CPU per actor (actors mostly wait on each other).
-    num_cpus = max(os.cpu_count() or 1, int(config.cluster.expert_actors * config.cluster.cpus_per_actor) + 2)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
-    return True
 
 
 @dataclass
@@ -148,6 +134,6 @@ def start_expert_pool(config: EngineConfig, model_config: ModelConfig, with_coor
         ray.get([a.handle.ready.remote() for a in actors], timeout=cluster.startup_timeout_s)
     except Exception as exc:
         pool.shutdown()
-        raise ClusterStartError(f"expert actors failed to start: {str(exc).splitlines()[0]}") from exc
+        raise ClusterStartError(f"expert actors failed to start: {one_line(exc)}") from exc
     logger.info("started %d expert actors", cluster.expert_actors)
     return pool

@@ -7,12 +7,14 @@ from dataclasses import dataclass
 
 import ray
 
+from moeshard.actors.expert_pool import ClusterStartError, ExpertPool, start_expert_pool
 from moeshard.actors.offline_coordinator import OfflineCoordinator
-from moeshard.actors.expert_pool import ClusterStartError, ExpertPool, connect_ray, start_expert_pool
+from moeshard.actors.ray_init import connect_ray
 from moeshard.cluster.engine.config import EngineConfig
-from moeshard.cluster.model.config import ModelConfig
 from moeshard.cluster.engine.generation import RequestOutput
 from moeshard.cluster.engine.sampling import SamplingParams
+from moeshard.cluster.errors import one_line
+from moeshard.cluster.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,6 @@ def launch_cluster(config: EngineConfig, model_config: ModelConfig) -> ExpertClu
         ray.get(coordinator.ready.remote(), timeout=config.cluster.startup_timeout_s)
     except Exception as exc:
         cluster.shutdown()
-        raise ClusterStartError(f"the coordinator failed to start: {str(exc).splitlines()[0]}") from exc
+        raise ClusterStartError(f"the coordinator failed to start: {one_line(exc)}") from exc
     logger.info("expert cluster up: %d expert actors + coordinator", config.cluster.expert_actors)
     return cluster

@@ -1,7 +1,9 @@
-"""The coordinator actor: embeddings, attention and its KV cache, routers, LM head, sampling.
+"""The offline coordinator: the Ray actor behind ``LLM(expert_actors=N)``.
 
-It never loads an expert weight: its engine's experts function is
+It runs embeddings, attention and its KV cache, routers, LM head and sampling,
+and never loads an expert weight: its engine's experts function is
 ``RemoteExperts``, which dispatches every MoE layer to the expert actors.
+(The serving coordinator is the Serve replica, ``deploy/app.py``.)
 """
 
 from __future__ import annotations
@@ -10,33 +12,24 @@ import logging
 
 import torch
 
-from moeshard.actors.dispatch import RemoteExperts
-from moeshard.actors.transport import ActorCallTransport, ActorRef, CompiledGraphTransport
-from moeshard.cluster.engine.config import EngineConfig
-from moeshard.cluster.model.config import ModelConfig
-from moeshard.cluster.engine.generation import RequestOutput, generate_to_completion
+from moeshard.actors.dispatch import remote_experts
 from moeshard.actors.placement import ExpertPlacement
-from moeshard.cluster.engine.assembly import build_engine, maybe_tokenizer
+from moeshard.actors.transport import ActorRef
+from moeshard.cluster.engine.assembly import build_engine, read_model_files
+from moeshard.cluster.engine.config import EngineConfig
+from moeshard.cluster.engine.generation import RequestOutput, generate_to_completion
 from moeshard.cluster.engine.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-TRANSPORTS = {"actor_calls": ActorCallTransport, "compiled_graph": CompiledGraphTransport}
-
-
-def remote_experts(config: EngineConfig, placement: ExpertPlacement, actors: list[ActorRef]) -> RemoteExperts:
-    """The experts function that dispatches to ``actors`` over the configured transport."""
-    transport = TRANSPORTS[config.cluster.transport](actors, config.cluster.dispatch_timeout_s)
-    return RemoteExperts(placement, transport)
 
 
 class OfflineCoordinator:
     def __init__(self, config: EngineConfig, placement: ExpertPlacement, actors: list[ActorRef]):
         self.config = config
-        self.model_config = ModelConfig.from_model_dir(config.model_dir)
-        self.tokenizer = maybe_tokenizer(config.model_dir)
+        files = read_model_files(config.model_dir)
+        self.tokenizer = files.tokenizer
         self.experts = remote_experts(config, placement, actors)
-        self.engine = build_engine(config, self.model_config, self.tokenizer, lambda reader, dtype: self.experts)
+        self.engine = build_engine(config, files, self.experts)
 
     def ready(self) -> bool:
         return True

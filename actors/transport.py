@@ -20,6 +20,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayChannelTimeoutError
 
 from moeshard.actors.wire import NO_WORK
+from moeshard.cluster.errors import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class Transport(Protocol):
 
 def _failure(actor: ActorRef, cause: BaseException) -> ExpertActorFailed:
     reason = "did not answer in time" if isinstance(cause, (GetTimeoutError, RayChannelTimeoutError)) else "died"
-    return ExpertActorFailed(f"{actor.description} {reason}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
+    return ExpertActorFailed(f"{actor.description} {reason}: {type(cause).__name__}: {one_line(cause)}")
 
 
 class ActorCallTransport:

@@ -20,12 +20,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
+from moeshard.cluster.engine.assembly import build_engine, read_model_files
 from moeshard.cluster.engine.async_engine import AsyncEngine, Overloaded, RequestFailed, RequestHandle, StreamDelta
-from moeshard.cluster.model.config import ModelConfig
-from moeshard.cluster.model.moe import LocalExperts
-from moeshard.cluster.engine.assembly import build_engine, maybe_tokenizer
+from moeshard.cluster.engine.prompts import encode_prompt
+from moeshard.cluster.errors import first_field_error, one_line
 from moeshard.deploy.config import ServeArgs
-from moeshard.deploy.errors import APIError, error_body, error_response, one_line
+from moeshard.deploy.errors import APIError, error_body, error_response
 from moeshard.deploy.metrics import ServerMetrics
 from moeshard.deploy.protocol import ChatCompletionRequest, CompletionRequest, envelope, usage_counts
 
@@ -43,10 +43,8 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-    return error_response(400, f"{where}: {message}" if where else message, where or None)
+    error = first_field_error(exc)
+    return error_response(400, str(error), error.field or None)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
@@ -55,19 +53,17 @@ class ServingCoordinator:
     def __init__(self, args: dict):
         self.args = ServeArgs(**args)
         config = self.args.engine_config()
-        self.model_config = ModelConfig.from_model_dir(config.model_dir)
-        self.tokenizer = maybe_tokenizer(config.model_dir)
+        files = read_model_files(config.model_dir)
+        self.tokenizer = files.tokenizer
         self.pool = None
+        experts = None  # None: the experts run in this process
         if config.cluster.expert_actors > 0:
-            from moeshard.actors.offline_coordinator import remote_experts
+            from moeshard.actors.dispatch import remote_experts
             from moeshard.actors.expert_pool import start_expert_pool
 
-            self.pool = start_expert_pool(config, self.model_config)
+            self.pool = start_expert_pool(config, files.model_config)
             experts = remote_experts(config, self.pool.placement, self.pool.actors)
-            make_experts = lambda reader, dtype: experts  # noqa: E731
-        else:
-            make_experts = LocalExperts.from_checkpoint
-        engine = build_engine(config, self.model_config, self.tokenizer, make_experts)
+        engine = build_engine(config, files, experts)
         self.engine = AsyncEngine(engine, self.tokenizer, self.args.max_waiting)
         self.metrics = ServerMetrics()
         self.created = int(time.time())
@@ -111,17 +107,6 @@ class ServingCoordinator:
                 handle.abort()
             raise
         return handles
-
-    def _encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise APIError(400, "this model has no tokenizer: send the prompt as token ids", "prompt")
-            return self.tokenizer.encode(prompt)
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"prompt token id {bad[0]} is out of range for a vocabulary of {vocab}", "prompt")
-        return list(prompt)
 
     async def _timed(self, index: int, handle: RequestHandle, started: float) -> AsyncIterator[tuple[int, StreamDelta]]:
         """A choice's deltas, recording time to first token and time per output token."""
@@ -218,7 +203,7 @@ class ServingCoordinator:
         self._authorize(request)
         self._check_model(body.model)
         try:
-            prompts = [self._encode(p) for p in body.prompts()]
+            prompts = [encode_prompt(p, self.tokenizer) for p in body.prompts()]
             jobs = [(ids, body.sampling_params(DEFAULT_COMPLETION_MAX_TOKENS, c)) for ids in prompts for c in range(body.n)]
         except ValueError as exc:
             raise APIError(400, one_line(exc), "prompt") from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moeshard.cluster.engine.config import EngineConfig
 
@@ -21,6 +21,12 @@ class ServeArgs(BaseModel):
     max_waiting: int = Field(default=256, ge=1)  # requests queued beyond the running batch; more get 503
     max_ongoing_requests: int = Field(default=1024, ge=1)
     engine: dict = Field(default_factory=dict)  # further EngineConfig fields (kv_cache_bytes, cluster: {...}, ...)
+
+    @field_validator("model_dir")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        """Resolved where the app is built (``moeshard serve`` or ``serve run``), not in the replica."""
+        return str(Path(value).expanduser().absolute())
 
     @property
     def served_model_name(self) -> str:

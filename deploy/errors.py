@@ -27,14 +27,3 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, content=error_body(status, message, param))
-
-
-def one_line(exc: Exception) -> str:
-    """A short message for an exception; for a pydantic ValidationError, its first error without the banner."""
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        first = errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        message = str(first["msg"]).removeprefix("Value error, ")
-        return f"{where}: {message}" if where else message
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from moeshard.cluster.engine.prompts import as_prompt_list
 from moeshard.cluster.engine.sampling import SamplingParams
 
 
@@ -85,14 +86,10 @@ class CompletionRequest(_SamplingFields):
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts (text or token ids)."""
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if p and all(isinstance(t, int) for t in p):
-            return [p]
-        if not p:
+        prompts = as_prompt_list(self.prompt)
+        if not prompts:
             raise ValueError("prompt must not be empty")
-        return list(p)
+        return prompts
 
 
 class ContentPart(BaseModel):

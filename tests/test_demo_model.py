@@ -17,11 +17,11 @@ import torch
 from safetensors import safe_open
 
 from moeshard.cluster import LLM, SamplingParams
-from moeshard.cluster.model.checkpoint import CheckpointReader, ExpertKey
 from moeshard.cluster.cli.main import main as cli_main
-from moeshard.cluster.model.config import ModelConfig
 from moeshard.cluster.convert.demo_model import SOURCE_REQUIREMENT, smollm2_gguf_file, write_demo_model
 from moeshard.cluster.convert.safetensors_writer import write_safetensors
+from moeshard.cluster.model.checkpoint import CheckpointReader, ExpertKey
+from moeshard.cluster.model.config import ModelConfig
 from moeshard.cluster.text.tokenizer import load_tokenizer
 
 TEXT_PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):\n"]

@@ -6,8 +6,8 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from moeshard.cluster.client.async_client import AsyncClient
 from moeshard.cluster.cli.server_flags import add_server_arguments, exits_on_client_error, fail
+from moeshard.cluster.client.async_client import AsyncClient
 from moeshard.cluster.loadtest.loadgen import LoadReport, LoadSpec, run_load
 from moeshard.cluster.loadtest.progress import Progress
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moeshard.cluster.client import Client
 from moeshard.cluster.cli.server_flags import add_server_arguments, exits_on_client_error
+from moeshard.cluster.client import Client
 from moeshard.cluster.client.errors import BadRequest
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from moeshard.cluster.errors import first_field_error
+
 logger = logging.getLogger(__name__)
 
 
@@ -89,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        field = ".".join(str(p) for p in error["loc"])
-        print(f"moeshard: error: {field}: {error['msg']}", file=sys.stderr)
+        print(f"moeshard: error: {first_field_error(exc)}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, NotImplementedError) as exc:
         print(f"moeshard: error: {exc}", file=sys.stderr)

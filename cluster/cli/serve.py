@@ -52,7 +52,7 @@ def run_serve(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
-    from moeshard.actors.expert_pool import connect_ray
+    from moeshard.actors.ray_init import connect_ray
     from moeshard.deploy.app import build_app
 
     connect_ray(config)

@@ -1,23 +1,39 @@
-"""Assemble a ready engine from a model directory: dense weights, KV cache, model, and an experts function."""
+"""Engine assembly, written once for every caller (offline ``LLM``, the offline coordinator actor, the Serve replica).
+
+    read_model_files(model_dir)            -> ModelFiles (config.json + tokenizer)
+    build_engine(config, files, experts)   -> Engine (dense weights, KV cache, model, scheduler)
+
+``experts=None`` reads the experts into this process: the single-process reference.
+The cluster passes the experts function that dispatches to expert actors instead.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from moeshard.cluster.model.checkpoint import CheckpointReader
 from moeshard.cluster.engine.config import EngineConfig
-from moeshard.cluster.model.config import ModelConfig
 from moeshard.cluster.engine.engine import Engine
+from moeshard.cluster.model.checkpoint import CheckpointReader
+from moeshard.cluster.model.config import ModelConfig
 from moeshard.cluster.model.kv_cache import KVCache
 from moeshard.cluster.model.model import MixtralModel
-from moeshard.cluster.model.moe import ExpertsFn
+from moeshard.cluster.model.moe import ExpertsFn, LocalExperts
 from moeshard.cluster.text.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What a model directory says about itself, besides its weights."""
+
+    model_dir: str
+    model_config: ModelConfig
+    tokenizer: Tokenizer | None  # None: token-id prompts only
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -32,17 +48,18 @@ def maybe_tokenizer(model_dir: str | Path) -> Tokenizer | None:
     return load_tokenizer(model_dir)
 
 
-def build_engine(
-    config: EngineConfig,
-    model_config: ModelConfig,
-    tokenizer: Tokenizer | None,
-    make_experts: Callable[[CheckpointReader, torch.dtype], ExpertsFn],
-) -> Engine:
+def read_model_files(model_dir: str | Path) -> ModelFiles:
+    return ModelFiles(str(model_dir), ModelConfig.from_model_dir(model_dir), maybe_tokenizer(model_dir))
+
+
+def build_engine(config: EngineConfig, files: ModelFiles, experts: ExpertsFn | None = None) -> Engine:
+    """A ready engine for ``config``; its experts are ``experts``, or read into this process when None."""
     dtype = torch_dtype(config.dtype)
-    reader = CheckpointReader(config.model_dir, model_config)
+    mc = files.model_config
+    reader = CheckpointReader(config.model_dir, mc)
     dense = reader.read_dense(dtype)
-    experts = make_experts(reader, dtype)
-    mc = model_config
+    if experts is None:
+        experts = LocalExperts.from_checkpoint(reader, dtype)
     cache = KVCache.with_budget(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.kv_cache_bytes, config.kv_block_size, dtype)
-    eos = frozenset(mc.eos_token_ids) or (tokenizer.eos_token_ids if tokenizer else frozenset())
+    eos = frozenset(mc.eos_token_ids) or (files.tokenizer.eos_token_ids if files.tokenizer else frozenset())
     return Engine(MixtralModel(mc, dense, experts, cache), eos, config.max_batch_tokens)

@@ -17,13 +17,13 @@ import itertools
 import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from moeshard.cluster.engine.engine import Engine, FinishReason
-from moeshard.cluster.engine.generation import TextStream
+from moeshard.cluster.engine.generation import TextStream, apply_token
 from moeshard.cluster.engine.sampling import SamplingParams
+from moeshard.cluster.errors import one_line
 from moeshard.cluster.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -185,18 +185,15 @@ class AsyncEngine:
 
     def _deliver(self, request: _Request, token_id: int, finish: FinishReason | None) -> None:
         request.num_generated += 1
-        delta = request.text.push(token_id, last=finish is not None)
-        if request.text.stopped and finish is None:
-            self.engine.abort(request.request_id)
-            finish = FinishReason.STOP
-        if finish is not None:
+        delta = apply_token(self.engine, request.request_id, request.text, token_id, finish)
+        if delta.finish_reason is not None:
             self._requests.pop(request.request_id, None)
         self._put(
             request,
             StreamDelta(
                 token_ids=[token_id],
-                text=delta,
-                finish_reason=finish.value if finish is not None else None,
+                text=delta.text,
+                finish_reason=delta.finish_reason.value if delta.finish_reason is not None else None,
                 num_prompt_tokens=len(request.prompt_ids),
                 num_generated_tokens=request.num_generated,
             ),
@@ -205,7 +202,7 @@ class AsyncEngine:
     def _fail_all(self, exc: Exception) -> None:
         for request_id, request in list(self._requests.items()):
             self.engine.abort(request_id)
-            self._put(request, RequestFailed(str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+            self._put(request, RequestFailed(one_line(exc)))
         self._requests.clear()
 
     def _put(self, request: _Request, item) -> None:

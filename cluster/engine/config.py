@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -53,6 +55,12 @@ class EngineConfig(BaseModel):
     kv_block_size: int = Field(default=16, gt=0)
     max_batch_tokens: int = Field(default=2048, gt=0)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @field_validator("model_dir")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        """Actors and replicas do not share the caller's working directory: they get an absolute path."""
+        return str(Path(value).expanduser().absolute())
 
     @model_validator(mode="after")
     def _check_dtype(self) -> "EngineConfig":

@@ -21,9 +21,9 @@ from enum import Enum
 
 import torch
 
+from moeshard.cluster.engine.sampling import SamplingParams, make_generator, sample_token
 from moeshard.cluster.model.batch import SequenceChunk, StepBatch
 from moeshard.cluster.model.model import MixtralModel
-from moeshard.cluster.engine.sampling import SamplingParams, make_generator, sample_token
 
 logger = logging.getLogger(__name__)
 

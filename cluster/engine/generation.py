@@ -9,10 +9,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from moeshard.cluster.text.detokenizer import IncrementalDetokenizer
 from moeshard.cluster.engine.engine import Engine, FinishReason
 from moeshard.cluster.engine.sampling import SamplingParams
 from moeshard.cluster.engine.stop_strings import StopStringMatcher
+from moeshard.cluster.text.detokenizer import IncrementalDetokenizer
 from moeshard.cluster.text.tokenizer import Tokenizer
 
 _batch_ids = itertools.count()
@@ -52,6 +52,21 @@ class TextStream:
         return check.emit
 
 
+@dataclass(frozen=True)
+class TextDelta:
+    text: str  # new text to show
+    finish_reason: FinishReason | None  # set when the request is finished
+
+
+def apply_token(engine: Engine, request_id: str, stream: TextStream, token_id: int, finish: FinishReason | None) -> TextDelta:
+    """Push one generated token into its request's text; a stop string found there ends the request and frees its cache."""
+    text = stream.push(token_id, last=finish is not None)
+    if stream.stopped and finish is None:
+        engine.abort(request_id)
+        finish = FinishReason.STOP
+    return TextDelta(text, finish)
+
+
 def generate_to_completion(
     engine: Engine, tokenizer: Tokenizer | None, prompts: list[list[int]], params: list[SamplingParams]
 ) -> list[RequestOutput]:
@@ -71,13 +86,9 @@ def generate_to_completion(
             for event in engine.step():
                 out, stream = outputs[event.request_id], streams[event.request_id]
                 out.token_ids.append(event.token_id)
-                stream.push(event.token_id, last=event.finish_reason is not None)
-                finish = event.finish_reason
-                if stream.stopped and finish is None:
-                    engine.abort(event.request_id)
-                    finish = FinishReason.STOP
-                if finish is not None:
-                    out.finish_reason = finish.value
+                delta = apply_token(engine, event.request_id, stream, event.token_id, event.finish_reason)
+                if delta.finish_reason is not None:
+                    out.finish_reason = delta.finish_reason.value
                     out.text = stream.text
     finally:
         for request_id in outputs:  # an error must not leave requests holding the KV cache

@@ -13,16 +13,13 @@ from pathlib import Path
 
 import torch
 
+from moeshard.cluster.engine.assembly import build_engine, read_model_files
 from moeshard.cluster.engine.config import ClusterConfig, EngineConfig
-from moeshard.cluster.model.config import ModelConfig
 from moeshard.cluster.engine.generation import RequestOutput, generate_to_completion
-from moeshard.cluster.model.moe import LocalExperts
-from moeshard.cluster.engine.assembly import build_engine, maybe_tokenizer
+from moeshard.cluster.engine.prompts import Prompt, as_prompt_list, encode_prompt
 from moeshard.cluster.engine.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-Prompt = str | Sequence[int]
 
 __all__ = ["LLM", "Prompt", "RequestOutput"]
 
@@ -40,12 +37,13 @@ class LLM:
         cluster_fields = dict(cluster or {}) if not isinstance(cluster, ClusterConfig) else cluster.model_dump()
         cluster_fields.update(expert_actors=expert_actors, ray_address=ray_address)
         self.config = EngineConfig(model_dir=str(model_dir), dtype=dtype, cluster=cluster_fields, **options)
-        self.model_config = ModelConfig.from_model_dir(model_dir)
-        self.tokenizer = maybe_tokenizer(model_dir)
+        files = read_model_files(model_dir)
+        self.model_config = files.model_config
+        self.tokenizer = files.tokenizer
         self._engine = None
         self._cluster = None
         if expert_actors == 0:
-            self._engine = build_engine(self.config, self.model_config, self.tokenizer, LocalExperts.from_checkpoint)
+            self._engine = build_engine(self.config, files)
         else:
             from moeshard.actors.launch import launch_cluster  # Ray is imported only for the cluster path
 
@@ -58,7 +56,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); one output per prompt, in order."""
         self._check_open()
-        prompt_ids = [self.encode(p) for p in _as_prompt_list(prompts)]
+        prompt_ids = [self.encode(p) for p in as_prompt_list(prompts)]
         params_list = _as_params_list(params, len(prompt_ids))
         if self._cluster is not None:
             return self._cluster.generate(prompt_ids, params_list)
@@ -78,11 +76,7 @@ class LLM:
         return self._cluster.placement_report() if self._cluster is not None else []
 
     def encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"{self.config.model_dir} has no tokenizer: pass token ids instead of text")
-            return self.tokenizer.encode(prompt)
-        return [int(t) for t in prompt]
+        return encode_prompt(prompt, self.tokenizer)
 
     def close(self) -> None:
         """Release the model: stop the cluster's actors, or drop the in-process weights and KV cache."""
@@ -101,15 +95,6 @@ class LLM:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this LLM is closed")
-
-
-def _as_prompt_list(prompts) -> list[Prompt]:
-    if isinstance(prompts, str):
-        return [prompts]
-    prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]  # a single prompt of token ids
-    return prompts
 
 
 def _as_params_list(params, count: int) -> list[SamplingParams]:

@@ -122,11 +122,12 @@ def run_server_levels(model_dir: Path, args: argparse.Namespace) -> list[LoadRep
     import ray
     from ray import serve
 
+    from moeshard.actors.ray_init import init_ray
     from moeshard.deploy.app import build_app
 
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray"))
     port = _free_port()
-    ray.init(num_cpus=args.expert_actors + 2, include_dashboard=False, logging_level="WARNING")
+    init_ray(num_cpus=args.expert_actors + 2, include_dashboard=False, logging_level="WARNING")
     try:
         quiet = {"log_level": "WARNING", "enable_access_log": False}
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)

@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from moeshard.cluster.errors import first_field_error
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM",)
@@ -103,9 +105,8 @@ class ModelConfig(BaseModel):
                 eos_token_ids=eos_ids,
             )
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "config"
-            raise ConfigError(f"{source}: invalid {where}: {first['msg']}") from None
+            error = first_field_error(exc)
+            raise ConfigError(f"{source}: invalid {error.field or 'config'}: {error.message}") from None
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> "ModelConfig":
