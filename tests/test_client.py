@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -166,10 +167,11 @@ STREAM = [
 
 class Stub:
     """A local HTTP server: answers the first ``failures`` requests with ``fail_status``, then ``mode``
-    ("ok": a completion or a full stream, "cut": one stream chunk then a dropped connection, "slow": nothing for 2 s)."""
+    ("ok": a completion or a full stream, "cut": one stream chunk then a dropped connection, "slow": nothing for 2 s,
+    "long": a stream of 200 chunks 10 ms apart; ``hangups`` counts the streams the client closed before their end)."""
 
     def __init__(self, failures: int = 0, fail_status: int = 503, mode: str = "ok"):
-        self.failures, self.fail_status, self.mode, self.attempts = failures, fail_status, mode, 0
+        self.failures, self.fail_status, self.mode, self.attempts, self.hangups = failures, fail_status, mode, 0, 0
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -191,7 +193,11 @@ class Stub:
                     time.sleep(2)
                 if not body.get("stream"):
                     return self._send(200, json.dumps(COMPLETION).encode(), "application/json")
-                self._stream(STREAM[:1] if stub.mode == "cut" else STREAM, done=stub.mode != "cut")
+                chunks = {"cut": STREAM[:1], "long": STREAM[:1] * 200}.get(stub.mode, STREAM)
+                try:
+                    self._stream(chunks, done=stub.mode != "cut")
+                except (BrokenPipeError, ConnectionResetError):
+                    stub.hangups += 1
 
             def _send(self, status: int, data: bytes, kind: str):
                 self.send_response(status)
@@ -211,6 +217,8 @@ class Stub:
                     data = event.encode()
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                     self.wfile.flush()
+                    if stub.mode == "long":
+                        time.sleep(0.01)
                 if done:
                     self.wfile.write(b"0\r\n\r\n")
                 else:
@@ -283,6 +291,30 @@ def test_stream_is_retried_before_output_but_not_after():
 
     with Stub(mode="cut") as stub:
         assert asyncio.run(cut(stub.url)) == ["hel"] and stub.attempts == 1
+
+
+def test_leaving_a_stream_early_closes_its_connection():
+    with Stub(mode="long") as stub:
+        with Client(stub.url, model=MODEL) as client:
+            for _event in client.stream("hi"):
+                break
+            time.sleep(0.5)  # the stub notices at its next write
+            assert stub.hangups == 1
+
+        async def leave_early(url: str) -> None:
+            async with AsyncClient(url, model=MODEL) as aclient:
+                async with contextlib.aclosing(aclient.stream("hi")) as events:
+                    async for _event in events:
+                        break
+                await asyncio.sleep(0.5)
+                assert stub.hangups == 2
+                async for _event in aclient.chat_stream(CHAT):
+                    break  # no aclosing: the generator is closed when it is finalised
+                await asyncio.sleep(0.5)
+                assert stub.hangups == 3
+
+        asyncio.run(leave_early(stub.url))
+        assert stub.attempts == 3
 
 
 def test_timeout_is_not_retried():

@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx2").setLevel(max(logging.WARNING, logging.getLogger().level))  # a line per request otherwise
     try:
         args.run(args)
     except ValidationError as exc:

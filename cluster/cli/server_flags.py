@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from moeshard.cluster.client.base import DEFAULT_TIMEOUT_S
 from moeshard.cluster.client.errors import APIError
+from moeshard.cluster.errors import first_field_error
 
 API_KEY_ENV = "MOESHARD_API_KEY"
 _FLAGS = {"base_url": "--url", "timeout_s": "--timeout"}  # settings fields whose flag is named otherwise
@@ -41,9 +42,8 @@ def exits_on_client_error(command: Callable[[argparse.Namespace], None]) -> Call
         except APIError as exc:
             fail(str(exc))
         except ValidationError as exc:
-            first = exc.errors()[0]
-            field = str(first["loc"][0]) if first["loc"] else ""
-            message = str(first["msg"]).removeprefix("Value error, ")
-            fail(f"{_FLAGS.get(field, '--' + field.replace('_', '-'))}: {message}" if field else message)
+            error = first_field_error(exc)
+            field = str(error.loc[0]) if error.loc else ""
+            fail(f"{_FLAGS.get(field, '--' + field.replace('_', '-'))}: {error.message}" if field else error.message)
 
     return run

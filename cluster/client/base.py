@@ -1,7 +1,8 @@
 """What the sync and async clients share: settings, request bodies, the retry policy and the SSE stream decoder.
 
-No I/O here: ``Client`` (requests) and ``AsyncClient`` (aiohttp) send the bodies built here, retry as
-``RetryPolicy`` says, and feed the lines of a streamed answer to ``StreamDecoder``.
+No I/O here: the plans of ``moeshard.cluster.client.core`` send the bodies built here, retry as
+``RetryPolicy`` says, and feed the lines of a streamed answer to a ``StreamDecoder``; ``Client`` and
+``AsyncClient`` carry those plans out over httpx2.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import socket
 
+from moeshard.cluster.errors import one_line
+
 
 class APIError(Exception):
     """A request that failed: ``status`` (None without an HTTP answer), the server's ``message``, its error ``type``."""
@@ -99,5 +101,4 @@ def connection_reason(exc: BaseException) -> str:
         for nested in (e.__cause__, e.__context__, getattr(e, "os_error", None), getattr(e, "reason", None), *e.args):
             if isinstance(nested, BaseException):
                 stack.append(nested)
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return one_line(exc)
