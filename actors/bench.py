@@ -43,7 +43,7 @@ from moeshard.actors.dispatch import remote_experts
 from moeshard.actors.expert_pool import start_expert_pool
 from moeshard.actors.ray_init import init_ray
 from moeshard.actors.transport import ActorRef
-from moeshard.actors.wire import NO_WORK, ExpertBatch, encode_rows
+from moeshard.actors.wire import NO_WORK, ExpertBatch, ExpertReply
 from moeshard.cluster.convert.synthetic_model import write_synthetic_mixtral
 from moeshard.cluster.engine.config import EngineConfig
 from moeshard.cluster.engine.llm import LLM
@@ -67,7 +67,8 @@ class EchoActor:
     def run_experts(self, message: bytes) -> bytes:
         if message == NO_WORK:
             return NO_WORK
-        return encode_rows(ExpertBatch.decode(message).rows)
+        batch = ExpertBatch.decode(message)
+        return ExpertReply(batch.tag, batch.rows).encode()
 
 
 class _TimedTransport:
@@ -78,12 +79,12 @@ class _TimedTransport:
         self.span = (0.0, 0.0)
         self.last: tuple[list, list] = ([], [])
 
-    def exchange(self, messages: list[bytes | None]) -> list[bytes | None]:
+    def exchange(self, messages: list[bytes | None], live: frozenset[int]):
         start = time.perf_counter()
-        replies = self.inner.exchange(messages)
+        exchange = self.inner.exchange(messages, live)
         self.span = (start, time.perf_counter())
-        self.last = (messages, replies)
-        return replies
+        self.last = (messages, exchange.replies)
+        return exchange
 
     def close(self) -> None:
         self.inner.close()

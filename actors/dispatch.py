@@ -11,19 +11,28 @@
 This is the same computation as ``LocalExperts``; only the summation order of
 a token's experts differs (per actor, then across actors).
 
+Failover: when an actor dies or does not answer in time, steps 2-5 run again
+for the choices it was to serve, with the same hidden states (earlier layers
+are not recomputed): on live replicas of its experts at once, or, where it
+was the only host, after Ray has restarted it (bounded by the recovery
+timeout; only then does the request fail, naming the actor and its experts).
+
 Dimensions: T tokens, K chosen per token, E experts, A actors, R max replicas, N rows sent, D hidden.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 
+from moeshard.actors.actor_health import ActorHealth
 from moeshard.actors.placement import ExpertPlacement
-from moeshard.actors.transport import ActorCallTransport, ActorRef, CompiledGraphTransport, Transport
-from moeshard.actors.wire import ExpertBatch, decode_rows
+from moeshard.actors.transport import ActorCallTransport, ActorRef, CompiledGraphTransport, Transport, failure
+from moeshard.actors.wire import ExpertBatch, ExpertReply
 from moeshard.cluster.engine.config import EngineConfig
 from moeshard.kernels import RouterOutput, combine, dedupe_destinations, permute
 
@@ -45,47 +54,103 @@ class DispatchPlan:
     send_to: torch.Tensor  # [T, K] int64 actor_of with repeats within a token set to -1
 
 
-def build_tables(placement: ExpertPlacement) -> list[LayerTable]:
+class StaleReply(RuntimeError):
+    """A reply tagged for another dispatch (a late answer): never combined."""
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    output: torch.Tensor  # [T, D] sum of the partials that came back
+    served: torch.Tensor  # [T, K] bool: choices whose actor answered
+    failed: dict[int, BaseException]  # actor -> why it is to be routed around
+
+
+def build_tables(placement: ExpertPlacement, down: frozenset[int] = frozenset()) -> list[LayerTable]:
+    """Per-layer tables routing around the ``down`` actors wherever an expert has a live replica."""
     tables = []
     for experts in placement.hosts:
-        width = max(len(actors) for actors in experts)
+        live = [tuple(a for a in actors if a not in down) or actors for actors in experts]  # [E] hosts to use
+        width = max(len(actors) for actors in live)
         replicas = torch.full((len(experts), width), -1, dtype=torch.int64)
         local_index = torch.full((placement.num_actors, len(experts)), -1, dtype=torch.int64)
-        for e, actors in enumerate(experts):
+        for e, actors in enumerate(live):
             replicas[e, : len(actors)] = torch.tensor(actors)
         for a in range(placement.num_actors):
             hosted = [e for e, actors in enumerate(experts) if a in actors]  # stack order: sorted expert ids
             local_index[a, hosted] = torch.arange(len(hosted))
-        num_replicas = torch.tensor([len(actors) for actors in experts], dtype=torch.int64)
+        num_replicas = torch.tensor([len(actors) for actors in live], dtype=torch.int64)
         tables.append(LayerTable(replicas=replicas, num_replicas=num_replicas, local_index=local_index))
     return tables
 
 
-def plan_dispatch(table: LayerTable, expert_ids: torch.Tensor) -> DispatchPlan:
-    """expert_ids [T, K] -> the actor serving each choice; replicas are taken round-robin by token."""
+def plan_dispatch(table: LayerTable, expert_ids: torch.Tensor, pending: torch.Tensor | None = None) -> DispatchPlan:
+    """expert_ids [T, K] -> the actor serving each choice (-1 where not ``pending``); replicas round-robin by token."""
     t = expert_ids.shape[0]
     token = torch.arange(t, dtype=torch.int64)[:, None]  # [T, 1]
     replica = token % table.num_replicas[expert_ids]  # [T, K]
     actor_of = table.replicas[expert_ids, replica]  # [T, K]
+    if pending is not None:
+        actor_of = torch.where(pending, actor_of, -1)
     return DispatchPlan(actor_of=actor_of, send_to=dedupe_destinations(actor_of))
 
 
 class RemoteExperts:
-    """``ExpertsFn`` over expert actors."""
+    """``ExpertsFn`` over expert actors, failing over to replicas and waiting through restarts."""
 
-    def __init__(self, placement: ExpertPlacement, transport: Transport):
+    def __init__(self, placement: ExpertPlacement, transport: Transport, actors: list[ActorRef], recovery_timeout_s: float):
         self.placement = placement
-        self.tables = build_tables(placement)
         self.transport = transport
+        self.actors = actors
+        self.health = ActorHealth(actors)
+        self.recovery_timeout_s = recovery_timeout_s
+        self._tables: dict[frozenset[int], list[LayerTable]] = {}
+        self._tags = itertools.count()
+
+    def tables(self, down: frozenset[int] = frozenset()) -> list[LayerTable]:
+        if down not in self._tables:
+            self._tables[down] = build_tables(self.placement, down)
+        return self._tables[down]
 
     def __call__(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         expert_ids = routing.expert_ids.long()  # [T, K]
-        table = self.tables[layer]
-        plan = plan_dispatch(table, expert_ids)
-        perm = permute(hidden, plan.send_to, self.placement.num_actors)  # rows [N, D] grouped by actor
+        pending = torch.ones_like(expert_ids, dtype=torch.bool)  # [T, K] choices not yet computed
+        output, deadline = None, None
+        while True:
+            self.health.refresh()
+            down = self.health.down
+            table = self.tables(down)[layer]
+            plan = plan_dispatch(table, expert_ids, pending)
+            needed = set(plan.actor_of[plan.actor_of >= 0].unique().tolist()) & down
+            if needed:  # some experts have no live host: wait for Ray's restart of theirs
+                deadline = deadline or time.monotonic() + self.recovery_timeout_s
+                self._wait_for(needed, deadline)
+                continue
+            result = self._exchange(layer, hidden, routing, table, plan, down)
+            output = result.output if output is None else output + result.output
+            pending &= ~result.served
+            if not pending.any():
+                return output
+            for actor, cause in result.failed.items():
+                self.health.mark_down(actor, cause)
+            self.health.retries += 1
+
+    def _wait_for(self, actors: set[int], deadline: float) -> None:
+        for actor in sorted(actors):
+            if not self.health.wait_for(actor, deadline):
+                cause = TimeoutError(f"not back after {self.recovery_timeout_s:.0f}s of recovery")
+                raise failure(self.actors[actor], cause)
+
+    def _exchange(
+        self, layer: int, hidden: torch.Tensor, routing: RouterOutput, table: LayerTable, plan: DispatchPlan, down: frozenset[int]
+    ) -> LayerResult:
+        """Steps 3-5 for the planned choices; the partials of actors that failed are left out."""
+        num_actors = self.placement.num_actors
+        expert_ids = routing.expert_ids.long()  # [T, K]
+        perm = permute(hidden, plan.send_to, num_actors)  # rows [N, D] grouped by actor
         offsets = perm.expert_offsets.tolist()
+        tag = next(self._tags)
         messages: list[bytes | None] = []
-        for actor in range(self.placement.num_actors):
+        for actor in range(num_actors):
             start, end = offsets[actor], offsets[actor + 1]
             if start == end:
                 messages.append(None)
@@ -94,12 +159,28 @@ class RemoteExperts:
             mine = plan.actor_of[tokens] == actor  # [n, K] choices this actor serves
             local_ids = torch.where(mine, table.local_index[actor][expert_ids[tokens]], -1)  # [n, K]
             weights = torch.where(mine, routing.weights[tokens], 0.0)  # [n, K]
-            batch = ExpertBatch(layer=layer, rows=perm.rows[start:end], local_ids=local_ids.int(), weights=weights.float())
+            batch = ExpertBatch(layer, tag, perm.rows[start:end], local_ids.int(), weights.float())
             messages.append(batch.encode())
-        replies = self.transport.exchange(messages)
-        partials = torch.cat([decode_rows(r) for r in replies if r is not None])  # [N, D] in actor order
-        ones = (plan.send_to >= 0).to(torch.float32)  # [T, K] each partial counts once
-        return combine(partials, ones, perm)  # [T, D]
+        exchange = self.transport.exchange(messages, frozenset(range(num_actors)) - down)
+        failed = dict(exchange.failures)
+        answered = torch.ones(num_actors + 1, dtype=torch.bool)  # [A + 1]; the last entry stands for -1
+        rows = []  # [n, D] per actor with work, in actor order; zeros where no usable reply came back
+        for actor, message in enumerate(messages):
+            if message is None:
+                continue
+            reply = ExpertReply.decode(exchange.replies[actor]) if exchange.replies[actor] is not None else None
+            if reply is not None and reply.tag != tag:
+                failed[actor] = StaleReply(f"reply tagged {reply.tag} for dispatch {tag}")
+            elif reply is not None:
+                rows.append(reply.rows)
+                continue
+            # No reply: the actor failed, or (a compiled graph fails as a whole) its answer was lost with the graph.
+            answered[actor] = False
+            rows.append(torch.zeros(offsets[actor + 1] - offsets[actor], hidden.shape[1], dtype=hidden.dtype))
+        counted = (plan.send_to >= 0) & answered[plan.send_to]  # [T, K] each answered partial counts once
+        partials = torch.cat(rows) if rows else perm.rows  # [N, D] in actor order
+        served = (plan.actor_of >= 0) & answered[plan.actor_of]  # [T, K]
+        return LayerResult(combine(partials, counted.to(torch.float32), perm), served, failed)
 
 
 TRANSPORTS = {"actor_calls": ActorCallTransport, "compiled_graph": CompiledGraphTransport}
@@ -108,4 +189,4 @@ TRANSPORTS = {"actor_calls": ActorCallTransport, "compiled_graph": CompiledGraph
 def remote_experts(config: EngineConfig, placement: ExpertPlacement, actors: list[ActorRef]) -> RemoteExperts:
     """The experts function that dispatches to ``actors`` over the configured transport."""
     transport = TRANSPORTS[config.cluster.transport](actors, config.cluster.dispatch_timeout_s)
-    return RemoteExperts(placement, transport)
+    return RemoteExperts(placement, transport, actors, config.cluster.recovery_timeout_s)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 
-from moeshard.actors.wire import NO_WORK, ExpertBatch, encode_rows
+from moeshard.actors.wire import NO_WORK, ExpertBatch, ExpertReply
 from moeshard.cluster.engine.assembly import torch_dtype
 from moeshard.cluster.model.checkpoint import CheckpointReader, ExpertKey, expert_weight_shapes
 from moeshard.cluster.model.config import ModelConfig
@@ -29,6 +30,7 @@ class ExpertActor:
         reader = CheckpointReader(model_dir, self.model_config)
         self.stacks = load_expert_stacks(reader, hosted, torch_dtype(dtype))
         self.device = "cpu"
+        self._delays: list[float] = []
         if torch.cuda.is_available():
             self.device = "cuda"
             for stack in self.stacks.values():
@@ -38,15 +40,21 @@ class ExpertActor:
     def ready(self) -> bool:
         return True
 
+    def delay_next_calls(self, seconds: float, count: int = 1) -> None:
+        """Fault injection for tests and drills: the next ``count`` calls of ``run_experts`` first sleep ``seconds``."""
+        self._delays = [seconds] * count
+
     @torch.inference_mode()
     def run_experts(self, message: bytes) -> bytes:
         """One MoE layer's work: an encoded ``ExpertBatch`` in, the weighted expert outputs [n, D] out."""
+        if self._delays:
+            time.sleep(self._delays.pop())
         if message == NO_WORK:
             return NO_WORK  # no rows for this actor in this layer (compiled graphs call every actor)
         batch = ExpertBatch.decode(message)
         stack = self.stacks[batch.layer]
         out = stack.run(batch.rows.to(self.device), batch.local_ids.to(self.device).long(), batch.weights.to(self.device))
-        return encode_rows(out.cpu())
+        return ExpertReply(batch.tag, out.cpu()).encode()
 
     def info(self) -> dict:
         """Where this actor runs and what it holds."""

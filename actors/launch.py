@@ -41,6 +41,9 @@ class ExpertCluster:
     def logits(self, token_ids: list[int]):
         return ray.get(self.coordinator.logits.remote(token_ids))
 
+    def expert_health(self):
+        return ray.get(self.coordinator.expert_health.remote())
+
     def placement_report(self) -> list[dict]:
         return self.pool.placement_report()
 
@@ -65,7 +68,8 @@ def launch_cluster(config: EngineConfig, model_config: ModelConfig) -> ExpertClu
         raise
     coordinator = (
         ray.remote(OfflineCoordinator)
-        .options(num_cpus=1, max_restarts=0, scheduling_strategy=pool.coordinator_strategy())
+        # Two threads: expert_health answers while a generate runs.
+        .options(num_cpus=1, max_restarts=0, max_concurrency=2, scheduling_strategy=pool.coordinator_strategy())
         .remote(config, pool.placement, pool.actors)
     )
     cluster = ExpertCluster(pool, coordinator, connected)

@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from moeshard.actors.actor_health import HealthSnapshot
 from moeshard.actors.dispatch import remote_experts
 from moeshard.actors.placement import ExpertPlacement
 from moeshard.actors.transport import ActorRef
@@ -36,6 +37,9 @@ class OfflineCoordinator:
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
         return generate_to_completion(self.engine, self.tokenizer, prompts, params)
+
+    def expert_health(self) -> HealthSnapshot:
+        return self.experts.health.snapshot()
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         return self.engine.prompt_logits(token_ids)

@@ -2,11 +2,12 @@
 
 Two implementations behind one interface:
 - ``ActorCallTransport``: plain Ray actor calls, one per actor with work.
-- ``CompiledGraphTransport``: a Ray Compiled Graph over all expert actors
+- ``CompiledGraphTransport``: a Ray Compiled Graph over the live expert actors
   (shared-memory channels on one node), compiled once and re-executed every
-  MoE layer; every actor is called, with an empty message when it has no rows.
-Either raises ``ExpertActorFailed`` naming the actor and its experts when an
-actor dies or does not answer within the dispatch timeout: never a hang.
+  MoE layer; every member is called, with an empty message when it has no rows.
+Neither raises for a failed actor: an ``Exchange`` carries the replies that came
+back and, for each actor that died or did not answer within the dispatch
+timeout, why (never a hang). The dispatch decides what to resend and where.
 """
 
 from __future__ import annotations
@@ -36,15 +37,22 @@ class ActorRef:
     description: str  # e.g. "expert actor 2 (layers 0-31, experts 4-5)"
 
 
+@dataclass(frozen=True)
+class Exchange:
+    replies: list[bytes | None]  # replies[i] from actor i; None where nothing was sent or the actor failed
+    failures: dict[int, BaseException]  # actor -> why no reply came back
+
+
 class Transport(Protocol):
-    def exchange(self, messages: list[bytes | None]) -> list[bytes | None]:
-        """messages[i] for actor i (None: nothing to send) -> replies[i] (None where nothing was sent)."""
+    def exchange(self, messages: list[bytes | None], live: frozenset[int]) -> Exchange:
+        """messages[i] for actor i (None: nothing to send; always None outside ``live``) -> what came back."""
         ...
 
     def close(self) -> None: ...
 
 
-def _failure(actor: ActorRef, cause: BaseException) -> ExpertActorFailed:
+def failure(actor: ActorRef, cause: BaseException) -> ExpertActorFailed:
+    """The error naming ``actor`` and its experts, for a request that cannot be served without it."""
     reason = "did not answer in time" if isinstance(cause, (GetTimeoutError, RayChannelTimeoutError)) else "died"
     return ExpertActorFailed(f"{actor.description} {reason}: {type(cause).__name__}: {one_line(cause)}")
 
@@ -54,70 +62,72 @@ class ActorCallTransport:
         self.actors = actors
         self.timeout_s = timeout_s
 
-    def exchange(self, messages: list[bytes | None]) -> list[bytes | None]:
+    def exchange(self, messages: list[bytes | None], live: frozenset[int]) -> Exchange:
         refs = {i: self.actors[i].handle.run_experts.remote(m) for i, m in enumerate(messages) if m is not None}
         deadline = time.monotonic() + self.timeout_s
         replies: list[bytes | None] = [None] * len(messages)
+        failures: dict[int, BaseException] = {}
         for i, ref in refs.items():
             try:
                 replies[i] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
             except (RayActorError, GetTimeoutError) as exc:
-                raise _failure(self.actors[i], exc) from None
-        return replies
+                failures[i] = exc
+        return Exchange(replies, failures)
 
     def close(self) -> None:
         pass
 
 
 class CompiledGraphTransport:
-    """A compiled graph over every expert actor; rebuilt after an actor failure once the actor is back."""
+    """A compiled graph over the live expert actors; torn down on a failure, recompiled when the live set changes."""
 
     def __init__(self, actors: list[ActorRef], timeout_s: float):
         self.actors = actors
         self.timeout_s = timeout_s
         self._graph = None
+        self._members: tuple[int, ...] = ()  # the actors in the compiled graph, in its output order
 
-    def _compile(self):
+    def _compile(self, members: tuple[int, ...]):
         from ray.dag import InputNode, MultiOutputNode
 
-        # Wait until every actor is alive (a restarted actor reloads its experts first).
-        ray.get([a.handle.ready.remote() for a in self.actors], timeout=self.timeout_s)
+        # Wait until every member is alive (a restarted actor reloads its experts first).
+        ray.get([self.actors[a].handle.ready.remote() for a in members], timeout=self.timeout_s)
         with InputNode() as inputs:
-            graph = MultiOutputNode([a.handle.run_experts.bind(inputs[a.index]) for a in self.actors])
+            graph = MultiOutputNode([self.actors[a].handle.run_experts.bind(inputs[pos]) for pos, a in enumerate(members)])
         return graph.experimental_compile(_submit_timeout=self.timeout_s)
 
-    def exchange(self, messages: list[bytes | None]) -> list[bytes | None]:
-        if self._graph is None:
-            self._graph = self._compile()
+    def exchange(self, messages: list[bytes | None], live: frozenset[int]) -> Exchange:
+        members = tuple(sorted(live))
         try:
-            refs = self._graph.execute(*[m if m is not None else NO_WORK for m in messages])
-            replies = ray.get(refs, timeout=self.timeout_s)
+            if self._graph is None or self._members != members:
+                self._teardown()  # the live set changed: recompile over the actors that are up
+                self._graph, self._members = self._compile(members), members
+            refs = self._graph.execute(*[messages[a] if messages[a] is not None else NO_WORK for a in members])
+            answers = ray.get(refs, timeout=self.timeout_s)
         except (RayActorError, RayChannelError, RayChannelTimeoutError, GetTimeoutError) as exc:
             self._teardown()  # first: an actor still inside the graph's loop cannot answer a ping
-            failed = self._actor_named_in(exc) or self._find_dead_actor()
-            if failed is None:
-                raise ExpertActorFailed(f"compiled-graph dispatch failed: {type(exc).__name__}: {exc}") from None
-            raise _failure(failed, exc) from None
-        return [reply if messages[i] is not None else None for i, reply in enumerate(replies)]
+            failed = self._failed_members(exc, members) or [a for a in members if messages[a] is not None]
+            return Exchange([None] * len(messages), {a: exc for a in failed})
+        replies: list[bytes | None] = [None] * len(messages)
+        for pos, a in enumerate(members):
+            replies[a] = answers[pos] if messages[a] is not None else None
+        return Exchange(replies, {})
 
-    def _actor_named_in(self, exc: BaseException) -> ActorRef | None:
+    def _failed_members(self, exc: BaseException, members: tuple[int, ...]) -> list[int]:
+        """The members named in ``exc`` or not answering a ping (a dead one fails at once, a restarting one times out)."""
         actor_id = getattr(exc, "actor_id", None) if isinstance(exc, RayActorError) else None
-        for actor in self.actors:
-            if actor_id is not None and actor.handle._actor_id.hex() == actor_id:
-                return actor
-        return None
-
-    def _find_dead_actor(self) -> ActorRef | None:
-        """The first actor that does not answer a ping (a dead one fails at once, a restarting one times out)."""
-        for actor in self.actors:
+        named = [a for a in members if actor_id is not None and self.actors[a].handle._actor_id.hex() == actor_id]
+        pings = {a: self.actors[a].handle.ready.remote() for a in members if a not in named}
+        silent = []
+        for a, ref in pings.items():
             try:
-                ray.get(actor.handle.ready.remote(), timeout=1.0)
+                ray.get(ref, timeout=1.0)
             except (RayActorError, GetTimeoutError):
-                return actor
-        return None
+                silent.append(a)
+        return named + silent
 
     def _teardown(self) -> None:
-        graph, self._graph = self._graph, None
+        graph, self._graph, self._members = self._graph, None, ()
         if graph is not None:
             try:
                 graph.teardown(kill_actors=False)

@@ -61,23 +61,32 @@ class ExpertBatch:
     """What the coordinator sends one expert actor for one MoE layer."""
 
     layer: int
+    tag: int  # this dispatch's number, echoed in the reply: a late reply is never taken for another dispatch's
     rows: torch.Tensor  # [n, D] hidden states of the tokens routed here (each token once)
     local_ids: torch.Tensor  # [n, K] int32 index into the actor's stack of this layer, -1 = expert not here
     weights: torch.Tensor  # [n, K] float32 routing weights (0 where local_ids is -1)
 
     def encode(self) -> bytes:
-        return pack_tensors({"layer": self.layer}, {"rows": self.rows, "local_ids": self.local_ids, "weights": self.weights})
+        meta = {"layer": self.layer, "tag": self.tag}
+        return pack_tensors(meta, {"rows": self.rows, "local_ids": self.local_ids, "weights": self.weights})
 
     @classmethod
     def decode(cls, message: bytes) -> "ExpertBatch":
         meta, t = unpack_tensors(message)
-        return cls(layer=meta["layer"], rows=t["rows"], local_ids=t["local_ids"], weights=t["weights"])
+        return cls(layer=meta["layer"], tag=meta["tag"], rows=t["rows"], local_ids=t["local_ids"], weights=t["weights"])
 
 
-def encode_rows(rows: torch.Tensor) -> bytes:
-    """An actor's reply: its weighted expert outputs [n, D]."""
-    return pack_tensors({}, {"rows": rows})
+@dataclass(frozen=True)
+class ExpertReply:
+    """An actor's answer to one ``ExpertBatch``."""
 
+    tag: int  # the batch's tag
+    rows: torch.Tensor  # [n, D] weighted expert outputs
 
-def decode_rows(message: bytes) -> torch.Tensor:
-    return unpack_tensors(message)[1]["rows"]
+    def encode(self) -> bytes:
+        return pack_tensors({"tag": self.tag}, {"rows": self.rows})
+
+    @classmethod
+    def decode(cls, message: bytes) -> "ExpertReply":
+        meta, t = unpack_tensors(message)
+        return cls(tag=meta["tag"], rows=t["rows"])

@@ -28,7 +28,8 @@ class ClusterConfig(BaseModel):
     use_gpus: bool | None = None  # None: one GPU per actor when the cluster has GPUs
     transport: str = "actor_calls"
     placement_strategy: str = "SPREAD"
-    dispatch_timeout_s: float = Field(default=60.0, gt=0)
+    dispatch_timeout_s: float = Field(default=60.0, gt=0)  # an actor silent this long is failed over
+    recovery_timeout_s: float = Field(default=120.0, gt=0)  # how long a layer waits for Ray to restart a sole host
     startup_timeout_s: float = Field(default=600.0, gt=0)
 
     @model_validator(mode="after")

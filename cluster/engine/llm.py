@@ -75,6 +75,11 @@ class LLM:
         self._check_open()
         return self._cluster.placement_report() if self._cluster is not None else []
 
+    def expert_health(self):
+        """The expert actors' failures, the ones down now and the recoveries so far (a ``HealthSnapshot``); None in one process."""
+        self._check_open()
+        return self._cluster.expert_health() if self._cluster is not None else None
+
     def encode(self, prompt: Prompt) -> list[int]:
         return encode_prompt(prompt, self.tokenizer)
 

@@ -1,0 +1,156 @@
+"""No request lost when an expert actor dies: failover to replicas, wait-and-retry through Ray's restart.
+
+Actors are killed the hard way (SIGKILL of the actor's process) in the middle of a generation, on a
+multi-node ``ray.cluster_utils`` cluster; every output must equal the fault-free single-process run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from moeshard.actors.transport import ExpertActorFailed
+from moeshard.cluster import LLM, SamplingParams
+
+PROMPTS = [[1, 5, 9, 33, 17], [1, 100, 3, 8], [1, 7, 7, 7, 64, 12, 90, 4, 55, 21, 3]]
+LONG = SamplingParams(max_tokens=160, temperature=0, ignore_eos=True)
+NODES = ("node_a", "node_b")
+REPLICATED_3 = {e: [e % 3, (e + 1) % 3] for e in range(8)}  # every expert on two of three actors
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"head": 1}})
+        for name in NODES:
+            cluster.add_node(num_cpus=4, resources={name: 100})
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="WARNING")
+        yield cluster
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_mixtral_dir):
+    with LLM(tiny_mixtral_dir) as llm:
+        return [o.token_ids for o in llm.generate(PROMPTS, LONG)]
+
+
+def _cluster_options(num_actors: int, **extra) -> dict:
+    pinned = [{NODES[a % 2]: 1} for a in range(num_actors)]
+    return dict(actor_resources=pinned, coordinator_resources={"head": 1}, **extra)
+
+
+def _pid(llm: LLM, actor: int, timeout_s: float = 120) -> int:
+    """The actor's process id, once it answers (a restarting actor refuses calls until it is back)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(llm._cluster.expert_actors[actor].info.remote(), timeout=timeout_s)["pid"]
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+
+
+def _generate_while(llm: LLM, faults) -> list[list[int]]:
+    """Generate LONG for PROMPTS on a thread while ``faults()`` runs here; the outputs (or the error)."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["tokens"] = [o.token_ids for o in llm.generate(PROMPTS, LONG)]
+        except Exception as exc:  # noqa: BLE001 - reported below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    faults()
+    worker.join(timeout=240)
+    assert not worker.is_alive(), "generation hung"
+    assert "error" not in outcome, outcome.get("error")
+    return outcome["tokens"]
+
+
+def _after(seconds: float, action) -> None:
+    time.sleep(seconds)
+    action()
+
+
+CASES = {
+    "sole_host_actor_calls": dict(actors=2, victims=[1], transport="actor_calls"),
+    "sole_host_compiled_graph": dict(actors=2, victims=[1], transport="compiled_graph"),
+    "replicas_actor_calls": dict(actors=3, victims=[1], transport="actor_calls", expert_map=REPLICATED_3),
+    "replicas_compiled_graph": dict(actors=3, victims=[2], transport="compiled_graph", expert_map=REPLICATED_3),
+    "two_at_once_covered_by_replicas": dict(
+        actors=4, victims=[0, 1], transport="actor_calls", expert_map={e: [e % 4, (e + 2) % 4] for e in range(8)}
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sigkilled_expert_actor_loses_no_request(case, ray_cluster, tiny_mixtral_dir, reference):
+    spec = dict(CASES[case])
+    num_actors, victims = spec.pop("actors"), spec.pop("victims")
+    options = _cluster_options(num_actors, dispatch_timeout_s=20, **spec)
+    with LLM(tiny_mixtral_dir, expert_actors=num_actors, cluster=options) as llm:
+        pids = [_pid(llm, v) for v in victims]
+        tokens = _generate_while(llm, lambda: _after(1.0, lambda: [_kill(pid) for pid in pids]))
+        assert tokens == reference
+        health = llm.expert_health()
+        assert sum(health.failures) >= len(victims)
+        assert [_pid(llm, v) for v in victims] != pids  # Ray restarted them; they serve again
+        assert [o.token_ids for o in llm.generate(PROMPTS, LONG)] == reference
+
+
+@pytest.mark.slow
+def test_same_actor_killed_twice_in_a_row(ray_cluster, tiny_mixtral_dir, reference):
+    with LLM(tiny_mixtral_dir, expert_actors=2, cluster=_cluster_options(2, dispatch_timeout_s=20)) as llm:
+
+        def twice():
+            time.sleep(1.0)
+            first = _pid(llm, 0)
+            _kill(first)
+            second = _pid(llm, 0)  # answered once Ray has restarted it and it has reloaded its experts
+            assert second != first
+            time.sleep(0.5)
+            _kill(second)
+
+        assert _generate_while(llm, twice) == reference
+        assert llm.expert_health().failures[0] >= 2
+
+
+@pytest.mark.slow
+def test_actor_that_stops_answering_is_routed_around(ray_cluster, tiny_mixtral_dir, reference):
+    """A stuck actor past the dispatch timeout takes the failover path; its late reply is never used."""
+    options = _cluster_options(3, dispatch_timeout_s=2, expert_map=REPLICATED_3)
+    with LLM(tiny_mixtral_dir, expert_actors=3, cluster=options) as llm:
+        stuck = llm._cluster.expert_actors[1]
+        tokens = _generate_while(llm, lambda: _after(0.5, lambda: ray.get(stuck.delay_next_calls.remote(6.0, 1))))
+        assert tokens == reference
+        assert llm.expert_health().failures[1] >= 1
+
+
+@pytest.mark.slow
+def test_request_fails_only_when_recovery_fails(ray_cluster, tiny_mixtral_dir):
+    """A sole host that never comes back: the request fails after recovery_timeout_s, naming the actor and experts."""
+    options = _cluster_options(2, dispatch_timeout_s=5, recovery_timeout_s=3)
+    with LLM(tiny_mixtral_dir, expert_actors=2, cluster=options) as llm:
+        started = time.monotonic()
+        ray.kill(llm._cluster.expert_actors[1], no_restart=True)
+        with pytest.raises(ExpertActorFailed, match=r"expert actor 1 .*experts \[4, 5, 6, 7\]"):
+            llm.generate(PROMPTS, LONG)
+        assert time.monotonic() - started < 60
