@@ -17,6 +17,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from moeshard.actors.actor_health import HealthSnapshot
 from moeshard.actors.expert_actor import ExpertActor
 from moeshard.actors.placement import ExpertPlacement
 from moeshard.actors.transport import ActorRef
@@ -59,18 +60,36 @@ class ExpertPool:
             placement_group=self.group, placement_group_bundle_index=self.config.cluster.expert_actors
         )
 
-    def health(self, timeout_s: float = 5.0) -> list[dict]:
-        """Each actor's state: "ok" if it answers within the timeout, else the error."""
+    def health(self, dispatch: HealthSnapshot, timeout_s: float = 5.0) -> list[dict]:
+        """Each actor's state: "ok"; "recovering" (down, or not answering, for less than the recovery timeout);
+        "down" (longer). ``dispatch`` is what the coordinator's dispatch has seen."""
         refs = [a.handle.ready.remote() for a in self.actors]
+        recovery_timeout_s = self.config.cluster.recovery_timeout_s
         states = []
         for actor, ref in zip(self.actors, refs):
+            detail = None
             try:
                 ray.get(ref, timeout=timeout_s)
-                states.append({"actor": actor.index, "state": "ok", "description": actor.description})
+                answers = True
             except Exception as exc:  # noqa: BLE001 - reported, not raised
-                states.append(
-                    {"actor": actor.index, "state": f"unavailable: {type(exc).__name__}", "description": actor.description}
-                )
+                answers, detail = False, type(exc).__name__
+            down_for = dispatch.down_since.get(actor.index)
+            if down_for is None and answers:
+                state = "ok"
+            elif detail == "ActorDiedError":  # Ray gave up restarting it
+                state = "down"
+            else:
+                state = "down" if (down_for or 0.0) > recovery_timeout_s else "recovering"
+            states.append(
+                {
+                    "actor": actor.index,
+                    "state": state,
+                    "failures": dispatch.failures[actor.index],
+                    "down_for_s": round(down_for, 3) if down_for is not None else None,
+                    "detail": detail,
+                    "description": actor.description,
+                }
+            )
         return states
 
     def placement_report(self) -> list[dict]:

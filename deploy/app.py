@@ -21,7 +21,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from moeshard.cluster.engine.assembly import build_engine, read_model_files
-from moeshard.cluster.engine.async_engine import AsyncEngine, Overloaded, RequestFailed, RequestHandle, StreamDelta
+from moeshard.cluster.engine.async_engine import (
+    AsyncEngine,
+    EngineStopped,
+    Overloaded,
+    RequestFailed,
+    RequestHandle,
+    StreamDelta,
+)
 from moeshard.cluster.engine.prompts import encode_prompt
 from moeshard.cluster.errors import first_field_error, one_line
 from moeshard.deploy.config import ServeArgs
@@ -56,15 +63,15 @@ class ServingCoordinator:
         files = read_model_files(config.model_dir)
         self.tokenizer = files.tokenizer
         self.pool = None
-        experts = None  # None: the experts run in this process
+        self.experts = None  # None: the experts run in this process
         if config.cluster.expert_actors > 0:
             from moeshard.actors.dispatch import remote_experts
             from moeshard.actors.expert_pool import start_expert_pool
 
             self.pool = start_expert_pool(config, files.model_config)
-            experts = remote_experts(config, self.pool.placement, self.pool.actors)
-        engine = build_engine(config, files, experts)
-        self.engine = AsyncEngine(engine, self.tokenizer, self.args.max_waiting)
+            self.experts = remote_experts(config, self.pool.placement, self.pool.actors)
+        engine = build_engine(config, files, self.experts)
+        self.engine = AsyncEngine(engine, self.tokenizer, self.args.max_waiting, self.args.request_timeout_s)
         self.metrics = ServerMetrics()
         self.created = int(time.time())
         logger.info("serving %s as %r", config.model_dir, self.args.served_model_name)
@@ -89,7 +96,7 @@ class ServingCoordinator:
     def _submit(self, prompt_ids: list[int], params, with_prompt: bool) -> RequestHandle:
         try:
             return self.engine.submit(prompt_ids, params, detokenize_with_prompt=with_prompt)
-        except Overloaded as exc:
+        except (Overloaded, EngineStopped) as exc:
             self.metrics.requests.labels("overloaded").inc()
             raise APIError(503, str(exc)) from None
         except ValueError as exc:
@@ -284,15 +291,18 @@ class ServingCoordinator:
 
     @api.get("/health")
     async def health(self) -> JSONResponse:
-        experts = await asyncio.to_thread(self.pool.health) if self.pool is not None else []
+        experts = await asyncio.to_thread(self.pool.health, self.experts.health.snapshot()) if self.pool is not None else []
         alive = self.engine.is_running
-        healthy = alive and all(e["state"] == "ok" for e in experts)
-        body = {"status": "ok" if healthy else "unhealthy", "coordinator": "ok" if alive else "stopped", "expert_actors": experts}
+        healthy = alive and all(e["state"] != "down" for e in experts)
+        degraded = healthy and any(e["state"] != "ok" for e in experts)  # serving through replicas or a restart
+        status = "degraded" if degraded else "ok" if healthy else "unhealthy"
+        body = {"status": status, "degraded": degraded, "coordinator": "ok" if alive else "stopped", "expert_actors": experts}
         return JSONResponse(status_code=200 if healthy else 503, content=body)
 
     @api.get("/metrics")
     async def metrics(self) -> Response:
-        text = self.metrics.render(self.engine.stats(), self.engine.engine.model.expert_load)
+        dispatch = self.experts.health.snapshot() if self.experts is not None else None
+        text = self.metrics.render(self.engine.stats(), self.engine.engine.model.expert_load, dispatch)
         return Response(content=text, media_type="text/plain; version=0.0.4")
 
     @api.get("/v1/experts")
@@ -304,9 +314,14 @@ class ServingCoordinator:
         return {"expert_actors": self.args.expert_actors, "placement": placement, "load": load}
 
     def check_health(self) -> None:
-        """Serve's own health probe: the engine loop must be running."""
+        """Serve's own health probe: the engine loop runs and no expert actor is down past its recovery timeout."""
         if not self.engine.is_running:
             raise RuntimeError("the engine loop has stopped")
+        if self.experts is not None:
+            limit = self.args.engine_config().cluster.recovery_timeout_s
+            for actor, down_for in self.experts.health.snapshot().down_since.items():
+                if down_for > limit:
+                    raise RuntimeError(f"expert actor {actor} has been down for {down_for:.0f}s")
 
 
 def build_app(args: dict) -> serve.Application:

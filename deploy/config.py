@@ -20,6 +20,7 @@ class ServeArgs(BaseModel):
     ray_address: str | None = None
     max_waiting: int = Field(default=256, ge=1)  # requests queued beyond the running batch; more get 503
     max_ongoing_requests: int = Field(default=1024, ge=1)
+    request_timeout_s: float = Field(default=600.0, gt=0)  # a request still unfinished after this fails
     engine: dict = Field(default_factory=dict)  # further EngineConfig fields (kv_cache_bytes, cluster: {...}, ...)
 
     @field_validator("model_dir")

@@ -10,7 +10,10 @@ from __future__ import annotations
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from moeshard.actors.actor_health import HealthSnapshot
+
 MAX_EXPERT_SERIES = 2048
+RECOVERY_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -36,9 +39,29 @@ class ServerMetrics:
         self.expert_imbalance = Gauge(
             "moeshard_expert_load_imbalance", "Per-layer max/mean of tokens per expert", ["layer"], registry=r
         )
+        self.actor_failures = Counter(
+            "moeshard_expert_actor_failures", "Times an expert actor died or timed out during dispatch", ["actor"], registry=r
+        )
+        self.dispatch_retries = Counter("moeshard_dispatch_retries", "MoE layer dispatches resent after a failure", registry=r)
+        self.recovery_seconds = Histogram(
+            "moeshard_expert_recovery_seconds", "From an expert actor's failure to its return", buckets=RECOVERY_BUCKETS, registry=r
+        )
+        self._seen = HealthSnapshot(down_since={}, failures=(), retries=0, recovery_seconds=())
 
-    def render(self, stats, expert_load: torch.Tensor) -> bytes:
-        """Refresh the engine gauges from ``stats`` and the [L, E] load, then render the text format."""
+    def _record_dispatch(self, dispatch: HealthSnapshot) -> None:
+        """Bring the failure counters and the recovery histogram up to the dispatch's running totals."""
+        for actor, count in enumerate(dispatch.failures):
+            seen = self._seen.failures[actor] if actor < len(self._seen.failures) else 0
+            self.actor_failures.labels(str(actor)).inc(count - seen)
+        self.dispatch_retries.inc(dispatch.retries - self._seen.retries)
+        for seconds in dispatch.recovery_seconds[len(self._seen.recovery_seconds) :]:
+            self.recovery_seconds.observe(seconds)
+        self._seen = dispatch
+
+    def render(self, stats, expert_load: torch.Tensor, dispatch: HealthSnapshot | None = None) -> bytes:
+        """Refresh the engine gauges from ``stats``, the [L, E] load and the dispatch's health, then render the text format."""
+        if dispatch is not None:
+            self._record_dispatch(dispatch)
         self.queue_depth.set(stats.waiting)
         self.running.set(stats.running)
         self.kv_cache_usage.set(stats.kv_used_blocks / max(stats.kv_total_blocks, 1))

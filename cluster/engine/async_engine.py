@@ -17,6 +17,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -34,7 +35,14 @@ class Overloaded(RuntimeError):
 
 
 class RequestFailed(RuntimeError):
-    """The engine failed while running this request."""
+    """The engine failed while running this request, or the request ran past its deadline."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine loop is not running; nothing is admitted."""
+
+
+ANSWER_GRACE_S = 5.0  # a stream waits this long past its request's deadline for the loop's own verdict
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class _Request:
     text: TextStream
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
+    deadline: float  # time.monotonic() by which the request must finish
     num_generated: int = 0
 
 
@@ -78,7 +87,11 @@ class RequestHandle:
         finished = False
         try:
             while True:
-                item = await self._request.out.get()
+                wait_s = self._request.deadline - time.monotonic() + ANSWER_GRACE_S
+                try:
+                    item = await asyncio.wait_for(self._request.out.get(), timeout=max(wait_s, 0.0))
+                except asyncio.TimeoutError:
+                    raise RequestFailed("no answer from the engine before the request's deadline") from None
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -94,10 +107,11 @@ class RequestHandle:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, tokenizer: Tokenizer | None, max_waiting: int = 256):
+    def __init__(self, engine: Engine, tokenizer: Tokenizer | None, max_waiting: int = 256, request_timeout_s: float = 600.0):
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_waiting = max_waiting
+        self.request_timeout_s = request_timeout_s
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._requests: dict[str, _Request] = {}  # owned by the loop thread
         self._pending = 0  # submitted but not yet taken by the loop thread
@@ -111,7 +125,10 @@ class AsyncEngine:
 
     # -- called from the event loop -------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, detokenize_with_prompt: bool = True) -> "RequestHandle":
-        """Admit a request (ValueError for a bad one, Overloaded when the queue is full); stream it from the handle."""
+        """Admit a request (ValueError for a bad one, Overloaded when the queue is full, EngineStopped when the loop
+        has died); stream it from the handle."""
+        if not self.is_running:
+            raise EngineStopped("the engine loop has stopped; this server is being replaced")
         self.engine.check_prompt(prompt_ids, params.max_tokens)
         with self._lock:
             if self._stats.waiting + self._pending >= self.max_waiting:
@@ -124,6 +141,7 @@ class AsyncEngine:
             text=TextStream(self.tokenizer, list(prompt_ids) if detokenize_with_prompt else [], params),
             loop=asyncio.get_running_loop(),
             out=asyncio.Queue(),
+            deadline=time.monotonic() + self.request_timeout_s,
         )
         self._send(("add", request))
         return RequestHandle(self, request)
@@ -146,8 +164,24 @@ class AsyncEngine:
         self._wake.set()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - the loop must never die quietly: every request hears of it
+            logger.exception("the engine loop stopped")
+            failure = RuntimeError(f"the engine loop stopped: {one_line(exc)}")
+            while True:  # requests still in the inbox are answered too
+                try:
+                    kind, payload = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "add":
+                    self._put(payload, RequestFailed(one_line(failure)))
+            self._fail_all(failure)
+
+    def _loop(self) -> None:
         while not self._stopped.is_set():
             self._drain_inbox()
+            self._expire()
             self._refresh_stats()
             if not self.engine.has_work():
                 self._wake.wait(timeout=0.5)
@@ -199,9 +233,21 @@ class AsyncEngine:
             ),
         )
 
+    def _expire(self) -> None:
+        """Fail the requests past their deadline (their cache is freed)."""
+        now = time.monotonic()
+        for request_id, request in list(self._requests.items()):
+            if now > request.deadline:
+                self.engine.abort(request_id)
+                del self._requests[request_id]
+                self._put(request, RequestFailed(f"the request did not finish within {self.request_timeout_s:.0f}s"))
+
     def _fail_all(self, exc: Exception) -> None:
         for request_id, request in list(self._requests.items()):
-            self.engine.abort(request_id)
+            try:
+                self.engine.abort(request_id)
+            except Exception as abort_error:  # noqa: BLE001 - the request is answered either way
+                logger.error("abort of %s failed: %s", request_id, one_line(abort_error))
             self._put(request, RequestFailed(one_line(exc)))
         self._requests.clear()
 
