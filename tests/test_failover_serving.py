@@ -15,10 +15,10 @@ import urllib.error
 import urllib.request
 
 import openai
-import psutil
 import pytest
 
 from moeshard.cluster import LLM, SamplingParams
+from moeshard.cluster.loadtest.failover_bench import expert_actor_pids
 
 MODEL = "tiny"
 PROMPTS = ["Hello, my name is", "The weather today", "One two three four five six seven", "Paris is"]
@@ -42,19 +42,6 @@ def expected(chat_model_dir) -> list[str]:
     with LLM(chat_model_dir) as llm:
         params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
         return [llm.generate(PROMPTS[i % 4], params)[0].text for i in range(8)]
-
-
-def _expert_actor_pids() -> list[int]:
-    """This test's expert actors' processes (the local Ray started here runs them as descendants of this process),
-    found by their process title as an operator would."""
-    pids = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if " ".join(proc.cmdline()).startswith("ray::ExpertActor"):
-                pids.append(proc.pid)
-        except psutil.NoSuchProcess:
-            continue
-    return sorted(pids)
 
 
 def _get(url: str) -> tuple[int, dict | str]:
@@ -87,7 +74,7 @@ async def _streams_while_killing(server: str, victim: int) -> list[str]:
 
 @pytest.mark.slow
 def test_sigkill_of_an_expert_actor_fails_no_stream(server, expected):
-    pids = _expert_actor_pids()
+    pids = expert_actor_pids()
     assert len(pids) == 2
     texts = asyncio.run(_streams_while_killing(server, pids[1]))
     assert texts == expected
@@ -101,7 +88,7 @@ def test_sigkill_of_an_expert_actor_fails_no_stream(server, expected):
         assert time.monotonic() < deadline, health
         time.sleep(0.5)
     assert sum(a["failures"] for a in health["expert_actors"]) >= 1
-    assert len(_expert_actor_pids()) == 2 and _expert_actor_pids() != pids
+    assert len(expert_actor_pids()) == 2 and expert_actor_pids() != pids
 
     _, metrics = _get(f"{server}/metrics")
     values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line and line[0] != "#"}

@@ -88,7 +88,7 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
-async def _one(client: AsyncClient, model: str | None, prompt: str, spec: LoadSpec) -> RequestRecord:
+async def stream_one(client: AsyncClient, model: str | None, prompt: str, spec: LoadSpec) -> RequestRecord:
     sent = time.perf_counter()
     first = usage = None
     try:
@@ -126,7 +126,7 @@ async def run_load(
     async def scheduled(prompt: str, at: float) -> RequestRecord:
         await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
         async with gate:
-            record = await _one(client, model, prompt, spec)
+            record = await stream_one(client, model, prompt, spec)
         if on_done is not None:
             on_done(record)
         return record

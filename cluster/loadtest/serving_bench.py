@@ -89,7 +89,7 @@ def write_synthetic_mixtral(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -126,7 +126,7 @@ def run_server_levels(model_dir: Path, args: argparse.Namespace) -> list[LoadRep
     from moeshard.deploy.app import build_app
 
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray"))
-    port = _free_port()
+    port = free_port()
     init_ray(num_cpus=args.expert_actors + 2, include_dashboard=False, logging_level="WARNING")
     try:
         quiet = {"log_level": "WARNING", "enable_access_log": False}
