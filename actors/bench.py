@@ -79,10 +79,16 @@ class _TimedTransport:
         self.last: tuple[list, list] = ([], [])
 
     def exchange(self, messages: list[bytes | None]) -> list[bytes | None]:
-        start = time.perf_counter()
-        replies = self.inner.exchange(messages)
-        self.span = (start, time.perf_counter())
-        self.last = (messages, replies)
+        return self.receive(self.send(messages))
+
+    def send(self, messages: list[bytes | None]):
+        self._start, self._messages = time.perf_counter(), messages
+        return self.inner.send(messages)
+
+    def receive(self, ticket) -> list[bytes | None]:
+        replies = self.inner.receive(ticket)
+        self.span = (self._start, time.perf_counter())
+        self.last = (self._messages, replies)
         return replies
 
     def close(self) -> None:

@@ -6,7 +6,11 @@
     3. dispatch    permute rows by destination actor (the same kernel that groups by expert)
                    -> one message per actor with work: its rows, their local expert ids and weights
     4. experts     each actor runs its experts and returns its weighted partial sums
+                   (``submit`` returns here: the coordinator runs the shared expert meanwhile)
     5. combine     sum each token's partials (weight 1 per actor it was sent to)
+
+One message per actor with work per layer, however many of its experts the
+layer's tokens chose (E = 128, K = 8 sends no more messages than E = 8, K = 2).
 
 This is the same computation as ``LocalExperts``; only the summation order of
 a token's experts differs (per actor, then across actors).
@@ -25,7 +29,7 @@ from moeshard.actors.placement import ExpertPlacement
 from moeshard.actors.transport import ActorCallTransport, ActorRef, CompiledGraphTransport, Transport
 from moeshard.actors.wire import ExpertBatch, decode_rows
 from moeshard.cluster.engine.config import EngineConfig
-from moeshard.kernels import RouterOutput, combine, dedupe_destinations, permute
+from moeshard.kernels import Permutation, RouterOutput, combine, dedupe_destinations, permute
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +49,13 @@ class DispatchPlan:
     send_to: torch.Tensor  # [T, K] int64 actor_of with repeats within a token set to -1
 
 
-def build_tables(placement: ExpertPlacement) -> list[LayerTable]:
-    tables = []
+def build_tables(placement: ExpertPlacement) -> list[LayerTable | None]:
+    """One table per layer; None for a dense layer (no experts)."""
+    tables: list[LayerTable | None] = []
     for experts in placement.hosts:
+        if not experts:
+            tables.append(None)
+            continue
         width = max(len(actors) for actors in experts)
         replicas = torch.full((len(experts), width), -1, dtype=torch.int64)
         local_index = torch.full((placement.num_actors, len(experts)), -1, dtype=torch.int64)
@@ -79,8 +87,13 @@ class RemoteExperts:
         self.transport = transport
 
     def __call__(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        return self.submit(layer, hidden, routing).wait()
+
+    def submit(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> "PendingDispatch":
+        """Steps 2-3 and the start of 4: the actors work while the caller does something else."""
         expert_ids = routing.expert_ids.long()  # [T, K]
         table = self.tables[layer]
+        assert table is not None, f"layer {layer} is a dense layer: it has no experts"
         plan = plan_dispatch(table, expert_ids)
         perm = permute(hidden, plan.send_to, self.placement.num_actors)  # rows [N, D] grouped by actor
         offsets = perm.expert_offsets.tolist()
@@ -96,10 +109,23 @@ class RemoteExperts:
             weights = torch.where(mine, routing.weights[tokens], 0.0)  # [n, K]
             batch = ExpertBatch(layer=layer, rows=perm.rows[start:end], local_ids=local_ids.int(), weights=weights.float())
             messages.append(batch.encode())
-        replies = self.transport.exchange(messages)
+        return PendingDispatch(self.transport, self.transport.send(messages), plan, perm)
+
+
+@dataclass
+class PendingDispatch:
+    """One layer's dispatch in flight; ``wait`` is steps 4-5."""
+
+    transport: Transport
+    ticket: object
+    plan: DispatchPlan
+    perm: Permutation
+
+    def wait(self) -> torch.Tensor:
+        replies = self.transport.receive(self.ticket)
         partials = torch.cat([decode_rows(r) for r in replies if r is not None])  # [N, D] in actor order
-        ones = (plan.send_to >= 0).to(torch.float32)  # [T, K] each partial counts once
-        return combine(partials, ones, perm)  # [T, D]
+        ones = (self.plan.send_to >= 0).to(torch.float32)  # [T, K] each partial counts once
+        return combine(partials, ones, self.perm)  # [T, D]
 
 
 TRANSPORTS = {"actor_calls": ActorCallTransport, "compiled_graph": CompiledGraphTransport}

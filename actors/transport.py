@@ -37,8 +37,16 @@ class ActorRef:
 
 
 class Transport(Protocol):
+    def send(self, messages: list[bytes | None]) -> object:
+        """Start: messages[i] to actor i (None: nothing to send); returns a ticket for ``receive``."""
+        ...
+
+    def receive(self, ticket: object) -> list[bytes | None]:
+        """Wait for the replies of ``send``: replies[i] (None where nothing was sent)."""
+        ...
+
     def exchange(self, messages: list[bytes | None]) -> list[bytes | None]:
-        """messages[i] for actor i (None: nothing to send) -> replies[i] (None where nothing was sent)."""
+        """send then receive."""
         ...
 
     def close(self) -> None: ...
@@ -49,15 +57,31 @@ def _failure(actor: ActorRef, cause: BaseException) -> ExpertActorFailed:
     return ExpertActorFailed(f"{actor.description} {reason}: {type(cause).__name__}: {one_line(cause)}")
 
 
+@dataclass(frozen=True)
+class _Sent:
+    """One layer's messages in flight."""
+
+    refs: object  # {actor: ObjectRef} (actor calls) or the graph's list of refs
+    num_actors: int
+    deadline: float  # time.monotonic() by which every reply must be in
+    sent: tuple[int, ...] | list[int] = ()  # actors that were sent rows (compiled graphs call every actor)
+
+
 class ActorCallTransport:
     def __init__(self, actors: list[ActorRef], timeout_s: float):
         self.actors = actors
         self.timeout_s = timeout_s
 
     def exchange(self, messages: list[bytes | None]) -> list[bytes | None]:
+        return self.receive(self.send(messages))
+
+    def send(self, messages: list[bytes | None]) -> "_Sent":
         refs = {i: self.actors[i].handle.run_experts.remote(m) for i, m in enumerate(messages) if m is not None}
-        deadline = time.monotonic() + self.timeout_s
-        replies: list[bytes | None] = [None] * len(messages)
+        return _Sent(refs, len(messages), time.monotonic() + self.timeout_s)
+
+    def receive(self, ticket: "_Sent") -> list[bytes | None]:
+        refs, deadline = ticket.refs, ticket.deadline
+        replies: list[bytes | None] = [None] * ticket.num_actors
         for i, ref in refs.items():
             try:
                 replies[i] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
@@ -87,18 +111,32 @@ class CompiledGraphTransport:
         return graph.experimental_compile(_submit_timeout=self.timeout_s)
 
     def exchange(self, messages: list[bytes | None]) -> list[bytes | None]:
-        if self._graph is None:
-            self._graph = self._compile()
+        return self.receive(self.send(messages))
+
+    def send(self, messages: list[bytes | None]) -> "_Sent":
         try:
+            if self._graph is None:
+                self._graph = self._compile()  # an actor killed while the graph compiles fails here
             refs = self._graph.execute(*[m if m is not None else NO_WORK for m in messages])
-            replies = ray.get(refs, timeout=self.timeout_s)
         except (RayActorError, RayChannelError, RayChannelTimeoutError, GetTimeoutError) as exc:
-            self._teardown()  # first: an actor still inside the graph's loop cannot answer a ping
-            failed = self._actor_named_in(exc) or self._find_dead_actor()
-            if failed is None:
-                raise ExpertActorFailed(f"compiled-graph dispatch failed: {type(exc).__name__}: {exc}") from None
-            raise _failure(failed, exc) from None
-        return [reply if messages[i] is not None else None for i, reply in enumerate(replies)]
+            raise self._failed(exc) from None
+        sent = [i for i, m in enumerate(messages) if m is not None]
+        return _Sent(refs, len(messages), time.monotonic() + self.timeout_s, sent)
+
+    def receive(self, ticket: "_Sent") -> list[bytes | None]:
+        try:
+            replies = ray.get(ticket.refs, timeout=max(0.0, ticket.deadline - time.monotonic()))
+        except (RayActorError, RayChannelError, RayChannelTimeoutError, GetTimeoutError) as exc:
+            raise self._failed(exc) from None
+        return [reply if i in ticket.sent else None for i, reply in enumerate(replies)]
+
+    def _failed(self, exc: BaseException) -> ExpertActorFailed:
+        """Tear the graph down and name the actor that failed."""
+        self._teardown()  # first: an actor still inside the graph's loop cannot answer a ping
+        failed = self._actor_named_in(exc) or self._find_dead_actor()
+        if failed is None:
+            return ExpertActorFailed(f"compiled-graph dispatch failed: {type(exc).__name__}: {exc}")
+        return _failure(failed, exc)
 
     def _actor_named_in(self, exc: BaseException) -> ActorRef | None:
         actor_id = getattr(exc, "actor_id", None) if isinstance(exc, RayActorError) else None

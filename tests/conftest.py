@@ -120,6 +120,32 @@ def tiny_checkpoint_factory(tmp_path_factory):
     return make
 
 
+RAY_WORKER_NODES = ("node_a", "node_b")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory, monkeypatch_module):
+    """A multi-node Ray cluster on this machine (ray.cluster_utils): a head with resource "head" and two
+    worker nodes with resources "node_a" and "node_b" to pin actors to; yields {node name: node id}."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    monkeypatch_module.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"head": 1}})
+    nodes = {name: cluster.add_node(num_cpus=4, resources={name: 100}) for name in RAY_WORKER_NODES}
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+    yield {name: node.node_id for name, node in nodes.items()}
+    ray.shutdown()
+    cluster.shutdown()
+
+
 def _free_port() -> int:
     import socket
 
