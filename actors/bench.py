@@ -80,10 +80,16 @@ class _TimedTransport:
         self.last: tuple[list, list] = ([], [])
 
     def exchange(self, messages: list[bytes | None], live: frozenset[int]):
-        start = time.perf_counter()
-        exchange = self.inner.exchange(messages, live)
-        self.span = (start, time.perf_counter())
-        self.last = (messages, exchange.replies)
+        return self.receive(self.send(messages, live))
+
+    def send(self, messages: list[bytes | None], live: frozenset[int]):
+        self._start, self._messages = time.perf_counter(), messages
+        return self.inner.send(messages, live)
+
+    def receive(self, ticket):
+        exchange = self.inner.receive(ticket)
+        self.span = (self._start, time.perf_counter())
+        self.last = (self._messages, exchange.replies)
         return exchange
 
     def close(self) -> None:

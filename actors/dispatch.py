@@ -6,7 +6,11 @@
     3. dispatch    permute rows by destination actor (the same kernel that groups by expert)
                    -> one message per actor with work: its rows, their local expert ids and weights
     4. experts     each actor runs its experts and returns its weighted partial sums
+                   (``submit`` returns here: the coordinator runs the shared expert meanwhile)
     5. combine     sum each token's partials (weight 1 per actor it was sent to)
+
+One message per actor with work per layer, however many of its experts the
+layer's tokens chose (E = 128, K = 8 sends no more messages than E = 8, K = 2).
 
 This is the same computation as ``LocalExperts``; only the summation order of
 a token's experts differs (per actor, then across actors).
@@ -34,7 +38,7 @@ from moeshard.actors.placement import ExpertPlacement
 from moeshard.actors.transport import ActorCallTransport, ActorRef, CompiledGraphTransport, Transport, failure
 from moeshard.actors.wire import ExpertBatch, ExpertReply
 from moeshard.cluster.engine.config import EngineConfig
-from moeshard.kernels import RouterOutput, combine, dedupe_destinations, permute
+from moeshard.kernels import Permutation, RouterOutput, combine, dedupe_destinations, permute
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +69,13 @@ class LayerResult:
     failed: dict[int, BaseException]  # actor -> why it is to be routed around
 
 
-def build_tables(placement: ExpertPlacement, down: frozenset[int] = frozenset()) -> list[LayerTable]:
-    """Per-layer tables routing around the ``down`` actors wherever an expert has a live replica."""
-    tables = []
+def build_tables(placement: ExpertPlacement, down: frozenset[int] = frozenset()) -> list[LayerTable | None]:
+    """Per-layer tables routing around the ``down`` actors wherever an expert has a live replica; None for a dense layer."""
+    tables: list[LayerTable | None] = []
     for experts in placement.hosts:
+        if not experts:
+            tables.append(None)
+            continue
         live = [tuple(a for a in actors if a not in down) or actors for actors in experts]  # [E] hosts to use
         width = max(len(actors) for actors in live)
         replicas = torch.full((len(experts), width), -1, dtype=torch.int64)
@@ -103,54 +110,46 @@ class RemoteExperts:
         self.actors = actors
         self.health = ActorHealth(actors)
         self.recovery_timeout_s = recovery_timeout_s
-        self._tables: dict[frozenset[int], list[LayerTable]] = {}
+        self._tables: dict[frozenset[int], list[LayerTable | None]] = {}
         self._tags = itertools.count()
 
-    def tables(self, down: frozenset[int] = frozenset()) -> list[LayerTable]:
+    def tables(self, down: frozenset[int] = frozenset()) -> list[LayerTable | None]:
         if down not in self._tables:
             self._tables[down] = build_tables(self.placement, down)
         return self._tables[down]
 
     def __call__(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
-        expert_ids = routing.expert_ids.long()  # [T, K]
-        pending = torch.ones_like(expert_ids, dtype=torch.bool)  # [T, K] choices not yet computed
-        output, deadline = None, None
+        return self.submit(layer, hidden, routing).wait()
+
+    def submit(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> "PendingDispatch":
+        """Steps 2-3 and the start of 4 for every choice: the actors work while the caller does something else."""
+        pending = torch.ones_like(routing.expert_ids, dtype=torch.bool)  # [T, K] choices not yet computed
+        return self._send(LayerWork(layer, hidden, routing, pending), deadline=None)
+
+    def _send(self, work: "LayerWork", deadline: float | None) -> "PendingDispatch":
+        """Plan the pending choices over the live actors (waiting, up to ``deadline``, for a sole host) and send."""
         while True:
             self.health.refresh()
             down = self.health.down
-            table = self.tables(down)[layer]
-            plan = plan_dispatch(table, expert_ids, pending)
+            table = self.tables(down)[work.layer]
+            assert table is not None, f"layer {work.layer} is a dense layer: it has no experts"
+            plan = plan_dispatch(table, work.routing.expert_ids.long(), work.pending)
             needed = set(plan.actor_of[plan.actor_of >= 0].unique().tolist()) & down
-            if needed:  # some experts have no live host: wait for Ray's restart of theirs
-                deadline = deadline or time.monotonic() + self.recovery_timeout_s
-                self._wait_for(needed, deadline)
-                continue
-            result = self._exchange(layer, hidden, routing, table, plan, down)
-            output = result.output if output is None else output + result.output
-            pending &= ~result.served
-            if not pending.any():
-                return output
-            for actor, cause in result.failed.items():
-                self.health.mark_down(actor, cause)
-            self.health.retries += 1
-
-    def _wait_for(self, actors: set[int], deadline: float) -> None:
-        for actor in sorted(actors):
-            if not self.health.wait_for(actor, deadline):
-                cause = TimeoutError(f"not back after {self.recovery_timeout_s:.0f}s of recovery")
-                raise failure(self.actors[actor], cause)
-
-    def _exchange(
-        self, layer: int, hidden: torch.Tensor, routing: RouterOutput, table: LayerTable, plan: DispatchPlan, down: frozenset[int]
-    ) -> LayerResult:
-        """Steps 3-5 for the planned choices; the partials of actors that failed are left out."""
-        num_actors = self.placement.num_actors
-        expert_ids = routing.expert_ids.long()  # [T, K]
-        perm = permute(hidden, plan.send_to, num_actors)  # rows [N, D] grouped by actor
-        offsets = perm.expert_offsets.tolist()
+            if not needed:
+                break
+            deadline = deadline or time.monotonic() + self.recovery_timeout_s  # wait for Ray's restart of the host
+            self._wait_for(needed, deadline)
+        perm = permute(work.hidden, plan.send_to, self.placement.num_actors)  # rows [N, D] grouped by actor
         tag = next(self._tags)
+        messages = self._messages(work, table, plan, perm, tag)
+        ticket = self.transport.send(messages, frozenset(range(self.placement.num_actors)) - down)
+        return PendingDispatch(self, work, plan, perm, tag, [m is not None for m in messages], ticket, deadline)
+
+    def _messages(self, work: "LayerWork", table: LayerTable, plan: DispatchPlan, perm: Permutation, tag: int) -> list[bytes | None]:
+        expert_ids = work.routing.expert_ids.long()  # [T, K]
+        offsets = perm.expert_offsets.tolist()
         messages: list[bytes | None] = []
-        for actor in range(num_actors):
+        for actor in range(self.placement.num_actors):
             start, end = offsets[actor], offsets[actor + 1]
             if start == end:
                 messages.append(None)
@@ -158,29 +157,75 @@ class RemoteExperts:
             tokens = perm.source_token[start:end]  # [n]
             mine = plan.actor_of[tokens] == actor  # [n, K] choices this actor serves
             local_ids = torch.where(mine, table.local_index[actor][expert_ids[tokens]], -1)  # [n, K]
-            weights = torch.where(mine, routing.weights[tokens], 0.0)  # [n, K]
-            batch = ExpertBatch(layer, tag, perm.rows[start:end], local_ids.int(), weights.float())
-            messages.append(batch.encode())
-        exchange = self.transport.exchange(messages, frozenset(range(num_actors)) - down)
+            weights = torch.where(mine, work.routing.weights[tokens], 0.0)  # [n, K]
+            messages.append(ExpertBatch(work.layer, tag, perm.rows[start:end], local_ids.int(), weights.float()).encode())
+        return messages
+
+    def _wait_for(self, actors: set[int], deadline: float) -> None:
+        for actor in sorted(actors):
+            if not self.health.wait_for(actor, deadline):
+                cause = TimeoutError(f"not back after {self.recovery_timeout_s:.0f}s of recovery")
+                raise failure(self.actors[actor], cause)
+
+
+@dataclass(frozen=True)
+class LayerWork:
+    layer: int
+    hidden: torch.Tensor  # [T, D]
+    routing: RouterOutput
+    pending: torch.Tensor  # [T, K] bool: the choices this dispatch is to serve
+
+
+@dataclass
+class PendingDispatch:
+    """One layer's dispatch in flight; ``wait`` is steps 4-5, resending what failed until every choice is served."""
+
+    experts: RemoteExperts
+    work: LayerWork
+    plan: DispatchPlan
+    perm: Permutation
+    tag: int
+    has_rows: list[bool]  # [A] actors sent rows
+    ticket: object
+    deadline: float | None  # recovery deadline, once a layer has had to wait for a restart
+
+    def wait(self) -> torch.Tensor:
+        dispatch, output = self, None
+        while True:
+            result = dispatch._collect()
+            output = result.output if output is None else output + result.output
+            pending = dispatch.work.pending & ~result.served
+            if not pending.any():
+                return output
+            for actor, cause in result.failed.items():
+                self.experts.health.mark_down(actor, cause)
+            self.experts.health.retries += 1
+            work = LayerWork(dispatch.work.layer, dispatch.work.hidden, dispatch.work.routing, pending)
+            dispatch = self.experts._send(work, dispatch.deadline)
+
+    def _collect(self) -> LayerResult:
+        """Steps 4-5 for this dispatch: the partials of actors that failed (or whose reply was lost) are left out."""
+        exchange = self.experts.transport.receive(self.ticket)
         failed = dict(exchange.failures)
-        answered = torch.ones(num_actors + 1, dtype=torch.bool)  # [A + 1]; the last entry stands for -1
+        hidden, offsets = self.work.hidden, self.perm.expert_offsets.tolist()
+        answered = torch.ones(len(self.has_rows) + 1, dtype=torch.bool)  # [A + 1]; the last entry stands for -1
         rows = []  # [n, D] per actor with work, in actor order; zeros where no usable reply came back
-        for actor, message in enumerate(messages):
-            if message is None:
+        for actor, has_rows in enumerate(self.has_rows):
+            if not has_rows:
                 continue
             reply = ExpertReply.decode(exchange.replies[actor]) if exchange.replies[actor] is not None else None
-            if reply is not None and reply.tag != tag:
-                failed[actor] = StaleReply(f"reply tagged {reply.tag} for dispatch {tag}")
+            if reply is not None and reply.tag != self.tag:
+                failed[actor] = StaleReply(f"reply tagged {reply.tag} for dispatch {self.tag}")
             elif reply is not None:
                 rows.append(reply.rows)
                 continue
             # No reply: the actor failed, or (a compiled graph fails as a whole) its answer was lost with the graph.
             answered[actor] = False
             rows.append(torch.zeros(offsets[actor + 1] - offsets[actor], hidden.shape[1], dtype=hidden.dtype))
-        counted = (plan.send_to >= 0) & answered[plan.send_to]  # [T, K] each answered partial counts once
-        partials = torch.cat(rows) if rows else perm.rows  # [N, D] in actor order
-        served = (plan.actor_of >= 0) & answered[plan.actor_of]  # [T, K]
-        return LayerResult(combine(partials, counted.to(torch.float32), perm), served, failed)
+        counted = (self.plan.send_to >= 0) & answered[self.plan.send_to]  # [T, K] each answered partial counts once
+        partials = torch.cat(rows) if rows else self.perm.rows  # [N, D] in actor order
+        served = (self.plan.actor_of >= 0) & answered[self.plan.actor_of]  # [T, K]
+        return LayerResult(combine(partials, counted.to(torch.float32), self.perm), served, failed)
 
 
 TRANSPORTS = {"actor_calls": ActorCallTransport, "compiled_graph": CompiledGraphTransport}

@@ -36,15 +36,34 @@ def make_placement(config: EngineConfig, model_config: ModelConfig) -> ExpertPla
     cluster = config.cluster
     if cluster.expert_map is not None:
         return ExpertPlacement.from_expert_map(
-            model_config.num_layers, model_config.num_experts, cluster.expert_actors, cluster.expert_map
+            model_config.num_layers,
+            model_config.num_experts,
+            cluster.expert_actors,
+            cluster.expert_map,
+            model_config.dense_layers,
         )
-    return ExpertPlacement.even(model_config.num_layers, model_config.num_experts, cluster.expert_actors)
+    return ExpertPlacement.even(
+        model_config.num_layers, model_config.num_experts, cluster.expert_actors, model_config.dense_layers
+    )
 
 
 def describe_actor(placement: ExpertPlacement, actor: int) -> str:
     hosted = placement.hosted_by(actor)
     experts = sorted({e for es in hosted.values() for e in es})
-    return f"expert actor {actor} (experts {experts} in {len(hosted)} layers)"
+    return f"expert actor {actor} (experts {_ranges(experts)} in {len(hosted)} layers)"
+
+
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 3, 7] -> "[0, 1, 2, 3, 7]" for a few ids, "[0-3, 7]" when there are many (128 experts)."""
+    if len(ids) <= 8:
+        return str(ids)
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return "[" + ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs) + "]"
 
 
 @dataclass

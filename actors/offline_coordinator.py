@@ -45,11 +45,11 @@ class OfflineCoordinator:
         return self.engine.prompt_logits(token_ids)
 
     def tensor_names(self) -> list[str]:
-        """Every weight this process holds, for checking that none is an expert's."""
+        """Every weight this process holds, for checking that none is a routed expert's (a shared expert is ours)."""
         w = self.engine.model.weights
         names = ["embed", "final_norm", "lm_head"]
         for layer, lw in enumerate(w.layers):
-            names.extend(f"layers.{layer}.{field}" for field in vars(lw))
+            names.extend(f"layers.{layer}.{field}" for field, value in vars(lw).items() if value is not None)
         return names
 
     def close(self) -> None:

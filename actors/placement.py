@@ -3,7 +3,8 @@
 Plain data, no Ray: the launcher reads it to start actors, each actor reads its
 own share of the checkpoint, and the coordinator builds its dispatch tables
 from it. An expert may live on several actors (replicas); its tokens are then
-spread over them.
+spread over them. A dense layer (no experts: Qwen's ``mlp_only_layers``) has
+an empty entry.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ class ExpertPlacement(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     num_actors: int
-    hosts: tuple[tuple[tuple[int, ...], ...], ...]  # [layer][expert] -> ids of the actors hosting it
+    hosts: tuple[tuple[tuple[int, ...], ...], ...]  # [layer][expert] -> ids of the actors hosting it; () in a dense layer
 
     @model_validator(mode="after")
     def _check(self) -> "ExpertPlacement":
@@ -44,10 +45,12 @@ class ExpertPlacement(BaseModel):
 
     @property
     def num_experts(self) -> int:
-        return len(self.hosts[0]) if self.hosts else 0
+        return max((len(experts) for experts in self.hosts), default=0)
 
     @classmethod
-    def even(cls, num_layers: int, num_experts: int, num_actors: int) -> "ExpertPlacement":
+    def even(
+        cls, num_layers: int, num_experts: int, num_actors: int, dense_layers: tuple[int, ...] = ()
+    ) -> "ExpertPlacement":
         """Contiguous blocks of experts per actor; with more actors than experts, extra actors hold replicas."""
         if num_actors < 1:
             raise PlacementError(f"need at least one expert actor, got {num_actors}")
@@ -55,11 +58,16 @@ class ExpertPlacement(BaseModel):
             per_expert = [(e * num_actors // num_experts,) for e in range(num_experts)]
         else:
             per_expert = [tuple(a for a in range(num_actors) if a % num_experts == e) for e in range(num_experts)]
-        return cls(num_actors=num_actors, hosts=tuple(tuple(per_expert) for _ in range(num_layers)))
+        return cls(num_actors=num_actors, hosts=_per_layer(tuple(per_expert), num_layers, dense_layers))
 
     @classmethod
     def from_expert_map(
-        cls, num_layers: int, num_experts: int, num_actors: int, expert_map: dict[int, list[int]]
+        cls,
+        num_layers: int,
+        num_experts: int,
+        num_actors: int,
+        expert_map: dict[int, list[int]],
+        dense_layers: tuple[int, ...] = (),
     ) -> "ExpertPlacement":
         """The same map (expert -> actors) in every layer; every expert must appear."""
         missing = [e for e in range(num_experts) if e not in expert_map]
@@ -69,7 +77,7 @@ class ExpertPlacement(BaseModel):
         if extra:
             raise PlacementError(f"expert map names expert {extra[0]}, but the model has {num_experts} experts")
         per_expert = tuple(tuple(expert_map[e]) for e in range(num_experts))
-        return cls(num_actors=num_actors, hosts=tuple(per_expert for _ in range(num_layers)))
+        return cls(num_actors=num_actors, hosts=_per_layer(per_expert, num_layers, dense_layers))
 
     def hosted_by(self, actor: int) -> dict[int, list[int]]:
         """{layer: sorted expert ids} that ``actor`` hosts (layers where it hosts nothing are left out)."""
@@ -79,3 +87,8 @@ class ExpertPlacement(BaseModel):
             if mine:
                 hosted[layer] = mine
         return hosted
+
+
+def _per_layer(per_expert: tuple[tuple[int, ...], ...], num_layers: int, dense_layers: tuple[int, ...]):
+    """The same expert -> actors map in every MoE layer, nothing in the dense ones."""
+    return tuple(() if layer in dense_layers else per_expert for layer in range(num_layers))

@@ -1,6 +1,7 @@
 """Dispatch transports: deliver one message to each expert actor with work and collect the replies.
 
-Two implementations behind one interface:
+Two implementations behind one interface; ``send`` starts a layer's messages and
+``receive`` collects them, so the coordinator can work (a shared expert) meanwhile.
 - ``ActorCallTransport``: plain Ray actor calls, one per actor with work.
 - ``CompiledGraphTransport``: a Ray Compiled Graph over the live expert actors
   (shared-memory channels on one node), compiled once and re-executed every
@@ -44,8 +45,16 @@ class Exchange:
 
 
 class Transport(Protocol):
+    def send(self, messages: list[bytes | None], live: frozenset[int]) -> object:
+        """Start: messages[i] to actor i (None: nothing to send; always None outside ``live``); a ticket for ``receive``."""
+        ...
+
+    def receive(self, ticket: object) -> Exchange:
+        """What came back for the ticket's messages (never raises for a failed actor)."""
+        ...
+
     def exchange(self, messages: list[bytes | None], live: frozenset[int]) -> Exchange:
-        """messages[i] for actor i (None: nothing to send; always None outside ``live``) -> what came back."""
+        """send, then receive."""
         ...
 
     def close(self) -> None: ...
@@ -57,25 +66,45 @@ def failure(actor: ActorRef, cause: BaseException) -> ExpertActorFailed:
     return ExpertActorFailed(f"{actor.description} {reason}: {type(cause).__name__}: {one_line(cause)}")
 
 
+@dataclass(frozen=True)
+class _Sent:
+    """One layer's messages in flight."""
+
+    num_actors: int
+    deadline: float  # time.monotonic() by which every reply must be in
+    refs: object = None  # {actor: ObjectRef} (actor calls) or the graph's list of refs, one per member
+    members: tuple[int, ...] = ()  # a compiled graph's actors, in its output order
+    sent: frozenset[int] = frozenset()  # actors that were sent rows (a compiled graph calls every member)
+    error: BaseException | None = None  # the graph failed to compile or to start
+
+
 class ActorCallTransport:
     def __init__(self, actors: list[ActorRef], timeout_s: float):
         self.actors = actors
         self.timeout_s = timeout_s
 
     def exchange(self, messages: list[bytes | None], live: frozenset[int]) -> Exchange:
+        return self.receive(self.send(messages, live))
+
+    def send(self, messages: list[bytes | None], live: frozenset[int]) -> _Sent:
         refs = {i: self.actors[i].handle.run_experts.remote(m) for i, m in enumerate(messages) if m is not None}
-        deadline = time.monotonic() + self.timeout_s
-        replies: list[bytes | None] = [None] * len(messages)
+        return _Sent(len(messages), time.monotonic() + self.timeout_s, refs=refs)
+
+    def receive(self, ticket: _Sent) -> Exchange:
+        replies: list[bytes | None] = [None] * ticket.num_actors
         failures: dict[int, BaseException] = {}
-        for i, ref in refs.items():
+        for i, ref in ticket.refs.items():
             try:
-                replies[i] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                replies[i] = ray.get(ref, timeout=max(0.0, ticket.deadline - time.monotonic()))
             except (RayActorError, GetTimeoutError) as exc:
                 failures[i] = exc
         return Exchange(replies, failures)
 
     def close(self) -> None:
         pass
+
+
+_GRAPH_ERRORS = (RayActorError, RayChannelError, RayChannelTimeoutError, GetTimeoutError)
 
 
 class CompiledGraphTransport:
@@ -97,20 +126,35 @@ class CompiledGraphTransport:
         return graph.experimental_compile(_submit_timeout=self.timeout_s)
 
     def exchange(self, messages: list[bytes | None], live: frozenset[int]) -> Exchange:
+        return self.receive(self.send(messages, live))
+
+    def send(self, messages: list[bytes | None], live: frozenset[int]) -> _Sent:
         members = tuple(sorted(live))
+        sent = frozenset(i for i, m in enumerate(messages) if m is not None)
+        deadline = time.monotonic() + self.timeout_s
         try:
             if self._graph is None or self._members != members:
                 self._teardown()  # the live set changed: recompile over the actors that are up
                 self._graph, self._members = self._compile(members), members
             refs = self._graph.execute(*[messages[a] if messages[a] is not None else NO_WORK for a in members])
-            answers = ray.get(refs, timeout=self.timeout_s)
-        except (RayActorError, RayChannelError, RayChannelTimeoutError, GetTimeoutError) as exc:
+        except _GRAPH_ERRORS as exc:  # an actor killed while the graph compiles or starts fails here
+            return _Sent(len(messages), deadline, members=members, sent=sent, error=exc)
+        return _Sent(len(messages), deadline, refs=refs, members=members, sent=sent)
+
+    def receive(self, ticket: _Sent) -> Exchange:
+        error = ticket.error
+        if error is None:
+            try:
+                answers = ray.get(ticket.refs, timeout=max(0.0, ticket.deadline - time.monotonic()))
+            except _GRAPH_ERRORS as exc:
+                error = exc
+        if error is not None:  # every reply of this execution is lost with the graph
             self._teardown()  # first: an actor still inside the graph's loop cannot answer a ping
-            failed = self._failed_members(exc, members) or [a for a in members if messages[a] is not None]
-            return Exchange([None] * len(messages), {a: exc for a in failed})
-        replies: list[bytes | None] = [None] * len(messages)
-        for pos, a in enumerate(members):
-            replies[a] = answers[pos] if messages[a] is not None else None
+            failed = self._failed_members(error, ticket.members) or sorted(ticket.sent)
+            return Exchange([None] * ticket.num_actors, {a: error for a in failed})
+        replies: list[bytes | None] = [None] * ticket.num_actors
+        for pos, a in enumerate(ticket.members):
+            replies[a] = answers[pos] if a in ticket.sent else None
         return Exchange(replies, {})
 
     def _failed_members(self, exc: BaseException, members: tuple[int, ...]) -> list[int]:

@@ -1,6 +1,9 @@
-"""route: Mixtral's router top-k.
+"""route: the router's top-k.
 
     w, ids = topk(softmax(logits), k);  w /= w.sum()     (== softmax over the k largest logits)
+
+``normalize=False`` skips the renormalisation: the k weights are the softmax
+probabilities over all E (Qwen-MoE and OLMoE with ``norm_topk_prob`` false).
 
 Dimensions: T tokens, E experts, K chosen per token.
 
@@ -26,12 +29,17 @@ logger = logging.getLogger(__name__)
 
 
 class RouterOutput(NamedTuple):
-    weights: torch.Tensor  # [T, K] float32, each row sums to 1, descending
+    weights: torch.Tensor  # [T, K] float32, descending; each row sums to 1 when normalised
     expert_ids: torch.Tensor  # [T, K] int32
 
 
 def route(
-    router_logits: torch.Tensor, k: int, *, backend: str = "auto", out: RouterOutput | None = None
+    router_logits: torch.Tensor,
+    k: int,
+    *,
+    normalize: bool = True,
+    backend: str = "auto",
+    out: RouterOutput | None = None,
 ) -> RouterOutput:
     """router_logits [T, E] (any float dtype) -> the k chosen experts of each token and their weights."""
     assert router_logits.dim() == 2 and router_logits.is_floating_point(), router_logits.shape
@@ -45,22 +53,23 @@ def route(
     assert out.weights.shape == (T, k) and out.weights.dtype == torch.float32, out.weights.shape
     assert out.expert_ids.shape == (T, k) and out.expert_ids.dtype == torch.int32, out.expert_ids.shape
     if resolve_backend(backend, router_logits.device) == "triton":
-        route_triton(router_logits, k, out)
+        route_triton(router_logits, k, out, normalize)
     else:
-        route_torch(router_logits, k, out)
+        route_torch(router_logits, k, out, normalize)
     return out
 
 
-def route_torch(router_logits: torch.Tensor, k: int, out: RouterOutput) -> None:
-    """The reference: transformers' MixtralTopKRouter after its gate projection."""
+def route_torch(router_logits: torch.Tensor, k: int, out: RouterOutput, normalize: bool = True) -> None:
+    """The reference: transformers' top-k routers (Mixtral, Qwen-MoE, OLMoE) after their gate projection."""
     probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
     top, ids = torch.topk(probs, k, dim=-1)  # [T, K] each, descending
-    top /= top.sum(dim=-1, keepdim=True)
+    if normalize:
+        top /= top.sum(dim=-1, keepdim=True)
     out.weights.copy_(top)
     out.expert_ids.copy_(ids)
 
 
-def route_triton(router_logits: torch.Tensor, k: int, out: RouterOutput) -> None:
+def route_triton(router_logits: torch.Tensor, k: int, out: RouterOutput, normalize: bool = True) -> None:
     T, E = router_logits.shape
     if T == 0:
         return
@@ -73,7 +82,7 @@ def route_triton(router_logits: torch.Tensor, k: int, out: RouterOutput) -> None
         T, E, k,
         logits.stride(0), out.weights.stride(0), out.expert_ids.stride(0),
         out.weights.stride(1), out.expert_ids.stride(1),
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(k),
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(k), NORMALIZE=normalize,
     )  # fmt: skip
 
 
@@ -82,7 +91,7 @@ def _route_kernel(
     logits_ptr, weights_ptr, ids_ptr,
     T, E, K,
     stride_lt, stride_wt, stride_it, stride_wk, stride_ik,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NORMALIZE: tl.constexpr,
 ):  # fmt: skip
     """One program routes BLOCK_T tokens: K rounds of "take the largest logit not yet taken".
 
@@ -109,7 +118,12 @@ def _route_kernel(
         free = free & (cols[None, :] != idx[:, None])
         p = tl.where(picks[None, :] == j, tl.exp(m - top)[:, None], p)
         ids = tl.where(picks[None, :] == j, idx[:, None], ids)
-    w = p / tl.sum(p, axis=1)[:, None]  # [BT, BK]
+    if NORMALIZE:
+        w = p / tl.sum(p, axis=1)[:, None]  # [BT, BK] softmax over the k picks
+    else:
+        valid = (cols[None, :] < E) & (rows[:, None] >= 0)  # [BT, BE]
+        total = tl.sum(tl.where(valid, tl.exp(x - top[:, None]), 0.0), axis=1)  # [BT]
+        w = p / total[:, None]  # [BT, BK] softmax over all E
     mask = row_ok[:, None] & (picks[None, :] < K)
     tl.store(weights_ptr + rows[:, None] * stride_wt + picks[None, :] * stride_wk, w, mask=mask)
     tl.store(ids_ptr + rows[:, None] * stride_it + picks[None, :] * stride_ik, ids, mask=mask)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny Mixtral checkpoints written by transformers' own save_pretrained."""
+"""Shared fixtures: tiny checkpoints of every family written by transformers' own save_pretrained."""
 
 from __future__ import annotations
 
@@ -33,6 +33,53 @@ def mistral_tokenizer_path() -> Path:
     return Path(str(importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"))
 
 
+# The fine-grained families: sizes in their own config names (moe_intermediate_size, num_experts, ...).
+FAMILY_BASE = {
+    "Qwen2MoeForCausalLM": dict(
+        vocab_size=128, hidden_size=64, intermediate_size=80, moe_intermediate_size=24, shared_expert_intermediate_size=48,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=16, num_experts_per_tok=4,
+        max_position_embeddings=256, eos_token_id=2,
+    ),
+    "Qwen3MoeForCausalLM": dict(
+        vocab_size=128, hidden_size=64, intermediate_size=80, moe_intermediate_size=24, head_dim=24,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=16, num_experts_per_tok=4,
+        max_position_embeddings=256, eos_token_id=2,
+    ),
+    "OlmoeForCausalLM": dict(
+        vocab_size=128, hidden_size=64, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=16, num_experts_per_tok=4, max_position_embeddings=256,
+        eos_token_id=2, pad_token_id=1,
+    ),
+}
+
+
+def _hf_classes(architecture: str):
+    import transformers
+
+    model_cls = getattr(transformers, architecture)
+    return model_cls.config_class, model_cls
+
+
+def _randomise(model) -> None:
+    """Weights large enough that greedy choices are clear-cut; norms around 1."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
+            else:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+
+
+def write_tiny_family(out_dir: Path, architecture: str, seed: int = 0, **overrides) -> Path:
+    """Save a random model of ``architecture`` (a transformers class name) with transformers' own save_pretrained."""
+    config_cls, model_cls = _hf_classes(architecture)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**FAMILY_BASE[architecture], **overrides})).eval()
+    _randomise(model)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
 def write_tiny_mixtral(out_dir: Path, seed: int = 0, with_tokenizer: bool = False, **overrides) -> Path:
     """Save a random MixtralForCausalLM with weights large enough that greedy choices are clear-cut."""
     from transformers import MixtralConfig, MixtralForCausalLM
@@ -42,12 +89,7 @@ def write_tiny_mixtral(out_dir: Path, seed: int = 0, with_tokenizer: bool = Fals
         params["vocab_size"] = 32000
     torch.manual_seed(seed)
     model = MixtralForCausalLM(MixtralConfig(**params)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
-            else:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    _randomise(model)
     model.save_pretrained(out_dir)
     if with_tokenizer:
         shutil.copy(mistral_tokenizer_path(), out_dir / "tokenizer.model")
@@ -61,11 +103,47 @@ def tiny_mixtral_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_family_factory(tmp_path_factory):
+    """make(name, architecture, seed=0, **config overrides) -> a checkpoint directory."""
+
+    def make(name: str, architecture: str, **overrides) -> Path:
+        return write_tiny_family(tmp_path_factory.mktemp(name), architecture, **overrides)
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint_factory(tmp_path_factory):
     def make(name: str, **overrides) -> Path:
         return write_tiny_mixtral(tmp_path_factory.mktemp(name), **overrides)
 
     return make
+
+
+RAY_WORKER_NODES = ("node_a", "node_b")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory, monkeypatch_module):
+    """A multi-node Ray cluster on this machine (ray.cluster_utils): a head with resource "head" and two
+    worker nodes with resources "node_a" and "node_b" to pin actors to; yields {node name: node id}."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    monkeypatch_module.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"head": 1}})
+    nodes = {name: cluster.add_node(num_cpus=4, resources={name: 100}) for name in RAY_WORKER_NODES}
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+    yield {name: node.node_id for name, node in nodes.items()}
+    ray.shutdown()
+    cluster.shutdown()
 
 
 def _free_port() -> int:

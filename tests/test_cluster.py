@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
 from moeshard.cluster import LLM, SamplingParams
 from moeshard.cluster.model.checkpoint import ExpertKey, expert_weight_shapes
@@ -12,25 +11,7 @@ from moeshard.cluster.model.config import ModelConfig
 
 PROMPTS = [[1, 5, 9, 33, 17], [1, 100, 3, 8], [1, 7, 7, 7, 64, 12, 90, 4, 55, 21, 3]]
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
-NODES = ("node_a", "node_b")
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory, monkeypatch_module):
-    monkeypatch_module.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"head": 1}})
-    nodes = {name: cluster.add_node(num_cpus=4, resources={name: 100}) for name in NODES}
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level="WARNING")
-    yield {name: node.node_id for name, node in nodes.items()}
-    ray.shutdown()
-    cluster.shutdown()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
+NODES = ("node_a", "node_b")  # the worker nodes of the ray_cluster fixture (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ def sweep_cases() -> list:
         (511, 8, 2, 257, torch.bfloat16), (511, 64, 8, 100, torch.float32), (511, 4, 4, 33, torch.float32),
         (511, 64, 64, 1, torch.bfloat16), (2048, 8, 2, 100, torch.float32), (2048, 8, 8, 33, torch.bfloat16),
         (2048, 64, 8, 257, torch.bfloat16), (2048, 1, 1, 257, torch.float32), (2048, 64, 64, 33, torch.float32),
+        (33, 128, 8, 100, torch.float32), (511, 128, 8, 64, torch.bfloat16),  # many small experts
     ]  # fmt: skip
     return [pytest.param(*c, id=f"T{c[0]}-E{c[1]}-K{c[2]}-D{c[3]}-{str(c[4])[6:]}") for c in cases]
 

@@ -92,6 +92,34 @@ def test_route_matches_transformers_router(E, K, dtype):
     torch.testing.assert_close(tri.weights, hf_weights, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("E, K", [(64, 8), (128, 8), (8, 2)])
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
+def test_route_matches_fine_grained_routers(family, E, K, norm_topk_prob):
+    """Qwen-MoE and OLMoE keep the softmax over all E unless norm_topk_prob renormalises the k chosen."""
+    import importlib
+
+    import transformers
+
+    T, D = 129, 40
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    router_cls = next(getattr(module, n) for n in dir(module) if n.endswith("TopKRouter"))
+    config_cls = getattr(transformers, {"qwen3_moe": "Qwen3MoeConfig", "olmoe": "OlmoeConfig"}[family])
+    config = config_cls(hidden_size=D, num_experts=E, num_experts_per_tok=K, norm_topk_prob=norm_topk_prob)
+    torch.manual_seed(E + K + norm_topk_prob)
+    router = router_cls(config)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(E, D) / D**0.5)
+        logits, hf_weights, hf_ids = router(torch.randn(T, D))
+    ref = route(logits, K, normalize=norm_topk_prob, backend="torch")
+    assert torch.equal(ref.expert_ids, hf_ids.to(torch.int32))
+    assert torch.equal(ref.weights, hf_weights)
+    tri = route(logits, K, normalize=norm_topk_prob, backend="triton")
+    assert_same_choice(logits, tri.expert_ids, hf_ids)
+    torch.testing.assert_close(tri.weights, hf_weights, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(hf_weights.sum(-1), torch.ones(T)) == norm_topk_prob
+
+
 def test_route_ties_take_the_lowest_id_on_triton():
     logits = torch.tensor([[0.0] * 8, [1, 2, 2, 1, 2, 0, 1, 1], [5, 5, 5, 5, -1, -1, 9, 9]])
     tri = route(logits, 4, backend="triton")

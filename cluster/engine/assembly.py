@@ -20,7 +20,7 @@ from moeshard.cluster.engine.engine import Engine
 from moeshard.cluster.model.checkpoint import CheckpointReader
 from moeshard.cluster.model.config import ModelConfig
 from moeshard.cluster.model.kv_cache import KVCache
-from moeshard.cluster.model.model import MixtralModel
+from moeshard.cluster.model.model import MoeModel
 from moeshard.cluster.model.moe import ExpertsFn, LocalExperts
 from moeshard.cluster.text.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
@@ -62,4 +62,4 @@ def build_engine(config: EngineConfig, files: ModelFiles, experts: ExpertsFn | N
         experts = LocalExperts.from_checkpoint(reader, dtype)
     cache = KVCache.with_budget(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.kv_cache_bytes, config.kv_block_size, dtype)
     eos = frozenset(mc.eos_token_ids) or (files.tokenizer.eos_token_ids if files.tokenizer else frozenset())
-    return Engine(MixtralModel(mc, dense, experts, cache), eos, config.max_batch_tokens)
+    return Engine(MoeModel(mc, dense, experts, cache), eos, config.max_batch_tokens)

@@ -23,7 +23,7 @@ import torch
 
 from moeshard.cluster.engine.sampling import SamplingParams, make_generator, sample_token
 from moeshard.cluster.model.batch import SequenceChunk, StepBatch
-from moeshard.cluster.model.model import MixtralModel
+from moeshard.cluster.model.model import MoeModel
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model: MixtralModel, eos_token_ids: frozenset[int], max_batch_tokens: int = 2048):
+    def __init__(self, model: MoeModel, eos_token_ids: frozenset[int], max_batch_tokens: int = 2048):
         self.model = model
         self.cache = model.cache
         self.eos_token_ids = eos_token_ids

@@ -1,4 +1,4 @@
-"""Reading a Mixtral checkpoint from safetensors, by key, memory-mapped.
+"""Reading a sparse MoE checkpoint from safetensors, by key, memory-mapped.
 
 A caller asks for the non-expert ("dense") weights or for a set of
 (layer, expert) pairs and gets only those: an expert actor never reads another
@@ -7,7 +7,10 @@ is checked (present, right shape) before any tensor is read, so a bad
 checkpoint fails whole, never half-loaded. Only safetensors are read: pickle
 files (``.bin``, ``.pt``) can run code and are refused.
 
-Dimensions: V vocab, D hidden, I expert hidden, E experts, H heads, Hkv kv heads, Dh head dim.
+Key names come from the architecture's family (``families/``).
+
+Dimensions: V vocab, D hidden, I expert hidden, Is shared expert hidden, Id dense MLP hidden,
+E experts, H heads, Hkv kv heads, Dh head dim.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from safetensors import safe_open
 
 from moeshard.cluster.model.config import ModelConfig
+from moeshard.cluster.model.families import family_of
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,15 @@ class ExpertKey:
 
 
 @dataclass
+class ExpertWeights:
+    """A SwiGLU FFN's three matrices: a routed expert, the shared expert or a dense layer's MLP."""
+
+    w1: torch.Tensor  # [I, D]  gate projection
+    w3: torch.Tensor  # [I, D]  up projection
+    w2: torch.Tensor  # [D, I]  down projection
+
+
+@dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [D]
     q_proj: torch.Tensor  # [H*Dh, D]
@@ -47,12 +60,21 @@ class LayerWeights:
     v_proj: torch.Tensor  # [Hkv*Dh, D]
     o_proj: torch.Tensor  # [D, H*Dh]
     post_attention_norm: torch.Tensor  # [D]
-    router: torch.Tensor  # [E, D]
+    router: torch.Tensor | None  # [E, D]; None in a dense layer
+    q_bias: torch.Tensor | None = None  # [H*Dh]
+    k_bias: torch.Tensor | None = None  # [Hkv*Dh]
+    v_bias: torch.Tensor | None = None  # [Hkv*Dh]
+    o_bias: torch.Tensor | None = None  # [D]
+    q_norm: torch.Tensor | None = None  # [Dh] per head, or [H*Dh] over the projection
+    k_norm: torch.Tensor | None = None  # [Dh] per head, or [Hkv*Dh] over the projection
+    mlp: ExpertWeights | None = None  # a dense layer's MLP, [Id, D] ...
+    shared_expert: ExpertWeights | None = None  # [Is, D] ...
+    shared_expert_gate: torch.Tensor | None = None  # [1, D]
 
 
 @dataclass
 class DenseWeights:
-    """Everything but the experts: what the coordinator holds."""
+    """Everything but the routed experts: what the coordinator holds."""
 
     embed: torch.Tensor  # [V, D]
     layers: list[LayerWeights]
@@ -60,40 +82,91 @@ class DenseWeights:
     lm_head: torch.Tensor  # [V, D] (the embedding itself when tied)
 
 
-@dataclass
-class ExpertWeights:
-    w1: torch.Tensor  # [I, D]  gate projection
-    w3: torch.Tensor  # [I, D]  up projection
-    w2: torch.Tensor  # [D, I]  down projection
-
-
 def _layer_prefix(layer: int) -> str:
     return f"model.layers.{layer}"
 
 
+def _ffn_shapes(keys: tuple[str, str, str], d: int, i: int) -> dict[str, tuple[int, ...]]:
+    gate, up, down = keys
+    return {gate: (i, d), up: (i, d), down: (d, i)}
+
+
+def _layer_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    """Key -> expected shape of one layer's non-expert weights, by name in LayerWeights."""
+    d, dh, keys = config.hidden_size, config.head_dim, family_of(config.architecture).keys
+    q, kv = config.num_heads * dh, config.num_kv_heads * dh
+    p = f"{_layer_prefix(layer)}.self_attn"
+    shapes = {
+        f"{_layer_prefix(layer)}.input_layernorm.weight": (d,),
+        f"{p}.q_proj.weight": (q, d),
+        f"{p}.k_proj.weight": (kv, d),
+        f"{p}.v_proj.weight": (kv, d),
+        f"{p}.o_proj.weight": (d, q),
+        f"{_layer_prefix(layer)}.post_attention_layernorm.weight": (d,),
+    }
+    if config.qkv_bias:
+        shapes.update({f"{p}.q_proj.bias": (q,), f"{p}.k_proj.bias": (kv,), f"{p}.v_proj.bias": (kv,)})
+    if config.o_bias:
+        shapes[f"{p}.o_proj.bias"] = (d,)
+    if config.qk_norm != "none":
+        per_head = config.qk_norm == "per_head"
+        shapes.update({f"{p}.q_norm.weight": (dh if per_head else q,), f"{p}.k_norm.weight": (dh if per_head else kv,)})
+    if not config.is_moe_layer(layer):
+        shapes.update(_ffn_shapes(keys.dense_mlp(layer), d, config.dense_intermediate_size))
+        return shapes
+    shapes[keys.router(layer)] = (config.num_experts, d)
+    if config.shared_expert_intermediate_size:
+        shapes.update(_ffn_shapes(keys.shared_expert(layer), d, config.shared_expert_intermediate_size))
+        shapes[keys.shared_expert_gate(layer)] = (1, d)
+    return shapes
+
+
 def dense_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Key -> expected shape of every non-expert weight."""
-    d, dh = config.hidden_size, config.head_dim
+    d = config.hidden_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, d), "model.norm.weight": (d,)}
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, d)
     for layer in range(config.num_layers):
-        p = _layer_prefix(layer)
-        shapes[f"{p}.input_layernorm.weight"] = (d,)
-        shapes[f"{p}.self_attn.q_proj.weight"] = (config.num_heads * dh, d)
-        shapes[f"{p}.self_attn.k_proj.weight"] = (config.num_kv_heads * dh, d)
-        shapes[f"{p}.self_attn.v_proj.weight"] = (config.num_kv_heads * dh, d)
-        shapes[f"{p}.self_attn.o_proj.weight"] = (d, config.num_heads * dh)
-        shapes[f"{p}.post_attention_layernorm.weight"] = (d,)
-        shapes[f"{p}.block_sparse_moe.gate.weight"] = (config.num_experts, d)
+        shapes.update(_layer_shapes(config, layer))
     return shapes
 
 
 def expert_weight_shapes(config: ModelConfig, key: ExpertKey) -> dict[str, tuple[int, ...]]:
-    """Key -> expected shape of one expert's three matrices."""
-    d, i = config.hidden_size, config.intermediate_size
-    p = f"{_layer_prefix(key.layer)}.block_sparse_moe.experts.{key.expert}"
-    return {f"{p}.w1.weight": (i, d), f"{p}.w3.weight": (i, d), f"{p}.w2.weight": (d, i)}
+    """Key -> expected shape of one expert's three matrices (gate, up, down, in that order)."""
+    keys = family_of(config.architecture).keys.expert(key.layer, key.expert)
+    return _ffn_shapes(keys, config.hidden_size, config.intermediate_size)
+
+
+def _layer_weights(config: ModelConfig, layer: int, t: dict[str, torch.Tensor]) -> LayerWeights:
+    keys, p = family_of(config.architecture).keys, f"{_layer_prefix(layer)}.self_attn"
+
+    def ffn(names: tuple[str, str, str]) -> ExpertWeights:
+        return ExpertWeights(*(t[name] for name in names))
+
+    moe, shared = config.is_moe_layer(layer), moe_layer_has_shared(config, layer)
+    return LayerWeights(
+        input_norm=t[f"{_layer_prefix(layer)}.input_layernorm.weight"],
+        q_proj=t[f"{p}.q_proj.weight"],
+        k_proj=t[f"{p}.k_proj.weight"],
+        v_proj=t[f"{p}.v_proj.weight"],
+        o_proj=t[f"{p}.o_proj.weight"],
+        post_attention_norm=t[f"{_layer_prefix(layer)}.post_attention_layernorm.weight"],
+        router=t[keys.router(layer)] if moe else None,
+        q_bias=t.get(f"{p}.q_proj.bias"),
+        k_bias=t.get(f"{p}.k_proj.bias"),
+        v_bias=t.get(f"{p}.v_proj.bias"),
+        o_bias=t.get(f"{p}.o_proj.bias"),
+        q_norm=t.get(f"{p}.q_norm.weight"),
+        k_norm=t.get(f"{p}.k_norm.weight"),
+        mlp=None if moe else ffn(keys.dense_mlp(layer)),
+        shared_expert=ffn(keys.shared_expert(layer)) if shared else None,
+        shared_expert_gate=t[keys.shared_expert_gate(layer)] if shared else None,
+    )
+
+
+def moe_layer_has_shared(config: ModelConfig, layer: int) -> bool:
+    return config.is_moe_layer(layer) and bool(config.shared_expert_intermediate_size)
 
 
 class CheckpointReader:
@@ -126,20 +199,7 @@ class CheckpointReader:
     def read_dense(self, dtype: torch.dtype) -> DenseWeights:
         config = self.config
         t = self.read(dense_weight_shapes(config), dtype)
-        layers = []
-        for layer in range(config.num_layers):
-            p = _layer_prefix(layer)
-            layers.append(
-                LayerWeights(
-                    input_norm=t[f"{p}.input_layernorm.weight"],
-                    q_proj=t[f"{p}.self_attn.q_proj.weight"],
-                    k_proj=t[f"{p}.self_attn.k_proj.weight"],
-                    v_proj=t[f"{p}.self_attn.v_proj.weight"],
-                    o_proj=t[f"{p}.self_attn.o_proj.weight"],
-                    post_attention_norm=t[f"{p}.post_attention_layernorm.weight"],
-                    router=t[f"{p}.block_sparse_moe.gate.weight"],
-                )
-            )
+        layers = [_layer_weights(config, layer, t) for layer in range(config.num_layers)]
         embed = t["model.embed_tokens.weight"]
         lm_head = embed if config.tie_word_embeddings else t["lm_head.weight"]
         logger.info("read dense weights of %d layers from %s", config.num_layers, self.model_dir)
@@ -154,6 +214,8 @@ class CheckpointReader:
                     f"expert {key} out of range: the model has {self.config.num_layers} layers "
                     f"of {self.config.num_experts} experts"
                 )
+            if not self.config.is_moe_layer(key.layer):
+                raise CheckpointError(f"expert {key}: layer {key.layer} is a dense layer, it has no experts")
         shapes: dict[str, tuple[int, ...]] = {}
         for key in keys:
             shapes.update(expert_weight_shapes(self.config, key))

@@ -1,6 +1,6 @@
-"""Small stateless layers of the Mixtral decoder: RMSNorm and rotary position embedding.
+"""Small stateless layers of the decoder: RMSNorm, rotary position embedding, the SwiGLU FFN.
 
-Dimensions: T tokens, D hidden, Dh head dim, H heads.
+Dimensions: T tokens, D hidden, Dh head dim, H heads, I FFN hidden.
 """
 
 from __future__ import annotations
@@ -8,13 +8,19 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [T, D] -> [T, D]; normalised in float32, scaled in x's dtype."""
-    variance = x.float().pow(2).mean(-1, keepdim=True)  # [T, 1]
+    """x [..., D] -> [..., D] over the last dim; normalised in float32, scaled in x's dtype."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)  # [..., 1]
     normed = x.float() * torch.rsqrt(variance + eps)
     return weight * normed.to(x.dtype)
+
+
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """x [T, D], gate w1 [I, D], up w3 [I, D], down w2 [D, I] -> w2 @ (silu(w1 @ x) * (w3 @ x)) [T, D]."""
+    return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
 
 
 class RotaryTables(NamedTuple):

@@ -5,6 +5,9 @@ and hands the rest to an ``ExpertsFn``: dispatch -> experts -> combine. In one
 process that is ``LocalExperts``; in the cluster it is the coordinator's
 all-to-all over expert actors, which must return the same numbers.
 
+``submit`` starts a layer's experts and returns a ``PendingExperts``: the model
+runs the shared expert while the expert actors work, then ``wait``s.
+
 Dimensions: T tokens, N rows (token, expert) pairs, D hidden, I expert hidden,
 E experts of a layer, El experts hosted here, K chosen per token.
 """
@@ -21,10 +24,30 @@ from moeshard.cluster.model.checkpoint import CheckpointReader, ExpertKey
 from moeshard.kernels import RouterOutput, combine, expert_ffn, permute
 
 
+class PendingExperts(Protocol):
+    def wait(self) -> torch.Tensor:
+        """The experts' output [T, D], once every expert has answered."""
+        ...
+
+
 class ExpertsFn(Protocol):
+    def submit(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> PendingExperts:
+        """Start hidden [T, D], routing ([T, K] weights and expert ids) on the experts; returns before they finish."""
+        ...
+
     def __call__(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         """hidden [T, D], routing ([T, K] weights and expert ids) -> sum_j w[t, j] * Expert_{ids[t, j]}(x_t) [T, D]."""
         ...
+
+
+@dataclass(frozen=True)
+class Done:
+    """Experts already computed (in this process)."""
+
+    output: torch.Tensor  # [T, D]
+
+    def wait(self) -> torch.Tensor:
+        return self.output
 
 
 @dataclass
@@ -77,9 +100,12 @@ class LocalExperts:
     @classmethod
     def from_checkpoint(cls, reader: CheckpointReader, dtype: torch.dtype) -> "LocalExperts":
         config = reader.config
-        hosted = {layer: range(config.num_experts) for layer in range(config.num_layers)}
+        hosted = {layer: range(config.num_experts) for layer in config.moe_layers}
         return cls(load_expert_stacks(reader, hosted, dtype))
 
     def __call__(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         stack = self.stacks[layer]
         return stack.run(hidden, routing.expert_ids.long(), routing.weights)
+
+    def submit(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> Done:
+        return Done(self(layer, hidden, routing))
