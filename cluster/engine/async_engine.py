@@ -4,7 +4,9 @@ Requests are admitted into a bounded queue (``Overloaded`` beyond it), joined
 to the running batch between steps (continuous batching) and streamed back as
 ``StreamDelta``s. Cancelling a stream (a client disconnect) aborts its request
 and frees its KV cache. A failed step (an expert actor died) fails only the
-requests in that step's batch; the loop keeps serving.
+requests in that step's batch; a sequence whose token cannot be sampled fails
+alone; the loop keeps serving. Each request's ``on_done`` callback runs (on
+its event loop) exactly once, when it leaves the engine for any reason.
 
 The loop thread owns the ``Engine``; other threads talk to it through a
 thread-safe inbox, and it answers through each request's asyncio queue.
@@ -17,7 +19,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from moeshard.cluster.engine.engine import Engine, FinishReason
@@ -54,6 +56,7 @@ class _Request:
     text: TextStream
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
+    on_done: Callable[[], None] | None = None
     num_generated: int = 0
 
 
@@ -110,8 +113,17 @@ class AsyncEngine:
         self._thread.start()
 
     # -- called from the event loop -------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, detokenize_with_prompt: bool = True) -> "RequestHandle":
-        """Admit a request (ValueError for a bad one, Overloaded when the queue is full); stream it from the handle."""
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        detokenize_with_prompt: bool = True,
+        on_done: Callable[[], None] | None = None,
+    ) -> "RequestHandle":
+        """Admit a request (ValueError for a bad one, Overloaded when the queue is full); stream it from the handle.
+
+        ``on_done`` is called on this event loop once the request has left the engine (finished, failed or aborted).
+        """
         self.engine.check_prompt(prompt_ids, params.max_tokens)
         with self._lock:
             if self._stats.waiting + self._pending >= self.max_waiting:
@@ -124,6 +136,7 @@ class AsyncEngine:
             text=TextStream(self.tokenizer, list(prompt_ids) if detokenize_with_prompt else [], params),
             loop=asyncio.get_running_loop(),
             out=asyncio.Queue(),
+            on_done=on_done,
         )
         self._send(("add", request))
         return RequestHandle(self, request)
@@ -161,7 +174,11 @@ class AsyncEngine:
                 continue
             for event in events:
                 request = self._requests.get(event.request_id)
-                if request is not None:
+                if request is None:
+                    continue
+                if event.finish_reason is FinishReason.ERROR:
+                    self._fail_one(request, event.error or "sampling failed")
+                else:
                     self._deliver(request, event.token_id, event.finish_reason)
 
     def _drain_inbox(self) -> None:
@@ -176,18 +193,22 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(payload.request_id, payload.prompt_ids, payload.params)
                 except Exception as exc:  # noqa: BLE001 - reported to the request
-                    self._put(payload, exc)
+                    self._put(payload, RequestFailed(one_line(exc)))
+                    self._done(payload)
                     continue
                 self._requests[payload.request_id] = payload
             elif kind == "abort":
-                if self._requests.pop(payload, None) is not None:
+                request = self._requests.pop(payload, None)
+                if request is not None:
                     self.engine.abort(payload)
+                    self._done(request)
 
     def _deliver(self, request: _Request, token_id: int, finish: FinishReason | None) -> None:
         request.num_generated += 1
         delta = apply_token(self.engine, request.request_id, request.text, token_id, finish)
         if delta.finish_reason is not None:
             self._requests.pop(request.request_id, None)
+            self._done(request)
         self._put(
             request,
             StreamDelta(
@@ -200,13 +221,29 @@ class AsyncEngine:
         )
 
     def _fail_all(self, exc: Exception) -> None:
-        for request_id, request in list(self._requests.items()):
-            self.engine.abort(request_id)
-            self._put(request, RequestFailed(one_line(exc)))
-        self._requests.clear()
+        for request in list(self._requests.values()):
+            self._fail_one(request, one_line(exc))
+
+    def _fail_one(self, request: _Request, message: str) -> None:
+        self._requests.pop(request.request_id, None)
+        self.engine.abort(request.request_id)
+        self._put(request, RequestFailed(message))
+        self._done(request)
+
+    def _done(self, request: _Request) -> None:
+        if request.on_done is not None:
+            callback, request.on_done = request.on_done, None
+            self._call(request, callback)
 
     def _put(self, request: _Request, item) -> None:
-        request.loop.call_soon_threadsafe(request.out.put_nowait, item)
+        self._call(request, request.out.put_nowait, item)
+
+    @staticmethod
+    def _call(request: _Request, fn, *args) -> None:
+        try:
+            request.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the request's event loop is closed: nobody is listening any more
+            pass
 
     def _refresh_stats(self) -> None:
         usage = self.engine.cache.usage()
