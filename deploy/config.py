@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moeshard.cluster.engine.config import EngineConfig
+from moeshard.deploy.edge import EdgeSettings
+from moeshard.deploy.limits import Limits
 
 
 class ServeArgs(BaseModel):
@@ -14,13 +16,17 @@ class ServeArgs(BaseModel):
 
     model_dir: str
     model_name: str | None = None  # the id clients send as "model"; default: the directory's name
-    api_key: str | None = None
+    api_key: str | None = Field(default=None, min_length=1)
+    public_docs: bool = False  # /docs, /redoc, /openapi.json open without the API key
+    public_metrics: bool = False  # /metrics open without the API key
+    client_header: str | None = None  # a trusted proxy's header naming the client (e.g. x-forwarded-for); default: peer address
     expert_actors: int = Field(default=0, ge=0)
     dtype: str = "float32"
     ray_address: str | None = None
     max_waiting: int = Field(default=256, ge=1)  # requests queued beyond the running batch; more get 503
     max_ongoing_requests: int = Field(default=1024, ge=1)
-    engine: dict = Field(default_factory=dict)  # further EngineConfig fields (kv_cache_bytes, cluster: {...}, ...)
+    limits: Limits = Field(default_factory=Limits)
+    engine: dict = Field(default_factory=dict)  # further EngineConfig fields (kv_cache_bytes, max_running, cluster: {...}, ...)
 
     @field_validator("model_dir")
     @classmethod
@@ -37,3 +43,11 @@ class ServeArgs(BaseModel):
         cluster = dict(fields.pop("cluster", {}))
         cluster.update(expert_actors=self.expert_actors, ray_address=self.ray_address)
         return EngineConfig(model_dir=self.model_dir, dtype=self.dtype, cluster=cluster, **fields)
+
+    def edge_settings(self) -> EdgeSettings:
+        return EdgeSettings(
+            api_key=self.api_key,
+            public_docs=self.public_docs,
+            public_metrics=self.public_metrics,
+            max_body_bytes=self.limits.max_body_bytes,
+        )

@@ -8,7 +8,7 @@ beyond it, load is reported per layer as the max/mean ratio.
 from __future__ import annotations
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 MAX_EXPERT_SERIES = 2048
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -18,6 +18,7 @@ class ServerMetrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and friends: the coordinator's own footprint
         self.requests = Counter("moeshard_requests", "Finished requests by outcome", ["status"], registry=r)
         self.prompt_tokens = Counter("moeshard_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("moeshard_generation_tokens", "Tokens generated", registry=r)
