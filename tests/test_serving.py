@@ -204,7 +204,7 @@ def test_overload_gets_503_then_recovers(server):
     results = asyncio.run(flood())
     refused = [r for r in results if isinstance(r, openai.APIStatusError)]
     served = [r for r in results if not isinstance(r, Exception)]
-    assert refused and all(r.status_code == 503 for r in refused)
+    assert refused and all(r.status_code == 503 and r.response.headers["retry-after"] == "1" for r in refused)
     assert served and all(len(r.choices[0].text) > 0 for r in served)
     assert "overloaded" in str(refused[0])
     assert tight.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=4, temperature=0).choices[0].text
