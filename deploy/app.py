@@ -74,6 +74,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 class ServingCoordinator:
     def __init__(self, args: dict):
         self.args = ServeArgs(**args)
+        configure_edge(self.args.edge_settings())  # first: a missing key fails the replica before anything loads
         config = self.args.engine_config()
         files = read_model_files(config.model_dir)
         self.tokenizer = files.tokenizer
@@ -88,7 +89,6 @@ class ServingCoordinator:
         engine = build_engine(config, files, experts)
         self.engine = AsyncEngine(engine, self.tokenizer, self.args.max_waiting)
         self.admission = ClientAdmission(self.args.limits.max_sequences_per_client, self.args.limits.retry_after_s)
-        configure_edge(self.args.edge_settings())
         self.metrics = ServerMetrics()
         self.created = int(time.time())
         logger.info("serving %s as %r", config.model_dir, self.args.served_model_name)

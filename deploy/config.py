@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from moeshard.cluster.engine.config import EngineConfig
 from moeshard.deploy.edge import EdgeSettings
@@ -17,6 +18,9 @@ class ServeArgs(BaseModel):
     model_dir: str
     model_name: str | None = None  # the id clients send as "model"; default: the directory's name
     api_key: str | None = Field(default=None, min_length=1)
+    # Or the name of an environment variable holding the key, read by the replica when it starts, so the key
+    # is in no Serve config (Ray's dashboard shows application args): e.g. from a Kubernetes Secret.
+    api_key_env: str | None = Field(default=None, min_length=1)
     public_docs: bool = False  # /docs, /redoc, /openapi.json open without the API key
     public_metrics: bool = False  # /metrics open without the API key
     client_header: str | None = None  # a trusted proxy's header naming the client (e.g. x-forwarded-for); default: peer address
@@ -34,6 +38,12 @@ class ServeArgs(BaseModel):
         """Resolved where the app is built (``moeshard serve`` or ``serve run``), not in the replica."""
         return str(Path(value).expanduser().absolute())
 
+    @model_validator(mode="after")
+    def _one_key_source(self) -> "ServeArgs":
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("give api_key or api_key_env, not both")
+        return self
+
     @property
     def served_model_name(self) -> str:
         return self.model_name or Path(self.model_dir).resolve().name
@@ -44,9 +54,18 @@ class ServeArgs(BaseModel):
         cluster.update(expert_actors=self.expert_actors, ray_address=self.ray_address)
         return EngineConfig(model_dir=self.model_dir, dtype=self.dtype, cluster=cluster, **fields)
 
+    def resolved_api_key(self) -> str | None:
+        """The key: ``api_key``, or the value of ``api_key_env`` in this process's environment (which must be set)."""
+        if self.api_key_env is None:
+            return self.api_key
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise ValueError(f"api_key_env names {self.api_key_env!r}, which is not set (or empty) in the server's environment")
+        return key
+
     def edge_settings(self) -> EdgeSettings:
         return EdgeSettings(
-            api_key=self.api_key,
+            api_key=self.resolved_api_key(),
             public_docs=self.public_docs,
             public_metrics=self.public_metrics,
             max_body_bytes=self.limits.max_body_bytes,
