@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException
 
 from moeshard.cluster.engine.assembly import build_engine, read_model_files
@@ -34,7 +35,7 @@ from moeshard.deploy.admission import ClientAdmission, client_id
 from moeshard.deploy.config import ServeArgs
 from moeshard.deploy.edge import EdgeGuard, configure_edge
 from moeshard.deploy.errors import APIError, error_body, error_response
-from moeshard.deploy.limits import check_prompt_chars, check_work
+from moeshard.deploy.limits import check_choices, check_prompt_chars, check_work
 from moeshard.deploy.metrics import ServerMetrics
 from moeshard.deploy.protocol import ChatCompletionRequest, CompletionRequest, envelope, usage_counts
 
@@ -65,7 +66,10 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 @api.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unexpected error on %s", request.url.path)
+    if isinstance(exc, TaskCancelledError):  # Serve cancels a request's receive when its client goes away
+        logger.info("client went away during %s", request.url.path)
+    else:
+        logger.exception("unexpected error on %s", request.url.path)
     return error_response(500, f"internal error: {one_line(exc)}")
 
 
@@ -140,6 +144,7 @@ class ServingCoordinator:
         check_prompt_chars(body.texts(), self.args.limits, "prompt")
         try:
             prompts = body.prompts()
+            check_choices(len(prompts) * body.n)
             return await asyncio.to_thread(lambda: [encode_prompt(p, self.tokenizer) for p in prompts])
         except ValueError as exc:
             raise APIError(400, one_line(exc), "prompt") from None

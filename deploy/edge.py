@@ -86,7 +86,7 @@ class EdgeGuard:
             return
         settings = _settings
         authorized = is_authorized(scope.get("headers", []), settings.api_key)
-        scope.setdefault("state", {})["authorized"] = authorized
+        scope["state"] = {**scope.get("state", {}), "authorized": authorized}  # per request, never shared
         if not authorized and needs_key(route_path(scope), settings):
             await _answer(send, 401, "invalid or missing API key: send 'Authorization: Bearer <key>'", {"www-authenticate": "Bearer"})
             return

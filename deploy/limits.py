@@ -34,10 +34,15 @@ def check_prompt_chars(texts: list[str], limits: Limits, field: str) -> None:
         raise APIError(400, f"the prompt has {total} characters; this server accepts at most {limits.max_prompt_chars}", field)
 
 
-def check_work(choices: int, max_tokens: int, limits: Limits) -> None:
-    """400 when a request asks for more sequences, or more output tokens in all, than one request may."""
+def check_choices(choices: int) -> None:
+    """400 when a request asks for more sequences (prompts x n) than one request may (checked before tokenizing)."""
     if choices > MAX_CHOICES:
         raise APIError(400, f"the request asks for {choices} sequences (prompts x n); at most {MAX_CHOICES} are allowed", "n")
+
+
+def check_work(choices: int, max_tokens: int, limits: Limits) -> None:
+    """400 when a request asks for more sequences, or more output tokens in all, than one request may."""
+    check_choices(choices)
     if choices * max_tokens > limits.max_request_tokens:
         raise APIError(
             400,
