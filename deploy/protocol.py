@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from moeshard.cluster.engine.prompts import as_prompt_list
 from moeshard.cluster.engine.sampling import SamplingParams
 
-
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_N = 16
 MAX_STOPS = 4

@@ -237,13 +237,17 @@ def format_result(r: SoakResult) -> str:
     lines = [
         "| clients | minutes | completed | disconnected | refused | lost | output tokens | idle after (s) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {r.clients} | {r.duration_s / 60:g} | {r.completed} | {r.disconnected} | {r.refused} | {r.lost} | {r.output_tokens} | "
-        f"{'never' if r.idle_after_s is None else f'{r.idle_after_s:.1f}'} |",
+        (
+            f"| {r.clients} | {r.duration_s / 60:g} | {r.completed} | {r.disconnected} | {r.refused} | {r.lost} | "
+            f"{r.output_tokens} | {'never' if r.idle_after_s is None else f'{r.idle_after_s:.1f}'} |"
+        ),
         "",
         "| coordinator RSS (MiB) | at start | after 1 min | peak | at end | growth start->end | growth 1 min->end |",
         "|---|---:|---:|---:|---:|---:|---:|",
-        f"| | {first.rss_bytes / mib:.0f} | {after_1min / mib:.0f} | {peak / mib:.0f} | {last.rss_bytes / mib:.0f} | "
-        f"{(last.rss_bytes - first.rss_bytes) / mib:+.1f} | {(last.rss_bytes - after_1min) / mib:+.1f} |",
+        (
+            f"| | {first.rss_bytes / mib:.0f} | {after_1min / mib:.0f} | {peak / mib:.0f} | {last.rss_bytes / mib:.0f} | "
+            f"{(last.rss_bytes - first.rss_bytes) / mib:+.1f} | {(last.rss_bytes - after_1min) / mib:+.1f} |"
+        ),
     ]
     if r.lost_examples:
         lines += ["", "lost:"] + [f"  {e}" for e in r.lost_examples]
