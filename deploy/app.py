@@ -5,6 +5,11 @@
 The ingress replica is the coordinator: it runs embeddings, attention with its
 KV cache, routers and LM head, and dispatches every MoE layer to the expert
 actors it started (or to local experts when ``expert_actors`` is 0).
+
+Before a route runs, the edge guard (``edge.py``) checks the API key and the body size. A route
+then checks the model name and the prompt's length in characters (``limits.py``), tokenizes off
+the event loop, checks the request's total work, and admits its sequences: per client
+(``admission.py``, 429) and into the engine's queue (503). Every error is OpenAI-shaped JSON.
 """
 
 # No "from __future__ import annotations": FastAPI must see real types on the Serve ingress methods.
@@ -19,6 +24,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import TaskCancelledError
+from starlette.exceptions import HTTPException
 
 from moeshard.cluster.engine.assembly import build_engine, read_model_files
 from moeshard.cluster.engine.async_engine import (
@@ -31,8 +38,11 @@ from moeshard.cluster.engine.async_engine import (
 )
 from moeshard.cluster.engine.prompts import encode_prompt
 from moeshard.cluster.errors import first_field_error, one_line
+from moeshard.deploy.admission import ClientAdmission, client_id
 from moeshard.deploy.config import ServeArgs
+from moeshard.deploy.edge import EdgeGuard, configure_edge
 from moeshard.deploy.errors import APIError, error_body, error_response
+from moeshard.deploy.limits import check_choices, check_prompt_chars, check_work
 from moeshard.deploy.metrics import ServerMetrics
 from moeshard.deploy.protocol import ChatCompletionRequest, CompletionRequest, envelope, usage_counts
 
@@ -41,11 +51,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 api = FastAPI(title="moeshard", description="OpenAI-compatible serving of Mixture-of-Experts models")
+api.add_middleware(EdgeGuard)
 
 
 @api.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.param)
+    return error_response(exc.status, exc.message, exc.param, exc.retry_after_s)
 
 
 @api.exception_handler(RequestValidationError)
@@ -54,11 +65,27 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_response(400, str(error), error.field or None)
 
 
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own errors (unknown route 404, wrong method 405, unparsable body 400) in OpenAI's shape."""
+    return error_response(exc.status_code, str(exc.detail))
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, TaskCancelledError):  # Serve cancels a request's receive when its client goes away
+        logger.info("client went away during %s", request.url.path)
+    else:
+        logger.exception("unexpected error on %s", request.url.path)
+    return error_response(500, f"internal error: {one_line(exc)}")
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
 @serve.ingress(api)
 class ServingCoordinator:
     def __init__(self, args: dict):
         self.args = ServeArgs(**args)
+        configure_edge(self.args.edge_settings())  # first: a missing key fails the replica before anything loads
         config = self.args.engine_config()
         files = read_model_files(config.model_dir)
         self.tokenizer = files.tokenizer
@@ -72,6 +99,7 @@ class ServingCoordinator:
             self.experts = remote_experts(config, self.pool.placement, self.pool.actors)
         engine = build_engine(config, files, self.experts)
         self.engine = AsyncEngine(engine, self.tokenizer, self.args.max_waiting, self.args.request_timeout_s)
+        self.admission = ClientAdmission(self.args.limits.max_sequences_per_client, self.args.limits.retry_after_s)
         self.metrics = ServerMetrics()
         self.created = int(time.time())
         logger.info("serving %s as %r", config.model_dir, self.args.served_model_name)
@@ -84,36 +112,59 @@ class ServingCoordinator:
             self.pool.shutdown()
 
     # -- plumbing -------------------------------------------------------------------
-    def _authorize(self, request: Request) -> None:
-        key = self.args.api_key
-        if key is not None and request.headers.get("authorization") != f"Bearer {key}":
-            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'")
-
     def _check_model(self, model: str) -> None:
         if model != self.args.served_model_name:
             raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.args.served_model_name}'", "model")
 
-    def _submit(self, prompt_ids: list[int], params, with_prompt: bool) -> RequestHandle:
+    def _submit(self, prompt_ids: list[int], params, with_prompt: bool, on_done) -> RequestHandle:
         try:
-            return self.engine.submit(prompt_ids, params, detokenize_with_prompt=with_prompt)
+            return self.engine.submit(prompt_ids, params, detokenize_with_prompt=with_prompt, on_done=on_done)
         except (Overloaded, EngineStopped) as exc:
             self.metrics.requests.labels("overloaded").inc()
-            raise APIError(503, str(exc)) from None
+            raise APIError(503, str(exc), retry_after_s=self.args.limits.retry_after_s) from None
         except ValueError as exc:
             self.metrics.requests.labels("invalid").inc()
-            raise APIError(400, str(exc), "prompt") from None
+            raise APIError(400, one_line(exc), "prompt") from None
 
-    def _submit_all(self, jobs: list[tuple[list[int], object]], with_prompt: bool) -> list[RequestHandle]:
-        """Admit every choice or none: an error on one aborts those already admitted."""
+    def _submit_all(self, request: Request, jobs: list[tuple[list[int], object]], with_prompt: bool) -> list[RequestHandle]:
+        """Admit every choice or none (checked for total work and the client's share first)."""
+        check_work(len(jobs), max(params.max_tokens for _, params in jobs), self.args.limits)
+        client = client_id(request.scope, self.args.client_header)
+        try:
+            self.admission.acquire(client, len(jobs))
+        except APIError:
+            self.metrics.requests.labels("limited").inc()
+            raise
         handles: list[RequestHandle] = []
         try:
             for prompt_ids, params in jobs:
-                handles.append(self._submit(prompt_ids, params, with_prompt))
+                handles.append(self._submit(prompt_ids, params, with_prompt, self.admission.releaser(client)))
         except APIError:
-            for handle in handles:
+            self.admission.release(client, len(jobs) - len(handles))
+            for handle in handles:  # each returns its own slot when the engine drops it
                 handle.abort()
             raise
         return handles
+
+    async def _encode_prompts(self, body: CompletionRequest) -> list[list[int]]:
+        """Token ids of every prompt, tokenized off the event loop after a length check in characters."""
+        check_prompt_chars(body.texts(), self.args.limits, "prompt")
+        try:
+            prompts = body.prompts()
+            check_choices(len(prompts) * body.n)
+            return await asyncio.to_thread(lambda: [encode_prompt(p, self.tokenizer) for p in prompts])
+        except ValueError as exc:
+            raise APIError(400, one_line(exc), "prompt") from None
+
+    async def _encode_chat(self, body: ChatCompletionRequest) -> list[int]:
+        """The chat prompt's token ids, templated and tokenized off the event loop after a length check."""
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer, so it cannot chat")
+        check_prompt_chars(body.texts(), self.args.limits, "messages")
+        try:
+            return await asyncio.to_thread(self.tokenizer.encode_chat, body.plain_messages())
+        except ValueError as exc:
+            raise APIError(400, one_line(exc), "messages") from None
 
     async def _timed(self, index: int, handle: RequestHandle, started: float) -> AsyncIterator[tuple[int, StreamDelta]]:
         """A choice's deltas, recording time to first token and time per output token."""
@@ -189,6 +240,9 @@ class ServingCoordinator:
             except RequestFailed as exc:
                 self.metrics.requests.labels("failed").inc()
                 yield f"data: {json.dumps(error_body(500, f'generation failed: {exc}'))}\n\n"
+            except APIError as exc:
+                self.metrics.requests.labels("failed").inc()
+                yield f"data: {json.dumps(error_body(exc.status, exc.message, exc.param))}\n\n"
             except asyncio.CancelledError:
                 self.metrics.requests.labels("cancelled").inc()
                 raise
@@ -198,8 +252,7 @@ class ServingCoordinator:
 
     # -- routes ---------------------------------------------------------------------
     @api.get("/v1/models")
-    async def models(self, request: Request) -> dict:
-        self._authorize(request)
+    async def models(self) -> dict:
         return {
             "object": "list",
             "data": [{"id": self.args.served_model_name, "object": "model", "created": self.created, "owned_by": "moeshard"}],
@@ -207,14 +260,10 @@ class ServingCoordinator:
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
-        self._authorize(request)
         self._check_model(body.model)
-        try:
-            prompts = [encode_prompt(p, self.tokenizer) for p in body.prompts()]
-            jobs = [(ids, body.sampling_params(DEFAULT_COMPLETION_MAX_TOKENS, c)) for ids in prompts for c in range(body.n)]
-        except ValueError as exc:
-            raise APIError(400, one_line(exc), "prompt") from None
-        handles = self._submit_all(jobs, with_prompt=True)
+        prompts = await self._encode_prompts(body)
+        jobs = [(ids, body.sampling_params(DEFAULT_COMPLETION_MAX_TOKENS, c)) for ids in prompts for c in range(body.n)]
+        handles = self._submit_all(request, jobs, with_prompt=True)
         prompt_tokens = sum(len(ids) for ids in prompts)
         self.metrics.prompt_tokens.inc(prompt_tokens)
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -243,17 +292,11 @@ class ServingCoordinator:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        self._authorize(request)
         self._check_model(body.model)
-        if self.tokenizer is None:
-            raise APIError(400, "this model has no tokenizer, so it cannot chat")
-        try:
-            prompt_ids = self.tokenizer.encode_chat(body.plain_messages())
-            remaining = max(1, self.engine.engine.max_model_len - len(prompt_ids))
-            jobs = [(prompt_ids, body.sampling_params(remaining, c)) for c in range(body.n)]
-        except ValueError as exc:
-            raise APIError(400, one_line(exc), "messages") from None
-        handles = self._submit_all(jobs, with_prompt=False)
+        prompt_ids = await self._encode_chat(body)
+        remaining = max(1, self.engine.engine.max_model_len - len(prompt_ids))
+        jobs = [(prompt_ids, body.sampling_params(remaining, c)) for c in range(body.n)]
+        handles = self._submit_all(request, jobs, with_prompt=False)
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         model = self.args.served_model_name
@@ -290,13 +333,15 @@ class ServingCoordinator:
         return self._sse(chunks())
 
     @api.get("/health")
-    async def health(self) -> JSONResponse:
+    async def health(self, request: Request) -> JSONResponse:
+        """Liveness for anyone (status only); with the API key (or none set), the coordinator's and each expert actor's state."""
         experts = await asyncio.to_thread(self.pool.health, self.experts.health.snapshot()) if self.pool is not None else []
         alive = self.engine.is_running
         healthy = alive and all(e["state"] != "down" for e in experts)
         degraded = healthy and any(e["state"] != "ok" for e in experts)  # serving through replicas or a restart
-        status = "degraded" if degraded else "ok" if healthy else "unhealthy"
-        body = {"status": status, "degraded": degraded, "coordinator": "ok" if alive else "stopped", "expert_actors": experts}
+        body = {"status": "degraded" if degraded else "ok" if healthy else "unhealthy"}
+        if request.state.authorized:
+            body.update(degraded=degraded, coordinator="ok" if alive else "stopped", expert_actors=experts)
         return JSONResponse(status_code=200 if healthy else 503, content=body)
 
     @api.get("/metrics")
@@ -306,9 +351,8 @@ class ServingCoordinator:
         return Response(content=text, media_type="text/plain; version=0.0.4")
 
     @api.get("/v1/experts")
-    async def experts(self, request: Request) -> dict:
+    async def experts(self) -> dict:
         """Expert placement (which actor and node hosts each expert) and tokens routed to each so far."""
-        self._authorize(request)
         placement = await asyncio.to_thread(self.pool.placement_report) if self.pool is not None else []
         load = self.engine.engine.model.expert_load.tolist()
         return {"expert_actors": self.args.expert_actors, "placement": placement, "load": load}

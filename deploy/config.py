@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from moeshard.cluster.engine.config import EngineConfig
+from moeshard.deploy.edge import EdgeSettings
+from moeshard.deploy.limits import Limits
 
 
 class ServeArgs(BaseModel):
@@ -14,20 +17,33 @@ class ServeArgs(BaseModel):
 
     model_dir: str
     model_name: str | None = None  # the id clients send as "model"; default: the directory's name
-    api_key: str | None = None
+    api_key: str | None = Field(default=None, min_length=1)
+    # Or the name of an environment variable holding the key, read by the replica when it starts, so the key
+    # is in no Serve config (Ray's dashboard shows application args): e.g. from a Kubernetes Secret.
+    api_key_env: str | None = Field(default=None, min_length=1)
+    public_docs: bool = False  # /docs, /redoc, /openapi.json open without the API key
+    public_metrics: bool = False  # /metrics open without the API key
+    client_header: str | None = None  # a trusted proxy's header naming the client (e.g. x-forwarded-for); default: peer address
     expert_actors: int = Field(default=0, ge=0)
     dtype: str = "float32"
     ray_address: str | None = None
     max_waiting: int = Field(default=256, ge=1)  # requests queued beyond the running batch; more get 503
     max_ongoing_requests: int = Field(default=1024, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0)  # a request still unfinished after this fails
-    engine: dict = Field(default_factory=dict)  # further EngineConfig fields (kv_cache_bytes, cluster: {...}, ...)
+    limits: Limits = Field(default_factory=Limits)
+    engine: dict = Field(default_factory=dict)  # further EngineConfig fields (kv_cache_bytes, max_running, cluster: {...}, ...)
 
     @field_validator("model_dir")
     @classmethod
     def _absolute(cls, value: str) -> str:
         """Resolved where the app is built (``moeshard serve`` or ``serve run``), not in the replica."""
         return str(Path(value).expanduser().absolute())
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> "ServeArgs":
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("give api_key or api_key_env, not both")
+        return self
 
     @property
     def served_model_name(self) -> str:
@@ -38,3 +54,20 @@ class ServeArgs(BaseModel):
         cluster = dict(fields.pop("cluster", {}))
         cluster.update(expert_actors=self.expert_actors, ray_address=self.ray_address)
         return EngineConfig(model_dir=self.model_dir, dtype=self.dtype, cluster=cluster, **fields)
+
+    def resolved_api_key(self) -> str | None:
+        """The key: ``api_key``, or the value of ``api_key_env`` in this process's environment (which must be set)."""
+        if self.api_key_env is None:
+            return self.api_key
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise ValueError(f"api_key_env names {self.api_key_env!r}, which is not set (or empty) in the server's environment")
+        return key
+
+    def edge_settings(self) -> EdgeSettings:
+        return EdgeSettings(
+            api_key=self.resolved_api_key(),
+            public_docs=self.public_docs,
+            public_metrics=self.public_metrics,
+            max_body_bytes=self.limits.max_body_bytes,
+        )

@@ -2,28 +2,43 @@
 
 from __future__ import annotations
 
+import json
+
 from fastapi.responses import JSONResponse
 
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
     503: "overloaded_error",
     500: "server_error",
 }
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, retry_after_s: int | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.retry_after_s = retry_after_s  # sent as Retry-After (429, 503)
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": status}}
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content=error_body(status, message, param))
+def error_headers(retry_after_s: int | None) -> dict[str, str]:
+    return {} if retry_after_s is None else {"Retry-After": str(retry_after_s)}
+
+
+def error_response(status: int, message: str, param: str | None = None, retry_after_s: int | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=error_body(status, message, param), headers=error_headers(retry_after_s))
+
+
+def error_bytes(status: int, message: str) -> bytes:
+    """The body of an error answered below FastAPI (the ASGI edge guard)."""
+    return json.dumps(error_body(status, message)).encode()

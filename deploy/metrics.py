@@ -8,7 +8,7 @@ beyond it, load is reported per layer as the max/mean ratio.
 from __future__ import annotations
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 from moeshard.actors.actor_health import HealthSnapshot
 
@@ -21,6 +21,7 @@ class ServerMetrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and friends: the coordinator's own footprint
         self.requests = Counter("moeshard_requests", "Finished requests by outcome", ["status"], registry=r)
         self.prompt_tokens = Counter("moeshard_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("moeshard_generation_tokens", "Tokens generated", registry=r)

@@ -50,8 +50,13 @@ def reference(chat_model_dir):
         yield llm
 
 
+def _get(url: str, key: str | None = API_KEY) -> bytes:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30).read()
+
+
 def _metrics(server: str) -> dict[str, float]:
-    text = urllib.request.urlopen(f"{server}/metrics", timeout=30).read().decode()
+    text = _get(f"{server}/metrics").decode()
     values = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -72,9 +77,10 @@ def _wait_idle(server: str, timeout: float = 30.0) -> dict[str, float]:
 
 def test_models_and_health(client, server):
     assert [m.id for m in client.models.list().data] == [MODEL]
-    health = json.loads(urllib.request.urlopen(f"{server}/health", timeout=30).read())
+    health = json.loads(_get(f"{server}/health"))
     assert health["status"] == "ok" and health["coordinator"] == "ok"
     assert [a["state"] for a in health["expert_actors"]] == ["ok", "ok"]
+    assert json.loads(_get(f"{server}/health", key=None)) == {"status": "ok"}  # liveness only, without the key
 
 
 def test_completion_streamed_equals_plain_equals_offline(client, reference):
@@ -198,7 +204,7 @@ def test_overload_gets_503_then_recovers(server):
     results = asyncio.run(flood())
     refused = [r for r in results if isinstance(r, openai.APIStatusError)]
     served = [r for r in results if not isinstance(r, Exception)]
-    assert refused and all(r.status_code == 503 for r in refused)
+    assert refused and all(r.status_code == 503 and r.response.headers["retry-after"] == "1" for r in refused)
     assert served and all(len(r.choices[0].text) > 0 for r in served)
     assert "overloaded" in str(refused[0])
     assert tight.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=4, temperature=0).choices[0].text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -21,13 +22,37 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--expert-actors", type=int, default=0, help="expert actors to start (0: experts in the server)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    keys = serve.add_mutually_exclusive_group()
+    keys.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every route but /health (visible in the process list: prefer --api-key-env)",
+    )
+    keys.add_argument(
+        "--api-key-env",
+        default=None,
+        metavar="VAR",
+        help="require 'Authorization: Bearer KEY' on every route but /health, KEY read from this environment variable "
+        "(never on the command line, where other users of the machine can read it)",
+    )
+    serve.add_argument("--public-docs", action="store_true", help="serve /docs, /redoc and /openapi.json without the key")
+    serve.add_argument("--public-metrics", action="store_true", help="serve /metrics without the key")
     serve.add_argument("--model-name", default=None, help="model id clients send (default: the directory's name)")
     serve.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--transport", default="actor_calls", choices=["actor_calls", "compiled_graph"])
     serve.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
     serve.set_defaults(run=run_serve)
+
+
+def _api_key(key: str | None, variable: str | None) -> str | None:
+    if variable is None:
+        return key
+    key = os.environ.get(variable)
+    if not key:
+        raise ValueError(f"--api-key-env names {variable!r}, which is not set (or empty)")
+    return key
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -40,7 +65,9 @@ def run_serve(args: argparse.Namespace) -> None:
     serve_args = ServeArgs(
         model_dir=args.model_dir,
         model_name=args.model_name,
-        api_key=args.api_key,
+        api_key=_api_key(args.api_key, args.api_key_env),
+        public_docs=args.public_docs,
+        public_metrics=args.public_metrics,
         expert_actors=args.expert_actors,
         dtype=args.dtype,
         ray_address=args.ray_address,

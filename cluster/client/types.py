@@ -100,10 +100,10 @@ class ActorHealth(_Response):
 
 
 class Health(_Response):
-    """``GET /health``: the engine loop (coordinator) and every expert actor."""
+    """``GET /health``: the engine loop (coordinator) and every expert actor (only ``status`` without the API key)."""
 
     status: str
-    coordinator: str
+    coordinator: str | None = None
     expert_actors: list[ActorHealth] = []
 
     @property

@@ -62,4 +62,22 @@ def build_engine(config: EngineConfig, files: ModelFiles, experts: ExpertsFn | N
         experts = LocalExperts.from_checkpoint(reader, dtype)
     cache = KVCache.with_budget(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.kv_cache_bytes, config.kv_block_size, dtype)
     eos = frozenset(mc.eos_token_ids) or (files.tokenizer.eos_token_ids if files.tokenizer else frozenset())
-    return Engine(MoeModel(mc, dense, experts, cache), eos, config.max_batch_tokens)
+    model = MoeModel(mc, dense, experts, cache)
+    return Engine(model, eos, config.max_batch_tokens, config.max_running, token_limit(mc, files.tokenizer))
+
+
+def token_limit(model_config: ModelConfig, tokenizer: Tokenizer | None) -> int:
+    """The bound on token ids: the model's vocabulary and the tokenizer's, the smaller wins.
+
+    A model's embedding is often padded past its tokenizer (ids the tokenizer cannot decode):
+    those ids are refused in prompts and never sampled. A tokenizer larger than the model could
+    produce ids the model cannot embed: its text prompts then fail with a 400 naming the id.
+    """
+    limit = model_config.vocab_size
+    if tokenizer is not None and tokenizer.vocab_size != limit:
+        logger.warning(
+            "the tokenizer has %d tokens and the model %d: token ids stay below %d",
+            tokenizer.vocab_size, limit, min(limit, tokenizer.vocab_size),
+        )
+        limit = min(limit, tokenizer.vocab_size)
+    return limit

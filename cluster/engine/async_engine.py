@@ -4,7 +4,9 @@ Requests are admitted into a bounded queue (``Overloaded`` beyond it), joined
 to the running batch between steps (continuous batching) and streamed back as
 ``StreamDelta``s. Cancelling a stream (a client disconnect) aborts its request
 and frees its KV cache. A failed step (an expert actor died) fails only the
-requests in that step's batch; the loop keeps serving.
+requests in that step's batch; a sequence whose token cannot be sampled fails
+alone; the loop keeps serving. Each request's ``on_done`` callback runs (on
+its event loop) exactly once, when it leaves the engine for any reason.
 
 The loop thread owns the ``Engine``; other threads talk to it through a
 thread-safe inbox, and it answers through each request's asyncio queue.
@@ -18,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from moeshard.cluster.engine.engine import Engine, FinishReason
@@ -63,6 +65,7 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     deadline: float  # time.monotonic() by which the request must finish
+    on_done: Callable[[], None] | None = None
     num_generated: int = 0
 
 
@@ -124,9 +127,18 @@ class AsyncEngine:
         self._thread.start()
 
     # -- called from the event loop -------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, detokenize_with_prompt: bool = True) -> "RequestHandle":
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        detokenize_with_prompt: bool = True,
+        on_done: Callable[[], None] | None = None,
+    ) -> "RequestHandle":
         """Admit a request (ValueError for a bad one, Overloaded when the queue is full, EngineStopped when the loop
-        has died); stream it from the handle."""
+        has died); stream it from the handle.
+
+        ``on_done`` is called on this event loop once the request has left the engine (finished, failed or aborted).
+        """
         if not self.is_running:
             raise EngineStopped("the engine loop has stopped; this server is being replaced")
         self.engine.check_prompt(prompt_ids, params.max_tokens)
@@ -142,6 +154,7 @@ class AsyncEngine:
             loop=asyncio.get_running_loop(),
             out=asyncio.Queue(),
             deadline=time.monotonic() + self.request_timeout_s,
+            on_done=on_done,
         )
         self._send(("add", request))
         return RequestHandle(self, request)
@@ -176,6 +189,7 @@ class AsyncEngine:
                     break
                 if kind == "add":
                     self._put(payload, RequestFailed(one_line(failure)))
+                    self._done(payload)
             self._fail_all(failure)
 
     def _loop(self) -> None:
@@ -195,7 +209,11 @@ class AsyncEngine:
                 continue
             for event in events:
                 request = self._requests.get(event.request_id)
-                if request is not None:
+                if request is None:
+                    continue
+                if event.finish_reason is FinishReason.ERROR:
+                    self._fail_one(request, event.error or "sampling failed")
+                else:
                     self._deliver(request, event.token_id, event.finish_reason)
 
     def _drain_inbox(self) -> None:
@@ -210,18 +228,22 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(payload.request_id, payload.prompt_ids, payload.params)
                 except Exception as exc:  # noqa: BLE001 - reported to the request
-                    self._put(payload, exc)
+                    self._put(payload, RequestFailed(one_line(exc)))
+                    self._done(payload)
                     continue
                 self._requests[payload.request_id] = payload
             elif kind == "abort":
-                if self._requests.pop(payload, None) is not None:
+                request = self._requests.pop(payload, None)
+                if request is not None:
                     self.engine.abort(payload)
+                    self._done(request)
 
     def _deliver(self, request: _Request, token_id: int, finish: FinishReason | None) -> None:
         request.num_generated += 1
         delta = apply_token(self.engine, request.request_id, request.text, token_id, finish)
         if delta.finish_reason is not None:
             self._requests.pop(request.request_id, None)
+            self._done(request)
         self._put(
             request,
             StreamDelta(
@@ -236,23 +258,37 @@ class AsyncEngine:
     def _expire(self) -> None:
         """Fail the requests past their deadline (their cache is freed)."""
         now = time.monotonic()
-        for request_id, request in list(self._requests.items()):
+        for request in list(self._requests.values()):
             if now > request.deadline:
-                self.engine.abort(request_id)
-                del self._requests[request_id]
-                self._put(request, RequestFailed(f"the request did not finish within {self.request_timeout_s:.0f}s"))
+                self._fail_one(request, f"the request did not finish within {self.request_timeout_s:.0f}s")
 
     def _fail_all(self, exc: Exception) -> None:
-        for request_id, request in list(self._requests.items()):
-            try:
-                self.engine.abort(request_id)
-            except Exception as abort_error:  # noqa: BLE001 - the request is answered either way
-                logger.error("abort of %s failed: %s", request_id, one_line(abort_error))
-            self._put(request, RequestFailed(one_line(exc)))
-        self._requests.clear()
+        for request in list(self._requests.values()):
+            self._fail_one(request, one_line(exc))
+
+    def _fail_one(self, request: _Request, message: str) -> None:
+        self._requests.pop(request.request_id, None)
+        try:
+            self.engine.abort(request.request_id)
+        except Exception as abort_error:  # noqa: BLE001 - the request is answered either way
+            logger.error("abort of %s failed: %s", request.request_id, one_line(abort_error))
+        self._put(request, RequestFailed(message))
+        self._done(request)
+
+    def _done(self, request: _Request) -> None:
+        if request.on_done is not None:
+            callback, request.on_done = request.on_done, None
+            self._call(request, callback)
 
     def _put(self, request: _Request, item) -> None:
-        request.loop.call_soon_threadsafe(request.out.put_nowait, item)
+        self._call(request, request.out.put_nowait, item)
+
+    @staticmethod
+    def _call(request: _Request, fn, *args) -> None:
+        try:
+            request.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the request's event loop is closed: nobody is listening any more
+            pass
 
     def _refresh_stats(self) -> None:
         usage = self.engine.cache.usage()

@@ -55,6 +55,7 @@ class EngineConfig(BaseModel):
     kv_cache_bytes: int = Field(default=512 * 2**20, gt=0)
     kv_block_size: int = Field(default=16, gt=0)
     max_batch_tokens: int = Field(default=2048, gt=0)
+    max_running: int = Field(default=256, gt=0)  # sequences in the running batch at once; more wait
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @field_validator("model_dir")

@@ -8,7 +8,12 @@ KV blocks are taken as sequences grow. A waiting request is admitted when its
 prompt fits with a block of headroom per running sequence; when a running
 sequence cannot grow, the most recently admitted other sequence is preempted:
 its blocks are freed and it goes back to the head of the queue, to be
-recomputed (prompt + tokens so far) when room returns.
+recomputed (prompt + tokens so far) when room returns. At most ``max_running``
+sequences run at once.
+
+Sampling is per sequence: a sequence whose token cannot be sampled finishes
+with ``FinishReason.ERROR`` (its event carries the error) and frees its cache;
+the others in the step go on.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from enum import Enum
 import torch
 
 from moeshard.cluster.engine.sampling import SamplingParams, make_generator, sample_token
+from moeshard.cluster.errors import one_line
 from moeshard.cluster.model.batch import SequenceChunk, StepBatch
 from moeshard.cluster.model.model import MoeModel
 
@@ -32,6 +38,7 @@ class FinishReason(str, Enum):
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
+    ERROR = "error"  # this sequence failed (its event's ``error`` says why); the others go on
 
 
 class RequestTooLong(ValueError):
@@ -41,8 +48,9 @@ class RequestTooLong(ValueError):
 @dataclass(frozen=True)
 class TokenEvent:
     request_id: str
-    token_id: int
+    token_id: int  # -1 on an ERROR event: no token was sampled
     finish_reason: FinishReason | None  # set on the request's last event
+    error: str | None = None  # why the sequence failed, with FinishReason.ERROR
 
 
 @dataclass
@@ -62,11 +70,21 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model: MoeModel, eos_token_ids: frozenset[int], max_batch_tokens: int = 2048):
+    def __init__(
+        self,
+        model: MoeModel,
+        eos_token_ids: frozenset[int],
+        max_batch_tokens: int = 2048,
+        max_running: int = 256,
+        token_limit: int | None = None,
+    ):
         self.model = model
         self.cache = model.cache
         self.eos_token_ids = eos_token_ids
         self.max_batch_tokens = max_batch_tokens
+        self.max_running = max_running
+        # Token ids in prompts and samples stay below this: the model's vocabulary, or the tokenizer's when smaller.
+        self.token_limit = min(token_limit or model.config.vocab_size, model.config.vocab_size)
         self.max_model_len = min(model.config.max_position_embeddings, self.cache.capacity_tokens)
         self._ids = itertools.count()
         self.waiting: deque[Sequence] = deque()
@@ -94,7 +112,7 @@ class Engine:
         prompt_len = len(prompt_ids)
         if prompt_len == 0:
             raise ValueError("the prompt is empty: give at least one token")
-        vocab = self.model.config.vocab_size
+        vocab = self.token_limit
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is out of range for a vocabulary of {vocab}")
@@ -130,12 +148,23 @@ class Engine:
             seq.num_computed = chunk.end_pos
             if seq.num_computed < len(seq.token_ids):
                 continue  # a prefill chunk that has not reached the end of the prompt
-            events.append(self._append_token(seq, sample_token(row, seq.params, seq.generator)))
+            events.append(self._sample(seq, row))
         return events
+
+    def _sample(self, seq: Sequence, row: torch.Tensor) -> TokenEvent:
+        """The sequence's next token event; a sampling error fails this sequence alone."""
+        try:
+            token_id = sample_token(row[: self.token_limit], seq.params, seq.generator)  # row [V]
+        except Exception as exc:  # noqa: BLE001 - reported on this sequence's event
+            logger.warning("sampling failed for %s: %s", seq.request_id, exc)
+            self.running.remove(seq)
+            self.cache.free(seq.seq_id)
+            return TokenEvent(seq.request_id, -1, FinishReason.ERROR, error=one_line(exc))
+        return self._append_token(seq, token_id)
 
     def _admit(self) -> None:
         """Admit waiting sequences in order while each fits, keeping one block of growth per running sequence."""
-        while self.waiting:
+        while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
             needed = self.cache.blocks_needed(seq.seq_id, len(seq.token_ids)) + len(self.running)
             if needed > self.cache.num_free_blocks:

@@ -23,7 +23,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)  # generated ids only
     text: str = ""
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "error" when this sequence failed (see ``error``)
+    error: str | None = None
 
 
 class TextStream:
@@ -85,6 +86,9 @@ def generate_to_completion(
         while engine.has_work():
             for event in engine.step():
                 out, stream = outputs[event.request_id], streams[event.request_id]
+                if event.finish_reason is FinishReason.ERROR:
+                    out.finish_reason, out.error, out.text = event.finish_reason.value, event.error, stream.text
+                    continue
                 out.token_ids.append(event.token_id)
                 delta = apply_token(engine, event.request_id, stream, event.token_id, event.finish_reason)
                 if delta.finish_reason is not None:

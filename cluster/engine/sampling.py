@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class SamplingParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_tokens: int = Field(default=16, ge=1)
     temperature: float = Field(default=1.0, ge=0.0)
@@ -45,27 +45,45 @@ class SamplingParams(BaseModel):
         return self.temperature == 0.0
 
 
+SEED_SPACE = 2**64  # torch generators take seeds in [0, 2**64); a request's seed + choice wraps into it
+
+
+class SamplingError(ValueError):
+    """One sequence's next token could not be sampled (its logits are not finite)."""
+
+
 def make_generator(params: SamplingParams) -> torch.Generator:
     generator = torch.Generator()
     if params.seed is not None:
-        generator.manual_seed(params.seed)
+        generator.manual_seed(params.seed % SEED_SPACE)
     else:
         generator.seed()
     return generator
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """logits [V] float32 -> the next token id."""
+    """logits [V] -> the next token id; numerically safe for every temperature, top_k and top_p.
+
+    The work is in float64 log space, shifted so the largest logit is 0 before
+    dividing by the temperature: every value is then in [-inf, 0] with at least
+    one 0, so no temperature overflows to NaN and the distribution is never empty.
+    A row that is not finite (the model produced NaN or inf) raises ``SamplingError``.
+    """
+    if not bool(torch.isfinite(logits).all()):
+        raise SamplingError("the model produced non-finite logits for this sequence")
     if params.greedy:
         return int(torch.argmax(logits))
-    scaled = logits / params.temperature  # [V]
-    if params.top_k > 0 and params.top_k < scaled.shape[0]:
+    shifted = logits.double() - logits.max().double()  # [V], max 0
+    scaled = shifted / params.temperature  # [V] in [-inf, 0]; the argmax stays 0
+    if 0 < params.top_k < scaled.shape[0]:
         kth = torch.topk(scaled, params.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    logprobs = scaled.log_softmax(-1)  # [V]
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(scaled, descending=True)  # [V]
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest prefix reaching top_p
-        scaled = scaled.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
-    probs = scaled.softmax(-1)
+        sorted_logprobs, order = torch.sort(logprobs, descending=True)  # [V]
+        probs = sorted_logprobs.exp()
+        before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one; 0 for the first
+        drop_sorted = before >= params.top_p  # keep the smallest prefix reaching top_p (never empty)
+        logprobs = logprobs.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
+    probs = (logprobs - logprobs.max()).exp()  # [V], max 1: multinomial normalises
     return int(torch.multinomial(probs, 1, generator=generator))

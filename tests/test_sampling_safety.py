@@ -1,0 +1,121 @@
+"""The sampler is numerically safe for every accepted parameter, and a sequence that fails to sample fails alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moeshard.cluster import LLM, SamplingParams
+from moeshard.cluster.engine import engine as engine_module
+from moeshard.cluster.engine.assembly import build_engine, read_model_files
+from moeshard.cluster.engine.async_engine import AsyncEngine, RequestFailed
+from moeshard.cluster.engine.config import EngineConfig
+from moeshard.cluster.engine.sampling import SamplingError, make_generator, sample_token
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+temperatures = st.one_of(
+    st.just(0.0), st.floats(min_value=0.0, max_value=2.0), st.sampled_from([5e-324, 1e-300, 1e-38, 1e-8, 2.0])
+)
+top_ps = st.one_of(st.floats(min_value=5e-324, max_value=1.0, exclude_min=False), st.sampled_from([5e-324, 1e-12, 1.0]))
+top_ks = st.one_of(st.just(-1), st.integers(min_value=1, max_value=40), st.just(2**63 - 1))
+logit_rows = st.lists(
+    st.one_of(st.floats(min_value=-FLOAT32_MAX, max_value=FLOAT32_MAX, width=32), st.sampled_from([0.0, FLOAT32_MAX, -FLOAT32_MAX])),
+    min_size=1,
+    max_size=32,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(row=logit_rows, temperature=temperatures, top_p=top_ps, top_k=top_ks, seed=st.integers(-(2**63), 2**63 - 1))
+def test_every_accepted_parameter_samples_a_valid_token(row, temperature, top_p, top_k, seed):
+    logits = torch.tensor(row, dtype=torch.float32)
+    params = SamplingParams(max_tokens=1, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed + 15)  # may pass 2**63
+    token = sample_token(logits, params, make_generator(params))
+    assert 0 <= token < len(row)
+    best = logits.max()
+    if temperature == 0.0 or top_k == 1:
+        assert logits[token] == best  # greedy, or only the best survives top_k
+    if top_k > 0:
+        assert int((logits > logits[token]).sum()) < top_k  # the token is within the top k (ties kept)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_logits_raise_a_sampling_error(bad):
+    logits = torch.tensor([0.5, bad, 1.0])
+    with pytest.raises(SamplingError, match="non-finite"):
+        sample_token(logits, SamplingParams(max_tokens=1, temperature=0.7), torch.Generator())
+
+
+def test_tiny_temperature_and_top_p_equal_greedy():
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(1)) * 30
+    for params in (SamplingParams(1, temperature=1e-300), SamplingParams(1, temperature=0.9, top_p=1e-300)):
+        generator = make_generator(params)
+        assert {sample_token(logits, params, generator) for _ in range(20)} == {int(logits.argmax())}
+
+
+def _fail_seed(monkeypatch, failing_seed: int) -> None:
+    real = engine_module.sample_token
+
+    def sample(row, params, generator):
+        if params.seed == failing_seed:
+            raise RuntimeError("injected sampling failure")
+        return real(row, params, generator)
+
+    monkeypatch.setattr(engine_module, "sample_token", sample)
+
+
+def test_one_failing_sequence_fails_alone_offline(tiny_mixtral_dir, monkeypatch):
+    prompts = [[1, 5, 9, 33], [1, 100, 7], [1, 2, 3, 4, 5, 6]]
+    params = [SamplingParams(max_tokens=12, temperature=0.8, seed=s, ignore_eos=True) for s in (1, 13, 2)]
+    with LLM(tiny_mixtral_dir) as llm:
+        alone = [llm.generate([p], [q])[0].token_ids for p, q in zip(prompts, params)]
+        _fail_seed(monkeypatch, 13)
+        together = llm.generate(prompts, params)
+        assert together[1].finish_reason == "error" and "injected sampling failure" in together[1].error
+        assert [together[0].token_ids, together[2].token_ids] == [alone[0], alone[2]]
+        assert llm._engine.cache.usage().used_blocks == 0 and not llm._engine.has_work()
+
+
+def test_one_failing_sequence_fails_alone_in_the_serving_loop(tiny_mixtral_dir, monkeypatch):
+    files = read_model_files(tiny_mixtral_dir)
+    engine = build_engine(EngineConfig(model_dir=str(tiny_mixtral_dir)), files)
+    async_engine = AsyncEngine(engine, None)
+    params = {s: SamplingParams(max_tokens=10, temperature=0.8, seed=s, ignore_eos=True) for s in (1, 13)}
+
+    async def run(seed: int, done: list) -> list[int] | str:
+        handle = async_engine.submit([1, 5, 9], params[seed], on_done=lambda: done.append(seed))
+        try:
+            return [t async for d in handle.stream() for t in d.token_ids]
+        except RequestFailed as exc:
+            return str(exc)
+
+    async def both() -> tuple[list, list]:
+        done: list[int] = []
+        return list(await asyncio.gather(run(1, done), run(13, done))), done
+
+    try:
+        (alone, _), _ = asyncio.run(both())
+        _fail_seed(monkeypatch, 13)
+        (ok, failed), done = asyncio.run(both())
+        assert ok == alone and len(ok) == 10
+        assert failed == "injected sampling failure"
+        assert sorted(done) == [1, 13]  # every request reported leaving the engine exactly once
+        assert async_engine.is_running and engine.cache.usage().used_blocks == 0
+    finally:
+        async_engine.shutdown()
+
+
+def test_running_sequences_are_capped(tiny_mixtral_dir):
+    with LLM(tiny_mixtral_dir, max_running=2) as llm:
+        engine = llm._engine
+        for i in range(5):
+            engine.add_request(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        running = []
+        while engine.has_work():
+            engine.step()
+            running.append(len(engine.running))
+        assert max(running) == 2
