@@ -43,6 +43,28 @@ def test_every_accepted_parameter_samples_a_valid_token(row, temperature, top_p,
         assert int((logits > logits[token]).sum()) < top_k  # the token is within the top k (ties kept)
 
 
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    row=logit_rows,
+    temperature=temperatures,
+    min_p=st.one_of(st.floats(min_value=0.0, max_value=1.0), st.sampled_from([5e-324, 1.0])),
+    penalties=st.tuples(*[st.floats(min_value=-2.0, max_value=2.0)] * 2, st.sampled_from([1e-9, 0.5, 1.0, 1.3, 100.0])),
+    bias=st.floats(min_value=-100.0, max_value=100.0),
+    history=st.lists(st.integers(min_value=0, max_value=31), max_size=8),
+    seed=st.integers(0, 2**63 - 1),
+)
+def test_penalties_bias_and_min_p_sample_a_valid_token(row, temperature, min_p, penalties, bias, history, seed):
+    logits = torch.tensor(row, dtype=torch.float32)
+    frequency, presence, repetition = penalties
+    params = SamplingParams(
+        max_tokens=1, temperature=temperature, min_p=min_p, frequency_penalty=frequency, presence_penalty=presence,
+        repetition_penalty=repetition, logit_bias={0: bias}, seed=seed,
+    )  # fmt: skip
+    history = [t for t in history if t < len(row)]
+    token = sample_token(logits, params, make_generator(params), history[:2], history[2:])
+    assert 0 <= token < len(row)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_logits_raise_a_sampling_error(bad):
     logits = torch.tensor([0.5, bad, 1.0])
@@ -60,10 +82,10 @@ def test_tiny_temperature_and_top_p_equal_greedy():
 def _fail_seed(monkeypatch, failing_seed: int) -> None:
     real = engine_module.sample_token
 
-    def sample(row, params, generator):
+    def sample(row, params, generator, *history):
         if params.seed == failing_seed:
             raise RuntimeError("injected sampling failure")
-        return real(row, params, generator)
+        return real(row, params, generator, *history)
 
     monkeypatch.setattr(engine_module, "sample_token", sample)
 

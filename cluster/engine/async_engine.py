@@ -23,8 +23,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from moeshard.cluster.engine.engine import Engine, FinishReason
+from moeshard.cluster.engine.engine import Engine, FinishReason, TokenEvent
 from moeshard.cluster.engine.generation import TextStream, apply_token
+from moeshard.cluster.engine.logprobs import TokenLogprobs
 from moeshard.cluster.engine.sampling import SamplingParams
 from moeshard.cluster.errors import one_line
 from moeshard.cluster.text.tokenizer import Tokenizer
@@ -54,6 +55,8 @@ class StreamDelta:
     finish_reason: str | None  # set on the last delta
     num_prompt_tokens: int
     num_generated_tokens: int
+    logprobs: list[TokenLogprobs] | None = None  # one per id in token_ids, when the request asked for them
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # on the first delta, when the request asked for them
 
 
 @dataclass
@@ -142,6 +145,7 @@ class AsyncEngine:
         if not self.is_running:
             raise EngineStopped("the engine loop has stopped; this server is being replaced")
         self.engine.check_prompt(prompt_ids, params.max_tokens)
+        self.engine.check_params(params)
         with self._lock:
             if self._stats.waiting + self._pending >= self.max_waiting:
                 raise Overloaded(f"the server is overloaded: {self.max_waiting} requests are already waiting")
@@ -214,7 +218,7 @@ class AsyncEngine:
                 if event.finish_reason is FinishReason.ERROR:
                     self._fail_one(request, event.error or "sampling failed")
                 else:
-                    self._deliver(request, event.token_id, event.finish_reason)
+                    self._deliver(request, event)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -238,20 +242,22 @@ class AsyncEngine:
                     self.engine.abort(payload)
                     self._done(request)
 
-    def _deliver(self, request: _Request, token_id: int, finish: FinishReason | None) -> None:
+    def _deliver(self, request: _Request, event: TokenEvent) -> None:
         request.num_generated += 1
-        delta = apply_token(self.engine, request.request_id, request.text, token_id, finish)
+        delta = apply_token(self.engine, request.request_id, request.text, event.token_id, event.finish_reason)
         if delta.finish_reason is not None:
             self._requests.pop(request.request_id, None)
             self._done(request)
         self._put(
             request,
             StreamDelta(
-                token_ids=[token_id],
+                token_ids=[event.token_id],
                 text=delta.text,
                 finish_reason=delta.finish_reason.value if delta.finish_reason is not None else None,
                 num_prompt_tokens=len(request.prompt_ids),
                 num_generated_tokens=request.num_generated,
+                logprobs=None if event.logprobs is None else [event.logprobs],
+                prompt_logprobs=event.prompt_logprobs,
             ),
         )
 

@@ -11,6 +11,10 @@ its blocks are freed and it goes back to the head of the queue, to be
 recomputed (prompt + tokens so far) when room returns. At most ``max_running``
 sequences run at once.
 
+A request that asks for logprobs gets, on each token event, the log-softmax of
+the raw logits at that token (and its top alternatives); one that asks for prompt
+logprobs gets them on its first event, from a scratch prefill when it is added.
+
 Sampling is per sequence: a sequence whose token cannot be sampled finishes
 with ``FinishReason.ERROR`` (its event carries the error) and frees its cache;
 the others in the step go on.
@@ -21,11 +25,12 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import torch
 
+from moeshard.cluster.engine.logprobs import TokenLogprobs, prompt_logprobs, token_logprobs
 from moeshard.cluster.engine.sampling import SamplingParams, make_generator, sample_token
 from moeshard.cluster.errors import one_line
 from moeshard.cluster.model.batch import SequenceChunk, StepBatch
@@ -51,6 +56,8 @@ class TokenEvent:
     token_id: int  # -1 on an ERROR event: no token was sampled
     finish_reason: FinishReason | None  # set on the request's last event
     error: str | None = None  # why the sequence failed, with FinishReason.ERROR
+    logprobs: TokenLogprobs | None = None  # when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # on the first event, when asked for
 
 
 @dataclass
@@ -63,6 +70,7 @@ class Sequence:
     generator: torch.Generator
     num_computed: int = 0
     stop_ids: frozenset[int] = field(default_factory=frozenset)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # until the first event carries them
 
     @property
     def num_generated(self) -> int:
@@ -94,6 +102,7 @@ class Engine:
     # -- requests -----------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         self.check_prompt(prompt_ids, params.max_tokens)
+        self.check_params(params)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         self.waiting.append(
             Sequence(
@@ -104,8 +113,21 @@ class Engine:
                 params=params,
                 generator=make_generator(params),
                 stop_ids=stop_ids,
+                prompt_logprobs=self._prompt_logprobs(prompt_ids, params.prompt_logprobs),
             )
         )
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Raise a one-line ValueError for token ids in ``logit_bias`` outside the vocabulary."""
+        bad = [t for t in params.logit_bias if not 0 <= t < self.token_limit]
+        if bad:
+            raise ValueError(f"logit_bias token id {bad[0]} is out of range for a vocabulary of {self.token_limit}")
+
+    def _prompt_logprobs(self, prompt_ids: list[int], k: int | None) -> list[TokenLogprobs | None] | None:
+        if k is None:
+            return None
+        logits = self.prompt_logits(prompt_ids)[:, : self.token_limit]  # [T, V]
+        return prompt_logprobs(logits, list(prompt_ids), k)
 
     def check_prompt(self, prompt_ids: list[int], max_tokens: int) -> None:
         """Raise a one-line ValueError for an empty prompt, a bad token id, or too long a request."""
@@ -153,14 +175,21 @@ class Engine:
 
     def _sample(self, seq: Sequence, row: torch.Tensor) -> TokenEvent:
         """The sequence's next token event; a sampling error fails this sequence alone."""
+        row = row[: self.token_limit]  # [V]
         try:
-            token_id = sample_token(row[: self.token_limit], seq.params, seq.generator)  # row [V]
+            output_ids = seq.token_ids[seq.prompt_len :]
+            token_id = sample_token(row, seq.params, seq.generator, seq.token_ids[: seq.prompt_len], output_ids)
         except Exception as exc:  # noqa: BLE001 - reported on this sequence's event
             logger.warning("sampling failed for %s: %s", seq.request_id, exc)
             self.running.remove(seq)
             self.cache.free(seq.seq_id)
             return TokenEvent(seq.request_id, -1, FinishReason.ERROR, error=one_line(exc))
-        return self._append_token(seq, token_id)
+        event = self._append_token(seq, token_id)
+        if seq.params.logprobs is not None:
+            event = replace(event, logprobs=token_logprobs(row, token_id, seq.params.logprobs))
+        if seq.prompt_logprobs is not None:
+            event, seq.prompt_logprobs = replace(event, prompt_logprobs=seq.prompt_logprobs), None
+        return event
 
     def _admit(self) -> None:
         """Admit waiting sequences in order while each fits, keeping one block of growth per running sequence."""

@@ -10,6 +10,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from moeshard.cluster.engine.engine import Engine, FinishReason
+from moeshard.cluster.engine.logprobs import TokenLogprobs
 from moeshard.cluster.engine.sampling import SamplingParams
 from moeshard.cluster.engine.stop_strings import StopStringMatcher
 from moeshard.cluster.text.detokenizer import IncrementalDetokenizer
@@ -25,6 +26,8 @@ class RequestOutput:
     text: str = ""
     finish_reason: str | None = None  # "error" when this sequence failed (see ``error``)
     error: str | None = None
+    logprobs: list[TokenLogprobs] | None = None  # per generated token, when asked for (``SamplingParams.logprobs``)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # per prompt token (the first None), when asked for
 
 
 class TextStream:
@@ -90,6 +93,10 @@ def generate_to_completion(
                     out.finish_reason, out.error, out.text = event.finish_reason.value, event.error, stream.text
                     continue
                 out.token_ids.append(event.token_id)
+                if event.logprobs is not None:
+                    out.logprobs = (out.logprobs or []) + [event.logprobs]
+                if event.prompt_logprobs is not None:
+                    out.prompt_logprobs = event.prompt_logprobs
                 delta = apply_token(engine, event.request_id, stream, event.token_id, event.finish_reason)
                 if delta.finish_reason is not None:
                     out.finish_reason = delta.finish_reason.value

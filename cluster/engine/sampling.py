@@ -2,12 +2,23 @@
 
 Each request carries its own random generator (seeded when ``seed`` is given),
 so a seeded request samples the same tokens alone or inside any batch.
+
+The order, as vLLM's sampler: ``logit_bias`` is added to the raw logits; then the
+penalties (``repetition_penalty`` over prompt and generated tokens, the multiplicative
+rule of transformers and vLLM; ``frequency_penalty`` and ``presence_penalty`` over the
+generated tokens, OpenAI's additive rule); greedy takes the argmax there; otherwise
+temperature, then ``min_p``, ``top_k`` and ``top_p``, and a draw.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from moeshard.cluster.engine.logprobs import MAX_LOGPROBS
 
 
 class SamplingParams(BaseModel):
@@ -21,6 +32,13 @@ class SamplingParams(BaseModel):
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
+    logit_bias: dict[int, float] = Field(default_factory=dict)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # report each token's logprob and this many alternatives
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # the same for every prompt token
 
     def __init__(self, max_tokens: int = 16, **kwargs):  # allows SamplingParams(32, temperature=0)
         super().__init__(max_tokens=max_tokens, **kwargs)
@@ -38,6 +56,8 @@ class SamplingParams(BaseModel):
             raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
         if any(s == "" for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if any(not -100.0 <= b <= 100.0 for b in self.logit_bias.values()):
+            raise ValueError("logit_bias values must be in [-100, 100]")
         return self
 
     @property
@@ -61,20 +81,57 @@ def make_generator(params: SamplingParams) -> torch.Generator:
     return generator
 
 
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """logits [V] -> the next token id; numerically safe for every temperature, top_k and top_p.
+def apply_penalties(
+    logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int], output_ids: Sequence[int]
+) -> torch.Tensor:
+    """logits [V] float64 -> logits [V] with ``logit_bias`` and the penalties applied (a new tensor)."""
+    scores = logits.clone()
+    vocab = scores.shape[0]
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long)  # [B]
+        scores[ids] += torch.tensor(list(params.logit_bias.values()), dtype=scores.dtype)
+    if params.repetition_penalty != 1.0 and (prompt_ids or output_ids):
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)  # [S]
+        values = scores[seen]
+        scores[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if (params.frequency_penalty or params.presence_penalty) and output_ids:
+        counts = torch.bincount(torch.tensor(list(output_ids), dtype=torch.long), minlength=vocab)[:vocab]  # [V]
+        scores -= params.frequency_penalty * counts.double() + params.presence_penalty * (counts > 0).double()
+    return scores
 
-    The work is in float64 log space, shifted so the largest logit is 0 before
+
+def sample_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+    prompt_ids: Sequence[int] = (),
+    output_ids: Sequence[int] = (),
+) -> int:
+    """logits [V] -> the next token id; numerically safe for every accepted parameter.
+
+    ``prompt_ids`` and ``output_ids`` (the tokens generated so far) feed the penalties.
+    The work is in float64 log space, shifted so the largest score is 0 before
     dividing by the temperature: every value is then in [-inf, 0] with at least
     one 0, so no temperature overflows to NaN and the distribution is never empty.
     A row that is not finite (the model produced NaN or inf) raises ``SamplingError``.
     """
     if not bool(torch.isfinite(logits).all()):
         raise SamplingError("the model produced non-finite logits for this sequence")
+    scores = apply_penalties(logits.double(), params, prompt_ids, output_ids)  # [V] float64
     if params.greedy:
-        return int(torch.argmax(logits))
-    shifted = logits.double() - logits.max().double()  # [V], max 0
+        return int(torch.argmax(scores))
+    logprobs = processed_logprobs(scores, params)  # [V]
+    probs = (logprobs - logprobs.max()).exp()  # [V], max 1: multinomial normalises
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def processed_logprobs(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """scores [V] float64 (after bias and penalties) -> the log-distribution a token is drawn from: temperature,
+    then min_p, top_k and top_p (what they drop is -inf; never all of it)."""
+    shifted = scores - scores.max()  # [V], max 0
     scaled = shifted / params.temperature  # [V] in [-inf, 0]; the argmax stays 0
+    if params.min_p > 0.0:  # drop tokens below min_p times the top token's probability (the top one's score is 0 here)
+        scaled = scaled.masked_fill(scaled < math.log(params.min_p), float("-inf"))
     if 0 < params.top_k < scaled.shape[0]:
         kth = torch.topk(scaled, params.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -85,5 +142,4 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one; 0 for the first
         drop_sorted = before >= params.top_p  # keep the smallest prefix reaching top_p (never empty)
         logprobs = logprobs.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
-    probs = (logprobs - logprobs.max()).exp()  # [V], max 1: multinomial normalises
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return logprobs
