@@ -51,6 +51,18 @@ def test_generated_and_prompt_logprobs_equal_transformers_log_softmax(llm, hf):
         assert [t for t, _ in entry.top] == torch.topk(reference[pos - 1], 3).indices.tolist()
 
 
+def test_prompt_logprobs_are_the_same_in_chunks_and_in_a_batch(tiny_mixtral_dir, llm):
+    params = SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=2, logprobs=1, ignore_eos=True)
+    alone = llm.generate([PROMPTS[2]], params)[0]
+    with LLM(tiny_mixtral_dir, max_batch_tokens=3) as chunked:
+        outs = chunked.generate(PROMPTS, params)
+    for out, prompt in zip(outs, PROMPTS):
+        assert len(out.prompt_logprobs) == len(prompt) and [e.token_id for e in out.prompt_logprobs[1:]] == prompt[1:]
+    for a, b in zip(outs[2].prompt_logprobs[1:], alone.prompt_logprobs[1:]):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
 def reference_scores(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
     """logits [V] -> the scores a token is drawn from (or the argmax taken of, when greedy)."""
     from transformers import (

@@ -13,7 +13,8 @@ sequences run at once.
 
 A request that asks for logprobs gets, on each token event, the log-softmax of
 the raw logits at that token (and its top alternatives); one that asks for prompt
-logprobs gets them on its first event, from a scratch prefill when it is added.
+logprobs gets them on its first event, from the logits of every row of its own
+prefill chunks (other chunks give only their last row).
 
 Sampling is per sequence: a sequence whose token cannot be sampled finishes
 with ``FinishReason.ERROR`` (its event carries the error) and frees its cache;
@@ -30,7 +31,7 @@ from enum import Enum
 
 import torch
 
-from moeshard.cluster.engine.logprobs import TokenLogprobs, prompt_logprobs, token_logprobs
+from moeshard.cluster.engine.logprobs import TokenLogprobs, token_logprobs
 from moeshard.cluster.engine.sampling import SamplingParams, make_generator, sample_token
 from moeshard.cluster.errors import one_line
 from moeshard.cluster.model.batch import SequenceChunk, StepBatch
@@ -70,7 +71,13 @@ class Sequence:
     generator: torch.Generator
     num_computed: int = 0
     stop_ids: frozenset[int] = field(default_factory=frozenset)
-    prompt_logprobs: list[TokenLogprobs | None] | None = None  # until the first event carries them
+    prompt_entries: list[TokenLogprobs | None] = field(default_factory=lambda: [None])  # prompt logprobs so far
+    prompt_entries_sent: bool = False
+
+    def wants_prompt_rows(self, chunk: SequenceChunk) -> bool:
+        """Whether this chunk's every row is needed: its prompt logprobs are asked for and not all computed yet."""
+        k = self.params.prompt_logprobs
+        return k is not None and not self.prompt_entries_sent and len(self.prompt_entries) < self.prompt_len
 
     @property
     def num_generated(self) -> int:
@@ -113,7 +120,6 @@ class Engine:
                 params=params,
                 generator=make_generator(params),
                 stop_ids=stop_ids,
-                prompt_logprobs=self._prompt_logprobs(prompt_ids, params.prompt_logprobs),
             )
         )
 
@@ -123,11 +129,6 @@ class Engine:
         if bad:
             raise ValueError(f"logit_bias token id {bad[0]} is out of range for a vocabulary of {self.token_limit}")
 
-    def _prompt_logprobs(self, prompt_ids: list[int], k: int | None) -> list[TokenLogprobs | None] | None:
-        if k is None:
-            return None
-        logits = self.prompt_logits(prompt_ids)[:, : self.token_limit]  # [T, V]
-        return prompt_logprobs(logits, list(prompt_ids), k)
 
     def check_prompt(self, prompt_ids: list[int], max_tokens: int) -> None:
         """Raise a one-line ValueError for an empty prompt, a bad token id, or too long a request."""
@@ -164,14 +165,39 @@ class Engine:
         if not scheduled:
             return []
         batch = StepBatch.build([(chunk, seq.token_ids[chunk.start_pos : chunk.end_pos]) for seq, chunk in scheduled])
-        logits = self.model.forward(batch)  # [B, V]
+        rows, spans = self._logit_rows(scheduled)
+        logits = self.model.forward(batch, logits_rows=rows)  # [R, V]: per chunk its last row, or all its rows
         events = []
-        for (seq, chunk), row in zip(scheduled, logits):
+        for (seq, chunk), span in zip(scheduled, spans):
+            if seq.wants_prompt_rows(chunk):
+                self._record_prompt_logprobs(seq, chunk, logits[span])  # [chunk rows, V]
             seq.num_computed = chunk.end_pos
             if seq.num_computed < len(seq.token_ids):
                 continue  # a prefill chunk that has not reached the end of the prompt
-            events.append(self._sample(seq, row))
+            events.append(self._sample(seq, logits[span.stop - 1]))
         return events
+
+    @staticmethod
+    def _logit_rows(scheduled: list[tuple[Sequence, SequenceChunk]]) -> tuple[torch.Tensor, list[slice]]:
+        """The batch rows whose logits are needed [R], and each chunk's slice of them."""
+        rows: list[int] = []
+        spans: list[slice] = []
+        start = 0
+        for seq, chunk in scheduled:
+            end = start + chunk.num_tokens
+            first = start if seq.wants_prompt_rows(chunk) else end - 1
+            spans.append(slice(len(rows), len(rows) + end - first))
+            rows.extend(range(first, end))
+            start = end
+        return torch.tensor(rows, dtype=torch.int64), spans
+
+    def _record_prompt_logprobs(self, seq: Sequence, chunk: SequenceChunk, logits: torch.Tensor) -> None:
+        """logits [chunk rows, V]: row i (position start_pos + i) scores prompt token start_pos + i + 1."""
+        for i in range(logits.shape[0]):
+            target = chunk.start_pos + i + 1
+            if target == len(seq.prompt_entries) and target < seq.prompt_len:
+                token_id = seq.token_ids[target]
+                seq.prompt_entries.append(token_logprobs(logits[i, : self.token_limit], token_id, seq.params.prompt_logprobs))
 
     def _sample(self, seq: Sequence, row: torch.Tensor) -> TokenEvent:
         """The sequence's next token event; a sampling error fails this sequence alone."""
@@ -187,8 +213,8 @@ class Engine:
         event = self._append_token(seq, token_id)
         if seq.params.logprobs is not None:
             event = replace(event, logprobs=token_logprobs(row, token_id, seq.params.logprobs))
-        if seq.prompt_logprobs is not None:
-            event, seq.prompt_logprobs = replace(event, prompt_logprobs=seq.prompt_logprobs), None
+        if seq.params.prompt_logprobs is not None and not seq.prompt_entries_sent:
+            event, seq.prompt_entries_sent = replace(event, prompt_logprobs=seq.prompt_entries), True
         return event
 
     def _admit(self) -> None:
