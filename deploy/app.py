@@ -28,6 +28,7 @@ from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException
 
 from moeshard.cluster.engine.assembly import build_engine, read_model_files
+from moeshard.cluster.engine.generation_defaults import read_generation_defaults
 from moeshard.cluster.engine.async_engine import (
     AsyncEngine,
     EngineStopped,
@@ -43,6 +44,7 @@ from moeshard.deploy.config import ServeArgs
 from moeshard.deploy.edge import EdgeGuard, configure_edge
 from moeshard.deploy.errors import APIError, error_body, error_response
 from moeshard.deploy.limits import check_choices, check_prompt_chars, check_work
+from moeshard.deploy.logprobs import ChoiceLogprobs, CompletionLogprobs
 from moeshard.deploy.metrics import ServerMetrics
 from moeshard.deploy.protocol import ChatCompletionRequest, CompletionRequest, envelope, usage_counts
 
@@ -89,6 +91,7 @@ class ServingCoordinator:
         config = self.args.engine_config()
         files = read_model_files(config.model_dir)
         self.tokenizer = files.tokenizer
+        self.defaults = read_generation_defaults(config.model_dir)  # for the fields a request omits
         self.pool = None
         self.experts = None  # None: the experts run in this process
         if config.cluster.expert_actors > 0:
@@ -128,6 +131,10 @@ class ServingCoordinator:
 
     def _submit_all(self, request: Request, jobs: list[tuple[list[int], object]], with_prompt: bool) -> list[RequestHandle]:
         """Admit every choice or none (checked for total work and the client's share first)."""
+        try:
+            self.engine.engine.check_params(jobs[0][1])  # what depends on the model: logit_bias ids against the vocabulary
+        except ValueError as exc:
+            raise APIError(400, one_line(exc), "logit_bias") from None
         check_work(len(jobs), max(params.max_tokens for _, params in jobs), self.args.limits)
         client = client_id(request.scope, self.args.client_header)
         try:
@@ -183,12 +190,17 @@ class ServingCoordinator:
         started = time.monotonic()
 
         async def one(index: int, handle: RequestHandle) -> dict:
-            text, tokens, finish = [], 0, None
+            text, ids, logprobs, prompt_logprobs, finish = [], [], [], None, None
             async for _, delta in self._timed(index, handle, started):
                 text.append(delta.text)
-                tokens += len(delta.token_ids)
+                ids += delta.token_ids
+                logprobs += delta.logprobs or []
+                prompt_logprobs = delta.prompt_logprobs or prompt_logprobs
                 finish = delta.finish_reason
-            return {"index": index, "text": "".join(text), "tokens": tokens, "finish_reason": finish}
+            return {
+                "index": index, "text": "".join(text), "tokens": len(ids), "token_ids": ids, "finish_reason": finish,
+                "logprobs": logprobs, "prompt_logprobs": prompt_logprobs,
+            }  # fmt: skip
 
         try:
             results = await asyncio.gather(*(one(i, h) for i, h in enumerate(handles)))
@@ -262,48 +274,74 @@ class ServingCoordinator:
     async def completions(self, body: CompletionRequest, request: Request):
         self._check_model(body.model)
         prompts = await self._encode_prompts(body)
-        jobs = [(ids, body.sampling_params(DEFAULT_COMPLETION_MAX_TOKENS, c)) for ids in prompts for c in range(body.n)]
+        n = body.n
+        jobs = [(ids, body.sampling_params(DEFAULT_COMPLETION_MAX_TOKENS, c, self.defaults)) for ids in prompts for c in range(n)]
         handles = self._submit_all(request, jobs, with_prompt=True)
         prompt_tokens = sum(len(ids) for ids in prompts)
         self.metrics.prompt_tokens.inc(prompt_tokens)
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         model = self.args.served_model_name
+        echoes = self._echo_texts(body, prompts)  # per prompt: the text put before its completions ("" without echo)
+        trackers = [ChoiceLogprobs(self.tokenizer, [] if body.echo else prompts[i // n]) for i in range(len(jobs))]
+        wants_logprobs = body.logprobs is not None
 
         def chunk(choices: list[dict], usage: dict | None = None) -> dict:
             return envelope(request_id, "text_completion", created, model, choices, usage)
 
+        def choice(index: int, text: str, ids: list[int], logprobs, prompt_logprobs, finish: str | None) -> dict:
+            formatted = None
+            if wants_logprobs:
+                parts = [] if prompt_logprobs is None else [trackers[index].completion(prompts[index // n], prompt_logprobs)]
+                parts.append(trackers[index].completion(ids, logprobs or []))
+                formatted = CompletionLogprobs.join(parts).as_dict()
+            return {"index": index, "text": text, "logprobs": formatted, "finish_reason": finish}
+
         if not body.stream:
             results = await self._collect(handles)
             choices = [
-                {"index": r["index"], "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]} for r in results
+                choice(r["index"], echoes[r["index"] // n] + r["text"], r["token_ids"], r["logprobs"], r["prompt_logprobs"], r["finish_reason"])
+                for r in results
             ]
             return chunk(choices, usage_counts(prompt_tokens, sum(r["tokens"] for r in results)))
 
         async def chunks() -> AsyncIterator[dict]:
-            generated = 0
+            generated, started = 0, set()
             async for index, delta in self._merged(handles):
                 generated += len(delta.token_ids)
-                if delta.text or delta.finish_reason:
-                    yield chunk([{"index": index, "text": delta.text, "logprobs": None, "finish_reason": delta.finish_reason}])
+                echo = "" if index in started else echoes[index // n]
+                started.add(index)
+                if delta.text or delta.finish_reason or echo or wants_logprobs:
+                    c = choice(index, echo + delta.text, delta.token_ids, delta.logprobs, delta.prompt_logprobs, delta.finish_reason)
+                    yield chunk([c])
             if body.include_usage:
                 yield chunk([], usage_counts(prompt_tokens, generated))
 
         return self._sse(chunks())
+
+    def _echo_texts(self, body: CompletionRequest, prompts: list[list[int]]) -> list[str]:
+        if not body.echo:
+            return [""] * len(prompts)
+        given = body.prompts()
+        return [p if isinstance(p, str) else self.tokenizer.decode(ids) if self.tokenizer else "" for p, ids in zip(given, prompts)]
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         self._check_model(body.model)
         prompt_ids = await self._encode_chat(body)
         remaining = max(1, self.engine.engine.max_model_len - len(prompt_ids))
-        jobs = [(prompt_ids, body.sampling_params(remaining, c)) for c in range(body.n)]
+        jobs = [(prompt_ids, body.sampling_params(remaining, c, self.defaults)) for c in range(body.n)]
         handles = self._submit_all(request, jobs, with_prompt=False)
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         model = self.args.served_model_name
+        trackers = [ChoiceLogprobs(self.tokenizer, prompt_ids) for _ in range(body.n)]
 
         def chunk(choices: list[dict], usage: dict | None = None, final: bool = False) -> dict:
             kind = "chat.completion" if final else "chat.completion.chunk"
             return envelope(request_id, kind, created, model, choices, usage)
+
+        def logprobs(index: int, ids: list[int], entries) -> dict | None:
+            return trackers[index].chat(ids, entries or []) if body.logprobs else None
 
         if not body.stream:
             results = await self._collect(handles)
@@ -311,7 +349,7 @@ class ServingCoordinator:
                 {
                     "index": r["index"],
                     "message": {"role": "assistant", "content": r["text"]},
-                    "logprobs": None,
+                    "logprobs": logprobs(r["index"], r["token_ids"], r["logprobs"]),
                     "finish_reason": r["finish_reason"],
                 }
                 for r in results
@@ -324,9 +362,10 @@ class ServingCoordinator:
             generated = 0
             async for index, delta in self._merged(handles):
                 generated += len(delta.token_ids)
-                if delta.text or delta.finish_reason:
+                if delta.text or delta.finish_reason or body.logprobs:
                     content = {"content": delta.text} if delta.text else {}
-                    yield chunk([{"index": index, "delta": content, "logprobs": None, "finish_reason": delta.finish_reason}])
+                    lp = logprobs(index, delta.token_ids, delta.logprobs)
+                    yield chunk([{"index": index, "delta": content, "logprobs": lp, "finish_reason": delta.finish_reason}])
             if body.include_usage:
                 yield chunk([], usage_counts(len(prompt_ids), generated))
 

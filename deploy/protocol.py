@@ -8,10 +8,12 @@ per request in ``limits``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from moeshard.cluster.engine.generation_defaults import GenerationDefaults
+from moeshard.cluster.engine.logprobs import MAX_LOGPROBS
 from moeshard.cluster.engine.prompts import as_prompt_list
 from moeshard.cluster.engine.sampling import SamplingParams
 
@@ -21,6 +23,30 @@ MAX_STOPS = 4
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 1024
 MAX_MODEL_NAME_CHARS = 256
+MAX_LOGIT_BIAS = 1024  # token ids in one logit_bias map
+
+
+def _neutral(value: Any, neutral: tuple) -> bool:
+    return value is None or any(value == n for n in neutral)
+
+
+# OpenAI request fields this server does not implement, with the values that ask for nothing:
+# any other value is refused with a 400 naming the field (never silently ignored).
+UNSUPPORTED_COMMON = {"best_of": (1,), "suffix": ("",), "metadata": ({},), "store": (False,), "service_tier": ("auto", "default")}
+UNSUPPORTED_CHAT = {
+    "tools": ([],),
+    "functions": ([],),
+    "tool_choice": ("none",),
+    "function_call": ("none",),
+    "parallel_tool_calls": (True, False),  # meaningless without tools, which are refused
+    "response_format": ({"type": "text"},),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    "reasoning_effort": (),
+    "web_search_options": (),
+    "verbosity": (),
+}
 
 
 class StreamOptions(BaseModel):
@@ -33,38 +59,50 @@ class _SamplingFields(BaseModel):
 
     model: str = Field(min_length=1, max_length=MAX_MODEL_NAME_CHARS)
     max_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=-1, ge=-1, le=INT64_MAX)
+    # None: the model's generation_config.json default, else OpenAI's (temperature 1, top_p 1, no top_k/min_p).
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1, le=INT64_MAX)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     ignore_eos: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: bool | int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
+    user: str | None = Field(default=None, max_length=MAX_MODEL_NAME_CHARS)  # accepted; identifies nobody here
+    best_of: Any = None
+    suffix: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+
+    @field_validator("best_of", "suffix", "metadata", "store", "service_tier")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        if not _neutral(value, UNSUPPORTED_COMMON[info.field_name]):
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return value
 
     @field_validator("top_k")
     @classmethod
-    def _top_k(cls, value: int) -> int:
+    def _top_k(cls, value: int | None) -> int | None:
         if value == 0:
             raise ValueError("top_k must be -1 (disabled) or >= 1, got 0")
         return value
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _no_penalties(cls, value: float) -> float:
-        if value != 0.0:
-            raise ValueError("presence and frequency penalties are not supported (use 0)")
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value:
-            raise ValueError("logprobs are not supported")
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdigit() or int(key) > INT64_MAX:
+                raise ValueError(f"logit_bias keys must be token ids, got {key[:32]!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         return value
 
     @field_validator("stop")
@@ -75,16 +113,27 @@ class _SamplingFields(BaseModel):
             raise ValueError(f"stop must be up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
         return value
 
-    def sampling_params(self, default_max_tokens: int, choice: int = 0) -> SamplingParams:
+    def sampling_params(
+        self, default_max_tokens: int, choice: int = 0, defaults: GenerationDefaults = GenerationDefaults()
+    ) -> SamplingParams:
+        """The engine's parameters for choice ``choice``: the request's fields, else the model's defaults."""
+        given = self.model_dump(
+            include={"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"},
+            exclude_none=True,
+        )
         return SamplingParams(
-            max_tokens=self.max_tokens or default_max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
+            max_tokens=self.max_tokens or defaults.max_new_tokens or default_max_tokens,
+            **{**defaults.sampling_fields(), **given},
             seed=None if self.seed is None else self.seed + choice,
             stop=self.stop,
             ignore_eos=self.ignore_eos,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+            logprobs=self.token_logprobs(),
         )
+
+    def token_logprobs(self) -> int | None:
+        """How many alternatives to report with each generated token's logprob; None: no logprobs."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -93,30 +142,19 @@ class _SamplingFields(BaseModel):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    echo: bool = False  # the prompt's text (and with logprobs, its tokens' logprobs) before the completion
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported")
-        return value
+    def token_logprobs(self) -> int | None:
+        return self.logprobs
 
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value: str | None) -> str | None:
-        if value:
-            raise ValueError("suffix is not supported")
-        return value
-
-    @field_validator("best_of")
-    @classmethod
-    def _no_best_of(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError("best_of is not supported (use n)")
-        return value
+    def sampling_params(
+        self, default_max_tokens: int, choice: int = 0, defaults: GenerationDefaults = GenerationDefaults()
+    ) -> SamplingParams:
+        params = super().sampling_params(default_max_tokens, choice, defaults)
+        if self.echo and self.logprobs is not None:
+            params = params.model_copy(update={"prompt_logprobs": self.logprobs})
+        return params
 
     def texts(self) -> list[str]:
         """The prompt's text parts (what tokenizing will read)."""
@@ -154,9 +192,42 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: Any = None
+    functions: Any = None
+    tool_choice: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    verbosity: Any = None
 
-    def sampling_params(self, default_max_tokens: int, choice: int = 0) -> SamplingParams:
-        params = super().sampling_params(default_max_tokens, choice)
+    @field_validator(*UNSUPPORTED_CHAT)
+    @classmethod
+    def _unsupported_chat(cls, value: Any, info: ValidationInfo) -> Any:
+        if not _neutral(value, UNSUPPORTED_CHAT[info.field_name]):
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return value
+
+    def token_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def sampling_params(
+        self, default_max_tokens: int, choice: int = 0, defaults: GenerationDefaults = GenerationDefaults()
+    ) -> SamplingParams:
+        params = super().sampling_params(default_max_tokens, choice, defaults)
         if self.max_completion_tokens is not None and self.max_tokens is None:
             params = params.model_copy(update={"max_tokens": self.max_completion_tokens})
         return params
