@@ -116,3 +116,16 @@ def test_one_line_errors(server, tmp_path, free_port):
         assert "Traceback" not in out.stderr
     bad_type = moeshard("bench", "--url", server, "--concurrency", "many")
     assert bad_type.returncode == 2 and "invalid int value: 'many'" in bad_type.stderr
+
+
+def test_generate_uses_the_models_generation_config(tiny_checkpoint_factory):
+    from moeshard.cluster import LLM, SamplingParams
+
+    model_dir = tiny_checkpoint_factory("tiny_cli_defaults", seed=5, with_tokenizer=True, max_position_embeddings=512)
+    (model_dir / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "max_new_tokens": 6, "repetition_penalty": 1.3}))
+    out = moeshard("generate", str(model_dir), "--prompt", "The capital of France is")
+    assert out.returncode == 0, out.stderr
+    with LLM(model_dir) as llm:
+        expected = llm.generate("The capital of France is", SamplingParams(max_tokens=6, temperature=0, repetition_penalty=1.3))[0]
+    assert out.stdout == expected.text + "\n"
+    assert len(expected.token_ids) == 6 or expected.finish_reason == "stop"

@@ -25,7 +25,9 @@ def add_chat_command(commands) -> None:
     )
     add_server_arguments(chat)
     chat.add_argument("--system", default=None, help="a system message to start the conversation with")
-    chat.add_argument("--temperature", type=float, default=None, help="0 for greedy (default: the server's, 1.0)")
+    chat.add_argument(
+        "--temperature", type=float, default=None, help="0 for greedy (default: the server's: the model's generation_config.json, else 1.0)",
+    )
     chat.add_argument("--max-tokens", type=int, default=None, help="tokens per reply at most (default: the rest of the context)")
     chat.add_argument("--seed", type=int, default=None, help="sampling seed")
     chat.set_defaults(run=run_chat)

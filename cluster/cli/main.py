@@ -13,8 +13,11 @@ from moeshard.cluster.errors import first_field_error
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_GENERATE_MAX_TOKENS = 64
+
 
 def _cmd_generate(args: argparse.Namespace) -> None:
+    from moeshard.cluster.engine.generation_defaults import read_generation_defaults
     from moeshard.cluster.engine.llm import LLM
     from moeshard.cluster.engine.sampling import SamplingParams
 
@@ -22,7 +25,10 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"model directory {args.model_dir!r} does not exist")
     if args.system is not None and not args.chat:
         raise ValueError("--system needs --chat")
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    defaults = read_generation_defaults(args.model_dir)  # the model's own, where a flag is not given
+    given = {} if args.temperature is None else {"temperature": args.temperature}
+    max_tokens = args.max_tokens if args.max_tokens is not None else defaults.max_new_tokens or DEFAULT_GENERATE_MAX_TOKENS
+    params = SamplingParams(max_tokens=max_tokens, **{**defaults.sampling_fields(), **given}, seed=args.seed)
     with LLM(args.model_dir, expert_actors=args.expert_actors, dtype=args.dtype) as llm:
         prompt = args.prompt
         if args.chat:
@@ -55,8 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True, help="the prompt text")
     generate.add_argument("--chat", action="store_true", help="send the prompt as a user message through the model's chat template")
     generate.add_argument("--system", default=None, help="a system message (with --chat)")
-    generate.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default: 64)")
-    generate.add_argument("--temperature", type=float, default=1.0, help="0 for greedy (default: 1.0)")
+    generate.add_argument(
+        "--max-tokens", type=int, default=None, help="tokens to generate (default: the model's max_new_tokens, else 64)"
+    )
+    generate.add_argument(
+        "--temperature", type=float, default=None, help="0 for greedy (default: the model's generation_config.json, else 1.0)"
+    )
     generate.add_argument("--seed", type=int, default=None, help="sampling seed")
     generate.add_argument("--expert-actors", type=int, default=0, help="expert actors (0: one process)")
     generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
