@@ -38,11 +38,11 @@ from moeshard.cluster.engine.async_engine import (
     StreamDelta,
 )
 from moeshard.cluster.engine.prompts import encode_prompt
-from moeshard.cluster.errors import first_field_error, one_line
+from moeshard.cluster.errors import one_line
 from moeshard.deploy.admission import ClientAdmission, client_id
 from moeshard.deploy.config import ServeArgs
 from moeshard.deploy.edge import EdgeGuard, configure_edge
-from moeshard.deploy.errors import APIError, error_body, error_response
+from moeshard.deploy.errors import APIError, error_body, error_response, validation_error_response
 from moeshard.deploy.limits import check_choices, check_prompt_chars, check_work
 from moeshard.deploy.logprobs import ChoiceLogprobs, CompletionLogprobs
 from moeshard.deploy.metrics import ServerMetrics
@@ -63,8 +63,7 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    error = first_field_error(exc)
-    return error_response(400, str(error), error.field or None)
+    return validation_error_response(exc)
 
 
 @api.exception_handler(HTTPException)

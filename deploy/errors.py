@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+
+from moeshard.cluster.errors import first_field_error
 
 _TYPES = {
     400: "invalid_request_error",
@@ -42,3 +45,13 @@ def error_response(status: int, message: str, param: str | None = None, retry_af
 def error_bytes(status: int, message: str) -> bytes:
     """The body of an error answered below FastAPI (the ASGI edge guard)."""
     return json.dumps(error_body(status, message)).encode()
+
+
+def validation_error_response(exc: RequestValidationError) -> JSONResponse:
+    """A 400 naming the first invalid field; an unparsable body names no field (its location is a character offset)."""
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "JSON decode error")
+        return error_response(400, f"the request body is not valid JSON: {reason} at character {first['loc'][-1]}")
+    error = first_field_error(exc)
+    return error_response(400, str(error), error.field or None)

@@ -165,6 +165,13 @@ def test_unparsable_bodies_get_400(server, body):
     _error(_post(server, body), 400)
 
 
+def test_malformed_json_names_no_field_and_says_where(server):
+    body = b'{"model": "tiny", "prompt": "Hello there", "max_tokens": 2,}'
+    error = _error(_post(server, body), 400)
+    assert error["param"] is None
+    assert "not valid JSON" in error["message"] and f"at character {len(body) - 1}" in error["message"]
+
+
 def test_unknown_model_is_404_and_the_server_keeps_serving(server):
     assert _error(_post(server, {**OK, "model": "other"}), 404)["param"] == "model"
     assert _post(server, OK).json()["choices"][0]["finish_reason"] == "length"

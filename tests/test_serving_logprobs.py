@@ -182,3 +182,6 @@ def test_generation_config_defaults_apply_when_a_request_omits_them(server, refe
     given = dict(max_tokens=7, temperature=0.0, extra_body={"repetition_penalty": 1.0, "ignore_eos": True})
     out = configured.completions.create(model=MODEL, prompt=PROMPT, **given)
     assert out.choices[0].text == reference.generate(PROMPT, SamplingParams(max_tokens=7, temperature=0, ignore_eos=True))[0].text
+    chat = configured.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"ignore_eos": True})
+    ids = reference.tokenizer.encode_chat(MESSAGES)
+    assert chat.choices[0].message.content == reference.tokenizer.decode(reference.generate([ids], defaults)[0].token_ids)

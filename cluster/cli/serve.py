@@ -12,6 +12,14 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
+class _DropReconnectNotice(logging.Filter):
+    """``serve.run`` after our own ``serve.start`` logs "Connecting to existing Serve app ... New http_options ...
+    will not be applied", though the options it means were applied by that ``serve.start``: drop that line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "will not be applied" not in record.getMessage()
+
+
 def add_serve_command(commands) -> None:
     serve = commands.add_parser(
         "serve",
@@ -83,6 +91,7 @@ def run_serve(args: argparse.Namespace) -> None:
     from moeshard.deploy.app import build_app
 
     connect_ray(config)
+    logging.getLogger("ray.serve").addFilter(_DropReconnectNotice())
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(serve_args.model_dump()), name="moeshard", route_prefix="/")
     print(f"moeshard: serving {serve_args.served_model_name!r} at http://{args.host}:{args.port}/v1", flush=True)
