@@ -130,10 +130,17 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_to
         ({"prompt": "word " * 500}, "prompt"),  # 2500 characters, over max_prompt_chars before any tokenizing
         ({"prompt": ["a"] * 40, "n": 2}, "n"),  # 80 sequences in one request
         ({"n": 4, "max_tokens": 60}, "max_tokens"),  # 240 output tokens over max_request_tokens
-        ({"echo": True}, "echo"),
+        ({"echo": [1]}, "echo"),
         ({"suffix": "x"}, "suffix"),
         ({"best_of": 3}, "best_of"),
-        ({"logprobs": 2}, "logprobs"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"logit_bias": {"32000": 1.0}}, "logit_bias"),  # one past the vocabulary
+        ({"logit_bias": {"x": 1.0}}, "logit_bias"),
+        ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+        ({"presence_penalty": -2.5}, "presence_penalty"),
+        ({"repetition_penalty": 1e308 * 10}, "repetition_penalty"),
+        ({"min_p": 1.01}, "min_p"),
     ],
 )
 def test_bad_fields_get_400_naming_the_field(server, change, param):

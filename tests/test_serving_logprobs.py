@@ -84,6 +84,23 @@ def test_echo_with_logprobs_scores_the_prompt_as_transformers(client, reference,
     assert lp.text_offset == sorted(lp.text_offset)
 
 
+def test_sdk_types_carry_the_logprobs(server, client):
+    from moeshard.cluster.client import Client
+
+    kwargs = dict(echo=True, logprobs=2, max_tokens=2, temperature=0)
+    expected = client.completions.create(model=MODEL, prompt=PROMPT, **kwargs).choices[0].logprobs
+    chat_kwargs = dict(max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
+    expected_chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, **chat_kwargs).choices[0].logprobs
+    with Client(server, api_key="unused", model=MODEL) as sdk:
+        got = sdk.complete(PROMPT, **kwargs).choices[0].logprobs
+        got_chat = sdk.chat(MESSAGES, **chat_kwargs).choices[0].logprobs
+        assert sdk.complete(PROMPT, max_tokens=1).choices[0].logprobs is None
+    assert got.model_dump() == expected.model_dump()
+    assert [(t.token, t.logprob, [x.logprob for x in t.top_logprobs]) for t in got_chat.content] == [
+        (t.token, t.logprob, [x.logprob for x in t.top_logprobs]) for t in expected_chat.content
+    ]
+
+
 def test_completion_logprobs_streamed_equal_plain_and_transformers(client, reference, hf):
     kwargs = dict(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0.8, seed=11, logprobs=3)
     plain = client.completions.create(**kwargs).choices[0]

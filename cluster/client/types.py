@@ -19,10 +19,20 @@ class Usage(_Response):
     total_tokens: int
 
 
+class CompletionLogprobs(_Response):
+    """A completion choice's ``logprobs`` (asked for with ``logprobs=K``; with ``echo=True`` the prompt's tokens first)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]  # None for the prompt's first token
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(_Response):
     index: int
     text: str
     finish_reason: str | None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(_Response):
@@ -48,10 +58,27 @@ class ChatMessage(_Response):
     content: str | None = None
 
 
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(_Response):
+    """A chat choice's ``logprobs`` (asked for with ``logprobs=True``, ``top_logprobs=K``): one entry per token."""
+
+    content: list[TokenLogprob] | None = None
+
+
 class ChatChoice(_Response):
     index: int
     message: ChatMessage
     finish_reason: str | None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(_Response):
