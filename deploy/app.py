@@ -274,7 +274,12 @@ class ServingCoordinator:
         self._check_model(body.model)
         prompts = await self._encode_prompts(body)
         n = body.n
-        jobs = [(ids, body.sampling_params(DEFAULT_COMPLETION_MAX_TOKENS, c, self.defaults)) for ids in prompts for c in range(n)]
+        room = self.engine.engine.max_model_len
+        jobs = [
+            (ids, body.sampling_params(DEFAULT_COMPLETION_MAX_TOKENS, c, self.defaults, max(1, room - len(ids))))
+            for ids in prompts
+            for c in range(n)
+        ]
         handles = self._submit_all(request, jobs, with_prompt=True)
         prompt_tokens = sum(len(ids) for ids in prompts)
         self.metrics.prompt_tokens.inc(prompt_tokens)
@@ -328,7 +333,7 @@ class ServingCoordinator:
         self._check_model(body.model)
         prompt_ids = await self._encode_chat(body)
         remaining = max(1, self.engine.engine.max_model_len - len(prompt_ids))
-        jobs = [(prompt_ids, body.sampling_params(remaining, c, self.defaults)) for c in range(body.n)]
+        jobs = [(prompt_ids, body.sampling_params(remaining, c, self.defaults, remaining)) for c in range(body.n)]
         handles = self._submit_all(request, jobs, with_prompt=False)
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -114,15 +114,18 @@ class _SamplingFields(BaseModel):
         return value
 
     def sampling_params(
-        self, default_max_tokens: int, choice: int = 0, defaults: GenerationDefaults = GenerationDefaults()
+        self, default_max_tokens: int, choice: int = 0, defaults: GenerationDefaults = GenerationDefaults(), room: int | None = None
     ) -> SamplingParams:
-        """The engine's parameters for choice ``choice``: the request's fields, else the model's defaults."""
+        """The engine's parameters for choice ``choice``: the request's fields, else the model's defaults.
+
+        ``room``: tokens left in the context after the prompt; a default ``max_tokens`` never asks for more.
+        """
         given = self.model_dump(
             include={"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"},
             exclude_none=True,
         )
         return SamplingParams(
-            max_tokens=self.max_tokens or defaults.max_new_tokens or default_max_tokens,
+            max_tokens=self.max_tokens or min(defaults.max_new_tokens or default_max_tokens, room or INT64_MAX),
             **{**defaults.sampling_fields(), **given},
             seed=None if self.seed is None else self.seed + choice,
             stop=self.stop,
@@ -149,9 +152,9 @@ class CompletionRequest(_SamplingFields):
         return self.logprobs
 
     def sampling_params(
-        self, default_max_tokens: int, choice: int = 0, defaults: GenerationDefaults = GenerationDefaults()
+        self, default_max_tokens: int, choice: int = 0, defaults: GenerationDefaults = GenerationDefaults(), room: int | None = None
     ) -> SamplingParams:
-        params = super().sampling_params(default_max_tokens, choice, defaults)
+        params = super().sampling_params(default_max_tokens, choice, defaults, room)
         if self.echo and self.logprobs is not None:
             params = params.model_copy(update={"prompt_logprobs": self.logprobs})
         return params
@@ -225,9 +228,9 @@ class ChatCompletionRequest(_SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def sampling_params(
-        self, default_max_tokens: int, choice: int = 0, defaults: GenerationDefaults = GenerationDefaults()
+        self, default_max_tokens: int, choice: int = 0, defaults: GenerationDefaults = GenerationDefaults(), room: int | None = None
     ) -> SamplingParams:
-        params = super().sampling_params(default_max_tokens, choice, defaults)
+        params = super().sampling_params(default_max_tokens, choice, defaults, room)
         if self.max_completion_tokens is not None and self.max_tokens is None:
             params = params.model_copy(update={"max_tokens": self.max_completion_tokens})
         return params

@@ -16,6 +16,7 @@ import torch
 from moeshard.cluster.engine.assembly import build_engine, read_model_files
 from moeshard.cluster.engine.config import ClusterConfig, EngineConfig
 from moeshard.cluster.engine.generation import RequestOutput, generate_to_completion
+from moeshard.cluster.engine.generation_defaults import read_generation_defaults
 from moeshard.cluster.engine.prompts import Prompt, as_prompt_list, encode_prompt
 from moeshard.cluster.engine.sampling import SamplingParams
 
@@ -40,6 +41,7 @@ class LLM:
         files = read_model_files(model_dir)
         self.model_config = files.model_config
         self.tokenizer = files.tokenizer
+        self.generation_defaults = read_generation_defaults(model_dir)
         self._engine = None
         self._cluster = None
         if expert_actors == 0:
@@ -54,13 +56,22 @@ class LLM:
     def generate(
         self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); one output per prompt, in order."""
+        """Generate for every prompt (text or token ids); one output per prompt, in order.
+
+        Without ``params``, the model's own defaults (``default_sampling_params``).
+        """
         self._check_open()
         prompt_ids = [self.encode(p) for p in as_prompt_list(prompts)]
-        params_list = _as_params_list(params, len(prompt_ids))
+        params_list = _as_params_list(params if params is not None else self.default_sampling_params(), len(prompt_ids))
         if self._cluster is not None:
             return self._cluster.generate(prompt_ids, params_list)
         return generate_to_completion(self._engine, self.tokenizer, prompt_ids, params_list)
+
+    def default_sampling_params(self) -> SamplingParams:
+        """``SamplingParams`` with the model's generation_config.json defaults (temperature, top_p, top_k, min_p,
+        repetition_penalty, and max_new_tokens as max_tokens) where it sets them."""
+        defaults = self.generation_defaults
+        return SamplingParams(max_tokens=defaults.max_new_tokens or SamplingParams().max_tokens, **defaults.sampling_fields())
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """float32 logits [T, vocab] of a prefill over ``token_ids``."""
