@@ -28,7 +28,6 @@ from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException
 
 from moeshard.cluster.engine.assembly import build_engine, read_model_files
-from moeshard.cluster.engine.generation_defaults import read_generation_defaults
 from moeshard.cluster.engine.async_engine import (
     AsyncEngine,
     EngineStopped,
@@ -37,6 +36,7 @@ from moeshard.cluster.engine.async_engine import (
     RequestHandle,
     StreamDelta,
 )
+from moeshard.cluster.engine.generation_defaults import read_generation_defaults
 from moeshard.cluster.engine.prompts import encode_prompt
 from moeshard.cluster.errors import one_line
 from moeshard.deploy.admission import ClientAdmission, client_id
@@ -44,7 +44,7 @@ from moeshard.deploy.config import ServeArgs
 from moeshard.deploy.edge import EdgeGuard, configure_edge
 from moeshard.deploy.errors import APIError, error_body, error_response, validation_error_response
 from moeshard.deploy.limits import check_choices, check_prompt_chars, check_work
-from moeshard.deploy.logprobs import ChoiceLogprobs, CompletionLogprobs
+from moeshard.deploy.logprobs import ChoiceLogprobs
 from moeshard.deploy.metrics import ServerMetrics
 from moeshard.deploy.protocol import ChatCompletionRequest, CompletionRequest, envelope, usage_counts
 
@@ -285,7 +285,7 @@ class ServingCoordinator:
         self.metrics.prompt_tokens.inc(prompt_tokens)
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         model = self.args.served_model_name
-        echoes = self._echo_texts(body, prompts)  # per prompt: the text put before its completions ("" without echo)
+        echoes = body.echo_texts(prompts, self.tokenizer.decode if self.tokenizer else None)  # "" without echo
         trackers = [ChoiceLogprobs(self.tokenizer, [] if body.echo else prompts[i // n]) for i in range(len(jobs))]
         wants_logprobs = body.logprobs is not None
 
@@ -293,11 +293,7 @@ class ServingCoordinator:
             return envelope(request_id, "text_completion", created, model, choices, usage)
 
         def choice(index: int, text: str, ids: list[int], logprobs, prompt_logprobs, finish: str | None) -> dict:
-            formatted = None
-            if wants_logprobs:
-                parts = [] if prompt_logprobs is None else [trackers[index].completion(prompts[index // n], prompt_logprobs)]
-                parts.append(trackers[index].completion(ids, logprobs or []))
-                formatted = CompletionLogprobs.join(parts).as_dict()
+            formatted = trackers[index].with_prompt(prompts[index // n], prompt_logprobs, ids, logprobs) if wants_logprobs else None
             return {"index": index, "text": text, "logprobs": formatted, "finish_reason": finish}
 
         if not body.stream:
@@ -321,12 +317,6 @@ class ServingCoordinator:
                 yield chunk([], usage_counts(prompt_tokens, generated))
 
         return self._sse(chunks())
-
-    def _echo_texts(self, body: CompletionRequest, prompts: list[list[int]]) -> list[str]:
-        if not body.echo:
-            return [""] * len(prompts)
-        given = body.prompts()
-        return [p if isinstance(p, str) else self.tokenizer.decode(ids) if self.tokenizer else "" for p, ids in zip(given, prompts)]
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):

@@ -77,6 +77,18 @@ class ChoiceLogprobs:
             self.text_offset += len(text)
         return out
 
+    def with_prompt(
+        self,
+        prompt_ids: list[int],
+        prompt_entries: list[TokenLogprobs | None] | None,
+        token_ids: list[int],
+        entries: list[TokenLogprobs] | None,
+    ) -> dict:
+        """Completions' ``logprobs`` for the next tokens, after the prompt's when they came (``echo``)."""
+        parts = [] if prompt_entries is None else [self.completion(prompt_ids, prompt_entries)]
+        parts.append(self.completion(token_ids, entries or []))
+        return CompletionLogprobs.join(parts).as_dict()
+
     def chat(self, token_ids: list[int], entries: list[TokenLogprobs]) -> dict:
         """Chat's shape for the next ``token_ids``: {"content": [{token, logprob, bytes, top_logprobs}]}."""
         assert len(token_ids) == len(entries), f"{len(entries)} logprobs for {len(token_ids)} tokens"

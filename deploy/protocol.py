@@ -8,6 +8,7 @@ per request in ``limits``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -150,6 +151,12 @@ class CompletionRequest(_SamplingFields):
 
     def token_logprobs(self) -> int | None:
         return self.logprobs
+
+    def echo_texts(self, prompt_ids: list[list[int]], decode: Callable[[list[int]], str] | None) -> list[str]:
+        """Per prompt, the text ``echo`` puts before its completions: the prompt as given, or its ids decoded."""
+        if not self.echo:
+            return [""] * len(prompt_ids)
+        return [p if isinstance(p, str) else decode(ids) if decode else "" for p, ids in zip(self.prompts(), prompt_ids)]
 
     def sampling_params(
         self, default_max_tokens: int, choice: int = 0, defaults: GenerationDefaults = GenerationDefaults(), room: int | None = None

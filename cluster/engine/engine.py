@@ -129,7 +129,6 @@ class Engine:
         if bad:
             raise ValueError(f"logit_bias token id {bad[0]} is out of range for a vocabulary of {self.token_limit}")
 
-
     def check_prompt(self, prompt_ids: list[int], max_tokens: int) -> None:
         """Raise a one-line ValueError for an empty prompt, a bad token id, or too long a request."""
         prompt_len = len(prompt_ids)
