@@ -85,6 +85,10 @@ def test_killed_expert_actor_fails_requests_then_recovers(transport, ray_cluster
     with LLM(tiny_mixtral_dir, expert_actors=2, cluster=cluster) as llm:
         victim = llm._cluster.expert_actors[1]
         outcome: dict = {}
+        # Bring the transport up first (a compiled graph compiles on first use), so the kill below lands
+        # while layers are being dispatched, however slow the machine: a kill during Ray's graph compile
+        # can crash the coordinator's own Ray worker, which no Python code can catch.
+        llm.generate(PROMPTS[:1], SamplingParams(max_tokens=1, temperature=0))
 
         def long_generation():
             try:
