@@ -68,6 +68,9 @@ def _kill(pid: int) -> None:
 def _generate_while(llm: LLM, faults) -> list[list[int]]:
     """Generate LONG for PROMPTS on a thread while ``faults()`` runs here; the outputs (or the error)."""
     outcome: dict = {}
+    # Bring the transport up first (a compiled graph compiles on first use), so that the faults land while
+    # layers are dispatched: a kill during Ray's graph compile can crash the coordinator's own Ray worker.
+    llm.generate(PROMPTS[:1], SamplingParams(max_tokens=1, temperature=0))
 
     def run():
         try:

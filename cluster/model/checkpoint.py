@@ -92,7 +92,8 @@ def _ffn_shapes(keys: tuple[str, str, str], d: int, i: int) -> dict[str, tuple[i
 
 
 def _layer_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
-    """Key -> expected shape of one layer's non-expert weights, by name in LayerWeights."""
+    """Key -> expected shape of one layer's non-expert weights: attention (with the family's extras), then
+    the router and shared expert of a MoE layer or the MLP of a dense one."""
     d, dh, keys = config.hidden_size, config.head_dim, family_of(config.architecture).keys
     q, kv = config.num_heads * dh, config.num_kv_heads * dh
     p = f"{_layer_prefix(layer)}.self_attn"
@@ -144,7 +145,7 @@ def _layer_weights(config: ModelConfig, layer: int, t: dict[str, torch.Tensor]) 
     def ffn(names: tuple[str, str, str]) -> ExpertWeights:
         return ExpertWeights(*(t[name] for name in names))
 
-    moe, shared = config.is_moe_layer(layer), moe_layer_has_shared(config, layer)
+    moe, shared = config.is_moe_layer(layer), _has_shared_expert(config, layer)
     return LayerWeights(
         input_norm=t[f"{_layer_prefix(layer)}.input_layernorm.weight"],
         q_proj=t[f"{p}.q_proj.weight"],
@@ -165,7 +166,7 @@ def _layer_weights(config: ModelConfig, layer: int, t: dict[str, torch.Tensor]) 
     )
 
 
-def moe_layer_has_shared(config: ModelConfig, layer: int) -> bool:
+def _has_shared_expert(config: ModelConfig, layer: int) -> bool:
     return config.is_moe_layer(layer) and bool(config.shared_expert_intermediate_size)
 
 

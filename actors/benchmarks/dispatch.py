@@ -1,4 +1,4 @@
-"""Benchmark of the expert-sharded data path (not a test): ``python -m moeshard.actors.bench``.
+"""Benchmark of the expert-sharded data path (not a test): ``python -m moeshard.actors.benchmarks.dispatch``.
 
 1. Dispatch round trip of one MoE layer (route -> plan -> permute by actor ->
    messages -> expert actors -> replies -> combine), timed inside a
@@ -378,7 +378,7 @@ def _table_row(r: dict, columns: tuple[str, ...]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m moeshard.actors.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m moeshard.actors.benchmarks.dispatch", description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 256], help="tokens per MoE layer")
     parser.add_argument("--iterations", type=int, default=50, help="timed round trips per point")
     parser.add_argument("--actors", type=int, default=4, help="expert actors")
