@@ -160,6 +160,21 @@ def free_port():
     return _free_port
 
 
+def _start_serve(serve, attempts: int = 3) -> int:
+    """Start Serve's proxy on a free port, after Ray's own ports are taken; another free port if it was taken
+    between choosing and binding (Ray's workers take ephemeral ports too)."""
+    for attempt in range(attempts):
+        port = _free_port()
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            return port
+        except Exception as exc:  # noqa: BLE001 - only a lost port race is retried
+            if "Failed to bind" not in str(exc) or attempt == attempts - 1:
+                raise
+            serve.shutdown()
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory):
     """Start Ray, Ray Serve on a free 127.0.0.1 port and the given apps ({route_prefix: build_app args}).
@@ -177,10 +192,9 @@ def live_server(tmp_path_factory):
 
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
-            port = _free_port()
             ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
             try:
-                serve.start(http_options={"host": "127.0.0.1", "port": port})
+                port = _start_serve(serve)
                 for prefix, args in apps.items():
                     serve.run(build_app(args), name=prefix.strip("/") or "main", route_prefix=prefix)
                 yield f"http://127.0.0.1:{port}"
