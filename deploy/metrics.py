@@ -34,6 +34,14 @@ class ServerMetrics:
         self.queue_depth = Gauge("moeshard_queue_depth", "Requests waiting for admission", registry=r)
         self.running = Gauge("moeshard_running_requests", "Requests in the running batch", registry=r)
         self.kv_cache_usage = Gauge("moeshard_kv_cache_usage_ratio", "Fraction of KV cache blocks in use", registry=r)
+        self.prefix_queries = Counter(
+            "moeshard_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_hits = Counter("moeshard_prefix_cache_hits", "Prompt tokens found computed in the prefix cache", registry=r)
+        self.prefix_hit_rate = Gauge(
+            "moeshard_prefix_cache_hit_rate", "Fraction of looked-up prompt tokens found computed, since start", registry=r
+        )
+        self._prefix_seen = (0, 0)  # (queries, hits) already counted
         self.expert_tokens = Gauge(
             "moeshard_expert_tokens", "Tokens routed to each expert since start", ["layer", "expert"], registry=r
         )
@@ -59,6 +67,13 @@ class ServerMetrics:
             self.recovery_seconds.observe(seconds)
         self._seen = dispatch
 
+    def _record_prefix_cache(self, queries: int, hits: int) -> None:
+        seen_queries, seen_hits = self._prefix_seen
+        self.prefix_queries.inc(queries - seen_queries)
+        self.prefix_hits.inc(hits - seen_hits)
+        self.prefix_hit_rate.set(hits / queries if queries else 0.0)
+        self._prefix_seen = (queries, hits)
+
     def render(self, stats, expert_load: torch.Tensor, dispatch: HealthSnapshot | None = None) -> bytes:
         """Refresh the engine gauges from ``stats``, the [L, E] load and the dispatch's health, then render the text format."""
         if dispatch is not None:
@@ -66,6 +81,7 @@ class ServerMetrics:
         self.queue_depth.set(stats.waiting)
         self.running.set(stats.running)
         self.kv_cache_usage.set(stats.kv_used_blocks / max(stats.kv_total_blocks, 1))
+        self._record_prefix_cache(stats.prefix_query_tokens, stats.prefix_hit_tokens)
         load = expert_load.clone()  # [L, E]
         layers, experts = load.shape
         if layers * experts <= MAX_EXPERT_SERIES:

@@ -128,6 +128,23 @@ def test_stop_seed_and_n(client, reference):
     assert 3 <= first.usage.completion_tokens <= 3 * 12
 
 
+def test_a_shared_prefix_is_served_from_the_prefix_cache(server, client, reference):
+    preamble = "You are a careful assistant. Answer briefly and cite nothing. " * 6
+    before = _metrics(server)
+    texts = []
+    for question in ("Where is Paris?", "Who wrote Hamlet?"):
+        out = client.completions.create(model=MODEL, prompt=preamble + question, max_tokens=8, temperature=0)
+        texts.append(out.choices[0].text)
+    after = _metrics(server)
+    prefix_tokens = len(reference.tokenizer.encode(preamble))
+    hits = after["moeshard_prefix_cache_hits_total"] - before["moeshard_prefix_cache_hits_total"]
+    assert hits >= (prefix_tokens - 16) // 16 * 16 > 0
+    assert after["moeshard_prefix_cache_queries_total"] > before["moeshard_prefix_cache_queries_total"] + hits
+    assert 0 < after["moeshard_prefix_cache_hit_rate"] < 1
+    params = SamplingParams(max_tokens=8, temperature=0)
+    assert texts == [reference.generate(preamble + q, params)[0].text for q in ("Where is Paris?", "Who wrote Hamlet?")]
+
+
 async def _stream_alone_and_together(server: str, jobs: list[tuple[str, int]]) -> tuple[list[str], list[str]]:
     aclient = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=300)
 

@@ -51,6 +51,9 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--transport", default="actor_calls", choices=["actor_calls", "compiled_graph"])
     serve.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
+    serve.add_argument(
+        "--no-prefix-caching", action="store_true", help="prefill every prompt in full (default: share computed prefixes)"
+    )
     serve.set_defaults(run=run_serve)
 
 
@@ -80,7 +83,7 @@ def run_serve(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         ray_address=args.ray_address,
         max_waiting=args.max_waiting,
-        engine={"cluster": {"transport": args.transport}},
+        engine={"cluster": {"transport": args.transport}, "enable_prefix_caching": not args.no_prefix_caching},
     )
     config = serve_args.engine_config()  # validates everything before Ray starts
 

@@ -60,7 +60,7 @@ def build_engine(config: EngineConfig, files: ModelFiles, experts: ExpertsFn | N
     dense = reader.read_dense(dtype)
     if experts is None:
         experts = LocalExperts.from_checkpoint(reader, dtype)
-    cache = KVCache.with_budget(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.kv_cache_bytes, config.kv_block_size, dtype)
+    cache = KVCache.with_budget(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.kv_cache_bytes, config.kv_block_size, dtype, config.enable_prefix_caching)
     eos = frozenset(mc.eos_token_ids) or (files.tokenizer.eos_token_ids if files.tokenizer else frozenset())
     model = MoeModel(mc, dense, experts, cache)
     return Engine(model, eos, config.max_batch_tokens, config.max_running, token_limit(mc, files.tokenizer))

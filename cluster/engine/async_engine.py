@@ -78,6 +78,8 @@ class EngineStats:
     running: int
     kv_used_blocks: int
     kv_total_blocks: int
+    prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache since start
+    prefix_hit_tokens: int = 0  # of those, found already computed
 
 
 class RequestHandle:
@@ -303,4 +305,6 @@ class AsyncEngine:
             running=len(self.engine.running),
             kv_used_blocks=usage.used_blocks,
             kv_total_blocks=usage.total_blocks,
+            prefix_query_tokens=usage.prefix_query_tokens,
+            prefix_hit_tokens=usage.prefix_hit_tokens,
         )

@@ -56,6 +56,7 @@ class EngineConfig(BaseModel):
     kv_block_size: int = Field(default=16, gt=0)
     max_batch_tokens: int = Field(default=2048, gt=0)
     max_running: int = Field(default=256, gt=0)  # sequences in the running batch at once; more wait
+    enable_prefix_caching: bool = True  # share computed KV blocks between requests whose tokens start the same
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @field_validator("model_dir")

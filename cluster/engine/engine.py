@@ -4,7 +4,10 @@ It knows nothing about text. Each ``step`` builds one batch under a token
 budget (every running decode gets its token, then prefill chunks fill the
 rest), runs the model once, samples, and reports token events.
 
-KV blocks are taken as sequences grow. A waiting request is admitted when its
+KV blocks are taken as sequences grow; with prefix caching a sequence shares
+the computed full blocks its tokens start with (``kv_cache``) and its prefill
+starts after them. A request that asks for prompt logprobs computes its whole
+prompt (every row's logits are needed). A waiting request is admitted when its
 prompt fits with a block of headroom per running sequence; when a running
 sequence cannot grow, the most recently admitted other sequence is preempted:
 its blocks are freed and it goes back to the head of the queue, to be
@@ -168,6 +171,7 @@ class Engine:
         logits = self.model.forward(batch, logits_rows=rows)  # [R, V]: per chunk its last row, or all its rows
         events = []
         for (seq, chunk), span in zip(scheduled, spans):
+            self.cache.commit(seq.seq_id, seq.token_ids, chunk.end_pos)
             if seq.wants_prompt_rows(chunk):
                 self._record_prompt_logprobs(seq, chunk, logits[span])  # [chunk rows, V]
             seq.num_computed = chunk.end_pos
@@ -217,14 +221,18 @@ class Engine:
         return event
 
     def _admit(self) -> None:
-        """Admit waiting sequences in order while each fits, keeping one block of growth per running sequence."""
+        """Admit waiting sequences in order while each fits, keeping one block of growth per running sequence.
+
+        A sequence starts after the computed blocks it shares from the prefix cache; one whose next
+        full block another running sequence is computing waits a step for it (and so do those behind it).
+        """
         while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
-            needed = self.cache.blocks_needed(seq.seq_id, len(seq.token_ids)) + len(self.running)
-            if needed > self.cache.num_free_blocks:
+            plan = self.cache.plan_admission(seq.token_ids, use_cache=seq.params.prompt_logprobs is None)
+            if plan.waits_for_other or plan.blocks_to_take + len(self.running) > self.cache.num_free_blocks:
                 return
             self.waiting.popleft()
-            self.cache.reserve(seq.seq_id, len(seq.token_ids))
+            seq.num_computed = self.cache.admit(seq.seq_id, seq.token_ids, plan)
             self.running.append(seq)
 
     def _schedule(self) -> list[tuple[Sequence, SequenceChunk]]:
