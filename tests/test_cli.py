@@ -95,6 +95,25 @@ def test_bench_writes_a_table_and_json(server, tmp_path):
     assert "| - | 20 | 3 |" in poisson.stdout
 
 
+def test_bench_multi_turn_chats_resend_their_history(server, tmp_path):
+    report_path = tmp_path / "chat.json"
+    out = moeshard(
+        "bench", "--url", server, "--api-key", API_KEY, "--concurrency", "2", "--requests", "2", "--turns", "3",
+        "--shared-prefix-len", "40", "--prompt-len", "8", "--output-len", "4", "--json", str(report_path),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "TTFT p50 by turn (ms):" in out.stdout and "2/2" in out.stderr
+    report = json.loads(report_path.read_text())
+    assert report["completed"] == 6 and report["failed"] == 0 and len(report["turn_ttft_p50_s"]) == 3
+    turns = [r["turn"] for r in report["records"]]
+    assert sorted(turns) == [0, 0, 1, 1, 2, 2]
+    for conversation in (report["records"][:3], report["records"][3:]):
+        assert [r["turn"] for r in conversation] == [0, 1, 2]
+        assert conversation[0]["prompt_tokens"] >= 40  # the shared system prompt
+        for before, after in zip(conversation, conversation[1:]):  # each turn resends the last one and its answer
+            assert after["prompt_tokens"] >= before["prompt_tokens"] + before["output_tokens"] + 8
+
+
 def test_one_line_errors(server, tmp_path, free_port):
     down = f"http://127.0.0.1:{free_port()}"
     cases = [

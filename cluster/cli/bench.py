@@ -18,7 +18,8 @@ def add_bench_command(commands) -> None:
         help="load-test a running server (throughput, TTFT, TPOT)",
         description="Send synthetic prompts to a running server, N clients at a time (closed loop) or at a Poisson "
         "request rate, each generating exactly --output-len tokens (ignore_eos), and print requests/s, output "
-        "tokens/s, and time to first token (TTFT) and per output token (TPOT) at p50 and p99.",
+        "tokens/s, and time to first token (TTFT) and per output token (TPOT) at p50 and p99. --shared-prefix-len "
+        "starts every prompt with the same text; --turns makes each request a multi-turn chat.",
     )
     add_server_arguments(bench)
     bench.add_argument("--concurrency", type=int, default=None, help="requests in flight at most (default: 1; no cap with --request-rate)")
@@ -26,6 +27,12 @@ def add_bench_command(commands) -> None:
     bench.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals at this many requests/s (default: closed loop)")
     bench.add_argument("--prompt-len", type=int, default=32, help="prompt length in tokens, about (default: 32)")
     bench.add_argument("--output-len", type=int, default=32, help="tokens each request generates (default: 32)")
+    bench.add_argument(
+        "--shared-prefix-len", type=int, default=0, help="tokens of one text every prompt starts with, about (default: 0)"
+    )
+    bench.add_argument(
+        "--turns", type=int, default=1, help="> 1: each request is a chat of this many turns, each resending the earlier ones"
+    )
     bench.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrival times (default: 0)")
     bench.add_argument("--json", default=None, metavar="FILE", help="also write the report (with every request) to FILE")
     bench.set_defaults(run=run_bench)
@@ -39,6 +46,8 @@ def run_bench(args: argparse.Namespace) -> None:
         request_rate=args.request_rate,
         prompt_len=args.prompt_len,
         output_len=args.output_len,
+        shared_prefix_len=args.shared_prefix_len,
+        turns=args.turns,
         seed=args.seed,
     )
     if args.json is not None and not Path(args.json).resolve().parent.is_dir():
@@ -63,10 +72,14 @@ async def _bench(args: argparse.Namespace, spec: LoadSpec) -> LoadReport:
 
 def format_summary(report: LoadReport) -> str:
     failed = f", {report.failed} failed (first: {report.first_error})" if report.failed else ""
-    return (
+    summary = (
         f"{report.completed} requests in {report.duration_s:.1f} s{failed}; on average {report.mean_prompt_tokens:.1f} "
         f"prompt and {report.mean_output_tokens:.1f} output tokens"
     )
+    if report.turn_ttft_p50_s:
+        turns = ", ".join("-" if t is None else f"{1000 * t:.1f}" for t in report.turn_ttft_p50_s)
+        summary += f"\nTTFT p50 by turn (ms): {turns}"
+    return summary
 
 
 def format_table(reports: list[LoadReport]) -> str:

@@ -4,6 +4,10 @@ Each request streams a completion with ``ignore_eos`` so that it generates exact
 records its time to first token (TTFT: request sent -> first text delta) and time per output token
 (TPOT: the rest of its latency over its remaining tokens, as vLLM's benchmark does). ``run_load`` returns
 a ``LoadReport``: throughput, TTFT and TPOT percentiles, and every request's record.
+
+Two workloads model what chat traffic resends: ``shared_prefix_len`` starts every prompt with the same text
+(a system prompt), and ``turns`` > 1 makes each request a conversation through the chat route, every turn
+resending the earlier turns and answers with a new user message; TTFT is then also reported per turn.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import NamedTuple
 
 from pydantic import BaseModel, Field
 
 from moeshard.cluster.client.async_client import AsyncClient
 from moeshard.cluster.client.errors import APIError
+from moeshard.cluster.client.types import StreamEvent
 
 # Common short English words: about one token each for SentencePiece and byte-level BPE vocabularies alike.
 _WORDS = (
@@ -36,6 +42,8 @@ class LoadSpec(BaseModel):
     request_rate: float | None = Field(default=None, gt=0)
     prompt_len: int = Field(default=32, ge=1)
     output_len: int = Field(default=32, ge=1)
+    shared_prefix_len: int = Field(default=0, ge=0)  # tokens of one text every prompt starts with, about
+    turns: int = Field(default=1, ge=1)  # > 1: each request is a chat of this many turns (one record per turn)
     seed: int = 0
 
     @property
@@ -53,6 +61,7 @@ class RequestRecord(BaseModel):
     ttft_s: float | None = None
     tpot_s: float | None = None  # None with fewer than 2 output tokens
     latency_s: float = 0.0
+    turn: int = 0  # which turn of its conversation
 
 
 class LoadReport(BaseModel):
@@ -69,6 +78,7 @@ class LoadReport(BaseModel):
     tpot_p50_s: float | None
     tpot_p99_s: float | None
     first_error: str | None = None
+    turn_ttft_p50_s: list[float | None] = Field(default_factory=list)  # per turn, with ``spec.turns`` > 1
     records: list[RequestRecord]
 
 
@@ -88,24 +98,60 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
+class _Streamed(NamedTuple):
+    record: RequestRecord
+    text: str  # the generated text
+
+
 async def stream_one(client: AsyncClient, model: str | None, prompt: str, spec: LoadSpec) -> RequestRecord:
+    events = client.stream(prompt, model=model, max_tokens=spec.output_len, temperature=0, ignore_eos=True)
+    return (await _measure(events)).record
+
+
+async def _measure(events: AsyncIterator[StreamEvent], turn: int = 0) -> _Streamed:
     sent = time.perf_counter()
     first = usage = None
+    text: list[str] = []
     try:
-        async for event in client.stream(prompt, model=model, max_tokens=spec.output_len, temperature=0, ignore_eos=True):
+        async for event in events:
             if event.text and first is None:
                 first = time.perf_counter()
+            text.append(event.text)
             if event.done:
                 usage = event.usage
     except APIError as exc:
-        return RequestRecord(ok=False, error=str(exc), latency_s=time.perf_counter() - sent)
+        return _Streamed(RequestRecord(ok=False, error=str(exc), latency_s=time.perf_counter() - sent, turn=turn), "")
     latency = time.perf_counter() - sent
     outputs = usage.completion_tokens if usage else 0
     ttft = (first if first is not None else time.perf_counter()) - sent
     tpot = (latency - ttft) / (outputs - 1) if outputs > 1 else None
-    return RequestRecord(
-        ok=True, prompt_tokens=usage.prompt_tokens if usage else 0, output_tokens=outputs, ttft_s=ttft, tpot_s=tpot, latency_s=latency
+    record = RequestRecord(
+        ok=True,
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        output_tokens=outputs,
+        ttft_s=ttft,
+        tpot_s=tpot,
+        latency_s=latency,
+        turn=turn,
     )
+    return _Streamed(record, "".join(text))
+
+
+async def converse(
+    client: AsyncClient, model: str | None, system: str, users: list[str], spec: LoadSpec
+) -> list[RequestRecord]:
+    """One conversation: each user message is a turn that resends the turns and answers before it; stops at a failure."""
+    messages = [{"role": "system", "content": system}] if system else []
+    records = []
+    for turn, user in enumerate(users):
+        messages.append({"role": "user", "content": user})
+        events = client.chat_stream(messages, model=model, max_tokens=spec.output_len, temperature=0, ignore_eos=True)
+        streamed = await _measure(events, turn)
+        records.append(streamed.record)
+        if not streamed.record.ok:
+            break
+        messages.append({"role": "assistant", "content": streamed.text})
+    return records
 
 
 async def run_load(
@@ -113,7 +159,11 @@ async def run_load(
 ) -> LoadReport:
     """Send ``spec.requests`` requests for ``model`` (default: the client's) and measure them; failures are recorded, not raised."""
     rng = random.Random(spec.seed)
-    prompts = [synthetic_prompt(rng, spec.prompt_len) for _ in range(spec.requests)]
+    prefix = synthetic_prompt(rng, spec.shared_prefix_len + 1) + " " if spec.shared_prefix_len else ""
+    if spec.turns > 1:
+        prompts = [[synthetic_prompt(rng, spec.prompt_len) for _ in range(spec.turns)] for _ in range(spec.requests)]
+    else:
+        prompts = [prefix + synthetic_prompt(rng, spec.prompt_len) for _ in range(spec.requests)]
     arrivals = [0.0] * spec.requests
     if spec.request_rate is not None:
         t = 0.0
@@ -123,16 +173,19 @@ async def run_load(
     gate = asyncio.Semaphore(spec.max_in_flight)
     start = time.perf_counter()
 
-    async def scheduled(prompt: str, at: float) -> RequestRecord:
+    async def scheduled(prompt: str | list[str], at: float) -> list[RequestRecord]:
         await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
         async with gate:
-            record = await stream_one(client, model, prompt, spec)
+            if isinstance(prompt, list):
+                records = await converse(client, model, prefix.strip(), prompt, spec)
+            else:
+                records = [await stream_one(client, model, prompt, spec)]
         if on_done is not None:
-            on_done(record)
-        return record
+            on_done(records[-1])
+        return records
 
-    records = await asyncio.gather(*(scheduled(p, a) for p, a in zip(prompts, arrivals)))
-    return summarize(spec, list(records), time.perf_counter() - start)
+    conversations = await asyncio.gather(*(scheduled(p, a) for p, a in zip(prompts, arrivals)))
+    return summarize(spec, [r for records in conversations for r in records], time.perf_counter() - start)
 
 
 def summarize(spec: LoadSpec, records: list[RequestRecord], duration_s: float) -> LoadReport:
@@ -154,5 +207,6 @@ def summarize(spec: LoadSpec, records: list[RequestRecord], duration_s: float) -
         tpot_p50_s=percentile(tpots, 50),
         tpot_p99_s=percentile(tpots, 99),
         first_error=failed[0].error if failed else None,
+        turn_ttft_p50_s=[percentile([r.ttft_s for r in ok if r.turn == t], 50) for t in range(spec.turns)] if spec.turns > 1 else [],
         records=records,
     )

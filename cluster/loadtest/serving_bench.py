@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -26,6 +27,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -67,8 +69,8 @@ class ServeBenchResult(BaseModel):
     baseline: BaselineResult
 
 
-def write_synthetic_mixtral(out_dir: Path, seed: int = 0) -> Path:
-    """A random Mixtral (``SYNTHETIC`` sizes) with the real Mixtral SentencePiece tokenizer (from mistral-common)."""
+def write_synthetic_mixtral(out_dir: Path, seed: int = 0, **overrides) -> Path:
+    """A random Mixtral (``SYNTHETIC`` sizes, or ``overrides``) with the real Mixtral SentencePiece tokenizer (from mistral-common)."""
     import importlib.resources
 
     import torch
@@ -79,7 +81,7 @@ def write_synthetic_mixtral(out_dir: Path, seed: int = 0) -> Path:
     except ModuleNotFoundError:
         raise FileNotFoundError("the synthetic model takes its tokenizer from mistral-common: install it, or pass --model-dir") from None
     torch.manual_seed(seed)
-    model = MixtralForCausalLM(MixtralConfig(**SYNTHETIC)).eval()
+    model = MixtralForCausalLM(MixtralConfig(**{**SYNTHETIC, **overrides})).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
@@ -118,7 +120,9 @@ async def _load_levels(url: str, args: argparse.Namespace) -> list[LoadReport]:
     return reports
 
 
-def run_server_levels(model_dir: Path, args: argparse.Namespace) -> list[LoadReport]:
+@contextlib.contextmanager
+def served_model(model_dir: Path, expert_actors: int, engine: dict | None = None) -> Iterator[str]:
+    """Ray, Serve and the app for ``model_dir`` on a free 127.0.0.1 port; yields its URL, shuts everything down after."""
     import ray
     from ray import serve
 
@@ -127,16 +131,21 @@ def run_server_levels(model_dir: Path, args: argparse.Namespace) -> list[LoadRep
 
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray"))
     port = free_port()
-    init_ray(num_cpus=args.expert_actors + 2, include_dashboard=False, logging_level="WARNING")
+    init_ray(num_cpus=expert_actors + 2, include_dashboard=False, logging_level="WARNING")
     try:
         quiet = {"log_level": "WARNING", "enable_access_log": False}
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
-        app = {"model_dir": str(model_dir), "model_name": MODEL_NAME, "expert_actors": args.expert_actors, "max_waiting": 4096}
-        serve.run(build_app(app), name="bench", route_prefix="/", logging_config=quiet)
-        return asyncio.run(_load_levels(f"http://127.0.0.1:{port}", args))
+        app = {"model_dir": str(model_dir), "model_name": MODEL_NAME, "expert_actors": expert_actors, "max_waiting": 4096}
+        serve.run(build_app({**app, "engine": engine or {}}), name="bench", route_prefix="/", logging_config=quiet)
+        yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def run_server_levels(model_dir: Path, args: argparse.Namespace) -> list[LoadReport]:
+    with served_model(model_dir, args.expert_actors) as url:
+        return asyncio.run(_load_levels(url, args))
 
 
 def run_transformers(model_dir: Path, args: argparse.Namespace) -> BaselineResult:
