@@ -19,6 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -298,6 +299,8 @@ class ServingCoordinator:
 
         if not body.stream:
             results = await self._collect(handles)
+            if body.echo_only:  # the one sampled token is not part of the answer
+                results = [{**r, "text": "", "token_ids": [], "logprobs": [], "tokens": 0} for r in results]
             choices = [
                 choice(r["index"], echoes[r["index"] // n] + r["text"], r["token_ids"], r["logprobs"], r["prompt_logprobs"], r["finish_reason"])
                 for r in results
@@ -307,6 +310,8 @@ class ServingCoordinator:
         async def chunks() -> AsyncIterator[dict]:
             generated, started = 0, set()
             async for index, delta in self._merged(handles):
+                if body.echo_only:
+                    delta = replace(delta, token_ids=[], text="", logprobs=[])
                 generated += len(delta.token_ids)
                 echo = "" if index in started else echoes[index // n]
                 started.add(index)

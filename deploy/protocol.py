@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from moeshard.cluster.engine.generation_defaults import GenerationDefaults
 from moeshard.cluster.engine.logprobs import MAX_LOGPROBS
@@ -146,8 +146,20 @@ class _SamplingFields(BaseModel):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0, le=INT64_MAX)  # 0: with echo, the prompt alone (scoring)
     echo: bool = False  # the prompt's text (and with logprobs, its tokens' logprobs) before the completion
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _nothing_to_return(self) -> "CompletionRequest":
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens must be at least 1 (0 only with echo, to score the prompt alone)")
+        return self
+
+    @property
+    def echo_only(self) -> bool:
+        """``echo`` with ``max_tokens`` 0: the prompt (and its logprobs) without a completion."""
+        return self.max_tokens == 0
 
     def token_logprobs(self) -> int | None:
         return self.logprobs
@@ -164,6 +176,8 @@ class CompletionRequest(_SamplingFields):
         params = super().sampling_params(default_max_tokens, choice, defaults, room)
         if self.echo and self.logprobs is not None:
             params = params.model_copy(update={"prompt_logprobs": self.logprobs})
+        if self.echo_only:  # the engine always samples: one token, which the route drops
+            params = params.model_copy(update={"max_tokens": 1})
         return params
 
     def texts(self) -> list[str]:

@@ -7,6 +7,7 @@ The oracle is transformers loading the same GGUF as a dense ``LlamaForCausalLM``
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from safetensors import safe_open
 
 from moeshard.cluster import LLM, SamplingParams
 from moeshard.cluster.cli.main import main as cli_main
-from moeshard.cluster.convert.demo_model import SOURCE_REQUIREMENT, smollm2_gguf_file, write_demo_model
+from moeshard.cluster.convert.demo_model import DEMO_SAMPLING, SOURCE_REQUIREMENT, smollm2_gguf_file, write_demo_model
 from moeshard.cluster.convert.safetensors_writer import write_safetensors
 from moeshard.cluster.model.checkpoint import CheckpointReader, ExpertKey
 from moeshard.cluster.model.config import ModelConfig
@@ -218,6 +219,21 @@ def test_rebuild_is_a_no_op_unless_forced(demo_dir, capsys):
     write_demo_model(demo_dir, force=True)
     assert weights.stat().st_mtime_ns > before - 10**9
     assert not (demo_dir / "model.safetensors.partial").exists()
+
+
+def test_sampling_defaults_come_from_the_model_card_and_reach_older_builds(demo_dir):
+    config_path = demo_dir / "generation_config.json"
+    with LLM(demo_dir) as llm:
+        defaults = llm.default_sampling_params()
+    assert (defaults.temperature, defaults.top_p) == (DEMO_SAMPLING["temperature"], DEMO_SAMPLING["top_p"])
+
+    weights = demo_dir / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    older = {k: v for k, v in json.loads(config_path.read_text()).items() if k not in DEMO_SAMPLING}
+    config_path.write_text(json.dumps(older))
+    write_demo_model(demo_dir)
+    assert json.loads(config_path.read_text()) == {**older, **DEMO_SAMPLING}
+    assert weights.stat().st_mtime_ns == before
 
 
 def test_missing_source_package_names_the_install_command(monkeypatch):

