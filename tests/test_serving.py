@@ -246,3 +246,29 @@ def test_client_disconnect_cancels_and_frees_cache(server, client):
     generated = after["moeshard_generation_tokens_total"] - before["moeshard_generation_tokens_total"]
     assert generated < 400  # generation stopped early
     assert after.get('moeshard_requests_total{status="cancelled"}', 0) >= 1
+
+
+def test_a_client_gone_before_the_response_starts_frees_its_requests(server):
+    """The socket closes once the engine has the request, and nothing of the answer is ever read."""
+    import socket
+    from urllib.parse import urlsplit
+
+    before = _metrics(server)
+    body = json.dumps(
+        {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 400, "temperature": 0, "stream": True, "ignore_eos": True, "n": 2}
+    ).encode()
+    url = urlsplit(server)
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(head + body)
+        deadline = time.monotonic() + 30
+        while _metrics(server)["moeshard_prompt_tokens_total"] == before["moeshard_prompt_tokens_total"]:
+            assert time.monotonic() < deadline, "the request never reached the engine"
+            time.sleep(0.02)
+    after = _wait_idle(server, timeout=60)
+    generated = after["moeshard_generation_tokens_total"] - before["moeshard_generation_tokens_total"]
+    assert generated < 2 * 400  # both choices stopped early
+
