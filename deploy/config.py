@@ -25,7 +25,8 @@ class ServeArgs(BaseModel):
     public_metrics: bool = False  # /metrics open without the API key
     client_header: str | None = None  # a trusted proxy's header naming the client (e.g. x-forwarded-for); default: peer address
     expert_actors: int = Field(default=0, ge=0)
-    dtype: str = "float32"
+    device: str = "auto"  # the coordinator's: auto (a GPU when the cluster has one), cpu, cuda or cuda:N
+    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
     ray_address: str | None = None
     max_waiting: int = Field(default=256, ge=1)  # requests queued beyond the running batch; more get 503
     max_ongoing_requests: int = Field(default=1024, ge=1)
@@ -53,7 +54,7 @@ class ServeArgs(BaseModel):
         fields = dict(self.engine)
         cluster = dict(fields.pop("cluster", {}))
         cluster.update(expert_actors=self.expert_actors, ray_address=self.ray_address)
-        return EngineConfig(model_dir=self.model_dir, dtype=self.dtype, cluster=cluster, **fields)
+        return EngineConfig(model_dir=self.model_dir, device=self.device, dtype=self.dtype, cluster=cluster, **fields)
 
     def resolved_api_key(self) -> str | None:
         """The key: ``api_key``, or the value of ``api_key_env`` in this process's environment (which must be set)."""

@@ -48,7 +48,8 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--public-metrics", action="store_true", help="serve /metrics without the key")
     serve.add_argument("--model-name", default=None, help="model id clients send (default: the directory's name)")
     serve.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
-    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--device", default="auto", help="the coordinator's: auto (a GPU when the cluster has one), cpu, cuda or cuda:N")
+    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bfloat16 on a GPU, float32 on the CPU")
     serve.add_argument("--transport", default="actor_calls", choices=["actor_calls", "compiled_graph"])
     serve.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
     serve.add_argument(
@@ -80,6 +81,7 @@ def run_serve(args: argparse.Namespace) -> None:
         public_docs=args.public_docs,
         public_metrics=args.public_metrics,
         expert_actors=args.expert_actors,
+        device=args.device,
         dtype=args.dtype,
         ray_address=args.ray_address,
         max_waiting=args.max_waiting,

@@ -13,12 +13,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from moeshard.cluster.engine.config import EngineConfig
 from moeshard.cluster.engine.engine import Engine
 from moeshard.cluster.model.checkpoint import CheckpointReader
 from moeshard.cluster.model.config import ModelConfig
+from moeshard.cluster.model.device import resolve_device, resolve_dtype
 from moeshard.cluster.model.kv_cache import KVCache
 from moeshard.cluster.model.model import MoeModel
 from moeshard.cluster.model.moe import ExpertsFn, LocalExperts
@@ -36,10 +35,6 @@ class ModelFiles:
     tokenizer: Tokenizer | None  # None: token-id prompts only
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
-
-
 def maybe_tokenizer(model_dir: str | Path) -> Tokenizer | None:
     """The model's tokenizer, or None for a directory without one (token-id prompts only)."""
     if not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
@@ -54,13 +49,18 @@ def read_model_files(model_dir: str | Path) -> ModelFiles:
 
 def build_engine(config: EngineConfig, files: ModelFiles, experts: ExpertsFn | None = None) -> Engine:
     """A ready engine for ``config``; its experts are ``experts``, or read into this process when None."""
-    dtype = torch_dtype(config.dtype)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    logger.info("the model runs on %s in %s", device, str(dtype).removeprefix("torch."))
     mc = files.model_config
     reader = CheckpointReader(config.model_dir, mc)
-    dense = reader.read_dense(dtype)
+    dense = reader.read_dense(dtype, device)
     if experts is None:
-        experts = LocalExperts.from_checkpoint(reader, dtype)
-    cache = KVCache.with_budget(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.kv_cache_bytes, config.kv_block_size, dtype, config.enable_prefix_caching)
+        experts = LocalExperts.from_checkpoint(reader, dtype, device)
+    cache = KVCache.with_budget(
+        mc.num_layers, mc.num_kv_heads, mc.head_dim, config.kv_cache_bytes, config.kv_block_size, dtype,
+        config.enable_prefix_caching, device,
+    )  # fmt: skip
     eos = frozenset(mc.eos_token_ids) or (files.tokenizer.eos_token_ids if files.tokenizer else frozenset())
     model = MoeModel(mc, dense, experts, cache)
     return Engine(model, eos, config.max_batch_tokens, config.max_running, token_limit(mc, files.tokenizer))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DTYPES = ("float32", "bfloat16", "float16")
+from moeshard.cluster.model.device import DTYPE_CHOICES, check_device_name
 
 
 class ClusterConfig(BaseModel):
@@ -51,7 +51,8 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model_dir: str
-    dtype: str = "float32"
+    device: str = "auto"  # auto (CUDA when the coordinator sees a GPU), cpu, cuda or cuda:N
+    dtype: str = "auto"  # auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16
     kv_cache_bytes: int = Field(default=512 * 2**20, gt=0)
     kv_block_size: int = Field(default=16, gt=0)
     max_batch_tokens: int = Field(default=2048, gt=0)
@@ -67,6 +68,7 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_dtype(self) -> "EngineConfig":
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        check_device_name(self.device)
         return self

@@ -19,7 +19,9 @@ the raw logits at that token (and its top alternatives); one that asks for promp
 logprobs gets them on its first event, from the logits of every row of its own
 prefill chunks (other chunks give only their last row).
 
-Sampling is per sequence: a sequence whose token cannot be sampled finishes
+The model runs on its device (``model/device.py``); the step's logits come back to the host in one copy
+and sampling runs there, in float64 with a CPU generator per request, so a seeded request samples the
+same tokens on every device and in every batch. Sampling is per sequence: a sequence whose token cannot be sampled finishes
 with ``FinishReason.ERROR`` (its event carries the error) and frees its cache;
 the others in the step go on.
 """
@@ -168,7 +170,8 @@ class Engine:
             return []
         batch = StepBatch.build([(chunk, seq.token_ids[chunk.start_pos : chunk.end_pos]) for seq, chunk in scheduled])
         rows, spans = self._logit_rows(scheduled)
-        logits = self.model.forward(batch, logits_rows=rows)  # [R, V]: per chunk its last row, or all its rows
+        # [R, V]: per chunk its last row, or all its rows; brought to the host once per step (sampling runs there)
+        logits = self.model.forward(batch, logits_rows=rows).cpu()
         events = []
         for (seq, chunk), span in zip(scheduled, spans):
             self.cache.commit(seq.seq_id, seq.token_ids, chunk.end_pos)
@@ -292,6 +295,6 @@ class Engine:
         self.cache.reserve(seq_id, len(token_ids))
         try:
             batch = StepBatch.build([(SequenceChunk(seq_id, 0, len(token_ids)), list(token_ids))])
-            return self.model.forward(batch, logits_rows=torch.arange(len(token_ids)))
+            return self.model.forward(batch, logits_rows=torch.arange(len(token_ids))).cpu()
         finally:
             self.cache.free(seq_id)

@@ -30,7 +30,7 @@ class LLM:
         self,
         model_dir: str | Path,
         expert_actors: int = 0,
-        dtype: str = "float32",
+        dtype: str = "auto",
         ray_address: str | None = None,
         cluster: dict | ClusterConfig | None = None,
         **options,

@@ -46,6 +46,12 @@ class StepBatch:
             chunks=tuple(chunks),
         )
 
+    def to(self, device: torch.device) -> "StepBatch":
+        """The same batch with its id and position tensors on ``device`` (itself when they are there)."""
+        if self.token_ids.device == device:
+            return self
+        return StepBatch(self.token_ids.to(device), self.positions.to(device), self.chunks)
+
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])

@@ -181,14 +181,16 @@ class CheckpointReader:
     def keys(self) -> set[str]:
         return set(self._file_of_key)
 
-    def read(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Read the given keys (validated first, all of them) as ``dtype``."""
+    def read(
+        self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """Read the given keys (validated first, all of them) as ``dtype`` on ``device``."""
         self._validate(shapes)
         tensors: dict[str, torch.Tensor] = {}
         for file_name, keys in self._group_by_file(shapes).items():
             with safe_open(self.model_dir / file_name, framework="pt") as handle:
                 for key in keys:
-                    tensors[key] = handle.get_tensor(key).to(dtype)
+                    tensors[key] = handle.get_tensor(key).to(device=device, dtype=dtype)
         return tensors
 
     def _group_by_file(self, keys) -> dict[str, list[str]]:
@@ -197,16 +199,18 @@ class CheckpointReader:
             by_file.setdefault(self._file_of_key[key], []).append(key)
         return by_file
 
-    def read_dense(self, dtype: torch.dtype) -> DenseWeights:
+    def read_dense(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> DenseWeights:
         config = self.config
-        t = self.read(dense_weight_shapes(config), dtype)
+        t = self.read(dense_weight_shapes(config), dtype, device)
         layers = [_layer_weights(config, layer, t) for layer in range(config.num_layers)]
         embed = t["model.embed_tokens.weight"]
         lm_head = embed if config.tie_word_embeddings else t["lm_head.weight"]
         logger.info("read dense weights of %d layers from %s", config.num_layers, self.model_dir)
         return DenseWeights(embed=embed, layers=layers, final_norm=t["model.norm.weight"], lm_head=lm_head)
 
-    def read_experts(self, keys: Iterable[ExpertKey], dtype: torch.dtype) -> dict[ExpertKey, ExpertWeights]:
+    def read_experts(
+        self, keys: Iterable[ExpertKey], dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> dict[ExpertKey, ExpertWeights]:
         """Read only the requested experts."""
         keys = sorted(set(keys), key=lambda k: (k.layer, k.expert))
         for key in keys:
@@ -220,7 +224,7 @@ class CheckpointReader:
         shapes: dict[str, tuple[int, ...]] = {}
         for key in keys:
             shapes.update(expert_weight_shapes(self.config, key))
-        t = self.read(shapes, dtype)
+        t = self.read(shapes, dtype, device)
         experts = {}
         for key in keys:
             w1, w3, w2 = (t[name] for name in expert_weight_shapes(self.config, key))

@@ -68,6 +68,7 @@ class KVCache:
         block_size: int,
         dtype: torch.dtype,
         prefix_caching: bool = True,
+        device: torch.device | str = "cpu",
     ):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"KV cache needs num_blocks > 0 and block_size > 0, got {num_blocks}, {block_size}")
@@ -75,8 +76,9 @@ class KVCache:
         self.num_blocks = num_blocks
         self.prefix_caching = prefix_caching
         slots = num_blocks * block_size
-        self.keys = torch.zeros(num_layers, slots, num_kv_heads, head_dim, dtype=dtype)  # [L, S, Hkv, Dh]
-        self.values = torch.zeros(num_layers, slots, num_kv_heads, head_dim, dtype=dtype)  # [L, S, Hkv, Dh]
+        self.device = torch.device(device)
+        self.keys = torch.zeros(num_layers, slots, num_kv_heads, head_dim, dtype=dtype, device=device)  # [L, S, Hkv, Dh]
+        self.values = torch.zeros(num_layers, slots, num_kv_heads, head_dim, dtype=dtype, device=device)  # [L, S, Hkv, Dh]
         self._pool = BlockPool(num_blocks)
         self._tables: dict[int, list[int]] = {}
         self._computed_keys: dict[int, list[BlockHash]] = {}  # a sequence's keyed full blocks, from its first
@@ -95,12 +97,13 @@ class KVCache:
         block_size: int,
         dtype: torch.dtype,
         prefix_caching: bool = True,
+        device: torch.device | str = "cpu",
     ) -> "KVCache":
         bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
         num_blocks = budget_bytes // bytes_per_block
         if num_blocks < 1:
             raise ValueError(f"KV cache budget of {budget_bytes} bytes is below one block ({bytes_per_block} bytes)")
-        return cls(num_layers, num_kv_heads, head_dim, num_blocks, block_size, dtype, prefix_caching)
+        return cls(num_layers, num_kv_heads, head_dim, num_blocks, block_size, dtype, prefix_caching, device)
 
     @property
     def capacity_tokens(self) -> int:
@@ -203,7 +206,7 @@ class KVCache:
             raise IndexError(f"sequence {seq_id} holds {len(table) * self.block_size} slots, asked for {end}")
         positions = torch.arange(start, end)
         blocks = torch.tensor(table, dtype=torch.int64)[positions // self.block_size]
-        return blocks * self.block_size + positions % self.block_size
+        return (blocks * self.block_size + positions % self.block_size).to(self.device)
 
     def usage(self) -> KVCacheUsage:
         return KVCacheUsage(

@@ -31,9 +31,9 @@ class RotaryTables(NamedTuple):
 class RotaryEmbedding:
     """Default (unscaled) RoPE with the half-split layout of Hugging Face Llama/Mixtral."""
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, head_dim: int, theta: float, device: torch.device | str = "cpu"):
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-        self.inv_freq = 1.0 / (theta**exponents)  # [Dh/2]
+        self.inv_freq = (1.0 / (theta**exponents)).to(device)  # [Dh/2]
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
         """positions [T] -> cos, sin [T, Dh] in ``dtype``."""

@@ -40,10 +40,16 @@ class MoeModel:
         self.weights = weights
         self.experts = experts
         self.cache = cache
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.dtype = weights.embed.dtype
-        # Tokens routed to each expert since start: the load that metrics (and rebalancing) read.
-        self.expert_load = torch.zeros(config.num_layers, config.num_experts, dtype=torch.int64)  # [L, E]
+        self.device = weights.embed.device
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, self.device)
+        # Tokens routed to each expert since start, counted on the device without a host sync.
+        self._load = torch.zeros(config.num_layers, config.num_experts, dtype=torch.int64, device=self.device)  # [L, E]
+
+    @property
+    def expert_load(self) -> torch.Tensor:
+        """Tokens routed to each expert since start [L, E], on the CPU: the load that metrics (and rebalancing) read."""
+        return self._load.cpu()
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, logits_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,7 +58,8 @@ class MoeModel:
         The cache must already hold room for every chunk (``KVCache.reserve``).
         """
         config, w = self.config, self.weights
-        rows = batch.last_token_rows() if logits_rows is None else logits_rows
+        rows = (batch.last_token_rows() if logits_rows is None else logits_rows).to(self.device)
+        batch = batch.to(self.device)
         x = w.embed[batch.token_ids]  # [T, D]
         rotary = self.rotary.tables(batch.positions, self.dtype)
         for layer, lw in enumerate(w.layers):
@@ -67,7 +74,8 @@ class MoeModel:
             return swiglu(r, lw.mlp.w1, lw.mlp.w3, lw.mlp.w2)  # [T, D]
         config = self.config
         routing = route(r @ lw.router.T, config.experts_per_token, normalize=config.norm_topk_prob)  # [T, K] each
-        self.expert_load[layer] += torch.bincount(routing.expert_ids.reshape(-1).long(), minlength=config.num_experts)
+        chosen = routing.expert_ids.reshape(-1).long()  # [T*K]
+        self._load[layer].index_add_(0, chosen, torch.ones_like(chosen))
         pending = self.experts.submit(layer, r, routing)
         if lw.shared_expert is None:
             return pending.wait()  # [T, D]

@@ -71,11 +71,11 @@ class ExpertStack:
 
 
 def load_expert_stacks(
-    reader: CheckpointReader, hosted: dict[int, Iterable[int]], dtype: torch.dtype
+    reader: CheckpointReader, hosted: dict[int, Iterable[int]], dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> dict[int, ExpertStack]:
-    """Read the experts hosted per layer ({layer: expert ids}) and stack them, one stack per layer."""
+    """Read the experts hosted per layer ({layer: expert ids}) and stack them on ``device``, one stack per layer."""
     wanted = [ExpertKey(layer, e) for layer, experts in hosted.items() for e in experts]
-    weights = reader.read_experts(wanted, dtype)
+    weights = reader.read_experts(wanted, dtype, device)
     stacks = {}
     for layer, experts in hosted.items():
         ids = tuple(sorted(set(experts)))
@@ -98,10 +98,10 @@ class LocalExperts:
         self.stacks = stacks
 
     @classmethod
-    def from_checkpoint(cls, reader: CheckpointReader, dtype: torch.dtype) -> "LocalExperts":
+    def from_checkpoint(cls, reader: CheckpointReader, dtype: torch.dtype, device: torch.device | str = "cpu") -> "LocalExperts":
         config = reader.config
         hosted = {layer: range(config.num_experts) for layer in config.moe_layers}
-        return cls(load_expert_stacks(reader, hosted, dtype))
+        return cls(load_expert_stacks(reader, hosted, dtype, device))
 
     def __call__(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         stack = self.stacks[layer]

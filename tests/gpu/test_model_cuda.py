@@ -1,0 +1,56 @@
+"""The whole model in one process on a GPU against the same checkpoint on the CPU, and against transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeshard.cluster import LLM, SamplingParams
+
+PROMPTS = [[1, 5, 9, 33, 17], [1, 100, 3], [1, 7, 7, 7, 7, 7, 7, 7, 64, 12, 90, 4]]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint_factory):
+    return tiny_checkpoint_factory("gpu_model", seed=3, sliding_window=6, num_hidden_layers=3)
+
+
+def test_auto_picks_the_gpu_and_bfloat16(checkpoint):
+    with LLM(checkpoint) as llm:
+        model = llm._engine.model
+        assert model.device.type == "cuda" and model.dtype == torch.bfloat16
+        assert llm._engine.cache.keys.device.type == "cuda"
+
+
+def test_float32_logits_on_cuda_equal_the_cpu(checkpoint):
+    with LLM(checkpoint, device="cpu", dtype="float32") as cpu:
+        expected = [cpu.logits(p) for p in PROMPTS]
+    with LLM(checkpoint, device="cuda", dtype="float32") as gpu:
+        got = [gpu.logits(p) for p in PROMPTS]
+    for ours, theirs in zip(got, expected):
+        assert ours.device.type == "cpu" and ours.shape == theirs.shape
+        assert (ours - theirs).abs().max().item() < 1e-3  # TF32 matmuls and other reduction orders
+
+
+def test_greedy_and_seeded_tokens_on_cuda_equal_the_cpu(checkpoint):
+    params = [
+        SamplingParams(max_tokens=16, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True),
+    ]
+    with LLM(checkpoint, device="cpu", dtype="float32") as cpu:
+        expected = [[o.token_ids for o in cpu.generate(PROMPTS, p)] for p in params]
+    with LLM(checkpoint, device="cuda", dtype="float32") as gpu:
+        got = [[o.token_ids for o in gpu.generate(PROMPTS, p)] for p in params]
+    assert got == expected
+
+
+def test_bfloat16_on_cuda_stays_close_to_transformers(checkpoint):
+    from transformers import MixtralForCausalLM
+
+    reference = MixtralForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, experts_implementation="eager").eval()
+    with LLM(checkpoint, device="cuda", dtype="bfloat16") as gpu:
+        for prompt in PROMPTS:
+            with torch.no_grad():
+                theirs = reference(torch.tensor([prompt])).logits[0].float()
+            ours = gpu.logits(prompt)
+            assert (ours - theirs).abs().max().item() < 0.1 * max(theirs.abs().max().item(), 1.0)
