@@ -81,6 +81,16 @@ class LLM:
             return self._cluster.logits(ids)
         return self._engine.prompt_logits(ids)
 
+    def route_tokens(self, token_ids: Sequence[int]):
+        """Every MoE layer's expert ids for a prefill over ``token_ids`` (a ``RoutedTokens``; see cluster/analysis/)."""
+        self._check_open()
+        ids = [int(t) for t in token_ids]
+        if self._cluster is not None:
+            return self._cluster.route_tokens(ids)
+        from moeshard.cluster.analysis.capture import route_tokens
+
+        return route_tokens(self._engine, ids)
+
     def placement(self) -> list[dict]:
         """Which actor (and node) hosts which (layer, expert); empty in single-process mode."""
         self._check_open()
