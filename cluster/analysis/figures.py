@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from moeshard.cluster.analysis.report import RoutingReport  # noqa: E402
@@ -28,10 +29,16 @@ PANEL_COLUMNS = 4
 
 
 def write_figures(report: RoutingReport, out_dir: Path) -> list[Path]:
-    return [write_expert_share(report, out_dir / EXPERT_SHARE_FILE), write_repetition(report, out_dir / REPETITION_FILE)]
+    paths = []
+    for figure, name in ((expert_share_figure(report), EXPERT_SHARE_FILE), (repetition_figure(report), REPETITION_FILE)):
+        figure.savefig(out_dir / name, dpi=100)
+        plt.close(figure)
+        paths.append(out_dir / name)
+    return paths
 
 
-def write_expert_share(report: RoutingReport, path: Path) -> Path:
+def expert_share_figure(report: RoutingReport) -> Figure:
+    """One panel per MoE layer (its title names the layer); in each, one bar series per domain, in domain order."""
     names = list(report.domains)
     layers = [entry.layer for entry in report.domains[names[0]].layers]
     columns = min(PANEL_COLUMNS, len(layers))
@@ -54,12 +61,11 @@ def write_expert_share(report: RoutingReport, path: Path) -> Path:
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper right", fontsize=8)
     fig.suptitle(f"{report.model}: expert share per layer ({report.experts} experts, top-{report.top_k})", fontsize=10)
     fig.tight_layout(rect=(0, 0, 0.9, 0.96))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def write_repetition(report: RoutingReport, path: Path) -> Path:
+def repetition_figure(report: RoutingReport) -> Figure:
+    """Two panels (same_top1, shared_any): a line per domain over the MoE layers, then the baseline."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
     baseline = report.random_baseline
     for ax, field, title, chance in (
@@ -78,6 +84,4 @@ def write_repetition(report: RoutingReport, path: Path) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle(f"{report.model}: routing repetition ({report.experts} experts, top-{report.top_k})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig

@@ -43,16 +43,20 @@ def read_domains(paths: Sequence[str | Path]) -> dict[str, str]:
 
 
 def analyze_routing(
-    model_dir: str | Path, domains: Mapping[str, str], out_dir: str | Path, expert_actors: int = 0, dtype: str = "float32"
+    model_dir: str | Path, domains: Mapping[str, str], out_dir: str | Path, expert_actors: int = 0, dtype: str = "float32",
+    **engine_options,
 ) -> RoutingAnalysis:
-    """Route every domain's tokens and write the report, its figures and the token page into ``out_dir``."""
+    """Route every domain's tokens and write the report, its figures and the token page into ``out_dir``.
+
+    ``engine_options`` are further ``EngineConfig`` fields (``max_batch_tokens``: the prefill chunk size).
+    """
     from moeshard.cluster.analysis.figures import write_figures  # matplotlib, only when writing
     from moeshard.cluster.engine.llm import LLM
 
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"model directory {str(model_dir)!r} does not exist")
     out = Path(out_dir)
-    with LLM(model_dir, expert_actors=expert_actors, dtype=dtype) as llm:
+    with LLM(model_dir, expert_actors=expert_actors, dtype=dtype, **engine_options) as llm:
         if llm.tokenizer is None:
             raise ValueError(f"{model_dir} has no tokenizer (tokenizer.model or tokenizer.json): its texts cannot be tokenized")
         tokens: dict[str, DomainTokens] = {}
