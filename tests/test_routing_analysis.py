@@ -276,3 +276,12 @@ def test_cli_bad_input_is_one_line(mixtral_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("moeshard: error: ") and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_expert_actors_give_the_same_report(mixtral_dir, mixtral_analysis, tmp_path):
+    """The routing is computed on the coordinator: two expert actors on Ray give the in-process numbers."""
+    analysis, _ = mixtral_analysis
+    domains = {"prose": PROSE, "code": CODE}
+    clustered = analyze_routing(mixtral_dir, domains, tmp_path / "cluster", expert_actors=2, max_batch_tokens=7)
+    assert clustered.report == analysis.report
