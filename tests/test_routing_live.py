@@ -64,7 +64,10 @@ def reference_pairs(steps, routes, layer, forgotten_at=None) -> list[tuple[bool,
 def synthetic():
     gen = torch.Generator().manual_seed(0)
     layers = (1, 3)
-    routes = {seq: {layer: [torch.randperm(6, generator=gen)[:2].tolist() for _ in range(12)] for layer in layers} for seq in (10, 11, 12)}
+    def random_route() -> list[list[int]]:  # 12 positions, 2 distinct experts of 6 each
+        return [torch.randperm(6, generator=gen)[:2].tolist() for _ in range(12)]
+
+    routes = {seq: {layer: random_route() for layer in layers} for seq in (10, 11, 12)}
     steps = [
         [(10, 0, 5), (11, 0, 3)],  # two prefill chunks
         [(11, 3, 1), (10, 5, 4)],  # a decode and a prefill's next chunk
@@ -174,7 +177,8 @@ def test_server_reports_the_window_in_v1_experts(live_dir, reference, live_serve
         assert before.window_tokens == 0 and all(entry.same_top1 is None for entry in before.layers)
         for prompt in PROMPTS:
             body = {"model": "tiny", "prompt": prompt, "max_tokens": 5, "temperature": 0, "ignore_eos": True}
-            request = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+            headers = {"Content-Type": "application/json"}
+            request = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(), headers)
             urllib.request.urlopen(request, timeout=120).read()
         with Client(f"{url}/v1", max_retries=0) as client:
             routing = client.experts().routing

@@ -76,7 +76,7 @@ def route_tokens(engine: Engine, token_ids: list[int]) -> RoutedTokens:
     window = engine.max_model_len - 1
     starts = tuple(range(0, len(token_ids), window))
     if len(starts) > 1:
-        logger.info("%d tokens are more than the context holds: %d windows of up to %d tokens", len(token_ids), len(starts), window)
+        logger.info("%d tokens are more than the context holds: %d windows of up to %d", len(token_ids), len(starts), window)
     parts = [_route_window(engine, token_ids[start : start + window], i) for i, start in enumerate(starts)]
     expert_ids = torch.cat(parts, dim=1) if parts else torch.zeros(len(config.moe_layers), 0, config.experts_per_token)
     return RoutedTokens(config.moe_layers, expert_ids, starts)

@@ -58,7 +58,8 @@ def domain_routing(routed: RoutedTokens, num_experts: int) -> DomainRouting:
     for i, layer in enumerate(routed.layers):
         counts = sum((consecutive_counts(ids) for ids in routed.windows(i)), NO_PAIRS)  # [W, K] per window
         share = expert_share(routed.expert_ids[i], num_experts)  # [E]
-        layers.append(LayerRouting(layer=layer, expert_share=share.tolist(), same_top1=counts.same_top1_rate, shared_any=counts.shared_any_rate))
+        rates = dict(same_top1=counts.same_top1_rate, shared_any=counts.shared_any_rate)
+        layers.append(LayerRouting(layer=layer, expert_share=share.tolist(), **rates))
     return DomainRouting(tokens=routed.num_tokens, windows=len(routed.window_starts), layers=layers)
 
 

@@ -15,7 +15,7 @@ def add_routing_command(commands) -> None:
         "repetition.png and tokens.html (the texts coloured by first-choice expert). Prints a summary table.",
     )
     routing.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face model directory (safetensors) with its tokenizer")
-    routing.add_argument("--input", action="append", required=True, metavar="FILE", help="a text file, one per domain (repeatable)")
+    routing.add_argument("--input", action="append", required=True, metavar="FILE", help="a text file per domain (repeatable)")
     routing.add_argument("--out", required=True, metavar="DIR", help="where to write the report (created if missing)")
     routing.add_argument("--expert-actors", type=int, default=0, help="expert actors on Ray (0: one process; the same numbers)")
     routing.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
