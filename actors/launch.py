@@ -41,6 +41,9 @@ class ExpertCluster:
     def logits(self, token_ids: list[int]):
         return ray.get(self.coordinator.logits.remote(token_ids))
 
+    def route_tokens(self, token_ids: list[int]):
+        return ray.get(self.coordinator.route_tokens.remote(token_ids))
+
     def expert_health(self):
         return ray.get(self.coordinator.expert_health.remote())
 

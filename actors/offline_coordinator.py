@@ -16,6 +16,7 @@ from moeshard.actors.actor_health import HealthSnapshot
 from moeshard.actors.dispatch import remote_experts
 from moeshard.actors.placement import ExpertPlacement
 from moeshard.actors.transport import ActorRef
+from moeshard.cluster.analysis.capture import RoutedTokens, route_tokens
 from moeshard.cluster.engine.assembly import build_engine, read_model_files
 from moeshard.cluster.engine.config import EngineConfig
 from moeshard.cluster.engine.generation import RequestOutput, generate_to_completion
@@ -43,6 +44,9 @@ class OfflineCoordinator:
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         return self.engine.prompt_logits(token_ids)
+
+    def route_tokens(self, token_ids: list[int]) -> RoutedTokens:
+        return route_tokens(self.engine, token_ids)
 
     def tensor_names(self) -> list[str]:
         """Every weight this process holds, for checking that none is a routed expert's (a shared expert is ours)."""

@@ -28,6 +28,7 @@ from ray import serve
 from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException
 
+from moeshard.cluster.analysis.live_window import attach_live_window
 from moeshard.cluster.engine.assembly import build_engine, read_model_files
 from moeshard.cluster.engine.async_engine import (
     AsyncEngine,
@@ -101,6 +102,7 @@ class ServingCoordinator:
             self.pool = start_expert_pool(config, files.model_config)
             self.experts = remote_experts(config, self.pool.placement, self.pool.actors)
         engine = build_engine(config, files, self.experts)
+        self.routing = attach_live_window(engine, self.args.routing_window)  # /v1/experts' routing
         self.engine = AsyncEngine(engine, self.tokenizer, self.args.max_waiting, self.args.request_timeout_s)
         self.admission = ClientAdmission(self.args.limits.max_sequences_per_client, self.args.limits.retry_after_s)
         self.metrics = ServerMetrics()
@@ -390,10 +392,12 @@ class ServingCoordinator:
 
     @api.get("/v1/experts")
     async def experts(self) -> dict:
-        """Expert placement (which actor and node hosts each expert) and tokens routed to each so far."""
+        """Expert placement (which actor and node hosts each expert), tokens routed to each so far, and the
+        repetition rates of consecutive tokens' routing over the last ``routing_window`` token pairs."""
         placement = await asyncio.to_thread(self.pool.placement_report) if self.pool is not None else []
         load = self.engine.engine.model.expert_load.tolist()
-        return {"expert_actors": self.args.expert_actors, "placement": placement, "load": load}
+        routing = self.routing.snapshot().model_dump()
+        return {"expert_actors": self.args.expert_actors, "placement": placement, "load": load, "routing": routing}
 
     def check_health(self) -> None:
         """Serve's own health probe: the engine loop runs and no expert actor is down past its recovery timeout."""

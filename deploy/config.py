@@ -32,6 +32,7 @@ class ServeArgs(BaseModel):
     max_ongoing_requests: int = Field(default=1024, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0)  # a request still unfinished after this fails
     limits: Limits = Field(default_factory=Limits)
+    routing_window: int = Field(default=4096, ge=1)  # /v1/experts' repetition rates: over this many recent token pairs
     engine: dict = Field(default_factory=dict)  # further EngineConfig fields (kv_cache_bytes, max_running, cluster: {...}, ...)
 
     @field_validator("model_dir")

@@ -34,7 +34,7 @@ def test_the_entry_point_is_installed():
     assert MOESHARD is not None and Path(MOESHARD).is_file()
 
 
-@pytest.mark.parametrize("command", [[], ["generate"], ["serve"], ["chat"], ["bench"], ["demo-model"]])
+@pytest.mark.parametrize("command", [[], ["generate"], ["serve"], ["chat"], ["bench"], ["routing"], ["demo-model"]])
 def test_help_on_every_command(command):
     out = moeshard(*command, "--help")
     assert out.returncode == 0, out.stderr

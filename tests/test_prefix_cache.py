@@ -189,3 +189,11 @@ def test_eviction_and_preemption_under_a_small_cache_change_no_output(tiny_mixtr
             assert [o.token_ids for o in small.generate(PROMPTS, params)] == expected
         usage = small._engine.cache.usage()
         assert usage.used_blocks == 0 and usage.prefix_hit_tokens > 0
+
+
+def test_routing_capture_computes_every_row_even_with_the_prefix_cached(cold, warm):
+    warm.generate(PROMPTS[0], SamplingParams(max_tokens=2, temperature=0))
+    before = _hits(warm)
+    routed = warm.route_tokens(PROMPTS[0])
+    assert _hits(warm) == before  # nothing was taken from the cache
+    assert torch.equal(routed.expert_ids, cold.route_tokens(PROMPTS[0]).expert_ids)

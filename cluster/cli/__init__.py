@@ -1,4 +1,4 @@
-"""The ``moeshard`` command line: generate, serve, chat, bench, demo-model."""
+"""The ``moeshard`` command line: generate, serve, chat, bench, routing, demo-model."""
 
 from moeshard.cluster.cli.main import main
 

@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_command(commands)
     add_bench_command(commands)
 
+    from moeshard.cluster.cli.routing import add_routing_command
+
+    add_routing_command(commands)
+
     demo = commands.add_parser(
         "demo-model",
         help="build the demo checkpoint (SmolLM2-135M-Instruct upcycled to 8 experts)",

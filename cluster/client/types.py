@@ -147,12 +147,34 @@ class ExpertPlacement(_Response):
     nodes: list[str]  # the Ray node of each of those actors
 
 
+class RoutingBaseline(_Response):
+    """A router choosing uniformly at random: 1/E and 1 - C(E-k, k) / C(E, k)."""
+
+    same_top1: float
+    shared_any: float
+
+
+class LayerRepetition(_Response):
+    layer: int
+    same_top1: float | None  # consecutive tokens with the same first-choice expert (None: no pair yet)
+    shared_any: float | None  # consecutive tokens whose chosen experts intersect
+
+
+class LiveRouting(_Response):
+    """Repetition rates of consecutive tokens' routing over the server's last ``window_tokens`` token pairs."""
+
+    window_tokens: int
+    random_baseline: RoutingBaseline
+    layers: list[LayerRepetition]  # MoE layers only
+
+
 class Experts(_Response):
-    """``GET /v1/experts``: where each expert lives and how many tokens were routed to it so far."""
+    """``GET /v1/experts``: where each expert lives, how many tokens were routed to it so far, and recent routing."""
 
     expert_actors: int
     placement: list[ExpertPlacement]  # empty when the experts run inside the server
     load: list[list[int]]  # [layer][expert] tokens routed
+    routing: LiveRouting | None = None  # None from a server that does not report it
 
     def imbalance(self) -> list[float]:
         """Per layer, the busiest expert's tokens over the mean (1.0 is perfectly balanced; 0 with no tokens yet)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from moeshard.cluster.engine.generation import RequestOutput, generate_to_comple
 from moeshard.cluster.engine.generation_defaults import read_generation_defaults
 from moeshard.cluster.engine.prompts import Prompt, as_prompt_list, encode_prompt
 from moeshard.cluster.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from moeshard.cluster.analysis.capture import RoutedTokens
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +84,16 @@ class LLM:
         if self._cluster is not None:
             return self._cluster.logits(ids)
         return self._engine.prompt_logits(ids)
+
+    def route_tokens(self, token_ids: Sequence[int]) -> RoutedTokens:
+        """Every MoE layer's expert ids for a prefill over ``token_ids`` (a ``RoutedTokens``; see cluster/analysis/)."""
+        self._check_open()
+        ids = [int(t) for t in token_ids]
+        if self._cluster is not None:
+            return self._cluster.route_tokens(ids)
+        from moeshard.cluster.analysis.capture import route_tokens
+
+        return route_tokens(self._engine, ids)
 
     def placement(self) -> list[dict]:
         """Which actor (and node) hosts which (layer, expert); empty in single-process mode."""

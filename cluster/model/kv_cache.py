@@ -20,9 +20,10 @@ Dimensions: L layers, S slots, Hkv kv heads, Dh head dim.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +135,15 @@ class KVCache:
             table.append(self._pool.take())
 
     # -- prefix caching -------------------------------------------------------------
+    @contextlib.contextmanager
+    def prefix_caching_off(self) -> Iterator[None]:
+        """While inside, sequences admitted share nothing and key nothing (for work that must see every row)."""
+        enabled, self.prefix_caching = self.prefix_caching, False
+        try:
+            yield
+        finally:
+            self.prefix_caching = enabled
+
     def plan_admission(self, token_ids: Sequence[int], use_cache: bool = True) -> AdmissionPlan:
         """How a new sequence over ``token_ids`` would start: which computed blocks it shares, what it takes."""
         bs = self.block_size

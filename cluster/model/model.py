@@ -19,6 +19,7 @@ Dimensions: T tokens, D hidden, V vocab, L layers, E experts, K chosen per token
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -31,6 +32,9 @@ from moeshard.cluster.model.layers import RotaryEmbedding, rms_norm, swiglu
 from moeshard.cluster.model.moe import ExpertsFn
 from moeshard.kernels import route
 
+# Sees every MoE layer's routing: (layer, the step's batch, expert ids [T, K], first choice first).
+RoutingObserver = Callable[[int, StepBatch, torch.Tensor], None]
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,6 +45,7 @@ class MoeModel:
         self.experts = experts
         self.cache = cache
         self.dtype = weights.embed.dtype
+        self.routing_observer: RoutingObserver | None = None  # routing analysis (cluster/analysis/); None costs nothing
         self.device = weights.embed.device
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, self.device)
         # Tokens routed to each expert since start, counted on the device without a host sync.
@@ -64,11 +69,11 @@ class MoeModel:
         rotary = self.rotary.tables(batch.positions, self.dtype)
         for layer, lw in enumerate(w.layers):
             x = x + attention(config, lw, layer, rms_norm(x, lw.input_norm, config.rms_norm_eps), batch, rotary, self.cache)
-            x = x + self.feed_forward(layer, lw, rms_norm(x, lw.post_attention_norm, config.rms_norm_eps))  # [T, D]
+            x = x + self.feed_forward(layer, lw, rms_norm(x, lw.post_attention_norm, config.rms_norm_eps), batch)  # [T, D]
         x = rms_norm(x[rows], w.final_norm, config.rms_norm_eps)  # [R, D]
         return (x @ w.lm_head.T).float()  # [R, V]
 
-    def feed_forward(self, layer: int, lw: LayerWeights, r: torch.Tensor) -> torch.Tensor:
+    def feed_forward(self, layer: int, lw: LayerWeights, r: torch.Tensor, batch: StepBatch | None = None) -> torch.Tensor:
         """r [T, D] (normed) -> the layer's FFN output [T, D]: experts (+ shared expert), or a dense MLP."""
         if lw.router is None:
             return swiglu(r, lw.mlp.w1, lw.mlp.w3, lw.mlp.w2)  # [T, D]
@@ -76,6 +81,8 @@ class MoeModel:
         routing = route(r @ lw.router.T, config.experts_per_token, normalize=config.norm_topk_prob)  # [T, K] each
         chosen = routing.expert_ids.reshape(-1).long()  # [T*K]
         self._load[layer].index_add_(0, chosen, torch.ones_like(chosen))
+        if self.routing_observer is not None:
+            self.routing_observer(layer, batch, routing.expert_ids)  # [T, K]
         pending = self.experts.submit(layer, r, routing)
         if lw.shared_expert is None:
             return pending.wait()  # [T, D]
