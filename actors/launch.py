@@ -9,6 +9,7 @@ import ray
 
 from moeshard.actors.expert_pool import ClusterStartError, ExpertPool, start_expert_pool
 from moeshard.actors.offline_coordinator import OfflineCoordinator
+from moeshard.actors.pool_service import attach_expert_pool
 from moeshard.actors.ray_init import connect_ray
 from moeshard.cluster.engine.config import EngineConfig
 from moeshard.cluster.engine.generation import RequestOutput
@@ -63,16 +64,19 @@ class ExpertCluster:
 
 def launch_cluster(config: EngineConfig, model_config: ModelConfig) -> ExpertCluster:
     connected = connect_ray(config)
+    shared = config.cluster.pool_name is not None
     try:
-        pool = start_expert_pool(config, model_config, with_coordinator=True)
+        # A shared pool has no bundle for this coordinator: it may be one of several.
+        pool = attach_expert_pool(config, model_config) if shared else start_expert_pool(config, model_config, with_coordinator=True)
     except Exception:
         if connected:
             ray.shutdown()
         raise
+    strategy = "DEFAULT" if shared else pool.coordinator_strategy()
     coordinator = (
         ray.remote(OfflineCoordinator)
         # Two threads: expert_health answers while a generate runs.
-        .options(num_cpus=1, max_restarts=0, max_concurrency=2, scheduling_strategy=pool.coordinator_strategy())
+        .options(num_cpus=1, max_restarts=0, max_concurrency=2, scheduling_strategy=strategy)
         .remote(config, pool.placement, pool.actors)
     )
     cluster = ExpertCluster(pool, coordinator, connected)

@@ -16,11 +16,13 @@ the event loop, checks the request's total work, and admits its sequences: per c
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -28,6 +30,7 @@ from ray import serve
 from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException
 
+from moeshard.actors.pool_service import SharedExpertPool
 from moeshard.cluster.analysis.live_window import attach_live_window
 from moeshard.cluster.engine.assembly import build_engine, read_model_files
 from moeshard.cluster.engine.async_engine import (
@@ -97,15 +100,17 @@ class ServingCoordinator:
         self.experts = None  # None: the experts run in this process
         if config.cluster.expert_actors > 0:
             from moeshard.actors.dispatch import remote_experts
-            from moeshard.actors.expert_pool import start_expert_pool
+            from moeshard.actors.pool_service import attach_expert_pool
 
-            self.pool = start_expert_pool(config, files.model_config)
+            self.pool = attach_expert_pool(config, files.model_config)  # the shared pool: started by the first replica
             self.experts = remote_experts(config, self.pool.placement, self.pool.actors)
         engine = build_engine(config, files, self.experts)
         self.routing = attach_live_window(engine, self.args.routing_window)  # /v1/experts' routing
         self.engine = AsyncEngine(engine, self.tokenizer, self.args.max_waiting, self.args.request_timeout_s)
         self.admission = ClientAdmission(self.args.limits.max_sequences_per_client, self.args.limits.retry_after_s)
+        self.coordinator_id = ray.get_runtime_context().get_actor_id()
         self.metrics = ServerMetrics()
+        self.metrics.coordinator_info.labels(self.coordinator_id).set(1)
         self.created = int(time.time())
         logger.info("serving %s as %r", config.model_dir, self.args.served_model_name)
 
@@ -382,6 +387,7 @@ class ServingCoordinator:
         body = {"status": "degraded" if degraded else "ok" if healthy else "unhealthy"}
         if request.state.authorized:
             body.update(degraded=degraded, coordinator="ok" if alive else "stopped", expert_actors=experts)
+            body.update(coordinator_id=self.coordinator_id, coordinator_pid=os.getpid(), pool=await asyncio.to_thread(self._pool_info))
         return JSONResponse(status_code=200 if healthy else 503, content=body)
 
     @api.get("/metrics")
@@ -399,6 +405,14 @@ class ServingCoordinator:
         routing = self.routing.snapshot().model_dump()
         return {"expert_actors": self.args.expert_actors, "placement": placement, "load": load, "routing": routing}
 
+    def _pool_info(self) -> dict | None:
+        """The expert pool's name and the coordinators attached to it (this one alone for a pool of its own)."""
+        if self.pool is None:
+            return None
+        name = self.pool.name if isinstance(self.pool, SharedExpertPool) else None
+        coordinators = self.pool.coordinators() if isinstance(self.pool, SharedExpertPool) else [self.coordinator_id]
+        return {"name": name, "coordinators": coordinators, "expert_actors": len(self.pool.actors)}
+
     def check_health(self) -> None:
         """Serve's own health probe: the engine loop runs and no expert actor is down past its recovery timeout."""
         if not self.engine.is_running:
@@ -414,8 +428,9 @@ def build_app(args: dict) -> serve.Application:
     """The Serve application for ``args`` (see ``ServeArgs``); the replica asks Ray for a GPU when it will use one."""
     validated = ServeArgs(**args)
     resources = {"num_cpus": 1, "num_gpus": 1} if replica_wants_gpu(validated.device) else {"num_cpus": 1}
+    validated.engine_config()  # a bad combination fails here, before any replica starts
     return ServingCoordinator.options(
-        max_ongoing_requests=validated.max_ongoing_requests, ray_actor_options=resources
+        num_replicas=validated.coordinators, max_ongoing_requests=validated.max_ongoing_requests, ray_actor_options=resources
     ).bind(validated.model_dump())
 
 
@@ -425,6 +440,4 @@ def replica_wants_gpu(device: str) -> bool:
         return True
     if device != "auto":
         return False
-    import ray
-
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1

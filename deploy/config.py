@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -25,6 +28,8 @@ class ServeArgs(BaseModel):
     public_metrics: bool = False  # /metrics open without the API key
     client_header: str | None = None  # a trusted proxy's header naming the client (e.g. x-forwarded-for); default: peer address
     expert_actors: int = Field(default=0, ge=0)
+    # Coordinator replicas (attention, KV cache, routers) over one shared pool of expert actors: M:N.
+    coordinators: int = Field(default=1, ge=1)
     device: str = "auto"  # the coordinator's: auto (a GPU when the cluster has one), cpu, cuda or cuda:N
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
     ray_address: str | None = None
@@ -52,10 +57,24 @@ class ServeArgs(BaseModel):
         return self.model_name or Path(self.model_dir).resolve().name
 
     def engine_config(self) -> EngineConfig:
+        """The coordinators' engine settings. With expert actors, the pool is a shared service (named after the
+        model and a digest of the settings it must agree on, unless ``engine.cluster.pool_name`` names it)."""
         fields = dict(self.engine)
         cluster = dict(fields.pop("cluster", {}))
         cluster.update(expert_actors=self.expert_actors, ray_address=self.ray_address)
-        return EngineConfig(model_dir=self.model_dir, device=self.device, dtype=self.dtype, cluster=cluster, **fields)
+        config = EngineConfig(model_dir=self.model_dir, device=self.device, dtype=self.dtype, cluster=cluster, **fields)
+        if config.cluster.expert_actors == 0:
+            return config
+        if self.coordinators > 1 and config.cluster.transport == "compiled_graph":
+            raise ValueError("the compiled_graph transport serves one coordinator per pool: use actor_calls with coordinators > 1")
+        if config.cluster.pool_name is None:
+            config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"pool_name": self.pool_name(config)})})
+        return config
+
+    def pool_name(self, config: EngineConfig) -> str:
+        digest = hashlib.sha256(json.dumps(config.pool_signature(), sort_keys=True).encode()).hexdigest()[:10]
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.served_model_name)[:64]
+        return f"moeshard-{slug}-{digest}"
 
     def resolved_api_key(self) -> str | None:
         """The key: ``api_key``, or the value of ``api_key_env`` in this process's environment (which must be set)."""

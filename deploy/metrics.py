@@ -22,6 +22,9 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)  # process_resident_memory_bytes and friends: the coordinator's own footprint
+        self.coordinator_info = Gauge(
+            "moeshard_coordinator_info", "This coordinator's id (1); each replica reports its own metrics", ["coordinator"], registry=r
+        )
         self.requests = Counter("moeshard_requests", "Finished requests by outcome", ["status"], registry=r)
         self.prompt_tokens = Counter("moeshard_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("moeshard_generation_tokens", "Tokens generated", registry=r)

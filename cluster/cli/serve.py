@@ -28,6 +28,9 @@ def add_serve_command(commands) -> None:
     )
     serve.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face model directory (safetensors)")
     serve.add_argument("--expert-actors", type=int, default=0, help="expert actors to start (0: experts in the server)")
+    serve.add_argument(
+        "--coordinators", type=int, default=1, help="coordinator replicas sharing one pool of expert actors (default: 1)"
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     keys = serve.add_mutually_exclusive_group()
@@ -81,6 +84,7 @@ def run_serve(args: argparse.Namespace) -> None:
         public_docs=args.public_docs,
         public_metrics=args.public_metrics,
         expert_actors=args.expert_actors,
+        coordinators=args.coordinators,
         device=args.device,
         dtype=args.dtype,
         ray_address=args.ray_address,
@@ -109,4 +113,8 @@ def run_serve(args: argparse.Namespace) -> None:
         pass
     finally:
         serve.shutdown()
+        if config.cluster.pool_name is not None:  # on a cluster that outlives this command, the shared pool must go too
+            from moeshard.actors.pool_service import stop_expert_pool
+
+            stop_expert_pool(config.cluster.pool_name)
         ray.shutdown()

@@ -31,6 +31,10 @@ class ClusterConfig(BaseModel):
     dispatch_timeout_s: float = Field(default=60.0, gt=0)  # an actor silent this long is failed over
     recovery_timeout_s: float = Field(default=120.0, gt=0)  # how long a layer waits for Ray to restart a sole host
     startup_timeout_s: float = Field(default=600.0, gt=0)
+    # A name: the expert actors are a shared, detached pool of that name, which several coordinators attach to
+    # and which outlives them (actors/pool_service.py). None: the pool is this coordinator's own.
+    pool_name: str | None = Field(default=None, min_length=1, max_length=200)
+    pool_idle_timeout_s: float = Field(default=300.0, gt=0)  # a shared pool no coordinator checked in to stops
 
     @model_validator(mode="after")
     def _check(self) -> "ClusterConfig":
@@ -59,6 +63,17 @@ class EngineConfig(BaseModel):
     max_running: int = Field(default=256, gt=0)  # sequences in the running batch at once; more wait
     enable_prefix_caching: bool = True  # share computed KV blocks between requests whose tokens start the same
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    def pool_signature(self) -> dict:
+        """What must agree between a shared expert pool and a coordinator attaching to it."""
+        cluster = self.cluster
+        return {
+            "model_dir": self.model_dir,
+            "dtype": self.dtype,
+            "expert_actors": cluster.expert_actors,
+            "expert_map": cluster.expert_map,
+            "actor_resources": cluster.actor_resources,
+        }
 
     @field_validator("model_dir")
     @classmethod
