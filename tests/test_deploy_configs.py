@@ -120,7 +120,7 @@ def test_args_validate_and_build(name, app, tiny_mixtral_dir):
     assert isinstance(build_app(args), serve.Application)
     for deployment in app.get("deployments", []):
         assert deployment["name"] == ServingCoordinator.name
-        assert deployment.get("num_replicas", 1) == 1  # each replica would start its own expert actors
+        assert deployment.get("num_replicas", validated.coordinators) == validated.coordinators  # one setting, not two
 
 
 @pytest.mark.parametrize("fragment", _doc_args_fragments())

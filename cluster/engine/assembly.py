@@ -55,6 +55,8 @@ def build_engine(config: EngineConfig, files: ModelFiles, experts: ExpertsFn | N
     mc = files.model_config
     reader = CheckpointReader(config.model_dir, mc)
     dense = reader.read_dense(dtype, device)
+    remote = experts is not None
+    ping_pong = (config.ping_pong_min_sequences or None) if remote else None  # local experts: nothing to overlap
     if experts is None:
         experts = LocalExperts.from_checkpoint(reader, dtype, device)
     cache = KVCache.with_budget(
@@ -62,7 +64,7 @@ def build_engine(config: EngineConfig, files: ModelFiles, experts: ExpertsFn | N
         config.enable_prefix_caching, device,
     )  # fmt: skip
     eos = frozenset(mc.eos_token_ids) or (files.tokenizer.eos_token_ids if files.tokenizer else frozenset())
-    model = MoeModel(mc, dense, experts, cache)
+    model = MoeModel(mc, dense, experts, cache, ping_pong)
     return Engine(model, eos, config.max_batch_tokens, config.max_running, token_limit(mc, files.tokenizer))
 
 

@@ -121,7 +121,7 @@ async def _load_levels(url: str, args: argparse.Namespace) -> list[LoadReport]:
 
 
 @contextlib.contextmanager
-def served_model(model_dir: Path, expert_actors: int, engine: dict | None = None) -> Iterator[str]:
+def served_model(model_dir: Path, expert_actors: int, engine: dict | None = None, coordinators: int = 1) -> Iterator[str]:
     """Ray, Serve and the app for ``model_dir`` on a free 127.0.0.1 port; yields its URL, shuts everything down after."""
     import ray
     from ray import serve
@@ -131,11 +131,14 @@ def served_model(model_dir: Path, expert_actors: int, engine: dict | None = None
 
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray"))
     port = free_port()
-    init_ray(num_cpus=expert_actors + 2, include_dashboard=False, logging_level="WARNING")
+    init_ray(num_cpus=expert_actors + coordinators + 1, include_dashboard=False, logging_level="WARNING")
     try:
         quiet = {"log_level": "WARNING", "enable_access_log": False}
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
-        app = {"model_dir": str(model_dir), "model_name": MODEL_NAME, "expert_actors": expert_actors, "max_waiting": 4096}
+        app = {
+            "model_dir": str(model_dir), "model_name": MODEL_NAME, "expert_actors": expert_actors,
+            "coordinators": coordinators, "max_waiting": 4096,
+        }  # fmt: skip
         serve.run(build_app({**app, "engine": engine or {}}), name="bench", route_prefix="/", logging_config=quiet)
         yield f"http://127.0.0.1:{port}"
     finally:

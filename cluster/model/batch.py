@@ -52,6 +52,21 @@ class StepBatch:
             return self
         return StepBatch(self.token_ids.to(device), self.positions.to(device), self.chunks)
 
+    def split_in_two(self) -> tuple["StepBatch", "StepBatch"]:
+        """Two batches of whole chunks, in order, about half the tokens each (each non-empty; needs 2+ chunks)."""
+        assert len(self.chunks) >= 2, "a batch of one chunk cannot be split"
+        sizes = [c.num_tokens for c in self.chunks]
+        total, running, cut = sum(sizes), 0, 1
+        for i, size in enumerate(sizes[:-1]):
+            running += size
+            cut = i + 1
+            if 2 * running >= total:
+                break
+        rows = sum(sizes[:cut])
+        first = StepBatch(self.token_ids[:rows], self.positions[:rows], self.chunks[:cut])
+        second = StepBatch(self.token_ids[rows:], self.positions[rows:], self.chunks[cut:])
+        return first, second
+
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])

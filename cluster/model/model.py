@@ -13,6 +13,12 @@ The experts are injected (``ExpertsFn``): in one process they are local, in
 the cluster they live on expert actors. The model never holds routed expert
 weights; the shared expert and dense MLPs are the coordinator's.
 
+Ping-pong: with remote experts, a step of at least ``ping_pong_min_sequences``
+sequences runs as two micro-batches (whole sequences, about half the tokens
+each), interleaved layer by layer so that one's attention runs on the
+coordinator while the other's experts run on the actors (MegaScale-Infer's
+ping-pong pipeline). Each token's math is unchanged.
+
 Dimensions: T tokens, D hidden, V vocab, L layers, E experts, K chosen per token, R rows whose logits are kept.
 """
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -29,7 +36,7 @@ from moeshard.cluster.model.checkpoint import DenseWeights, LayerWeights
 from moeshard.cluster.model.config import ModelConfig
 from moeshard.cluster.model.kv_cache import KVCache
 from moeshard.cluster.model.layers import RotaryEmbedding, rms_norm, swiglu
-from moeshard.cluster.model.moe import ExpertsFn
+from moeshard.cluster.model.moe import Done, ExpertsFn, PendingExperts
 from moeshard.kernels import route
 
 # Sees every MoE layer's routing: (layer, the step's batch, expert ids [T, K], first choice first).
@@ -39,8 +46,17 @@ logger = logging.getLogger(__name__)
 
 
 class MoeModel:
-    def __init__(self, config: ModelConfig, weights: DenseWeights, experts: ExpertsFn, cache: KVCache):
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: DenseWeights,
+        experts: ExpertsFn,
+        cache: KVCache,
+        ping_pong_min_sequences: int | None = None,
+    ):
         self.config = config
+        # Steps of at least this many sequences run as two micro-batches (None: never; for remote experts).
+        self.ping_pong_min_sequences = ping_pong_min_sequences
         self.weights = weights
         self.experts = experts
         self.cache = cache
@@ -65,27 +81,47 @@ class MoeModel:
         config, w = self.config, self.weights
         rows = (batch.last_token_rows() if logits_rows is None else logits_rows).to(self.device)
         batch = batch.to(self.device)
-        x = w.embed[batch.token_ids]  # [T, D]
-        rotary = self.rotary.tables(batch.positions, self.dtype)
+        parts = batch.split_in_two() if len(batch.chunks) >= max(2, self.ping_pong_min_sequences or 2**62) else (batch,)
+        # Each micro-batch: its tokens' hidden states [t, D] and its pending FFN (None before the first layer).
+        xs = [w.embed[part.token_ids] for part in parts]  # [t, D] each
+        rotaries = [self.rotary.tables(part.positions, self.dtype) for part in parts]
+        pending: list[PendingFeedForward | None] = [None] * len(parts)
         for layer, lw in enumerate(w.layers):
-            x = x + attention(config, lw, layer, rms_norm(x, lw.input_norm, config.rms_norm_eps), batch, rotary, self.cache)
-            x = x + self.feed_forward(layer, lw, rms_norm(x, lw.post_attention_norm, config.rms_norm_eps), batch)  # [T, D]
+            for i, part in enumerate(parts):  # micro-batch i's attention runs while the other's experts work
+                if pending[i] is not None:
+                    xs[i] = pending[i].finish()  # [t, D]
+                h = xs[i] + attention(config, lw, layer, rms_norm(xs[i], lw.input_norm, config.rms_norm_eps), part, rotaries[i], self.cache)
+                pending[i] = self.start_feed_forward(layer, lw, h, part)
+        x = torch.cat([p.finish() for p in pending]) if len(parts) > 1 else pending[0].finish()  # [T, D]
         x = rms_norm(x[rows], w.final_norm, config.rms_norm_eps)  # [R, D]
         return (x @ w.lm_head.T).float()  # [R, V]
 
-    def feed_forward(self, layer: int, lw: LayerWeights, r: torch.Tensor, batch: StepBatch | None = None) -> torch.Tensor:
-        """r [T, D] (normed) -> the layer's FFN output [T, D]: experts (+ shared expert), or a dense MLP."""
-        if lw.router is None:
-            return swiglu(r, lw.mlp.w1, lw.mlp.w3, lw.mlp.w2)  # [T, D]
+    def start_feed_forward(self, layer: int, lw: LayerWeights, h: torch.Tensor, batch: StepBatch) -> "PendingFeedForward":
+        """h [T, D] (the residual stream after attention) -> its FFN started: experts submitted (+ shared expert run)."""
         config = self.config
+        r = rms_norm(h, lw.post_attention_norm, config.rms_norm_eps)  # [T, D]
+        if lw.router is None:
+            return PendingFeedForward(h, Done(swiglu(r, lw.mlp.w1, lw.mlp.w3, lw.mlp.w2)), None)
         routing = route(r @ lw.router.T, config.experts_per_token, normalize=config.norm_topk_prob)  # [T, K] each
         chosen = routing.expert_ids.reshape(-1).long()  # [T*K]
         self._load[layer].index_add_(0, chosen, torch.ones_like(chosen))
         if self.routing_observer is not None:
             self.routing_observer(layer, batch, routing.expert_ids)  # [T, K]
-        pending = self.experts.submit(layer, r, routing)
+        experts = self.experts.submit(layer, r, routing)
         if lw.shared_expert is None:
-            return pending.wait()  # [T, D]
-        shared = swiglu(r, lw.shared_expert.w1, lw.shared_expert.w3, lw.shared_expert.w2)  # [T, D]
-        shared = torch.sigmoid(r @ lw.shared_expert_gate.T) * shared  # [T, 1] * [T, D]
-        return pending.wait() + shared  # [T, D]
+            return PendingFeedForward(h, experts, None)
+        shared = swiglu(r, lw.shared_expert.w1, lw.shared_expert.w3, lw.shared_expert.w2)  # [T, D], while the experts work
+        return PendingFeedForward(h, experts, torch.sigmoid(r @ lw.shared_expert_gate.T) * shared)  # [T, 1] * [T, D]
+
+
+@dataclass
+class PendingFeedForward:
+    """A layer's FFN under way for some tokens: ``finish`` waits for the experts and adds it to the residual."""
+
+    residual: torch.Tensor  # [T, D] the stream after attention
+    experts: PendingExperts  # the routed experts (or a dense MLP's output)
+    shared: torch.Tensor | None  # [T, D] the gated shared expert, already computed
+
+    def finish(self) -> torch.Tensor:
+        out = self.residual + self.experts.wait()  # [T, D]
+        return out if self.shared is None else out + self.shared
