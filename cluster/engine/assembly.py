@@ -55,8 +55,9 @@ def build_engine(config: EngineConfig, files: ModelFiles, experts: ExpertsFn | N
     mc = files.model_config
     reader = CheckpointReader(config.model_dir, mc)
     dense = reader.read_dense(dtype, device)
-    remote = experts is not None
-    ping_pong = (config.ping_pong_min_sequences or None) if remote else None  # local experts: nothing to overlap
+    # Local experts have nothing to overlap; a compiled graph runs one execution at a time here.
+    overlaps = experts is not None and config.cluster.transport == "actor_calls"
+    ping_pong = (config.ping_pong_min_sequences or None) if overlaps else None
     if experts is None:
         experts = LocalExperts.from_checkpoint(reader, dtype, device)
     cache = KVCache.with_budget(
