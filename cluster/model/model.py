@@ -22,7 +22,7 @@ import logging
 
 import torch
 
-from moeshard.cluster.model.attention import attention
+from moeshard.cluster.model.attention import attention, step_layout
 from moeshard.cluster.model.batch import StepBatch
 from moeshard.cluster.model.checkpoint import DenseWeights, LayerWeights
 from moeshard.cluster.model.config import ModelConfig
@@ -55,8 +55,9 @@ class MoeModel:
         rows = batch.last_token_rows() if logits_rows is None else logits_rows
         x = w.embed[batch.token_ids]  # [T, D]
         rotary = self.rotary.tables(batch.positions, self.dtype)
+        layout = step_layout(batch, self.cache, config.sliding_window)
         for layer, lw in enumerate(w.layers):
-            x = x + attention(config, lw, layer, rms_norm(x, lw.input_norm, config.rms_norm_eps), batch, rotary, self.cache)
+            x = x + attention(config, lw, layer, rms_norm(x, lw.input_norm, config.rms_norm_eps), layout, rotary, self.cache)
             x = x + self.feed_forward(layer, lw, rms_norm(x, lw.post_attention_norm, config.rms_norm_eps))  # [T, D]
         x = rms_norm(x[rows], w.final_norm, config.rms_norm_eps)  # [R, D]
         return (x @ w.lm_head.T).float()  # [R, V]
