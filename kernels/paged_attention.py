@@ -12,8 +12,10 @@ Dimensions: T query rows, H heads, Hkv kv heads, Dh head dim, B sequences, P pro
 
 The torch path runs ``scaled_dot_product_attention`` on 4-d inputs (CPU's fused
 flash kernel; 3-d inputs take the slow math path): one padded call for all the
-decode tokens, one call per prefill chunk over a view of its keys where its
-blocks are consecutive (``paged_plan.py``). The Triton kernel is one flash-style
+decode tokens, and per prefill chunk, over a view of its keys where its blocks
+are consecutive (``paged_plan.py``), one causal call, or two merged by their
+log-sum-exps when the chunk has history before it, or one masked call when a
+sliding window cuts in. The Triton kernel is one flash-style
 program per (block of BLOCK_M queries of one sequence, query head): it walks the
 sequence's keys from the first any of its queries sees (sliding window) to the
 last (causal), BLOCK_N positions at a time through the block table, with an
@@ -33,6 +35,7 @@ import triton.language as tl
 
 from moeshard.kernels.backend import resolve_backend, triton_interprets
 from moeshard.kernels.paged_layout import PagedLayout
+from moeshard.kernels.paged_plan import ChunkPlan
 
 logger = logging.getLogger(__name__)
 
@@ -67,17 +70,18 @@ def paged_attention(
     return out
 
 
+# CPU's fused flash attention that also returns each query's log-sum-exp (a private op: None if absent).
+_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def paged_attention_torch(q, key_cache, value_cache, layout: PagedLayout, scale: float, out) -> None:
     plan = layout.torch_plan
     gqa = q.shape[1] != key_cache.shape[1]
     for chunk in plan.chunks:
+        queries = q[chunk.rows].transpose(0, 1)[None]  # [1, H, n, Dh]
         keys = key_cache[chunk.keys].transpose(0, 1)[None]  # [1, Hkv, S, Dh]
         values = value_cache[chunk.keys].transpose(0, 1)[None]  # [1, Hkv, S, Dh]
-        attended = F.scaled_dot_product_attention(
-            q[chunk.rows].transpose(0, 1)[None], keys, values,
-            attn_mask=chunk.mask, is_causal=chunk.is_causal, scale=scale, enable_gqa=gqa,
-        )  # fmt: skip  [1, H, n, Dh]
-        out[chunk.rows] = attended[0].transpose(0, 1)
+        out[chunk.rows] = _chunk_attention(queries, keys, values, chunk, scale, gqa)[0].transpose(0, 1)
     if plan.decode is not None:
         group = plan.decode
         keys = key_cache[group.slots].transpose(1, 2)  # [Bd, Hkv, Smax, Dh]
@@ -86,6 +90,35 @@ def paged_attention_torch(q, key_cache, value_cache, layout: PagedLayout, scale:
             q[group.rows][:, :, None, :], keys, values, attn_mask=group.visible, scale=scale, enable_gqa=gqa
         )  # [Bd, H, 1, Dh]
         out[group.rows] = attended[:, :, 0]
+
+
+def _chunk_attention(q, keys, values, chunk: ChunkPlan, scale: float, gqa: bool) -> torch.Tensor:
+    """q [1, H, n, Dh], keys and values [1, Hkv, S, Dh] -> [1, H, n, Dh].
+
+    A chunk with history and no mask: the history (seen by all) and the chunk's own keys (causal) in
+    two flash calls, merged by their log-sum-exps; this skips the masked half that one masked call computes.
+    """
+    h = chunk.history
+    if chunk.mask is not None or h == 0:
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale, enable_gqa=gqa
+        )
+    if _FLASH_WITH_LSE is None or q.device.type != "cpu":
+        n, device = q.shape[2], q.device
+        mask = torch.arange(keys.shape[2], device=device)[None, :] <= torch.arange(h, h + n, device=device)[:, None]  # [n, S]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    before, before_lse = _FLASH_WITH_LSE(q, keys[:, :, :h], values[:, :, :h], 0.0, False, scale=scale)  # [1, H, n, Dh], [1, H, n]
+    own, own_lse = _FLASH_WITH_LSE(q, keys[:, :, h:], values[:, :, h:], 0.0, True, scale=scale)
+    return merge_attention(before, before_lse, own, own_lse).to(q.dtype)
+
+
+def merge_attention(a: torch.Tensor, a_lse: torch.Tensor, b: torch.Tensor, b_lse: torch.Tensor) -> torch.Tensor:
+    """Attention over two disjoint key sets, from each one's output [..., n, Dh] and log-sum-exp [..., n]
+    -> float32 [..., n, Dh], as if softmax had run over their union."""
+    top = torch.maximum(a_lse, b_lse)
+    weight_a = (a_lse - top).exp_()[..., None]  # [..., n, 1]
+    weight_b = (b_lse - top).exp_()[..., None]
+    return (a.float() * weight_a + b.float() * weight_b).div_(weight_a + weight_b)
 
 
 class QueryBlocks(NamedTuple):

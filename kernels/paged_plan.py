@@ -2,9 +2,11 @@
 
     decode group: the sequences with one query (two or more of them) -> one padded SDPA call
                   over a gather of their visible keys, with a key-padding mask
-    chunks:       every other sequence -> one SDPA call each over its visible keys, read as a
-                  view of the cache where its blocks are consecutive (else gathered);
-                  ``is_causal`` when the chunk starts at its first visible key, else a bool mask
+    chunks:       every other sequence -> SDPA over its visible keys, read as a view of the cache
+                  where its blocks are consecutive (else gathered): without a sliding window,
+                  keys before the chunk (its history) are seen by every query and its own keys
+                  causally, so no mask is built; with one, a bool mask unless the chunk starts
+                  at position 0 and fits in the window
 
 Dimensions: T query rows, Bd sequences in the decode group, Smax their most visible keys,
 n one chunk's queries, S its visible keys.
@@ -29,8 +31,8 @@ class DecodeGroup(NamedTuple):
 class ChunkPlan(NamedTuple):
     rows: slice  # the chunk's query rows in T
     keys: slice | torch.Tensor  # slots of its visible keys: a slice of the cache (a view), or an index [S]
-    is_causal: bool  # query i sees keys 0..i (top-left causal): no mask needed
-    mask: torch.Tensor | None  # [n, S] bool (True = may attend) when not is_causal
+    history: int  # without mask: every query sees keys[:history], and query i keys[history:history + i + 1]
+    mask: torch.Tensor | None  # [n, S] bool (True = may attend), when the window cuts in
 
 
 class TorchPlan(NamedTuple):
@@ -54,14 +56,14 @@ def _plan_chunk(layout: PagedLayout, b: int, rows: slice) -> ChunkPlan:
     span = layout.contiguous_span(b, first, end)
     keys = span if span is not None else layout.slots_of(b, first, end).to(layout.device)
     window = layout.sliding_window
-    if first == start and (window is None or n <= window):
-        return ChunkPlan(rows, keys, is_causal=True, mask=None)
+    if window is None or (first == start and n <= window):
+        return ChunkPlan(rows, keys, history=start - first, mask=None)
     query_pos = torch.arange(start, end, device=layout.device)[:, None]  # [n, 1]
     key_pos = torch.arange(first, end, device=layout.device)[None, :]  # [1, S]
     mask = key_pos <= query_pos
     if window is not None:
         mask &= query_pos - key_pos < window
-    return ChunkPlan(rows, keys, is_causal=False, mask=mask)
+    return ChunkPlan(rows, keys, history=0, mask=mask)
 
 
 def _plan_decode(layout: PagedLayout, members: list[int], starts: tuple[int, ...]) -> DecodeGroup:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from moeshard.kernels import PagedLayout, paged_attention
-from moeshard.kernels.paged_attention import query_blocks
+from moeshard.kernels.paged_attention import merge_attention, query_blocks
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -162,3 +162,23 @@ def test_layout_slots_and_views():
     assert layout.slots_of(1, 3, 6).tolist() == [11, 28, 29]
     with pytest.raises(AssertionError):
         PagedLayout(query_lens=(9,), start_pos=(0,), block_tables=((1, 2),), block_size=4)
+
+
+def test_history_without_the_flash_log_sum_exp_op(monkeypatch):
+    """Where CPU's flash op with log-sum-exp is missing, a chunk with history takes one masked call."""
+    import importlib
+
+    module = importlib.import_module("moeshard.kernels.paged_attention")
+    monkeypatch.setattr(module, "_FLASH_WITH_LSE", None)
+    q, keys, values, layout = make_case(HISTORY, 4, 4, 2, 16, torch.float32, tables="consecutive")
+    got = paged_attention(q, keys, values, layout, backend="torch")
+    torch.testing.assert_close(got.double(), dense_attention(q, keys, values, layout), **TOL[torch.float32])
+
+
+def test_merge_attention_equals_one_softmax():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 5, 8, generator=g) for _ in range(3))  # [H, n|S, Dh]
+    scores = q @ k.transpose(1, 2)  # [H, n, S]
+    whole = torch.softmax(scores, -1) @ v
+    parts = [(torch.softmax(scores[..., s], -1) @ v[:, s], scores[..., s].logsumexp(-1)) for s in (slice(0, 2), slice(2, 5))]
+    torch.testing.assert_close(merge_attention(*parts[0], *parts[1]), whole)
