@@ -16,18 +16,22 @@ if __name__ == "moeshard.kernels":
     from moeshard.kernels.combine import combine
     from moeshard.kernels.destinations import dedupe_destinations
     from moeshard.kernels.expert_ffn import expert_ffn
+    from moeshard.kernels.paged_attention import paged_attention
+    from moeshard.kernels.paged_layout import PagedLayout
     from moeshard.kernels.permute import Permutation, PermutationPlan, permute, plan_permutation
     from moeshard.kernels.route import RouterOutput, route
 
     __all__ = [
         "BACKENDS",
         "ENV_VAR",
+        "PagedLayout",
         "Permutation",
         "PermutationPlan",
         "RouterOutput",
         "combine",
         "dedupe_destinations",
         "expert_ffn",
+        "paged_attention",
         "permute",
         "plan_permutation",
         "resolve_backend",

@@ -1,11 +1,13 @@
 """Grouped-query causal self-attention over a step's sequences, with the paged KV cache.
 
+    project q, k, v -> RoPE -> write the step's k, v into the cache (one index_copy per layer)
+    -> paged_attention over the cache (kernels/: every sequence of the step in one call) -> o_proj
+
 The q/k/v projections carry what the families add: biases (Qwen2-MoE), RMSNorm
 of q and k per head over Dh (Qwen3-MoE) or over the whole projection (OLMoE),
 clipping of q, k and v (OLMoE's ``clip_qkv``), all before RoPE.
 
-Dimensions: T tokens in the step, D hidden, H heads, Hkv kv heads, Dh head dim,
-n one chunk's new tokens, S the chunk's sequence length so far.
+Dimensions: T tokens in the step, D hidden, H heads, Hkv kv heads, Dh head dim, S cache slots.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from moeshard.cluster.model.batch import StepBatch
 from moeshard.cluster.model.checkpoint import LayerWeights
 from moeshard.cluster.model.config import ModelConfig
 from moeshard.cluster.model.kv_cache import KVCache
 from moeshard.cluster.model.layers import RotaryTables, apply_rotary, rms_norm
+from moeshard.kernels import PagedLayout, paged_attention
 
 
 class QKV(NamedTuple):
@@ -49,48 +51,32 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return out if bias is None else out + bias
 
 
+def step_layout(batch: StepBatch, cache: KVCache, sliding_window: int | None) -> PagedLayout:
+    """The step's sequences as paged attention reads them; built once per step, shared by every layer."""
+    return PagedLayout(
+        query_lens=tuple(c.num_tokens for c in batch.chunks),
+        start_pos=tuple(c.start_pos for c in batch.chunks),
+        block_tables=tuple(tuple(cache.block_table(c.seq_id)) for c in batch.chunks),
+        block_size=cache.block_size,
+        sliding_window=sliding_window,
+        device=cache.keys.device,
+    )
+
+
 def attention(
     config: ModelConfig,
     weights: LayerWeights,
     layer: int,
     x: torch.Tensor,
-    batch: StepBatch,
+    layout: PagedLayout,
     rotary: RotaryTables,
     cache: KVCache,
 ) -> torch.Tensor:
-    """x [T, D] (already normed) -> attention output [T, D]; writes this step's K/V into the cache."""
+    """x [T, D] (already normed) -> attention output [T, D]; writes this step's K/V into the cache first."""
     t = x.shape[0]
-    h, hkv, dh = config.num_heads, config.num_kv_heads, config.head_dim
     qkv = project_qkv(config, weights, x)
     q, k, v = apply_rotary(qkv.q, rotary), apply_rotary(qkv.k, rotary), qkv.v  # [T, H|Hkv, Dh]
-
-    out = torch.empty_like(q)  # [T, H, Dh]
-    row = 0
-    for chunk in batch.chunks:
-        rows = slice(row, row + chunk.num_tokens)
-        row += chunk.num_tokens
-        new_slots = cache.slots(chunk.seq_id, chunk.start_pos, chunk.end_pos)  # [n]
-        cache.keys[layer, new_slots] = k[rows]
-        cache.values[layer, new_slots] = v[rows]
-        all_slots = cache.slots(chunk.seq_id, 0, chunk.end_pos)  # [S]
-        keys = cache.keys[layer, all_slots].transpose(0, 1)  # [Hkv, S, Dh]
-        values = cache.values[layer, all_slots].transpose(0, 1)  # [Hkv, S, Dh]
-        mask = _causal_mask(chunk.start_pos, chunk.num_tokens, config.sliding_window)  # [n, S] or None
-        attended = F.scaled_dot_product_attention(
-            q[rows].transpose(0, 1), keys, values, attn_mask=mask, enable_gqa=hkv != h
-        )  # [H, n, Dh]
-        out[rows] = attended.transpose(0, 1)
-    return _linear(out.reshape(t, h * dh), weights.o_proj, weights.o_bias)  # [T, D]
-
-
-def _causal_mask(start_pos: int, num_new: int, sliding_window: int | None) -> torch.Tensor | None:
-    """Boolean [n, S] mask (True = may attend): key j visible to query p iff j <= p (and p - j < window)."""
-    length = start_pos + num_new
-    if num_new == 1 and (sliding_window is None or length <= sliding_window):
-        return None
-    query_pos = torch.arange(start_pos, length)[:, None]  # [n, 1]
-    key_pos = torch.arange(length)[None, :]  # [1, S]
-    mask = key_pos <= query_pos
-    if sliding_window is not None:
-        mask &= query_pos - key_pos < sliding_window
-    return mask
+    cache.keys[layer].index_copy_(0, layout.slot_mapping, k)  # [S, Hkv, Dh]
+    cache.values[layer].index_copy_(0, layout.slot_mapping, v)
+    out = paged_attention(q, cache.keys[layer], cache.values[layer], layout)  # [T, H, Dh]
+    return _linear(out.reshape(t, config.num_heads * config.head_dim), weights.o_proj, weights.o_bias)  # [T, D]

@@ -218,6 +218,10 @@ class KVCache:
         blocks = torch.tensor(table, dtype=torch.int64)[positions // self.block_size]
         return (blocks * self.block_size + positions % self.block_size).to(self.device)
 
+    def block_table(self, seq_id: int) -> list[int]:
+        """The sequence's physical block ids in position order (a copy; a block may be shared, read only)."""
+        return list(self._tables[seq_id])
+
     def usage(self) -> KVCacheUsage:
         return KVCacheUsage(
             used_blocks=self.num_blocks - self._pool.num_available,

@@ -43,7 +43,15 @@ class RotaryEmbedding:
 
 
 def apply_rotary(x: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
-    """x [T, H, Dh] -> [T, H, Dh] rotated by each token's position."""
+    """x [T, H, Dh] -> [T, H, Dh] rotated by each token's position: x * cos + rotate_half(x) * sin.
+
+    Written per half, without materialising rotate_half(x) = cat(-x2, x1); each element is rounded as in
+    that expression (x1 * cos - x2 * sin == x1 * cos + (-x2) * sin exactly). cos and sin repeat their halves.
+    """
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # rotate_half
-    return x * tables.cos[:, None, :] + rotated * tables.sin[:, None, :]
+    cos, sin = tables.cos[:, None, :half], tables.sin[:, None, :half]  # [T, 1, Dh/2]
+    x1, x2 = x[..., :half], x[..., half:]  # [T, H, Dh/2]
+    out = torch.empty_like(x)
+    torch.mul(x1, cos, out=out[..., :half]).sub_(x2 * sin)
+    torch.mul(x2, cos, out=out[..., half:]).add_(x1 * sin)
+    return out

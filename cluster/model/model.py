@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeshard.cluster.model.attention import attention
+from moeshard.cluster.model.attention import attention, step_layout
 from moeshard.cluster.model.batch import StepBatch
 from moeshard.cluster.model.checkpoint import DenseWeights, LayerWeights
 from moeshard.cluster.model.config import ModelConfig
@@ -85,12 +85,14 @@ class MoeModel:
         # Each micro-batch: its tokens' hidden states [t, D] and its pending FFN (None before the first layer).
         xs = [w.embed[part.token_ids] for part in parts]  # [t, D] each
         rotaries = [self.rotary.tables(part.positions, self.dtype) for part in parts]
+        layouts = [step_layout(part, self.cache, config.sliding_window) for part in parts]
         pending: list[PendingFeedForward | None] = [None] * len(parts)
         for layer, lw in enumerate(w.layers):
             for i, part in enumerate(parts):  # micro-batch i's attention runs while the other's experts work
                 if pending[i] is not None:
                     xs[i] = pending[i].finish()  # [t, D]
-                h = xs[i] + attention(config, lw, layer, rms_norm(xs[i], lw.input_norm, config.rms_norm_eps), part, rotaries[i], self.cache)
+                normed = rms_norm(xs[i], lw.input_norm, config.rms_norm_eps)
+                h = xs[i] + attention(config, lw, layer, normed, layouts[i], rotaries[i], self.cache)
                 pending[i] = self.start_feed_forward(layer, lw, h, part)
         x = torch.cat([p.finish() for p in pending]) if len(parts) > 1 else pending[0].finish()  # [T, D]
         x = rms_norm(x[rows], w.final_norm, config.rms_norm_eps)  # [R, D]

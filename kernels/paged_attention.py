@@ -1,0 +1,240 @@
+"""paged_attention: causal grouped-query attention of a step's queries over the paged KV cache.
+
+    out[t, h] = softmax(q[t, h] . K[b]^T * scale over the keys row t sees) . V[b]      (row t of sequence b)
+
+Query head h reads kv head h // (H / Hkv). The step's own keys and values are
+already in the cache; ``layout`` (``paged_layout.py``) says which rows belong to
+which sequence, their positions and the sequences' block tables. Decode tokens,
+prefill chunks starting at position 0 and chunks with history before them mix
+in one call.
+
+Dimensions: T query rows, H heads, Hkv kv heads, Dh head dim, B sequences, P programs' query blocks.
+
+The torch path runs ``scaled_dot_product_attention`` on 4-d inputs (CPU's fused
+flash kernel; 3-d inputs take the slow math path): one padded call for all the
+decode tokens, and per prefill chunk, over a view of its keys where its blocks
+are consecutive (``paged_plan.py``), one causal call, or two merged by their
+log-sum-exps when the chunk has history before it, or one masked call when a
+sliding window cuts in. The Triton kernel is one flash-style
+program per (block of BLOCK_M queries of one sequence, query head): it walks the
+sequence's keys from the first any of its queries sees (sliding window) to the
+last (causal), BLOCK_N positions at a time through the block table, with an
+online softmax in float32. Its program table is built on the device, sized by
+the bound cdiv(T, BLOCK_M) + B; unused entries return at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from moeshard.kernels.backend import resolve_backend, triton_interprets
+from moeshard.kernels.paged_layout import PagedLayout
+from moeshard.kernels.paged_plan import ChunkPlan
+
+logger = logging.getLogger(__name__)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    layout: PagedLayout,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q [T, H, Dh], key_cache and value_cache [slots, Hkv, Dh] holding every key the step reads -> [T, H, Dh]."""
+    assert q.dim() == 3 and key_cache.dim() == 3 and key_cache.shape == value_cache.shape, (q.shape, key_cache.shape)
+    T, H, Dh = q.shape
+    Hkv = key_cache.shape[1]
+    assert key_cache.shape[2] == Dh and H % Hkv == 0, (q.shape, key_cache.shape)
+    assert T == layout.num_tokens, (T, layout.num_tokens)
+    assert q.dtype == key_cache.dtype == value_cache.dtype, (q.dtype, key_cache.dtype, value_cache.dtype)
+    scale = Dh**-0.5 if scale is None else scale
+    if out is None:
+        out = torch.empty(T, H, Dh, dtype=q.dtype, device=q.device)
+    assert out.shape == (T, H, Dh) and out.dtype == q.dtype, (out.shape, out.dtype)
+    if T == 0:
+        return out
+    if resolve_backend(backend, q.device) == "triton":
+        paged_attention_triton(q, key_cache, value_cache, layout, scale, out)
+    else:
+        paged_attention_torch(q, key_cache, value_cache, layout, scale, out)
+    return out
+
+
+# CPU's fused flash attention that also returns each query's log-sum-exp (a private op: None if absent).
+_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def paged_attention_torch(q, key_cache, value_cache, layout: PagedLayout, scale: float, out) -> None:
+    plan = layout.torch_plan
+    gqa = q.shape[1] != key_cache.shape[1]
+    for chunk in plan.chunks:
+        queries = q[chunk.rows].transpose(0, 1)[None]  # [1, H, n, Dh]
+        keys = key_cache[chunk.keys].transpose(0, 1)[None]  # [1, Hkv, S, Dh]
+        values = value_cache[chunk.keys].transpose(0, 1)[None]  # [1, Hkv, S, Dh]
+        out[chunk.rows] = _chunk_attention(queries, keys, values, chunk, scale, gqa)[0].transpose(0, 1)
+    if plan.decode is not None:
+        group = plan.decode
+        keys = key_cache[group.slots].transpose(1, 2)  # [Bd, Hkv, Smax, Dh]
+        values = value_cache[group.slots].transpose(1, 2)  # [Bd, Hkv, Smax, Dh]
+        attended = F.scaled_dot_product_attention(
+            q[group.rows][:, :, None, :], keys, values, attn_mask=group.visible, scale=scale, enable_gqa=gqa
+        )  # [Bd, H, 1, Dh]
+        out[group.rows] = attended[:, :, 0]
+
+
+def _chunk_attention(q, keys, values, chunk: ChunkPlan, scale: float, gqa: bool) -> torch.Tensor:
+    """q [1, H, n, Dh], keys and values [1, Hkv, S, Dh] -> [1, H, n, Dh].
+
+    A chunk with history and no mask: the history (seen by all) and the chunk's own keys (causal) in
+    two flash calls, merged by their log-sum-exps; this skips the masked half that one masked call computes.
+    """
+    h = chunk.history
+    if chunk.mask is not None or h == 0:
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale, enable_gqa=gqa
+        )
+    if _FLASH_WITH_LSE is None or q.device.type != "cpu":
+        n, device = q.shape[2], q.device
+        mask = torch.arange(keys.shape[2], device=device)[None, :] <= torch.arange(h, h + n, device=device)[:, None]  # [n, S]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    before, before_lse = _FLASH_WITH_LSE(q, keys[:, :, :h], values[:, :, :h], 0.0, False, scale=scale)  # [1, H, n, Dh], [1, H, n]
+    own, own_lse = _FLASH_WITH_LSE(q, keys[:, :, h:], values[:, :, h:], 0.0, True, scale=scale)
+    return merge_attention(before, before_lse, own, own_lse).to(q.dtype)
+
+
+def merge_attention(a: torch.Tensor, a_lse: torch.Tensor, b: torch.Tensor, b_lse: torch.Tensor) -> torch.Tensor:
+    """Attention over two disjoint key sets, from each one's output [..., n, Dh] and log-sum-exp [..., n]
+    -> float32 [..., n, Dh], as if softmax had run over their union."""
+    top = torch.maximum(a_lse, b_lse)
+    weight_a = (a_lse - top).exp_()[..., None]  # [..., n, 1]
+    weight_b = (b_lse - top).exp_()[..., None]
+    return (a.float() * weight_a + b.float() * weight_b).div_(weight_a + weight_b)
+
+
+class QueryBlocks(NamedTuple):
+    seq: torch.Tensor  # [P] int32 sequence of each program's query block, -1 = unused
+    first_query: torch.Tensor  # [P] int64 its first query, counted within the sequence's queries
+
+
+def query_blocks(query_lens: torch.Tensor, num_rows: int, block_m: int) -> QueryBlocks:
+    """Cut each sequence's queries into blocks of block_m, as a table indexed by program id."""
+    B = query_lens.shape[0]
+    blocks = (query_lens + block_m - 1) // block_m  # [B]
+    ends = torch.cumsum(blocks, 0)  # [B] one past each sequence's last block id
+    p = torch.arange(triton.cdiv(num_rows, block_m) + B, device=query_lens.device)  # [P]
+    b = torch.searchsorted(ends, p, right=True)  # [P] owning sequence; B = past the last
+    owner = b.clamp(max=B - 1)
+    first_query = (p - (ends - blocks)[owner]) * block_m
+    return QueryBlocks(torch.where(b < B, b, -1).to(torch.int32), first_query)
+
+
+class AttentionTiles(NamedTuple):
+    m: int  # queries per program
+    n: int  # key positions per inner step
+    d: int  # the head dim, padded to a power of two
+
+
+def attention_tiles(longest_chunk: int, head_dim: int) -> AttentionTiles:
+    """16..64 queries (as many as the longest chunk needs; tl.dot wants 16 at least), 64 keys at a time."""
+    m = max(16, min(64, triton.next_power_of_2(longest_chunk)))
+    return AttentionTiles(m, 64, max(16, triton.next_power_of_2(head_dim)))
+
+
+def paged_attention_triton(q, key_cache, value_cache, layout: PagedLayout, scale: float, out) -> None:
+    T, H, Dh = q.shape
+    Hkv = key_cache.shape[1]
+    assert q.stride(2) == key_cache.stride(2) == value_cache.stride(2) == out.stride(2) == 1, "unit stride along Dh"
+    tables = layout.device_tables
+    tiles = attention_tiles(max(layout.query_lens), Dh)
+    programs = query_blocks(tables.query_lens, T, tiles.m)
+    window = layout.sliding_window
+    _paged_attention_kernel[(programs.seq.shape[0], H)](
+        q, key_cache, value_cache, out,
+        tables.block_tables, tables.query_starts, tables.query_lens, tables.start_pos,
+        programs.seq, programs.first_query,
+        q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1),
+        value_cache.stride(0), value_cache.stride(1), out.stride(0), out.stride(1), tables.block_tables.stride(0),
+        scale, window or 0, layout.block_size, Dh,
+        GROUP=H // Hkv, SLIDING=window is not None,
+        BLOCK_M=tiles.m, BLOCK_N=tiles.n, BLOCK_D=tiles.d, DOT_FP32=triton_interprets(),
+    )  # fmt: skip
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr,
+    tables_ptr, query_starts_ptr, query_lens_ptr, start_pos_ptr,
+    prog_seq_ptr, prog_first_ptr,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh, stride_tb,
+    scale, window, block_size, head_dim,
+    GROUP: tl.constexpr, SLIDING: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    """out[rows, h] for BLOCK_M queries of one sequence and one query head.
+
+    q_ptr, out_ptr      [T, H, Dh] (unit stride along Dh)
+    k_ptr, v_ptr        [slots, Hkv, Dh] the layer's cache
+    tables_ptr          [B, MB] int32 block tables
+    query_starts_ptr    [B] int64 first row of each sequence in T; query_lens_ptr [B] int64; start_pos_ptr [B] int64
+    prog_seq_ptr        [P] int32 sequence of each program, -1 = unused; prog_first_ptr [P] int64 its first query
+    """
+    b = tl.load(prog_seq_ptr + tl.program_id(0)).to(tl.int64)
+    if b < 0:
+        return
+    h = tl.program_id(1)
+    kvh = h // GROUP
+    first = tl.load(prog_first_ptr + tl.program_id(0))
+    row0 = tl.load(query_starts_ptr + b)
+    n = tl.load(query_lens_ptr + b)
+    start = tl.load(start_pos_ptr + b)
+    i = first + tl.arange(0, BLOCK_M)  # [BM] queries, counted within the sequence's
+    i_ok = i < n
+    pos = start + i  # [BM] their positions
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    q_mask = i_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + (row0 + i)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=q_mask, other=0.0)  # [BM, BD]
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    end = start + tl.minimum(first + BLOCK_M, n)  # one past the last key any of these queries sees
+    lo = start * 0
+    if SLIDING:
+        lo = tl.maximum(start + first - window + 1, 0)  # the first key any of them sees
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for j0 in range(lo, end, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)  # [BN] key positions
+        j_ok = j < end
+        block = tl.load(tables_ptr + b * stride_tb + j // block_size, mask=j_ok, other=0).to(tl.int64)
+        slot = block * block_size + j % block_size  # [BN]
+        kv_mask = j_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
+        v = tl.load(v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
+        if DOT_FP32:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BM, BN]
+        visible = (j[None, :] <= pos[:, None]) & j_ok[None, :]
+        if SLIDING:
+            visible = visible & (pos[:, None] - j[None, :] < window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # [BM]
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet stay at zero weight
+        p = tl.exp(s - m_safe[:, None])  # [BM, BN]
+        alpha = tl.exp(m_i - m_safe)  # [BM]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")  # [BM, BD]
+        m_i = m_new
+    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_ptrs = out_ptr + (row0 + i)[:, None] * stride_ot + h * stride_oh + d[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=q_mask)

@@ -1,0 +1,118 @@
+"""Where a step's queries sit in q and where each sequence's keys sit in the paged cache.
+
+A step lays B sequences' new tokens end to end in T rows: sequence b owns rows
+``query_starts[b] .. query_starts[b] + query_lens[b] - 1``, at positions
+``start_pos[b] ..``. Its keys, positions 0 .. end_pos - 1, live in the cache's
+blocks ``block_tables[b]``: position p in slot ``table[p // block_size] * block_size
++ p % block_size``. A block may appear in several tables (a shared prefix, read only).
+
+Query p of a sequence sees key j of the same sequence iff j <= p, and, with a
+sliding window W, p - j < W.
+
+One ``PagedLayout`` is built per step and read by every layer: the slots the
+step writes, the device tables of the Triton kernel and the torch path's plan
+(``paged_plan.py``) are computed once, on first use.
+
+Dimensions: T query rows, B sequences, MB blocks of the longest table.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from moeshard.kernels.paged_plan import TorchPlan, plan_torch
+
+
+class DeviceTables(NamedTuple):
+    """The layout as tensors, for the Triton kernel."""
+
+    block_tables: torch.Tensor  # [B, MB] int32, physical block ids; 0 past a sequence's blocks
+    query_starts: torch.Tensor  # [B] int64 first row of each sequence in T
+    query_lens: torch.Tensor  # [B] int64
+    start_pos: torch.Tensor  # [B] int64 position of each sequence's first query
+
+
+@dataclass(frozen=True)
+class PagedLayout:
+    query_lens: tuple[int, ...]  # [B] queries of each sequence in this step, laid end to end in T
+    start_pos: tuple[int, ...]  # [B] position of each sequence's first query (its history before it)
+    block_tables: tuple[tuple[int, ...], ...]  # [B][>= ceil(end_pos / block_size)] physical block ids
+    block_size: int
+    sliding_window: int | None = None
+    device: torch.device = torch.device("cpu")
+
+    def __post_init__(self):
+        assert len(self.query_lens) == len(self.start_pos) == len(self.block_tables), "one entry per sequence"
+        assert self.block_size > 0 and (self.sliding_window is None or self.sliding_window > 0)
+        for n, start, table in zip(self.query_lens, self.start_pos, self.block_tables):
+            assert n > 0 and start >= 0, (n, start)
+            assert len(table) * self.block_size >= start + n, f"{len(table)} blocks cannot hold {start + n} positions"
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
+
+    @property
+    def end_pos(self) -> tuple[int, ...]:
+        """[B] one past each sequence's last query: its keys are positions 0 .. end_pos - 1."""
+        return tuple(s + n for s, n in zip(self.start_pos, self.query_lens))
+
+    @property
+    def query_starts(self) -> tuple[int, ...]:
+        """[B + 1] row offsets of the sequences in T."""
+        starts = [0]
+        for n in self.query_lens:
+            starts.append(starts[-1] + n)
+        return tuple(starts)
+
+    def first_visible(self, position: int) -> int:
+        """The first key position a query at ``position`` sees."""
+        return 0 if self.sliding_window is None else max(0, position - self.sliding_window + 1)
+
+    def slots_of(self, b: int, start: int, end: int) -> torch.Tensor:
+        """Cache slots [end - start] int64 of positions start .. end - 1 of sequence b."""
+        table = torch.tensor(self.block_tables[b], dtype=torch.int64)
+        positions = torch.arange(start, end)
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def contiguous_span(self, b: int, start: int, end: int) -> slice | None:
+        """The slots of positions start .. end - 1 of sequence b as one slice, when its blocks there are consecutive."""
+        table, bs = self.block_tables[b], self.block_size
+        first, last = start // bs, (end - 1) // bs
+        if any(table[i + 1] != table[i] + 1 for i in range(first, last)):
+            return None
+        begin = table[first] * bs + start % bs
+        return slice(begin, begin + end - start)
+
+    @functools.cached_property
+    def slot_mapping(self) -> torch.Tensor:
+        """[T] int64 cache slot of each query row's own key and value (where the step writes them)."""
+        parts = [self.slots_of(b, s, e) for b, (s, e) in enumerate(zip(self.start_pos, self.end_pos))]
+        return torch.cat(parts).to(self.device) if parts else torch.empty(0, dtype=torch.int64, device=self.device)
+
+    @functools.cached_property
+    def device_tables(self) -> DeviceTables:
+        width = max((len(t) for t in self.block_tables), default=0)
+        tables = torch.zeros(self.num_seqs, max(width, 1), dtype=torch.int32)
+        for b, table in enumerate(self.block_tables):
+            tables[b, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        as_long = functools.partial(torch.tensor, dtype=torch.int64, device=self.device)
+        return DeviceTables(
+            block_tables=tables.to(self.device),
+            query_starts=as_long(self.query_starts[:-1]),
+            query_lens=as_long(self.query_lens),
+            start_pos=as_long(self.start_pos),
+        )
+
+    @functools.cached_property
+    def torch_plan(self) -> TorchPlan:
+        """The torch path's per-step plan: which sequences share a padded call, views or gathers, masks."""
+        return plan_torch(self)

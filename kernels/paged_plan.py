@@ -1,0 +1,81 @@
+"""The torch path's plan of a step's attention, built once per step and read by every layer.
+
+    decode group: the sequences with one query (two or more of them) -> one padded SDPA call
+                  over a gather of their visible keys, with a key-padding mask
+    chunks:       every other sequence -> SDPA over its visible keys, read as a view of the cache
+                  where its blocks are consecutive (else gathered): without a sliding window,
+                  keys before the chunk (its history) are seen by every query and its own keys
+                  causally, so no mask is built; with one, a bool mask unless the chunk starts
+                  at position 0 and fits in the window
+
+Dimensions: T query rows, Bd sequences in the decode group, Smax their most visible keys,
+n one chunk's queries, S its visible keys.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+if TYPE_CHECKING:
+    from moeshard.kernels.paged_layout import PagedLayout
+
+
+class DecodeGroup(NamedTuple):
+    rows: torch.Tensor  # [Bd] int64 query rows in T
+    slots: torch.Tensor  # [Bd, Smax] int64 cache slot of each visible key; padded with its last
+    visible: torch.Tensor  # [Bd, 1, 1, Smax] bool, False on padding
+
+
+class ChunkPlan(NamedTuple):
+    rows: slice  # the chunk's query rows in T
+    keys: slice | torch.Tensor  # slots of its visible keys: a slice of the cache (a view), or an index [S]
+    history: int  # without mask: every query sees keys[:history], and query i keys[history:history + i + 1]
+    mask: torch.Tensor | None  # [n, S] bool (True = may attend), when the window cuts in
+
+
+class TorchPlan(NamedTuple):
+    decode: DecodeGroup | None
+    chunks: tuple[ChunkPlan, ...]
+
+
+def plan_torch(layout: PagedLayout) -> TorchPlan:
+    starts = layout.query_starts
+    singles = [b for b, n in enumerate(layout.query_lens) if n == 1]
+    grouped = set(singles) if len(singles) >= 2 else set()
+    chunks = tuple(_plan_chunk(layout, b, slice(starts[b], starts[b + 1])) for b in range(layout.num_seqs) if b not in grouped)
+    decode = _plan_decode(layout, sorted(grouped), starts) if grouped else None
+    return TorchPlan(decode, chunks)
+
+
+def _plan_chunk(layout: PagedLayout, b: int, rows: slice) -> ChunkPlan:
+    start, n = layout.start_pos[b], layout.query_lens[b]
+    end = start + n
+    first = layout.first_visible(start)  # no query of the chunk sees a key before this
+    span = layout.contiguous_span(b, first, end)
+    keys = span if span is not None else layout.slots_of(b, first, end).to(layout.device)
+    window = layout.sliding_window
+    if window is None or (first == start and n <= window):
+        return ChunkPlan(rows, keys, history=start - first, mask=None)
+    query_pos = torch.arange(start, end, device=layout.device)[:, None]  # [n, 1]
+    key_pos = torch.arange(first, end, device=layout.device)[None, :]  # [1, S]
+    mask = key_pos <= query_pos
+    if window is not None:
+        mask &= query_pos - key_pos < window
+    return ChunkPlan(rows, keys, history=0, mask=mask)
+
+
+def _plan_decode(layout: PagedLayout, members: list[int], starts: tuple[int, ...]) -> DecodeGroup:
+    """Each member's one query sees positions first_visible(p) .. p; padded to the longest."""
+    spans = [(layout.first_visible(layout.start_pos[b]), layout.start_pos[b] + 1) for b in members]
+    width = max(end - first for first, end in spans)
+    slots = torch.empty(len(members), width, dtype=torch.int64)
+    for i, (b, (first, end)) in enumerate(zip(members, spans)):
+        slots[i, : end - first] = layout.slots_of(b, first, end)
+        slots[i, end - first :] = slots[i, end - first - 1]  # padding reads a key of its own (masked out)
+    lengths = torch.tensor([end - first for first, end in spans])  # [Bd]
+    visible = torch.arange(width)[None, :] < lengths[:, None]  # [Bd, Smax]
+    rows = torch.tensor([starts[b] for b in members], dtype=torch.int64)
+    device = layout.device
+    return DecodeGroup(rows.to(device), slots.to(device), visible[:, None, None, :].to(device))
