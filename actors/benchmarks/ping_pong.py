@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import ray
+
+from moeshard.actors.ray_init import init_ray
 from moeshard.cluster import LLM, SamplingParams
 from moeshard.cluster.loadtest.serving_bench import write_synthetic_mixtral
 
@@ -55,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="moeshard-bench") as tmp:
         os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray"))
         model_dir = write_synthetic_mixtral(Path(tmp) / "model", num_hidden_layers=args.layers)
+        init_ray(num_cpus=args.expert_actors + 4, include_dashboard=False, logging_level="WARNING")  # room for both clusters
         runs = {"one process": [], "actors, one batch": [], "actors, ping-pong": []}
         with LLM(model_dir, enable_prefix_caching=False) as single:
             _time_generate(single, prompts[:2], SamplingParams(max_tokens=2, temperature=0))  # warm-up
@@ -73,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                         if out != expected:
                             raise AssertionError(f"{name}: tokens differ from the one-process run")
                         runs[name].append(tokens / seconds)
+    ray.shutdown()
     base = statistics.median(runs["one process"])
     print(f"{args.sequences} sequences x {args.new_tokens} new tokens, {args.layers} layers, {args.expert_actors} expert actors:")
     print()
