@@ -15,6 +15,7 @@ import torch
 from moeshard.actors.actor_health import HealthSnapshot
 from moeshard.actors.dispatch import remote_experts
 from moeshard.actors.placement import ExpertPlacement
+from moeshard.actors.rebalance.live import Rebalancer, RebalanceReport
 from moeshard.actors.transport import ActorRef
 from moeshard.cluster.engine.assembly import build_engine, read_model_files
 from moeshard.cluster.engine.config import EngineConfig
@@ -30,6 +31,7 @@ class OfflineCoordinator:
         files = read_model_files(config.model_dir)
         self.tokenizer = files.tokenizer
         self.experts = remote_experts(config, placement, actors)
+        self.rebalancer = Rebalancer(self.experts, config.cluster.recovery_timeout_s + config.cluster.dispatch_timeout_s)
         self.engine = build_engine(config, files, self.experts)
 
     def ready(self) -> bool:
@@ -40,6 +42,13 @@ class OfflineCoordinator:
 
     def expert_health(self) -> HealthSnapshot:
         return self.experts.health.snapshot()
+
+    def rebalance(self) -> RebalanceReport:
+        """A new placement from the load since the last one, switched in between two steps of any generation."""
+        return self.rebalancer.rebalance()
+
+    def expert_balance(self) -> dict:
+        return self.rebalancer.status()
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         return self.engine.prompt_logits(token_ids)

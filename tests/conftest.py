@@ -96,6 +96,30 @@ def write_tiny_mixtral(out_dir: Path, seed: int = 0, with_tokenizer: bool = Fals
     return out_dir
 
 
+def skew_router(model, hot: dict[int, float], offset: float = 1.0) -> None:
+    """Send most tokens to the ``hot`` experts in every layer: every embedding gets ``offset`` in hidden dimension 0,
+    and each hot expert's router row weight ``hot[e]`` on it (the residual stream keeps the offset's sign)."""
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = offset
+        for layer in model.model.layers:
+            for expert, weight in hot.items():
+                layer.mlp.gate.weight[expert, 0] = weight
+
+
+@pytest.fixture(scope="session")
+def skewed_mixtral_dir(tmp_path_factory) -> Path:
+    """The tiny Mixtral with a skewed router: experts 0 and 1 take about 95% of layer 0's choices, 42% of layer 1's."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(**TINY_BASE)).eval()
+    _randomise(model)
+    skew_router(model, {0: 3.0, 1: 1.5})
+    out = tmp_path_factory.mktemp("skewed_mixtral")
+    model.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_mixtral_dir(tmp_path_factory) -> Path:
     """The default tiny checkpoint: 8 experts, top-2, GQA 2."""
