@@ -133,6 +133,7 @@ def test_rebalance_with_killed_actors_loses_no_request(ray_local, skewed_mixtral
         os.kill(second, signal.SIGKILL)
         assert _pid(llm, 2) != second  # restarted
         assert [o.token_ids for o in llm.generate(PROMPTS, LONG)] == reference["long"]
+        assert llm.expert_health().failures[2] >= 1  # its stale answer took it out until it had adopted version 1
         _assert_same_logits(llm, reference)
         for handle in llm._cluster.expert_actors:
             assert ray.get(handle.info.remote())["versions"] == [1]
