@@ -93,12 +93,15 @@ class ServingCoordinator:
         self.defaults = read_generation_defaults(config.model_dir)  # for the fields a request omits
         self.pool = None
         self.experts = None  # None: the experts run in this process
+        self.rebalancer = None
         if config.cluster.expert_actors > 0:
             from moeshard.actors.dispatch import remote_experts
             from moeshard.actors.expert_pool import start_expert_pool
+            from moeshard.actors.rebalance.live import Rebalancer
 
             self.pool = start_expert_pool(config, files.model_config)
             self.experts = remote_experts(config, self.pool.placement, self.pool.actors)
+            self.rebalancer = Rebalancer(self.experts, config.cluster.recovery_timeout_s + config.cluster.dispatch_timeout_s)
         engine = build_engine(config, files, self.experts)
         self.engine = AsyncEngine(engine, self.tokenizer, self.args.max_waiting, self.args.request_timeout_s)
         self.admission = ClientAdmission(self.args.limits.max_sequences_per_client, self.args.limits.retry_after_s)
@@ -380,15 +383,32 @@ class ServingCoordinator:
     @api.get("/metrics")
     async def metrics(self) -> Response:
         dispatch = self.experts.health.snapshot() if self.experts is not None else None
-        text = self.metrics.render(self.engine.stats(), self.engine.engine.model.expert_load, dispatch)
+        balance = self.rebalancer.status() if self.rebalancer is not None else None
+        text = self.metrics.render(self.engine.stats(), self.engine.engine.model.expert_load, dispatch, balance)
         return Response(content=text, media_type="text/plain; version=0.0.4")
 
     @api.get("/v1/experts")
     async def experts(self) -> dict:
-        """Expert placement (which actor and node hosts each expert) and tokens routed to each so far."""
+        """Expert placement (which actor and node hosts each expert), tokens routed to each so far, and the balance:
+        rows per actor per step and imbalance per layer since the last rebalance, and that rebalance."""
         placement = await asyncio.to_thread(self.pool.placement_report) if self.pool is not None else []
         load = self.engine.engine.model.expert_load.tolist()
-        return {"expert_actors": self.args.expert_actors, "placement": placement, "load": load}
+        balance = self.rebalancer.status() if self.rebalancer is not None else None
+        return {"expert_actors": self.args.expert_actors, "placement": placement, "load": load, "balance": balance}
+
+    @api.post("/v1/experts/rebalance")
+    async def rebalance(self) -> dict:
+        """Rebalance the experts from the load measured since the last rebalance, while serving (docs/cluster.md)."""
+        if self.rebalancer is None:
+            raise APIError(400, "this server runs its experts in one process: there is nothing to rebalance")
+        from moeshard.actors.rebalance.live import RebalanceBusy
+
+        try:
+            report = await asyncio.to_thread(self.rebalancer.rebalance)
+        except RebalanceBusy as exc:
+            raise APIError(409, str(exc)) from None
+        self.pool.placement = report.placement  # what GET /v1/experts reports
+        return report.to_dict()
 
     def check_health(self) -> None:
         """Serve's own health probe: the engine loop runs and no expert actor is down past its recovery timeout."""
