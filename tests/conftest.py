@@ -106,18 +106,30 @@ def skew_router(model, hot: dict[int, float], offset: float = 1.0) -> None:
                 layer.mlp.gate.weight[expert, 0] = weight
 
 
-@pytest.fixture(scope="session")
-def skewed_mixtral_dir(tmp_path_factory) -> Path:
+def write_skewed_mixtral(out_dir: Path, with_tokenizer: bool = False) -> Path:
     """The tiny Mixtral with a skewed router: experts 0 and 1 take about 95% of layer 0's choices, 42% of layer 1's."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
+    params = dict(TINY_BASE, vocab_size=32000) if with_tokenizer else TINY_BASE
     torch.manual_seed(0)
-    model = MixtralForCausalLM(MixtralConfig(**TINY_BASE)).eval()
+    model = MixtralForCausalLM(MixtralConfig(**params)).eval()
     _randomise(model)
     skew_router(model, {0: 3.0, 1: 1.5})
-    out = tmp_path_factory.mktemp("skewed_mixtral")
-    model.save_pretrained(out)
-    return out
+    model.save_pretrained(out_dir)
+    if with_tokenizer:
+        shutil.copy(mistral_tokenizer_path(), out_dir / "tokenizer.model")
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def skewed_mixtral_dir(tmp_path_factory) -> Path:
+    return write_skewed_mixtral(tmp_path_factory.mktemp("skewed_mixtral"))
+
+
+@pytest.fixture(scope="session")
+def skewed_chat_mixtral_dir(tmp_path_factory) -> Path:
+    """The skewed tiny Mixtral with Mixtral's tokenizer, for the server."""
+    return write_skewed_mixtral(tmp_path_factory.mktemp("skewed_chat_mixtral"), with_tokenizer=True)
 
 
 @pytest.fixture(scope="session")

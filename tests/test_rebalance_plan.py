@@ -62,6 +62,18 @@ def test_rebalance_evens_out_a_skewed_layer_within_capacity():
     assert plan.placement.version == start.version + 1
 
 
+@pytest.mark.parametrize("num_actors", [2, 3, 4, 5])
+def test_every_slot_count_gives_a_valid_placement_and_rebalance(num_actors):
+    generator = torch.Generator().manual_seed(num_actors)
+    for redundant in range(0, 8 * (num_actors - 1) + 1, 3):
+        slots = actor_slots(8, redundant, num_actors)
+        start = initial_placement(2, 8, num_actors, redundant)
+        for placement in (start, plan_rebalance(start, torch.rand(2, 8, generator=generator) ** 4 * 1000, slots).placement):
+            for hosts in placement.hosts:
+                assert sum(len(h) for h in hosts) == 8 + redundant
+                assert all(count <= cap for count, cap in zip(_per_actor_counts(hosts, num_actors), slots))
+
+
 def test_a_balanced_placement_stays_where_it_is():
     even = ExpertPlacement.even(2, 8, 4)
     plan = plan_rebalance(even, torch.full((2, 8), 100.0), actor_slots(8, 0, 4))

@@ -106,7 +106,7 @@ def _pack(
     for weight, e in items:
         open_ = [a for a in range(num_actors) if free[a] > 0 and a not in hosts[e]]
         if not open_:
-            open_ = [_make_room(e, hosts, free, num_actors)]
+            open_ = [_make_room(e, hosts, free, actor_load, [load[x] / counts[x] for x in range(len(load))])]
         best = min(open_, key=lambda a: (actor_load[a], a))
         staying = [a for a in open_ if a in previous[e] and actor_load[a] <= actor_load[best] + bonus]
         chosen = min(staying, key=lambda a: (actor_load[a], a)) if staying else best
@@ -116,17 +116,19 @@ def _pack(
     return tuple(tuple(sorted(h)) for h in hosts)
 
 
-def _make_room(e: int, hosts: list[list[int]], free: list[int], num_actors: int) -> int:
+def _make_room(e: int, hosts: list[list[int]], free: list[int], actor_load: list[float], per_replica: list[float]) -> int:
     """Every actor with a free slot already hosts ``e``: move another expert there from an actor that does not."""
+    num_actors = len(free)
     for full in range(num_actors):
-        if e in hosts[full]:
+        if full in hosts[e]:
             continue
         for roomy in (a for a in range(num_actors) if free[a] > 0):
             for other, where in enumerate(hosts):
                 if full in where and roomy not in where:
                     where[where.index(full)] = roomy
-                    free[roomy] -= 1
-                    free[full] += 1
+                    free[roomy], free[full] = free[roomy] - 1, free[full] + 1
+                    actor_load[roomy] += per_replica[other]
+                    actor_load[full] -= per_replica[other]
                     return full
     raise PlacementError(f"no actor can take another replica of expert {e}")
 
