@@ -3,10 +3,13 @@
 Decode throughput of ``LLM(expert_actors=4)`` on a synthetic Mixtral whose routers send most tokens to
 two experts, before and after ``LLM.rebalance()``, with and without redundant expert slots:
 
-1. start the cluster (``redundant_experts`` R), warm up, decode a batch greedily: tokens/s "before";
+1. start the cluster (``redundant_experts`` R), decode the batch once to warm up, then again greedily,
+   timed: tokens/s "before";
 2. rebalance from the load measured so far (replicas of the hot experts into the R spare slots; with
    R = 0 the experts are only moved between actors);
-3. decode the same batch again: tokens/s "after"; the greedy tokens must equal the first run's.
+3. decode the same batch again: tokens/s "after", and whether its greedy tokens equal the first run's
+   (in bf16 they need not: an actor rounds its partial sum of a token's experts to bf16, and moving an
+   expert to another actor changes that grouping; the tests check exactness in float32).
 
 Per phase the table shows the rows the busiest actor was sent per step (over all layers), the mean
 over layers of the actors' imbalance (max / mean of rows), and the rebalance's duration and bytes loaded.
@@ -71,15 +74,14 @@ def bench_rebalance(model_dir: str, redundant: int, num_actors: int, batch: int,
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     cluster = {"redundant_experts": redundant}
     with LLM(model_dir, expert_actors=num_actors, dtype="bfloat16", cluster=cluster) as llm:
-        llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0))  # warm up
-        llm.rebalance()  # an empty window: starts the measured one here (no load yet, nothing moves)
+        llm.generate(prompts, params)  # warm up (its load counts: the rebalance plans from both runs)
         tokens, seconds = _decode(llm, prompts, params)
         before = _phase("before", tokens, seconds, llm.expert_balance())
         report = llm.rebalance()
         after_tokens, after_seconds = _decode(llm, prompts, params)
         after = _phase("after", after_tokens, after_seconds, llm.expert_balance())
-    assert after_tokens == tokens, "the rebalance changed the greedy tokens"
     return {
+        "same_tokens": after_tokens == tokens,
         "redundant_experts": redundant,
         "phases": [before, after],
         "speedup": after["tokens_per_s"] / before["tokens_per_s"],
@@ -114,15 +116,16 @@ def main(argv: list[str] | None = None) -> None:
             f"\nDecode with a skewed router: {args.batch} prompts x 16 tokens, {args.tokens} greedy tokens each "
             f"(ignore_eos), hidden 1024, intermediate 3584, 4 layers, top-2 of 8 experts, bf16, {args.actors} expert actors"
         )
-        print("| redundant | phase  | tokens/s | busiest actor rows/step | mean imbalance | rebalance s | MB loaded |")
-        print("|---:|---|---:|---:|---:|---:|---:|")
+        print("| redundant | phase  | tokens/s | busiest actor rows/step | mean imbalance | rebalance s | MB loaded | same tokens |")
+        print("|---:|---|---:|---:|---:|---:|---:|---|")
         for redundant in args.redundant:
             result = bench_rebalance(str(model), redundant, args.actors, args.batch, args.tokens)
             results.append(result)
             for phase in result["phases"]:
-                extra = (
-                    f"{result['rebalance_seconds']:6.2f} | {result['bytes_loaded'] / 2**20:6.1f}" if phase["phase"] == "after" else "   - |    -"
-                )
+                extra = "   - |    - |  -"
+                if phase["phase"] == "after":
+                    same = "yes" if result["same_tokens"] else "no"
+                    extra = f"{result['rebalance_seconds']:6.2f} | {result['bytes_loaded'] / 2**20:6.1f} | {same}"
                 print(
                     f"| {redundant:>9} | {phase['phase']:<6} | {phase['tokens_per_s']:8.1f} | "
                     f"{phase['busiest_actor_rows_per_step']:8.1f} | {phase['mean_imbalance']:5.2f} | {extra} |",
