@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from moeshard.actors.actor_health import ActorHealth
+from moeshard.actors.expert_pool import describe_actor
 from moeshard.actors.placement import ExpertPlacement
 from moeshard.actors.rebalance.meter import LoadMeter
 from moeshard.actors.transport import ActorCallTransport, ActorRef, CompiledGraphTransport, Transport, failure
@@ -173,8 +174,6 @@ class RemoteExperts:
 
     def _use_next(self) -> None:
         """Under the lock, between two steps: the new placement, its tables and the actors' descriptions at once."""
-        from moeshard.actors.expert_pool import describe_actor
-
         placement, self._next = self._next, None
         self.placement, self._tables = placement, {}
         for i, actor in enumerate(self.actors):  # the list the transport and health share

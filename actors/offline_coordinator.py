@@ -15,6 +15,7 @@ import torch
 from moeshard.actors.actor_health import HealthSnapshot
 from moeshard.actors.dispatch import remote_experts
 from moeshard.actors.placement import ExpertPlacement
+from moeshard.actors.rebalance.auto import start_auto_rebalance
 from moeshard.actors.rebalance.live import Rebalancer, RebalanceReport
 from moeshard.actors.transport import ActorRef
 from moeshard.cluster.engine.assembly import build_engine, read_model_files
@@ -33,6 +34,7 @@ class OfflineCoordinator:
         self.experts = remote_experts(config, placement, actors)
         self.rebalancer = Rebalancer(self.experts, config.cluster.recovery_timeout_s + config.cluster.dispatch_timeout_s)
         self.engine = build_engine(config, files, self.experts)
+        self.auto = start_auto_rebalance(config.cluster, self.rebalancer)  # None unless cluster.auto_rebalance_s
 
     def ready(self) -> bool:
         return True
@@ -62,4 +64,6 @@ class OfflineCoordinator:
         return names
 
     def close(self) -> None:
+        if self.auto is not None:
+            self.auto.close()
         self.experts.transport.close()

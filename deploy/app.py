@@ -93,15 +93,17 @@ class ServingCoordinator:
         self.defaults = read_generation_defaults(config.model_dir)  # for the fields a request omits
         self.pool = None
         self.experts = None  # None: the experts run in this process
-        self.rebalancer = None
+        self.rebalancer = self.auto_rebalance = None
         if config.cluster.expert_actors > 0:
             from moeshard.actors.dispatch import remote_experts
             from moeshard.actors.expert_pool import start_expert_pool
+            from moeshard.actors.rebalance.auto import start_auto_rebalance
             from moeshard.actors.rebalance.live import Rebalancer
 
             self.pool = start_expert_pool(config, files.model_config)
             self.experts = remote_experts(config, self.pool.placement, self.pool.actors)
             self.rebalancer = Rebalancer(self.experts, config.cluster.recovery_timeout_s + config.cluster.dispatch_timeout_s)
+            self.auto_rebalance = start_auto_rebalance(config.cluster, self.rebalancer)  # None unless configured
         engine = build_engine(config, files, self.experts)
         self.engine = AsyncEngine(engine, self.tokenizer, self.args.max_waiting, self.args.request_timeout_s)
         self.admission = ClientAdmission(self.args.limits.max_sequences_per_client, self.args.limits.retry_after_s)
@@ -111,6 +113,8 @@ class ServingCoordinator:
 
     def __del__(self):
         engine = getattr(self, "engine", None)
+        if getattr(self, "auto_rebalance", None) is not None:
+            self.auto_rebalance.close()
         if engine is not None:
             engine.shutdown()
         if getattr(self, "pool", None) is not None:

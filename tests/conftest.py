@@ -107,14 +107,14 @@ def skew_router(model, hot: dict[int, float], offset: float = 1.0) -> None:
 
 
 def write_skewed_mixtral(out_dir: Path, with_tokenizer: bool = False) -> Path:
-    """The tiny Mixtral with a skewed router: experts 0 and 1 take about 95% of layer 0's choices, 42% of layer 1's."""
+    """The tiny Mixtral with a skewed router: experts 5 and 6 take most choices (the spare slots start with 0-3)."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     params = dict(TINY_BASE, vocab_size=32000) if with_tokenizer else TINY_BASE
     torch.manual_seed(0)
     model = MixtralForCausalLM(MixtralConfig(**params)).eval()
     _randomise(model)
-    skew_router(model, {0: 3.0, 1: 1.5})
+    skew_router(model, {5: 3.0, 6: 1.5})
     model.save_pretrained(out_dir)
     if with_tokenizer:
         shutil.copy(mistral_tokenizer_path(), out_dir / "tokenizer.model")

@@ -74,6 +74,12 @@ def test_every_slot_count_gives_a_valid_placement_and_rebalance(num_actors):
                 assert all(count <= cap for count, cap in zip(_per_actor_counts(hosts, num_actors), slots))
 
 
+@pytest.mark.parametrize("num_actors,redundant,worst", [(2, 1, 1.125), (2, 2, 1.0), (3, 1, 1.125), (4, 4, 1.0), (4, 8, 1.0)])
+def test_the_initial_placement_is_balanced_for_uniform_load(num_actors, redundant, worst):
+    start = initial_placement(1, 8, num_actors, redundant)  # worst: half a replica over perfect, where slots are odd
+    assert imbalance(expected_load([1.0] * 8, start.hosts[0], start.shares_of(0), num_actors)) == pytest.approx(worst)
+
+
 def test_a_balanced_placement_stays_where_it_is():
     even = ExpertPlacement.even(2, 8, 4)
     plan = plan_rebalance(even, torch.full((2, 8), 100.0), actor_slots(8, 0, 4))

@@ -73,14 +73,16 @@ def test_rebalance_route_is_behind_the_key_and_keeps_outputs(server, expected):
     texts, report = asyncio.run(_completions_while_rebalancing(server))
     assert texts == expected
     assert report["switched"] and report["version"] == 1
-    assert report["imbalance_before"][0] > 1.2 and report["imbalance_after"][0] < 1.1
+    assert max(report["imbalance_before"]) > 1.2 and max(report["imbalance_after"]) < 1.1
 
     status, experts = _call(f"{server}/v1/experts")
     assert status == 200
     assert experts["balance"]["placement_version"] == 1 and experts["balance"]["rebalances"] == 1
     assert experts["balance"]["last_rebalance"]["bytes_loaded"] == report["bytes_loaded"]
-    hot = [row for row in experts["placement"] if row["layer"] == 0 and row["expert"] == 0][0]
-    assert hot["actors"] == [0, 1] and sum(hot["shares"]) == pytest.approx(1.0)  # the hottest expert on both actors
+    for layer in (0, 1):
+        rows = [row for row in experts["placement"] if row["layer"] == layer]
+        assert sum(len(row["actors"]) for row in rows) == 9  # every slot holds an expert
+        assert all(sum(row["shares"]) == pytest.approx(1.0) for row in rows)
 
     with urllib.request.urlopen(urllib.request.Request(f"{server}/metrics", headers={"Authorization": f"Bearer {API_KEY}"})) as r:
         metrics = r.read().decode()

@@ -26,7 +26,7 @@ import ray
 from moeshard.actors.dispatch import RemoteExperts
 from moeshard.actors.expert_actor import CONTROL_GROUP
 from moeshard.actors.placement import ExpertPlacement
-from moeshard.actors.rebalance.plan import imbalance, plan_rebalance
+from moeshard.actors.rebalance.plan import expected_load, imbalance, plan_rebalance
 from moeshard.cluster.errors import one_line
 
 logger = logging.getLogger(__name__)
@@ -164,8 +164,7 @@ class Rebalancer:
 
 
 def _expected_imbalance(placement: ExpertPlacement, load) -> list[float]:
-    from moeshard.actors.rebalance.plan import expected_load
-
+    """[L] max / mean of the actors' expected choices under ``load`` [L, E] and the placement's shares."""
     out = []
     for layer, hosts in enumerate(placement.hosts):
         if not hosts:

@@ -217,12 +217,12 @@ def plan_rebalance(
 def initial_placement(
     num_layers: int, num_experts: int, num_actors: int, redundant: int, dense_layers: tuple[int, ...] = ()
 ) -> ExpertPlacement:
-    """Every slot filled before any load is measured: contiguous blocks, the spare slots holding replicas
-    of the lowest-numbered experts on other actors (what uniform load gives), equal shares."""
+    """Every slot filled before any load is measured: what the packing gives for uniform load (the spare slots
+    hold replicas of the lowest-numbered experts; ties go to the contiguous blocks' actors), equal shares."""
     slots = actor_slots(num_experts, redundant, num_actors)
     even = ExpertPlacement.even(num_layers, num_experts, min(num_actors, num_experts), dense_layers)
     previous = tuple(tuple(actors) for actors in next((e for e in even.hosts if e), ()))
     counts = replica_counts([1.0] * num_experts, redundant, num_actors)
-    per_expert = _pack([1.0] * num_experts, counts, previous, slots, tolerance=1.0)
+    per_expert = _pack([1.0] * num_experts, counts, previous, slots, tolerance=0.0)
     hosts = tuple(() if layer in dense_layers else per_expert for layer in range(num_layers))
     return ExpertPlacement(num_actors=num_actors, hosts=hosts)

@@ -23,6 +23,10 @@ class ClusterConfig(BaseModel):
     expert_map: dict[int, list[int]] | None = None
     # Extra expert slots per MoE layer, spread over the actors: replicas of the hottest experts after a rebalance.
     redundant_experts: int = Field(default=0, ge=0)
+    # Rebalance on its own every this many seconds when the load window is due (see actors/rebalance/auto.py); None: never.
+    auto_rebalance_s: float | None = Field(default=None, gt=0)
+    auto_rebalance_threshold: float = Field(default=1.25, ge=1.0)  # worst layer's max/mean actor load that triggers it
+    auto_rebalance_min_steps: int = Field(default=50, ge=1)  # steps a window must have seen
     # Extra Ray resources per expert actor (custom node resources or "node:<ip>") to pin actors to nodes.
     actor_resources: list[dict[str, float]] | None = None
     coordinator_resources: dict[str, float] = Field(default_factory=dict)
