@@ -137,3 +137,16 @@ def test_rebalance_with_killed_actors_loses_no_request(ray_local, skewed_mixtral
         _assert_same_logits(llm, reference)
         for handle in llm._cluster.expert_actors:
             assert ray.get(handle.info.remote())["versions"] == [1]
+
+
+@pytest.mark.slow
+def test_rebalance_over_a_compiled_graph(ray_local, skewed_mixtral_dir, reference):
+    """The actors stage in their control group while the graph's loop holds its own thread; the graph runs on."""
+    options = dict(CLUSTER, transport="compiled_graph", redundant_experts=2)
+    with LLM(skewed_mixtral_dir, expert_actors=2, cluster=options) as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS, SHORT)] == reference["short"]
+        report = llm.rebalance()
+        assert report.switched and report.failed_actors == []
+        assert max(report.imbalance_after) < max(report.imbalance_before)
+        assert [o.token_ids for o in llm.generate(PROMPTS, SHORT)] == reference["short"]  # short: idle graph actors poll
+        _assert_same_logits(llm, reference)
