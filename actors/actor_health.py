@@ -1,8 +1,9 @@
 """Which expert actors can take work now: each is up, or down and being restarted by Ray.
 
 The dispatch marks an actor down when a call to it fails or times out, and
-routes around it while live replicas of its experts exist. A probe (a call to
-``ready``, which Ray queues until the restarted actor has reloaded its experts)
+routes around it while live replicas of its experts exist. A probe (by default a call to
+``ready``, which Ray queues until the restarted actor has reloaded its experts; the dispatch's
+probe also brings the actor to the current placement)
 tells when it is back; ``refresh`` takes back recovered actors without blocking,
 ``wait_for`` blocks for one, bounded by a deadline.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
@@ -41,9 +43,14 @@ class HealthSnapshot:
     recovery_seconds: tuple[float, ...]  # each finished recovery, in order
 
 
+def _ready(actor: ActorRef):
+    return actor.handle.ready.remote()
+
+
 @dataclass
 class ActorHealth:
     actors: list[ActorRef]
+    probe: Callable[[ActorRef], object] = _ready  # an ObjectRef that resolves once the actor can take work again
     failures: list[int] = field(init=False)
     retries: int = 0
     recovery_seconds: list[float] = field(default_factory=list)
@@ -63,7 +70,7 @@ class ActorHealth:
         logger.warning("%s failed (%s); routing around it until Ray restarts it", self.actors[actor].description, one_line(cause))
         with self._lock:
             self.failures[actor] += 1
-            self._down[actor] = _Recovery(time.monotonic(), self.actors[actor].handle.ready.remote())
+            self._down[actor] = _Recovery(time.monotonic(), self.probe(self.actors[actor]))
 
     def refresh(self) -> None:
         """Take back every down actor whose probe has answered (never blocks)."""
@@ -90,7 +97,7 @@ class ActorHealth:
             ray.get(recovery.probe, timeout=0)
         except (RayActorError, GetTimeoutError) as exc:
             logger.debug("%s not back yet: %s", self.actors[actor].description, one_line(exc))
-            recovery.probe = self.actors[actor].handle.ready.remote()
+            recovery.probe = self.probe(self.actors[actor])
             return False
         took = time.monotonic() - recovery.since
         with self._lock:

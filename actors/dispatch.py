@@ -1,7 +1,8 @@
 """The coordinator's experts function: all-to-all dispatch of one MoE layer over the expert actors.
 
     1. route       (done by the model: weights, expert ids [T, K])
-    2. plan        expert ids -> destination actor per choice (replicas spread by token),
+    2. plan        expert ids -> destination actor per choice (a replicated expert's tokens split over
+                   its replicas by the placement's shares, in token order),
                    a token sent to an actor once even when several of its experts live there
     3. dispatch    permute rows by destination actor (the same kernel that groups by expert)
                    -> one message per actor with work: its rows, their local expert ids and weights
@@ -21,6 +22,11 @@ are not recomputed): on live replicas of its experts at once, or, where it
 was the only host, after Ray has restarted it (bounded by the recovery
 timeout; only then does the request fail, naming the actor and its experts).
 
+Rebalancing: the placement (and its tables) can be replaced by a new version between two steps
+(``switch``): never inside a step, so every layer of a forward pass, and every resend of a
+layer, uses one placement. Each message names its version; an actor that does not hold it (it
+restarted since) answers ``stale`` and is treated as down until its probe (``adopt``) loads it.
+
 Dimensions: T tokens, K chosen per token, E experts, A actors, R max replicas, N rows sent, D hidden.
 """
 
@@ -28,13 +34,16 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
 import torch
 
 from moeshard.actors.actor_health import ActorHealth
+from moeshard.actors.expert_pool import describe_actor
 from moeshard.actors.placement import ExpertPlacement
+from moeshard.actors.rebalance.meter import LoadMeter
 from moeshard.actors.transport import ActorCallTransport, ActorRef, CompiledGraphTransport, Transport, failure
 from moeshard.actors.wire import ExpertBatch, ExpertReply
 from moeshard.cluster.engine.config import EngineConfig
@@ -50,6 +59,7 @@ class LayerTable:
     replicas: torch.Tensor  # [E, R] int64 actor ids hosting each expert, padded with -1
     num_replicas: torch.Tensor  # [E] int64
     local_index: torch.Tensor  # [A, E] int64 position of expert e in actor a's stack, -1 if not hosted
+    cum_shares: torch.Tensor  # [E, R] float64 cumulative share of the tokens up to each replica, padded with inf
 
 
 @dataclass(frozen=True)
@@ -59,7 +69,8 @@ class DispatchPlan:
 
 
 class StaleReply(RuntimeError):
-    """A reply tagged for another dispatch (a late answer): never combined."""
+    """A reply tagged for another dispatch (a late answer), or from an actor without the dispatch's
+    placement version (restarted since): never combined."""
 
 
 @dataclass(frozen=True)
@@ -72,30 +83,52 @@ class LayerResult:
 def build_tables(placement: ExpertPlacement, down: frozenset[int] = frozenset()) -> list[LayerTable | None]:
     """Per-layer tables routing around the ``down`` actors wherever an expert has a live replica; None for a dense layer."""
     tables: list[LayerTable | None] = []
-    for experts in placement.hosts:
+    for layer, experts in enumerate(placement.hosts):
         if not experts:
             tables.append(None)
             continue
-        live = [tuple(a for a in actors if a not in down) or actors for actors in experts]  # [E] hosts to use
-        width = max(len(actors) for actors in live)
+        shares = placement.shares_of(layer)
+        live = [_live(actors, split, down) for actors, split in zip(experts, shares)]  # [E] (hosts, shares) to use
+        width = max(len(actors) for actors, _ in live)
         replicas = torch.full((len(experts), width), -1, dtype=torch.int64)
+        cum_shares = torch.full((len(experts), width), float("inf"), dtype=torch.float64)
         local_index = torch.full((placement.num_actors, len(experts)), -1, dtype=torch.int64)
-        for e, actors in enumerate(live):
+        for e, (actors, split) in enumerate(live):
             replicas[e, : len(actors)] = torch.tensor(actors)
+            cum_shares[e, : len(actors)] = torch.tensor(split, dtype=torch.float64).cumsum(0)
         for a in range(placement.num_actors):
             hosted = [e for e, actors in enumerate(experts) if a in actors]  # stack order: sorted expert ids
             local_index[a, hosted] = torch.arange(len(hosted))
-        num_replicas = torch.tensor([len(actors) for actors in live], dtype=torch.int64)
-        tables.append(LayerTable(replicas=replicas, num_replicas=num_replicas, local_index=local_index))
+        num_replicas = torch.tensor([len(actors) for actors, _ in live], dtype=torch.int64)
+        tables.append(LayerTable(replicas=replicas, num_replicas=num_replicas, local_index=local_index, cum_shares=cum_shares))
     return tables
 
 
+def _live(actors: tuple[int, ...], split: tuple[float, ...], down: frozenset[int]) -> tuple[tuple[int, ...], list[float]]:
+    """An expert's hosts that are up with their shares renormalised (equal if the live ones had none); all if none is up."""
+    keep = [(a, s) for a, s in zip(actors, split) if a not in down] or list(zip(actors, split))
+    total = sum(s for _, s in keep)
+    shares = [s / total for _, s in keep] if total > 0 else [1.0 / len(keep)] * len(keep)
+    return tuple(a for a, _ in keep), shares
+
+
 def plan_dispatch(table: LayerTable, expert_ids: torch.Tensor, pending: torch.Tensor | None = None) -> DispatchPlan:
-    """expert_ids [T, K] -> the actor serving each choice (-1 where not ``pending``); replicas round-robin by token."""
-    t = expert_ids.shape[0]
-    token = torch.arange(t, dtype=torch.int64)[:, None]  # [T, 1]
-    replica = token % table.num_replicas[expert_ids]  # [T, K]
-    actor_of = table.replicas[expert_ids, replica]  # [T, K]
+    """expert_ids [T, K] -> the actor serving each choice (-1 where not ``pending``).
+
+    The n choices of an expert, in token order, are cut into runs, one per replica, of lengths in proportion
+    to the replicas' shares: choice j goes to the replica whose cumulative share first exceeds (j + 0.5) / n.
+    Deterministic, and no more than one choice off each share."""
+    t, k = expert_ids.shape
+    flat = expert_ids.reshape(-1)  # [T*K] token-major
+    order = torch.sort(flat, stable=True).indices  # [T*K] grouped by expert, token order within
+    counts = torch.bincount(flat, minlength=table.replicas.shape[0])  # [E]
+    starts = torch.cumsum(counts, 0) - counts  # [E]
+    rank = torch.empty_like(flat)
+    rank[order] = torch.arange(flat.numel(), dtype=torch.int64) - starts[flat[order]]  # [T*K] j among its expert's choices
+    position = (rank.double() + 0.5) / counts[flat].double()  # [T*K] in (0, 1)
+    replica = (table.cum_shares[flat] <= position[:, None]).sum(dim=1)  # [T*K] first replica whose cumulative share > position
+    replica = torch.minimum(replica, table.num_replicas[flat] - 1)  # float rounding at the last share
+    actor_of = table.replicas[flat, replica].reshape(t, k)  # [T, K]
     if pending is not None:
         actor_of = torch.where(pending, actor_of, -1)
     return DispatchPlan(actor_of=actor_of, send_to=dedupe_destinations(actor_of))
@@ -108,15 +141,56 @@ class RemoteExperts:
         self.placement = placement
         self.transport = transport
         self.actors = actors
-        self.health = ActorHealth(actors)
+        self.health = ActorHealth(actors, probe=self._probe)
         self.recovery_timeout_s = recovery_timeout_s
+        self.meter = LoadMeter(placement.num_layers, placement.num_experts, placement.num_actors, time.monotonic)
+        moe_layers = [layer for layer, experts in enumerate(placement.hosts) if experts]
+        self._first_layer, self._last_layer = min(moe_layers, default=0), max(moe_layers, default=0)
         self._tables: dict[frozenset[int], list[LayerTable | None]] = {}
         self._tags = itertools.count()
+        self._switch = threading.Condition()  # guards placement, _next and _between_steps
+        self._next: ExpertPlacement | None = None
+        self._between_steps = True
 
     def tables(self, down: frozenset[int] = frozenset()) -> list[LayerTable | None]:
-        if down not in self._tables:
-            self._tables[down] = build_tables(self.placement, down)
-        return self._tables[down]
+        tables = self._tables
+        if down not in tables:
+            tables[down] = build_tables(self.placement, down)
+        return tables[down]
+
+    def _probe(self, actor: ActorRef):
+        """Answers once ``actor`` is up and holds the current placement (a restarted actor loads it first)."""
+        placement = self.placement
+        return actor.handle.adopt.remote(placement.version, placement.hosted_by(actor.index))
+
+    # -- switching placements between steps --------------------------------------------
+    def switch(self, placement: ExpertPlacement, timeout_s: float) -> bool:
+        """Dispatch with ``placement`` from the next step on (at once if no step is running); True once it is in use."""
+        with self._switch:
+            self._next = placement
+            if self._between_steps:
+                self._use_next()
+            return self._switch.wait_for(lambda: self.placement.version >= placement.version, timeout=timeout_s)
+
+    def _use_next(self) -> None:
+        """Under the lock, between two steps: the new placement, its tables and the actors' descriptions at once."""
+        placement, self._next = self._next, None
+        self.placement, self._tables = placement, {}
+        for i, actor in enumerate(self.actors):  # the list the transport and health share
+            self.actors[i] = ActorRef(actor.index, actor.handle, describe_actor(placement, actor.index))
+        logger.info("dispatching with placement version %d", placement.version)
+        self._switch.notify_all()
+
+    def _layer_started(self, layer: int) -> None:
+        with self._switch:
+            if layer == self._first_layer and self._next is not None:
+                self._use_next()
+            self._between_steps = False
+
+    def _layer_finished(self, layer: int, failed: bool) -> None:
+        if layer == self._last_layer or failed:  # a failed layer ends its step
+            with self._switch:
+                self._between_steps = True
 
     def __call__(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         return self.submit(layer, hidden, routing).wait()
@@ -124,7 +198,14 @@ class RemoteExperts:
     def submit(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> "PendingDispatch":
         """Steps 2-3 and the start of 4 for every choice: the actors work while the caller does something else."""
         pending = torch.ones_like(routing.expert_ids, dtype=torch.bool)  # [T, K] choices not yet computed
-        return self._send(LayerWork(layer, hidden, routing, pending), deadline=None)
+        self._layer_started(layer)
+        try:
+            dispatch = self._send(LayerWork(layer, hidden, routing, pending), deadline=None)
+        except BaseException:
+            self._layer_finished(layer, failed=True)
+            raise
+        self.meter.record(layer, routing.expert_ids.long(), dispatch.plan.send_to, layer == self._first_layer)
+        return dispatch
 
     def _send(self, work: "LayerWork", deadline: float | None) -> "PendingDispatch":
         """Plan the pending choices over the live actors (waiting, up to ``deadline``, for a sole host) and send."""
@@ -158,7 +239,8 @@ class RemoteExperts:
             mine = plan.actor_of[tokens] == actor  # [n, K] choices this actor serves
             local_ids = torch.where(mine, table.local_index[actor][expert_ids[tokens]], -1)  # [n, K]
             weights = torch.where(mine, work.routing.weights[tokens], 0.0)  # [n, K]
-            messages.append(ExpertBatch(work.layer, tag, perm.rows[start:end], local_ids.int(), weights.float()).encode())
+            batch = ExpertBatch(work.layer, tag, perm.rows[start:end], local_ids.int(), weights.float(), self.placement.version)
+            messages.append(batch.encode())
         return messages
 
     def _wait_for(self, actors: set[int], deadline: float) -> None:
@@ -190,6 +272,15 @@ class PendingDispatch:
     deadline: float | None  # recovery deadline, once a layer has had to wait for a restart
 
     def wait(self) -> torch.Tensor:
+        failed = True
+        try:
+            output = self._wait()
+            failed = False
+            return output
+        finally:
+            self.experts._layer_finished(self.work.layer, failed)
+
+    def _wait(self) -> torch.Tensor:
         dispatch, output = self, None
         while True:
             result = dispatch._collect()
@@ -216,6 +307,8 @@ class PendingDispatch:
             reply = ExpertReply.decode(exchange.replies[actor]) if exchange.replies[actor] is not None else None
             if reply is not None and reply.tag != self.tag:
                 failed[actor] = StaleReply(f"reply tagged {reply.tag} for dispatch {self.tag}")
+            elif reply is not None and reply.stale:
+                failed[actor] = StaleReply(f"the actor holds no experts of placement version {self.experts.placement.version}")
             elif reply is not None:
                 rows.append(reply.rows)
                 continue

@@ -1,7 +1,15 @@
 """The expert actor: hosts some experts of every MoE layer and runs them on the rows it is sent.
 
 It reads only its own experts from the checkpoint (by key, on its own node).
-Ray restarts it after a crash; ``__init__`` then reloads the same experts.
+Ray restarts it after a crash; ``__init__`` then reloads the experts it started
+with, and the coordinator's probe (``adopt``) brings it to the current placement.
+
+Stacks are kept per placement version, and every batch names its version, so a
+rebalance loads the next version's experts beside the current ones (``stage``,
+on its own thread: ``run_experts`` keeps serving), the coordinator switches its
+tables between two steps, and ``retire`` drops what no version in use needs.
+A batch for a version this actor does not hold (it restarted since) is answered
+``stale``, never computed with the wrong stacks.
 
 Dimensions: n rows sent here, D hidden, K chosen per token.
 """
@@ -10,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -18,23 +28,104 @@ from moeshard.actors.wire import NO_WORK, ExpertBatch, ExpertReply
 from moeshard.cluster.model.checkpoint import CheckpointReader, ExpertKey, expert_weight_shapes
 from moeshard.cluster.model.config import ModelConfig
 from moeshard.cluster.model.device import resolve_device, resolve_dtype
-from moeshard.cluster.model.moe import load_expert_stacks
+from moeshard.cluster.model.moe import ExpertStack, load_expert_stacks
 
 logger = logging.getLogger(__name__)
 
+CONTROL_GROUP = "control"  # the concurrency group of stage/retire: one thread beside the one that runs experts
+
+
+@dataclass(frozen=True)
+class StageReport:
+    actor: int
+    version: int
+    bytes_loaded: int  # expert weights read from the checkpoint for this version
+    weight_bytes: int  # every expert weight held once the version is staged (all versions)
+    seconds: float
+
 
 class ExpertActor:
-    def __init__(self, actor_index: int, model_dir: str, dtype: str, hosted: dict[int, list[int]]):
+    def __init__(self, actor_index: int, model_dir: str, dtype: str, hosted: dict[int, list[int]], version: int = 0):
         self.actor_index = actor_index
         self.model_config = ModelConfig.from_model_dir(model_dir)
-        reader = CheckpointReader(model_dir, self.model_config)
+        self.reader = CheckpointReader(model_dir, self.model_config)
         self.device = resolve_device("auto")  # the GPU Ray gave this actor, if any
         self.dtype = resolve_dtype(dtype, self.device)
-        self.stacks = load_expert_stacks(reader, hosted, self.dtype, self.device)
+        self.versions: dict[int, dict[int, ExpertStack]] = {version: self._to_device(load_expert_stacks(self.reader, hosted, self.dtype))}
         self._delays: list[float] = []
+        self._stage_lock = threading.Lock()
         logger.info("expert actor %d hosts %d experts on %s", actor_index, sum(len(s.expert_ids) for s in self.stacks.values()), self.device)
 
+    @property
+    def stacks(self) -> dict[int, ExpertStack]:
+        """The newest version's stacks."""
+        versions = self.versions
+        return versions[max(versions)]
+
+    def _to_device(self, stacks: dict[int, ExpertStack]) -> dict[int, ExpertStack]:
+        if self.device.type != "cpu":
+            for stack in stacks.values():
+                stack.w1, stack.w3, stack.w2 = (w.to(self.device) for w in (stack.w1, stack.w3, stack.w2))
+        return stacks
+
     def ready(self) -> bool:
+        return True
+
+    # -- placement versions ---------------------------------------------------------
+    def stage(self, version: int, hosted: dict[int, list[int]]) -> dict:
+        """Hold ``version``'s experts ({layer: expert ids}) beside the ones in use; a ``StageReport`` as a dict.
+
+        Layers whose experts do not change share the current stack; experts held already are copied from
+        it; only the others are read from the checkpoint. Called in the control group: it runs on its own
+        thread while ``run_experts`` keeps serving the current version."""
+        started = time.monotonic()
+        with self._stage_lock:
+            loaded = 0
+            if version not in self.versions:
+                stacks, loaded = self._build(hosted)
+                self.versions = {**self.versions, version: stacks}  # one reference swap: readers see old or new
+        held = {id(s): s.nbytes() for stacks in self.versions.values() for s in stacks.values()}
+        report = StageReport(self.actor_index, version, loaded, sum(held.values()), time.monotonic() - started)
+        logger.info("expert actor %d staged version %d: %d bytes read in %.2fs", self.actor_index, version, loaded, report.seconds)
+        return asdict(report)
+
+    def _build(self, hosted: dict[int, list[int]]) -> tuple[dict[int, ExpertStack], int]:
+        current = self.stacks
+        have = {(layer, e): (stack, i) for layer, stack in current.items() for i, e in enumerate(stack.expert_ids)}
+        stacks, missing = {}, {}
+        for layer, experts in hosted.items():
+            ids = tuple(sorted(set(experts)))
+            if layer in current and current[layer].expert_ids == ids:
+                stacks[layer] = current[layer]  # unchanged: shared, no copy
+            elif ids:
+                missing[layer] = [e for e in ids if (layer, e) not in have]
+        read = self._to_device(load_expert_stacks(self.reader, {layer: es for layer, es in missing.items() if es}, self.dtype))
+        loaded = sum(stack.nbytes() for stack in read.values())
+        for layer, es in missing.items():
+            for i, e in enumerate(read[layer].expert_ids if layer in read else ()):
+                have[(layer, e)] = (read[layer], i)
+            ids = tuple(sorted(set(hosted[layer])))
+            parts = [have[(layer, e)] for e in ids]
+            stacks[layer] = ExpertStack(
+                expert_ids=ids,
+                w1=torch.stack([s.w1[i] for s, i in parts]),  # [El, I, D]
+                w3=torch.stack([s.w3[i] for s, i in parts]),  # [El, I, D]
+                w2=torch.stack([s.w2[i] for s, i in parts]),  # [El, D, I]
+            )
+        return stacks, loaded
+
+    def retire(self, keep: int) -> int:
+        """Drop every version but ``keep`` (the coordinator has switched to it); the weight bytes still held."""
+        with self._stage_lock:
+            if keep in self.versions:
+                self.versions = {keep: self.versions[keep]}
+        return sum(s.nbytes() for s in self.stacks.values())
+
+    def adopt(self, version: int, hosted: dict[int, list[int]]) -> bool:
+        """The coordinator's probe: hold ``version`` (loading it now if this actor restarted since) and only it."""
+        if version not in self.versions:
+            self.stage(version, hosted)
+            self.retire(version)
         return True
 
     def delay_next_calls(self, seconds: float, count: int = 1) -> None:
@@ -49,7 +140,10 @@ class ExpertActor:
         if message == NO_WORK:
             return NO_WORK  # no rows for this actor in this layer (compiled graphs call every actor)
         batch = ExpertBatch.decode(message)
-        stack = self.stacks[batch.layer]
+        stacks = self.versions.get(batch.version)
+        if stacks is None:
+            return ExpertReply(batch.tag, batch.rows[:0], stale=True).encode()
+        stack = stacks[batch.layer]
         rows = batch.rows.to(self.device, self.dtype)  # the coordinator's precision may differ from this actor's
         out = stack.run(rows, batch.local_ids.to(self.device).long(), batch.weights.to(self.device))
         return ExpertReply(batch.tag, out.to("cpu", batch.rows.dtype)).encode()
@@ -65,7 +159,8 @@ class ExpertActor:
             "pid": os.getpid(),
             "device": str(self.device),
             "hosted": {layer: list(stack.expert_ids) for layer, stack in self.stacks.items()},
-            "weight_bytes": sum(stack.nbytes() for stack in self.stacks.values()),
+            "versions": sorted(self.versions),
+            "weight_bytes": sum({id(s): s.nbytes() for v in self.versions.values() for s in v.values()}.values()),
         }
 
     def hosted_keys(self) -> list[str]:

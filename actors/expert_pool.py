@@ -18,8 +18,9 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from moeshard.actors.actor_health import HealthSnapshot
-from moeshard.actors.expert_actor import ExpertActor
+from moeshard.actors.expert_actor import CONTROL_GROUP, ExpertActor
 from moeshard.actors.placement import ExpertPlacement
+from moeshard.actors.rebalance.plan import initial_placement
 from moeshard.actors.transport import ActorRef
 from moeshard.cluster.engine.config import EngineConfig
 from moeshard.cluster.errors import one_line
@@ -34,6 +35,14 @@ class ClusterStartError(RuntimeError):
 
 def make_placement(config: EngineConfig, model_config: ModelConfig) -> ExpertPlacement:
     cluster = config.cluster
+    if cluster.redundant_experts:
+        return initial_placement(
+            model_config.num_layers,
+            model_config.num_experts,
+            cluster.expert_actors,
+            cluster.redundant_experts,
+            model_config.dense_layers,
+        )
     if cluster.expert_map is not None:
         return ExpertPlacement.from_expert_map(
             model_config.num_layers,
@@ -114,7 +123,13 @@ class ExpertPool:
     def placement_report(self) -> list[dict]:
         infos = ray.get([a.handle.info.remote() for a in self.actors], timeout=self.config.cluster.dispatch_timeout_s)
         return [
-            {"layer": layer, "expert": expert, "actors": list(actors), "nodes": [infos[a]["node_id"] for a in actors]}
+            {
+                "layer": layer,
+                "expert": expert,
+                "actors": list(actors),
+                "nodes": [infos[a]["node_id"] for a in actors],
+                "shares": list(self.placement.shares_of(layer)[expert]),
+            }
             for layer, experts in enumerate(self.placement.hosts)
             for expert, actors in enumerate(experts)
         ]
@@ -156,7 +171,7 @@ def start_expert_pool(config: EngineConfig, model_config: ModelConfig, with_coor
             f"bundles {bundles} do not fit the cluster's resources {ray.cluster_resources()}"
         ) from None
 
-    expert_cls = ray.remote(ExpertActor)
+    expert_cls = ray.remote(concurrency_groups={CONTROL_GROUP: 1})(ExpertActor)  # stage/retire beside run_experts
     actors = []
     for index in range(cluster.expert_actors):
         handle = expert_cls.options(

@@ -51,6 +51,14 @@ class ExpertCluster:
     def placement_report(self) -> list[dict]:
         return self.pool.placement_report()
 
+    def rebalance(self):
+        report = ray.get(self.coordinator.rebalance.remote())
+        self.pool.placement = report.placement  # what placement_report shows
+        return report
+
+    def expert_balance(self) -> dict:
+        return ray.get(self.coordinator.expert_balance.remote())
+
     def shutdown(self) -> None:
         try:
             ray.get(self.coordinator.close.remote(), timeout=30)
@@ -75,8 +83,8 @@ def launch_cluster(config: EngineConfig, model_config: ModelConfig) -> ExpertClu
     strategy = "DEFAULT" if shared else pool.coordinator_strategy()
     coordinator = (
         ray.remote(OfflineCoordinator)
-        # Two threads: expert_health answers while a generate runs.
-        .options(num_cpus=1, max_restarts=0, max_concurrency=2, scheduling_strategy=strategy)
+        # Three threads: expert_health and a rebalance answer while a generate runs.
+        .options(num_cpus=1, max_restarts=0, max_concurrency=3, scheduling_strategy=strategy)
         .remote(config, pool.placement, pool.actors)
     )
     cluster = ExpertCluster(pool, coordinator, connected)

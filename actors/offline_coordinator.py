@@ -15,6 +15,8 @@ import torch
 from moeshard.actors.actor_health import HealthSnapshot
 from moeshard.actors.dispatch import remote_experts
 from moeshard.actors.placement import ExpertPlacement
+from moeshard.actors.rebalance.auto import start_auto_rebalance
+from moeshard.actors.rebalance.live import Rebalancer, RebalanceReport
 from moeshard.actors.transport import ActorRef
 from moeshard.cluster.analysis.capture import RoutedTokens, route_tokens
 from moeshard.cluster.engine.assembly import build_engine, read_model_files
@@ -31,7 +33,10 @@ class OfflineCoordinator:
         files = read_model_files(config.model_dir)
         self.tokenizer = files.tokenizer
         self.experts = remote_experts(config, placement, actors)
+        self.rebalancer = Rebalancer(self.experts, config.cluster.recovery_timeout_s + config.cluster.dispatch_timeout_s)
         self.engine = build_engine(config, files, self.experts)
+        # None unless cluster.auto_rebalance_s; never for a shared pool (other coordinators use it too).
+        self.auto = start_auto_rebalance(config.cluster, self.rebalancer) if config.cluster.pool_name is None else None
 
     def ready(self) -> bool:
         return True
@@ -41,6 +46,13 @@ class OfflineCoordinator:
 
     def expert_health(self) -> HealthSnapshot:
         return self.experts.health.snapshot()
+
+    def rebalance(self) -> RebalanceReport:
+        """A new placement from the load since the last one, switched in between two steps of any generation."""
+        return self.rebalancer.rebalance()
+
+    def expert_balance(self) -> dict:
+        return self.rebalancer.status()
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         return self.engine.prompt_logits(token_ids)
@@ -57,4 +69,6 @@ class OfflineCoordinator:
         return names
 
     def close(self) -> None:
+        if self.auto is not None:
+            self.auto.close()
         self.experts.transport.close()

@@ -3,8 +3,10 @@
 Plain data, no Ray: the launcher reads it to start actors, each actor reads its
 own share of the checkpoint, and the coordinator builds its dispatch tables
 from it. An expert may live on several actors (replicas); its tokens are then
-spread over them. A dense layer (no experts: Qwen's ``mlp_only_layers``) has
-an empty entry.
+spread over them in proportion to ``shares`` (equal when unset). A dense layer
+(no experts: Qwen's ``mlp_only_layers``) has an empty entry. ``version`` numbers
+the placements of one pool: a rebalance makes the next one, and every dispatch
+names the version whose stacks it addresses.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ class ExpertPlacement(BaseModel):
 
     num_actors: int
     hosts: tuple[tuple[tuple[int, ...], ...], ...]  # [layer][expert] -> ids of the actors hosting it; () in a dense layer
+    # [layer][expert][i] -> fraction of the expert's tokens sent to hosts[layer][expert][i]; None: equal split
+    shares: tuple[tuple[tuple[float, ...], ...], ...] | None = None
+    version: int = 0
 
     @model_validator(mode="after")
     def _check(self) -> "ExpertPlacement":
@@ -37,7 +42,27 @@ class ExpertPlacement(BaseModel):
                     )
                 if len(set(actors)) != len(actors):
                     raise PlacementError(f"layer {layer} expert {expert} lists an actor twice: {list(actors)}")
+        if self.shares is not None:
+            self._check_shares()
         return self
+
+    def _check_shares(self) -> None:
+        if [len(e) for e in self.shares] != [len(e) for e in self.hosts]:
+            raise PlacementError("shares must have one entry per (layer, expert) of hosts")
+        for layer, (experts, shares) in enumerate(zip(self.hosts, self.shares)):
+            for expert, (actors, split) in enumerate(zip(experts, shares)):
+                if len(split) != len(actors) or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
+                    raise PlacementError(f"layer {layer} expert {expert}: shares {list(split)} do not split it over {list(actors)}")
+
+    def shares_of(self, layer: int) -> tuple[tuple[float, ...], ...]:
+        """[expert][i] -> fraction of the expert's tokens for its i-th host (equal when no shares are set)."""
+        if self.shares is not None:
+            return self.shares[layer]
+        return tuple(tuple(1.0 / len(actors) for _ in actors) for actors in self.hosts[layer])
+
+    def slots_of(self, actor: int) -> int:
+        """The most experts ``actor`` hosts in any one layer."""
+        return max((len(es) for es in self.hosted_by(actor).values()), default=0)
 
     @property
     def num_layers(self) -> int:

@@ -65,15 +65,19 @@ class ExpertBatch:
     rows: torch.Tensor  # [n, D] hidden states of the tokens routed here (each token once)
     local_ids: torch.Tensor  # [n, K] int32 index into the actor's stack of this layer, -1 = expert not here
     weights: torch.Tensor  # [n, K] float32 routing weights (0 where local_ids is -1)
+    version: int = 0  # the placement whose stacks local_ids index
 
     def encode(self) -> bytes:
-        meta = {"layer": self.layer, "tag": self.tag}
+        meta = {"layer": self.layer, "tag": self.tag, "version": self.version}
         return pack_tensors(meta, {"rows": self.rows, "local_ids": self.local_ids, "weights": self.weights})
 
     @classmethod
     def decode(cls, message: bytes) -> "ExpertBatch":
         meta, t = unpack_tensors(message)
-        return cls(layer=meta["layer"], tag=meta["tag"], rows=t["rows"], local_ids=t["local_ids"], weights=t["weights"])
+        return cls(
+            layer=meta["layer"], tag=meta["tag"], rows=t["rows"], local_ids=t["local_ids"], weights=t["weights"],
+            version=meta.get("version", 0),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -81,12 +85,13 @@ class ExpertReply:
     """An actor's answer to one ``ExpertBatch``."""
 
     tag: int  # the batch's tag
-    rows: torch.Tensor  # [n, D] weighted expert outputs
+    rows: torch.Tensor  # [n, D] weighted expert outputs ([0, D] when ``stale``)
+    stale: bool = False  # the actor holds no stacks of the batch's placement version (restarted since): not computed
 
     def encode(self) -> bytes:
-        return pack_tensors({"tag": self.tag}, {"rows": self.rows})
+        return pack_tensors({"tag": self.tag, "stale": self.stale}, {"rows": self.rows})
 
     @classmethod
     def decode(cls, message: bytes) -> "ExpertReply":
         meta, t = unpack_tensors(message)
-        return cls(tag=meta["tag"], rows=t["rows"])
+        return cls(tag=meta["tag"], rows=t["rows"], stale=meta.get("stale", False))

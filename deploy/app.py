@@ -98,12 +98,20 @@ class ServingCoordinator:
         self.defaults = read_generation_defaults(config.model_dir)  # for the fields a request omits
         self.pool = None
         self.experts = None  # None: the experts run in this process
+        self.rebalancer = self.auto_rebalance = None
         if config.cluster.expert_actors > 0:
             from moeshard.actors.dispatch import remote_experts
             from moeshard.actors.pool_service import attach_expert_pool
+            from moeshard.actors.rebalance.auto import start_auto_rebalance
+            from moeshard.actors.rebalance.live import Rebalancer
 
             self.pool = attach_expert_pool(config, files.model_config)  # the shared pool: started by the first replica
             self.experts = remote_experts(config, self.pool.placement, self.pool.actors)
+            self.rebalancer = Rebalancer(self.experts, config.cluster.recovery_timeout_s + config.cluster.dispatch_timeout_s)
+            if self.args.coordinators == 1:  # a pool shared by several coordinators is not rebalanced (yet)
+                self.auto_rebalance = start_auto_rebalance(config.cluster, self.rebalancer)  # None unless configured
+            elif config.cluster.auto_rebalance_s is not None:
+                logger.warning("auto_rebalance_s is ignored: the expert pool is shared by %d coordinators", self.args.coordinators)
         engine = build_engine(config, files, self.experts)
         self.routing = attach_live_window(engine, self.args.routing_window)  # /v1/experts' routing
         self.engine = AsyncEngine(engine, self.tokenizer, self.args.max_waiting, self.args.request_timeout_s)
@@ -116,6 +124,8 @@ class ServingCoordinator:
 
     def __del__(self):
         engine = getattr(self, "engine", None)
+        if getattr(self, "auto_rebalance", None) is not None:
+            self.auto_rebalance.close()
         if engine is not None:
             engine.shutdown()
         if getattr(self, "pool", None) is not None:
@@ -393,17 +403,41 @@ class ServingCoordinator:
     @api.get("/metrics")
     async def metrics(self) -> Response:
         dispatch = self.experts.health.snapshot() if self.experts is not None else None
-        text = self.metrics.render(self.engine.stats(), self.engine.engine.model.expert_load, dispatch)
+        balance = self.rebalancer.status() if self.rebalancer is not None else None
+        text = self.metrics.render(self.engine.stats(), self.engine.engine.model.expert_load, dispatch, balance)
         return Response(content=text, media_type="text/plain; version=0.0.4")
 
     @api.get("/v1/experts")
     async def experts(self) -> dict:
-        """Expert placement (which actor and node hosts each expert), tokens routed to each so far, and the
+        """Expert placement (which actor and node hosts each expert), tokens routed to each so far, the balance
+        (rows per actor per step and imbalance per layer since the last rebalance, and that rebalance), and the
         repetition rates of consecutive tokens' routing over the last ``routing_window`` token pairs."""
         placement = await asyncio.to_thread(self.pool.placement_report) if self.pool is not None else []
         load = self.engine.engine.model.expert_load.tolist()
+        balance = self.rebalancer.status() if self.rebalancer is not None else None
         routing = self.routing.snapshot().model_dump()
-        return {"expert_actors": self.args.expert_actors, "placement": placement, "load": load, "routing": routing}
+        return {
+            "expert_actors": self.args.expert_actors, "placement": placement, "load": load, "balance": balance,
+            "routing": routing,
+        }  # fmt: skip
+
+    @api.post("/v1/experts/rebalance")
+    async def rebalance(self) -> dict:
+        """Rebalance the experts from the load measured since the last rebalance, while serving (docs/cluster.md)."""
+        if self.rebalancer is None:
+            raise APIError(400, "this server runs its experts in one process: there is nothing to rebalance")
+        from moeshard.actors.rebalance.live import RebalanceBusy
+
+        if isinstance(self.pool, SharedExpertPool):
+            attached = await asyncio.to_thread(self.pool.coordinators)
+            if len(attached) > 1:
+                raise APIError(409, f"the expert pool is shared by {len(attached)} coordinators: rebalancing it is not supported yet")
+        try:
+            report = await asyncio.to_thread(self.rebalancer.rebalance)
+        except RebalanceBusy as exc:
+            raise APIError(409, str(exc)) from None
+        self.pool.placement = report.placement  # what GET /v1/experts reports
+        return report.to_dict()
 
     def _pool_info(self) -> dict | None:
         """The expert pool's name and the coordinators attached to it (this one alone for a pool of its own)."""

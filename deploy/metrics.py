@@ -2,7 +2,9 @@
 
 Label cardinality is bounded: requests by final status, and expert load by
 (layer, expert) only while layers x experts stays under ``MAX_EXPERT_SERIES``;
-beyond it, load is reported per layer as the max/mean ratio.
+beyond it, load is reported per layer as the max/mean ratio. The expert actors'
+balance (rows per actor per step, imbalance per layer, the last rebalance) is
+labelled by actor and by layer.
 """
 
 from __future__ import annotations
@@ -58,7 +60,38 @@ class ServerMetrics:
         self.recovery_seconds = Histogram(
             "moeshard_expert_recovery_seconds", "From an expert actor's failure to its return", buckets=RECOVERY_BUCKETS, registry=r
         )
+        self.actor_rows = Gauge(
+            "moeshard_expert_actor_rows_per_step", "Rows sent to each expert actor per step, since the last rebalance", ["actor"], registry=r
+        )
+        self.actor_imbalance = Gauge(
+            "moeshard_expert_actor_imbalance", "Per-layer max/mean of rows per expert actor, since the last rebalance", ["layer"], registry=r
+        )
+        self.rebalance_imbalance = Gauge(
+            "moeshard_rebalance_imbalance",
+            "Per-layer max/mean of expected rows per expert actor under the last rebalance's load, before and after it",
+            ["layer", "when"],
+            registry=r,
+        )
+        self.rebalances = Gauge("moeshard_rebalances", "Rebalances since start", registry=r)
+        self.rebalance_seconds = Gauge("moeshard_rebalance_seconds", "Duration of the last rebalance", registry=r)
+        self.rebalance_bytes = Gauge("moeshard_rebalance_bytes_loaded", "Expert bytes the last rebalance loaded", registry=r)
         self._seen = HealthSnapshot(down_since={}, failures=(), retries=0, recovery_seconds=())
+
+    def _record_balance(self, balance: dict) -> None:
+        """The rebalancer's status (``Rebalancer.status``): the current window and the last rebalance."""
+        window = balance["window"]
+        for actor, rows in enumerate(window["rows_per_step"]):
+            self.actor_rows.labels(str(actor)).set(rows)
+        for layer, ratio in enumerate(window["imbalance"]):
+            self.actor_imbalance.labels(str(layer)).set(ratio)
+        self.rebalances.set(balance["rebalances"])
+        last = balance["last_rebalance"]
+        if last is not None:
+            for when in ("before", "after"):
+                for layer, ratio in enumerate(last[f"imbalance_{when}"]):
+                    self.rebalance_imbalance.labels(str(layer), when).set(ratio)
+            self.rebalance_seconds.set(last["seconds"])
+            self.rebalance_bytes.set(last["bytes_loaded"])
 
     def _record_dispatch(self, dispatch: HealthSnapshot) -> None:
         """Bring the failure counters and the recovery histogram up to the dispatch's running totals."""
@@ -77,10 +110,15 @@ class ServerMetrics:
         self.prefix_hit_rate.set(hits / queries if queries else 0.0)
         self._prefix_seen = (queries, hits)
 
-    def render(self, stats, expert_load: torch.Tensor, dispatch: HealthSnapshot | None = None) -> bytes:
-        """Refresh the engine gauges from ``stats``, the [L, E] load and the dispatch's health, then render the text format."""
+    def render(
+        self, stats, expert_load: torch.Tensor, dispatch: HealthSnapshot | None = None, balance: dict | None = None
+    ) -> bytes:
+        """Refresh the engine gauges from ``stats``, the [L, E] load, the dispatch's health and the expert actors'
+        balance, then render the text format."""
         if dispatch is not None:
             self._record_dispatch(dispatch)
+        if balance is not None:
+            self._record_balance(balance)
         self.queue_depth.set(stats.waiting)
         self.running.set(stats.running)
         self.kv_cache_usage.set(stats.kv_used_blocks / max(stats.kv_total_blocks, 1))

@@ -96,6 +96,42 @@ def write_tiny_mixtral(out_dir: Path, seed: int = 0, with_tokenizer: bool = Fals
     return out_dir
 
 
+def skew_router(model, hot: dict[int, float], offset: float = 1.0) -> None:
+    """Send most tokens to the ``hot`` experts in every layer: every embedding gets ``offset`` in hidden dimension 0,
+    and each hot expert's router row weight ``hot[e]`` on it (the residual stream keeps the offset's sign)."""
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = offset
+        for layer in model.model.layers:
+            for expert, weight in hot.items():
+                layer.mlp.gate.weight[expert, 0] = weight
+
+
+def write_skewed_mixtral(out_dir: Path, with_tokenizer: bool = False) -> Path:
+    """The tiny Mixtral with a skewed router: experts 5 and 6 take most choices (the spare slots start with 0-3)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    params = dict(TINY_BASE, vocab_size=32000) if with_tokenizer else TINY_BASE
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(**params)).eval()
+    _randomise(model)
+    skew_router(model, {5: 3.0, 6: 1.5})
+    model.save_pretrained(out_dir)
+    if with_tokenizer:
+        shutil.copy(mistral_tokenizer_path(), out_dir / "tokenizer.model")
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def skewed_mixtral_dir(tmp_path_factory) -> Path:
+    return write_skewed_mixtral(tmp_path_factory.mktemp("skewed_mixtral"))
+
+
+@pytest.fixture(scope="session")
+def skewed_chat_mixtral_dir(tmp_path_factory) -> Path:
+    """The skewed tiny Mixtral with Mixtral's tokenizer, for the server."""
+    return write_skewed_mixtral(tmp_path_factory.mktemp("skewed_chat_mixtral"), with_tokenizer=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_mixtral_dir(tmp_path_factory) -> Path:
     """The default tiny checkpoint: 8 experts, top-2, GQA 2."""

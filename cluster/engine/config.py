@@ -21,6 +21,12 @@ class ClusterConfig(BaseModel):
     ray_address: str | None = None
     # expert -> actor ids, the same in every layer; None spreads experts evenly. Several actors = replicas.
     expert_map: dict[int, list[int]] | None = None
+    # Extra expert slots per MoE layer, spread over the actors: replicas of the hottest experts after a rebalance.
+    redundant_experts: int = Field(default=0, ge=0)
+    # Rebalance on its own every this many seconds when the load window is due (see actors/rebalance/auto.py); None: never.
+    auto_rebalance_s: float | None = Field(default=None, gt=0)
+    auto_rebalance_threshold: float = Field(default=1.25, ge=1.0)  # worst layer's max/mean actor load that triggers it
+    auto_rebalance_min_steps: int = Field(default=50, ge=1)  # steps a window must have seen
     # Extra Ray resources per expert actor (custom node resources or "node:<ip>") to pin actors to nodes.
     actor_resources: list[dict[str, float]] | None = None
     coordinator_resources: dict[str, float] = Field(default_factory=dict)
@@ -42,6 +48,10 @@ class ClusterConfig(BaseModel):
             raise ValueError(f"transport must be 'actor_calls' or 'compiled_graph', got {self.transport!r}")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError(f"placement_strategy must be a Ray placement group strategy, got {self.placement_strategy!r}")
+        if self.redundant_experts and self.expert_map is not None:
+            raise ValueError("redundant_experts and expert_map cannot both be set: the rebalance places the replicas")
+        if self.redundant_experts and self.expert_actors < 2:
+            raise ValueError(f"redundant_experts needs at least 2 expert actors, got {self.expert_actors}")
         if self.actor_resources is not None and len(self.actor_resources) != self.expert_actors:
             raise ValueError(
                 f"actor_resources has {len(self.actor_resources)} entries for {self.expert_actors} expert actors"

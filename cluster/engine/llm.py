@@ -105,6 +105,24 @@ class LLM:
         self._check_open()
         return self._cluster.expert_health() if self._cluster is not None else None
 
+    def rebalance(self):
+        """Rebalance the experts from the load measured since the last rebalance (a ``RebalanceReport``).
+
+        Replicas of the hottest experts fill the spare slots (``cluster={"redundant_experts": R}``) and each
+        actor's expected rows are evened out; the actors load their new experts in the background and the
+        dispatch switches between two steps, so a generation running meanwhile goes on, with the same outputs."""
+        self._check_open()
+        if self._cluster is None:
+            raise RuntimeError("rebalance needs expert actors (expert_actors > 0)")
+        if self.config.cluster.pool_name is not None:
+            raise RuntimeError("rebalancing a shared expert pool (cluster.pool_name) is not supported yet")
+        return self._cluster.rebalance()
+
+    def expert_balance(self) -> dict | None:
+        """Rows per actor per step and imbalance per layer since the last rebalance, and that rebalance; None in one process."""
+        self._check_open()
+        return self._cluster.expert_balance() if self._cluster is not None else None
+
     def encode(self, prompt: Prompt) -> list[int]:
         return encode_prompt(prompt, self.tokenizer)
 
