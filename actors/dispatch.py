@@ -197,6 +197,9 @@ class RemoteExperts:
 
     def submit(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> "PendingDispatch":
         """Steps 2-3 and the start of 4 for every choice: the actors work while the caller does something else."""
+        home = hidden.device
+        if home.type != "cpu":  # rows cross to the actors as host bytes: plan and pack them on the host (docs/gpu.md)
+            hidden, routing = hidden.cpu(), RouterOutput(routing.weights.cpu(), routing.expert_ids.cpu())
         pending = torch.ones_like(routing.expert_ids, dtype=torch.bool)  # [T, K] choices not yet computed
         self._layer_started(layer)
         try:
@@ -205,6 +208,7 @@ class RemoteExperts:
             self._layer_finished(layer, failed=True)
             raise
         self.meter.record(layer, routing.expert_ids.long(), dispatch.plan.send_to, layer == self._first_layer)
+        dispatch.home = home
         return dispatch
 
     def _send(self, work: "LayerWork", deadline: float | None) -> "PendingDispatch":
@@ -270,13 +274,14 @@ class PendingDispatch:
     has_rows: list[bool]  # [A] actors sent rows
     ticket: object
     deadline: float | None  # recovery deadline, once a layer has had to wait for a restart
+    home: torch.device = torch.device("cpu")  # where the caller's hidden states live; the output goes back there
 
     def wait(self) -> torch.Tensor:
         failed = True
         try:
             output = self._wait()
             failed = False
-            return output
+            return output.to(self.home)
         finally:
             self.experts._layer_finished(self.work.layer, failed)
 
