@@ -13,13 +13,17 @@ import argparse
 import asyncio
 import logging
 import sys
-import tempfile
-from pathlib import Path
 
 from moeshard.cluster.client.async_client import AsyncClient
 from moeshard.cluster.loadtest.loadgen import LoadReport, LoadSpec, run_load
 from moeshard.cluster.loadtest.progress import Progress
-from moeshard.cluster.loadtest.serving_bench import MODEL_NAME, served_model, write_synthetic_mixtral
+from moeshard.cluster.loadtest.serving_bench import (
+    MODEL_NAME,
+    add_model_arguments,
+    benchmark_model,
+    check_model_dir,
+    served_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m moeshard.cluster.loadtest.coordinator_bench",
         description="Throughput with several coordinator counts over one shared pool of expert actors.",
     )
-    parser.add_argument("--model-dir", default=None, help="a Mixtral checkpoint with a tokenizer (default: a small synthetic one)")
-    parser.add_argument("--expert-actors", type=int, default=2, help="expert actors in the pool (default: 2)")
+    add_model_arguments(parser)
     parser.add_argument("--coordinators", default="1,2", help="comma-separated coordinator counts (default: 1,2)")
     parser.add_argument("--concurrency", type=int, default=64, help="clients (default: 64)")
     parser.add_argument("--requests", type=int, default=256, help="requests per count (default: 256)")
@@ -72,8 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.coordinators = [int(c) for c in args.coordinators.split(",")]
     except ValueError:
         parser.error(f"--coordinators must be comma-separated integers, got {args.coordinators!r}")
-    if args.model_dir is not None and not Path(args.model_dir).is_dir():
-        parser.error(f"model directory {args.model_dir!r} does not exist")
+    check_model_dir(parser, args)
     return args
 
 
@@ -81,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     reports = []
-    with tempfile.TemporaryDirectory(prefix="moeshard-bench") as tmp:
-        model_dir = Path(args.model_dir) if args.model_dir else write_synthetic_mixtral(Path(tmp) / "synthetic-mixtral")
+    with benchmark_model(args.model_dir) as model_dir:
         for count in args.coordinators:
             with served_model(model_dir, args.expert_actors, coordinators=count) as url:
                 reports.append(asyncio.run(_load(url, args, f"{count} coordinator(s)")))

@@ -21,14 +21,19 @@ import logging
 import random
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from moeshard.cluster.client.async_client import AsyncClient
 from moeshard.cluster.loadtest.loadgen import LoadReport, LoadSpec, run_load, stream_one, synthetic_prompt
-from moeshard.cluster.loadtest.serving_bench import MODEL_NAME, served_model, write_synthetic_mixtral
+from moeshard.cluster.loadtest.serving_bench import (
+    MODEL_NAME,
+    add_model_arguments,
+    benchmark_model,
+    check_model_dir,
+    served_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +117,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m moeshard.cluster.loadtest.prefix_bench",
         description="TTFT with a shared prefix and a multi-turn chat load, with and without prefix caching.",
     )
-    parser.add_argument("--model-dir", default=None, help="a Mixtral checkpoint with a tokenizer (default: a small synthetic one)")
-    parser.add_argument("--expert-actors", type=int, default=2, help="expert actors (default: 2)")
+    add_model_arguments(parser)
     parser.add_argument("--prefix-len", type=int, default=1500, help="tokens of each shared prefix, about (default: 1500)")
     parser.add_argument("--pairs", type=int, default=5, help="cold/warm request pairs (default: 5)")
     parser.add_argument("--conversations", type=int, default=16, help="chats in the multi-turn load (default: 16)")
@@ -124,21 +128,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-len", type=int, default=32, help="tokens per answer (default: 32)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results to FILE")
     args = parser.parse_args(argv)
-    if args.model_dir is not None and not Path(args.model_dir).is_dir():
-        parser.error(f"model directory {args.model_dir!r} does not exist")
+    check_model_dir(parser, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
-    with tempfile.TemporaryDirectory(prefix="moeshard-bench") as tmp:
-        context = max(2048, args.prefix_len + 256, args.system_len + args.turns * (args.turn_len + args.output_len) + 256)
-        model_dir = (
-            Path(args.model_dir)
-            if args.model_dir
-            else write_synthetic_mixtral(Path(tmp) / "synthetic-mixtral", max_position_embeddings=context)
-        )
+    context = max(2048, args.prefix_len + 256, args.system_len + args.turns * (args.turn_len + args.output_len) + 256)
+    with benchmark_model(args.model_dir, max_position_embeddings=context) as model_dir:
         runs = [run(model_dir, args, prefix_caching=True), run(model_dir, args, prefix_caching=False)]
     print(format_runs(runs, args))
     if args.json is not None:

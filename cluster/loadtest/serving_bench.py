@@ -91,6 +91,27 @@ def write_synthetic_mixtral(out_dir: Path, seed: int = 0, **overrides) -> Path:
     return out_dir
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model-dir`` and ``--expert-actors``, as every serving benchmark takes them."""
+    parser.add_argument("--model-dir", default=None, help="a Mixtral checkpoint with a tokenizer (default: a small synthetic one)")
+    parser.add_argument("--expert-actors", type=int, default=2, help="expert actors (default: 2)")
+
+
+def check_model_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.model_dir is not None and not Path(args.model_dir).is_dir():
+        parser.error(f"model directory {args.model_dir!r} does not exist")
+
+
+@contextlib.contextmanager
+def benchmark_model(model_dir: str | None, **overrides) -> Iterator[Path]:
+    """``model_dir``, or a synthetic Mixtral (``SYNTHETIC`` with ``overrides``) in a temporary directory meanwhile."""
+    if model_dir is not None:
+        yield Path(model_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="moeshard-bench") as tmp:
+        yield write_synthetic_mixtral(Path(tmp) / "synthetic-mixtral", **overrides)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -210,8 +231,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m moeshard.cluster.loadtest.serving_bench",
         description="Serve a model with experts on Ray actors, load it at several concurrencies, compare with transformers.",
     )
-    parser.add_argument("--model-dir", default=None, help="a Mixtral checkpoint with a tokenizer (default: a small synthetic one)")
-    parser.add_argument("--expert-actors", type=int, default=2, help="expert actors (default: 2)")
+    add_model_arguments(parser)
     parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrencies (default: 1,4,16,64)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the requests per level, max(16, 4 x concurrency)")
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens, about (default: 32)")
@@ -223,16 +243,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.concurrency = [int(c) for c in args.concurrency.split(",")]
     except ValueError:
         parser.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
-    if args.model_dir is not None and not Path(args.model_dir).is_dir():
-        parser.error(f"model directory {args.model_dir!r} does not exist")
+    check_model_dir(parser, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
-    with tempfile.TemporaryDirectory(prefix="moeshard-bench") as tmp:
-        model_dir = Path(args.model_dir) if args.model_dir else write_synthetic_mixtral(Path(tmp) / "synthetic-mixtral")
+    with benchmark_model(args.model_dir) as model_dir:
         baseline = run_transformers(model_dir, args)  # first, on a quiet machine (Ray's processes take a while to go)
         reports = run_server_levels(model_dir, args)
     result = ServeBenchResult(model_dir=str(args.model_dir or "synthetic"), expert_actors=args.expert_actors, reports=reports, baseline=baseline)
