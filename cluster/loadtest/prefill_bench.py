@@ -13,6 +13,8 @@
    against ``LLM.generate`` (greedy, ``ignore_eos``).
 
 One run, every system on the same machine at the same time: read the ratios, not the absolute speeds.
+On a machine whose cores other work also uses, ``--threads 1`` keeps torch's threads from waiting on
+each other (an OpenMP thread descheduled mid-op stalls every op: decode ran 30x slower here so).
 
 Dimensions: B sequences, n prompt tokens.
 """
@@ -174,6 +176,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode-tokens", type=int, default=32, help="tokens each decodes (default: 32)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds, after one warm-up round (default: 3)")
     parser.add_argument("--kv-cache-mb", type=int, default=1024, help="each engine's KV cache (default: 1024)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own, one per core)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results to FILE")
     return parser.parse_args(argv)
 
@@ -182,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     from moeshard.cluster.convert.synthetic_model import write_synthetic_mixtral
 
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     with tempfile.TemporaryDirectory(prefix="moeshard-prefill") as tmp:
