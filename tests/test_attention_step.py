@@ -9,6 +9,8 @@ Dimensions: T tokens in the step, D hidden, H heads, Hkv kv heads, Dh head dim, 
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,6 +90,9 @@ def dense_attention(config, weights, rotary_emb, x: torch.Tensor) -> torch.Tenso
 @pytest.mark.parametrize("window", [None, 3, 8])
 def test_a_mixed_step_equals_dense_attention_per_sequence(window, backend, monkeypatch):
     monkeypatch.setenv(ENV_VAR, backend)
+    module = importlib.import_module("moeshard.kernels.paged_attention")
+    triton_calls, triton_path = [], module.paged_attention_triton
+    monkeypatch.setattr(module, "paged_attention_triton", lambda *args: triton_calls.append(1) or triton_path(*args))
     config = model_config(window)
     weights = [layer_weights(0), layer_weights(1)]
     cache = KVCache(num_layers=2, num_kv_heads=HKV, head_dim=DH, num_blocks=24, block_size=4, dtype=torch.float32)
@@ -101,6 +106,7 @@ def test_a_mixed_step_equals_dense_attention_per_sequence(window, backend, monke
         for seq, start, n in MIXED:
             want = dense_attention(config, weights[layer], rotary_emb, inputs[seq][: start + n])[start:]
             torch.testing.assert_close(got[seq], want, rtol=1e-5, atol=1e-5)
+    assert bool(triton_calls) == (backend == "triton")
 
 
 def test_the_tables_interleave():

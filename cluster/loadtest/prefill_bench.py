@@ -9,10 +9,12 @@
    ``generate`` does) against ``LLM.generate(max_tokens=1)``, which computes the last row's logits too.
    The systems take turns, ``--repeats`` times; the median is kept.
 4. Decode of ``--decode-seqs`` sequences of ``--decode-prompt-len`` prompt tokens at once: the time of
-   ``N + 1`` new tokens minus that of 1 (the prefill), per decoded token; transformers' batched ``generate``
-   against ``LLM.generate`` (greedy, ``ignore_eos``).
+   ``N + 1`` new tokens minus that of 1 (the prefill) run right after, per decoded token; transformers'
+   batched ``generate`` against ``LLM.generate`` (greedy, ``ignore_eos``).
 
 One run, every system on the same machine at the same time: read the ratios, not the absolute speeds.
+On a machine whose cores other work also uses, ``--threads 1`` keeps torch's threads from waiting on
+each other (an OpenMP thread descheduled mid-op stalls every op: decode ran 30x slower here so).
 
 Dimensions: B sequences, n prompt tokens.
 """
@@ -54,16 +56,21 @@ class BenchResult(BaseModel):
     rows: list[Row]
 
 
-def median_seconds(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Each system runs once per round, in turn (a warm-up round first); the median of the rounds."""
+def median_seconds(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Each system runs once per round, in turn (a warm-up round first); the median of the seconds each run reports."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for round_ in range(repeats + 1):
         for name, run in runs.items():
-            start = time.perf_counter()
-            run()
+            seconds = run()
             if round_ > 0:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def prompt_ids(length: int, vocab: int, seed: int) -> list[int]:
@@ -89,22 +96,30 @@ class Systems:
     def names(self) -> list[str]:
         return ["transformers", *self.llms]
 
-    def prefill_runs(self, ids: list[int]) -> dict[str, Callable[[], None]]:
+    def prefill_runs(self, ids: list[int]) -> dict[str, Callable[[], float]]:
         from moeshard.cluster.engine.sampling import SamplingParams
 
         one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-        runs = {"transformers": lambda: self._hf_forward(ids)}
+        runs = {"transformers": lambda: timed(lambda: self._hf_forward(ids))}
         for name, llm in self.llms.items():
-            runs[name] = lambda llm=llm: llm.generate([ids], one)
+            runs[name] = lambda llm=llm: timed(lambda: llm.generate([ids], one))
         return runs
 
-    def generate_runs(self, prompts: list[list[int]], new_tokens: int) -> dict[str, Callable[[], None]]:
+    def decode_runs(self, prompts: list[list[int]], new_tokens: int) -> dict[str, Callable[[], float]]:
+        """Seconds of ``new_tokens`` decode steps: ``new_tokens + 1`` new tokens minus 1 (the prefill), back to back."""
         from moeshard.cluster.engine.sampling import SamplingParams
 
-        params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-        runs = {"transformers": lambda: self._hf_generate(prompts, new_tokens)}
+        def params(n: int) -> SamplingParams:
+            return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+        runs = {
+            "transformers": lambda: timed(lambda: self._hf_generate(prompts, new_tokens + 1))
+            - timed(lambda: self._hf_generate(prompts, 1))
+        }
         for name, llm in self.llms.items():
-            runs[name] = lambda llm=llm: llm.generate(prompts, params)
+            runs[name] = lambda llm=llm: timed(lambda: llm.generate(prompts, params(new_tokens + 1))) - timed(
+                lambda: llm.generate(prompts, params(1))
+            )
         return runs
 
     @torch.inference_mode()
@@ -134,14 +149,13 @@ def run(args: argparse.Namespace, model_dir: Path) -> BenchResult:
             rows.append(Row(workload=f"prefill {length}", tokens=length, tokens_per_s={k: length / s for k, s in seconds.items()}))
             logger.info("prefill %d: %s", length, rows[-1].tokens_per_s)
         prompts = [prompt_ids(args.decode_prompt_len, SIZES["vocab_size"], 1000 + b) for b in range(args.decode_seqs)]
-        first = median_seconds(systems.generate_runs(prompts, 1), args.repeats)
-        full = median_seconds(systems.generate_runs(prompts, args.decode_tokens + 1), args.repeats)
+        seconds = median_seconds(systems.decode_runs(prompts, args.decode_tokens), args.repeats)
         decoded = args.decode_seqs * args.decode_tokens
         rows.append(
             Row(
                 workload=f"decode {args.decode_seqs} x {args.decode_tokens} (prompts of {args.decode_prompt_len})",
                 tokens=decoded,
-                tokens_per_s={k: decoded / (full[k] - first[k]) for k in full},
+                tokens_per_s={k: decoded / s for k, s in seconds.items()},
             )
         )
     finally:
@@ -166,14 +180,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m moeshard.cluster.loadtest.prefill_bench",
         description="Prefill and decode of moeshard in one process against transformers, on a synthetic Mixtral.",
     )
-    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
-    parser.add_argument("--lengths", type=ints, default=[512, 2048, 4096], help="prompt lengths (default: 512,2048,4096)")
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    parser.add_argument("--lengths", type=ints, default=[512, 2048, 4096], help="prompt lengths, '' for none (default: 512,2048,4096)")
     parser.add_argument("--max-batch-tokens", type=ints, default=[2048, 4096], help="moeshard's chunk sizes (default: 2048,4096)")
     parser.add_argument("--decode-seqs", type=int, default=32, help="sequences decoding at once (default: 32)")
     parser.add_argument("--decode-prompt-len", type=int, default=128, help="their prompt tokens (default: 128)")
     parser.add_argument("--decode-tokens", type=int, default=32, help="tokens each decodes (default: 32)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds, after one warm-up round (default: 3)")
     parser.add_argument("--kv-cache-mb", type=int, default=1024, help="each engine's KV cache (default: 1024)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own, one per core)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results to FILE")
     return parser.parse_args(argv)
 
@@ -182,10 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     from moeshard.cluster.convert.synthetic_model import write_synthetic_mixtral
 
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     with tempfile.TemporaryDirectory(prefix="moeshard-prefill") as tmp:
-        positions = max(max(args.lengths), args.decode_prompt_len + args.decode_tokens) + 1
+        positions = max([*args.lengths, args.decode_prompt_len + args.decode_tokens]) + 1
         model_dir = write_synthetic_mixtral(Path(tmp) / "mixtral", max_position_embeddings=positions, dtype=torch.float32, **SIZES)
         result = run(args, model_dir)
     print(f"torch {result.torch_version}, {result.threads} threads; median of {args.repeats} rounds")
