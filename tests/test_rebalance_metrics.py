@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 
+from moeshard.cluster.engine.async_engine import EngineStats
 from moeshard.deploy.metrics import ServerMetrics
 
-STATS = SimpleNamespace(waiting=0, running=1, kv_used_blocks=1, kv_total_blocks=4)
+STATS = EngineStats(waiting=0, running=1, kv_used_blocks=1, kv_total_blocks=4)
 
 
 def _balance(last: dict | None) -> dict:
