@@ -84,6 +84,14 @@ def test_rebalance_route_is_behind_the_key_and_keeps_outputs(server, expected):
         assert sum(len(row["actors"]) for row in rows) == 9  # every slot holds an expert
         assert all(sum(row["shares"]) == pytest.approx(1.0) for row in rows)
 
+    from moeshard.cluster.client import Client
+
+    with Client(server, api_key=API_KEY, max_retries=0, timeout=120) as sdk:  # the SDK reads the same balance
+        balance = sdk.experts().balance
+        assert balance.placement_version == 1 and balance.last_rebalance.bytes_loaded == report["bytes_loaded"]
+        again = sdk.rebalance()  # from the load since the first: the balanced layout leaves little to gain
+        assert again.steps > 0 and again.version >= 1 and max(again.imbalance_before) < 1.3
+
     with urllib.request.urlopen(urllib.request.Request(f"{server}/metrics", headers={"Authorization": f"Bearer {API_KEY}"})) as r:
         metrics = r.read().decode()
     assert 'moeshard_rebalance_imbalance{layer="0",when="after"}' in metrics

@@ -24,7 +24,7 @@ import httpx2
 
 from moeshard.cluster.client.base import Messages
 from moeshard.cluster.client.core import ClientBase, Outcome, Plan, Route, Send
-from moeshard.cluster.client.types import ChatCompletion, Completion, Experts, Health, Model, StreamEvent
+from moeshard.cluster.client.types import ChatCompletion, Completion, Experts, Health, Model, RebalanceReport, StreamEvent
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,6 +56,10 @@ class AsyncClient(ClientBase):
 
     async def experts(self) -> Experts:
         return await self._run(self._core.experts())
+
+    async def rebalance(self) -> RebalanceReport:
+        """Rebalance the server's experts from the load measured since the last rebalance (needs the API key)."""
+        return await self._run(self._core.rebalance())
 
     async def complete(self, prompt: str | list[int], *, model: str | None = None, **sampling: Any) -> Completion:
         return await self._run(self._core.complete(prompt, model, sampling))

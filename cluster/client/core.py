@@ -38,13 +38,14 @@ from moeshard.cluster.client.errors import (
     connection_reason,
     error_from_response,
 )
-from moeshard.cluster.client.types import ChatCompletion, Completion, Experts, Health, Model
+from moeshard.cluster.client.types import ChatCompletion, Completion, Experts, Health, Model, RebalanceReport
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"
+REBALANCE = "/v1/experts/rebalance"
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,9 @@ class ClientCore:
 
     def experts(self) -> Plan[Experts]:
         return parse(Experts, (yield from self._call("GET", "/v1/experts")).text, "/v1/experts")
+
+    def rebalance(self) -> Plan[RebalanceReport]:
+        return parse(RebalanceReport, (yield from self._call("POST", REBALANCE, {})).text, REBALANCE)
 
     def complete(self, prompt: str | list[int], model: str | None, sampling: dict[str, Any]) -> Plan[Completion]:
         body = completion_body((yield from self.model_for(model)), prompt, sampling, stream=False)

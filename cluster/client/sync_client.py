@@ -28,7 +28,7 @@ import httpx2
 
 from moeshard.cluster.client.base import Messages
 from moeshard.cluster.client.core import ClientBase, Outcome, Plan, Route, Send
-from moeshard.cluster.client.types import ChatCompletion, Completion, Experts, Health, Model, StreamEvent
+from moeshard.cluster.client.types import ChatCompletion, Completion, Experts, Health, Model, RebalanceReport, StreamEvent
 
 __all__ = ["Client"]
 
@@ -67,6 +67,10 @@ class Client(ClientBase):
 
     def experts(self) -> Experts:
         return self._run(self._core.experts())
+
+    def rebalance(self) -> RebalanceReport:
+        """Rebalance the server's experts from the load measured since the last rebalance (needs the API key)."""
+        return self._run(self._core.rebalance())
 
     def complete(self, prompt: str | list[int], *, model: str | None = None, **sampling: Any) -> Completion:
         return self._run(self._core.complete(prompt, model, sampling))

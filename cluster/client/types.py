@@ -168,6 +168,33 @@ class LiveRouting(_Response):
     layers: list[LayerRepetition]  # MoE layers only
 
 
+class RebalanceReport(_Response):
+    """``POST /v1/experts/rebalance``: what a rebalance did (docs/cluster.md, Rebalancing)."""
+
+    version: int  # the placement version in use afterwards
+    switched: bool  # False: no load measured yet, or the switch timed out
+    seconds: float
+    bytes_loaded: int  # expert weights read from checkpoints, all actors
+    moved: int  # (layer, expert, actor) replicas that are new
+    steps: int  # steps in the window the plan came from
+    imbalance_before: list[float]  # [layer] max/mean of the actors' expected load, old layout
+    imbalance_after: list[float]  # [layer] the same, new layout
+    measured_imbalance: list[float]  # [layer] max/mean of the rows the actors were sent
+    rows_per_step: list[float]  # [actor]
+    weight_bytes: list[int | None]  # [actor] expert weights held afterwards (None: it did not answer)
+    failed_actors: list[int]
+
+
+class ExpertBalance(_Response):
+    """``/v1/experts``' ``balance``: the placement version, the load window since the last rebalance, and that rebalance."""
+
+    placement_version: int
+    slots_per_actor: list[int]
+    window: dict  # steps, seconds, rows_per_step [actor], imbalance [layer], expected_imbalance [layer]
+    rebalances: int
+    last_rebalance: RebalanceReport | None = None
+
+
 class Experts(_Response):
     """``GET /v1/experts``: where each expert lives, how many tokens were routed to it so far, and recent routing."""
 
@@ -175,6 +202,7 @@ class Experts(_Response):
     placement: list[ExpertPlacement]  # empty when the experts run inside the server
     load: list[list[int]]  # [layer][expert] tokens routed
     routing: LiveRouting | None = None  # None from a server that does not report it
+    balance: ExpertBalance | None = None  # None when the experts run inside the server
 
     def imbalance(self) -> list[float]:
         """Per layer, the busiest expert's tokens over the mean (1.0 is perfectly balanced; 0 with no tokens yet)."""
