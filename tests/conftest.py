@@ -156,6 +156,27 @@ def tiny_checkpoint_factory(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def expert_actor_pid():
+    """pid(llm, actor, timeout_s=120): an offline cluster's expert actor's process id, once it answers
+    (a restarting actor refuses calls until it is back)."""
+    import time
+
+    import ray
+
+    def pid(llm, actor: int, timeout_s: float = 120) -> int:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return ray.get(llm._cluster.expert_actors[actor].info.remote(), timeout=timeout_s)["pid"]
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    return pid
+
+
 RAY_WORKER_NODES = ("node_a", "node_b")
 
 

@@ -49,18 +49,6 @@ def _cluster_options(num_actors: int, **extra) -> dict:
     return dict(actor_resources=pinned, coordinator_resources={"head": 1}, **extra)
 
 
-def _pid(llm: LLM, actor: int, timeout_s: float = 120) -> int:
-    """The actor's process id, once it answers (a restarting actor refuses calls until it is back)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return ray.get(llm._cluster.expert_actors[actor].info.remote(), timeout=timeout_s)["pid"]
-        except ray.exceptions.ActorUnavailableError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 def _kill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
@@ -105,35 +93,35 @@ CASES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_sigkilled_expert_actor_loses_no_request(case, ray_cluster, tiny_mixtral_dir, reference):
+def test_sigkilled_expert_actor_loses_no_request(case, ray_cluster, tiny_mixtral_dir, reference, expert_actor_pid):
     spec = dict(CASES[case])
     num_actors, victims = spec.pop("actors"), spec.pop("victims")
     options = _cluster_options(num_actors, dispatch_timeout_s=20, **spec)
     with LLM(tiny_mixtral_dir, expert_actors=num_actors, cluster=options) as llm:
-        pids = [_pid(llm, v) for v in victims]
+        pids = [expert_actor_pid(llm, v) for v in victims]
         tokens = _generate_while(llm, lambda: _after(1.0, lambda: [_kill(pid) for pid in pids]))
         assert tokens == reference
         health = llm.expert_health()
         assert sum(health.failures) >= len(victims)
-        assert [_pid(llm, v) for v in victims] != pids  # Ray restarted them; they serve again
+        assert [expert_actor_pid(llm, v) for v in victims] != pids  # Ray restarted them; they serve again
         assert [o.token_ids for o in llm.generate(PROMPTS, LONG)] == reference
 
 
 @pytest.mark.slow
-def test_same_actor_killed_twice_in_a_row(ray_cluster, tiny_mixtral_dir, reference):
+def test_same_actor_killed_twice_in_a_row(ray_cluster, tiny_mixtral_dir, reference, expert_actor_pid):
     with LLM(tiny_mixtral_dir, expert_actors=2, cluster=_cluster_options(2, dispatch_timeout_s=20)) as llm:
         killed: list[int] = []
 
         def twice():
             time.sleep(1.0)
             for _ in range(2):
-                pid = _pid(llm, 0)  # answered once Ray has restarted it and it has reloaded its experts
+                pid = expert_actor_pid(llm, 0)  # answered once Ray has restarted it and it has reloaded its experts
                 _kill(pid)
                 killed.append(pid)
                 time.sleep(0.5)
 
         assert _generate_while(llm, twice) == reference
-        assert killed[0] != killed[1] and _pid(llm, 0) not in killed  # two real deaths, two restarts
+        assert killed[0] != killed[1] and expert_actor_pid(llm, 0) not in killed  # two real deaths, two restarts
         assert llm.expert_health().failures[0] >= 1
 
 

@@ -39,17 +39,6 @@ def reference(skewed_mixtral_dir):
         }
 
 
-def _pid(llm: LLM, actor: int, timeout_s: float = 120) -> int:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return ray.get(llm._cluster.expert_actors[actor].info.remote(), timeout=timeout_s)["pid"]
-        except ray.exceptions.ActorUnavailableError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 def _start_generation(llm: LLM) -> tuple[threading.Thread, dict]:
     outcome: dict = {}
 
@@ -113,10 +102,10 @@ def test_rebalance_during_a_generation_keeps_every_token(ray_local, skewed_mixtr
 
 
 @pytest.mark.slow
-def test_rebalance_with_killed_actors_loses_no_request(ray_local, skewed_mixtral_dir, reference):
+def test_rebalance_with_killed_actors_loses_no_request(ray_local, skewed_mixtral_dir, reference, expert_actor_pid):
     with LLM(skewed_mixtral_dir, expert_actors=4, cluster=CLUSTER) as llm:
         llm.generate(PROMPTS[:1], SHORT)
-        victim = _pid(llm, 1)
+        victim = expert_actor_pid(llm, 1)
         worker, outcome = _start_generation(llm)
         _wait_for_steps(llm, 20)
         os.kill(victim, signal.SIGKILL)  # dies during the generation, and while the rebalance stages
@@ -129,9 +118,9 @@ def test_rebalance_with_killed_actors_loses_no_request(ray_local, skewed_mixtral
 
         # Killed after the switch: Ray restarts it with the placement it started with; its first batch of
         # version 1 is answered stale, and the dispatch's probe loads version 1 before it takes work again.
-        second = _pid(llm, 2)
+        second = expert_actor_pid(llm, 2)
         os.kill(second, signal.SIGKILL)
-        assert _pid(llm, 2) != second  # restarted
+        assert expert_actor_pid(llm, 2) != second  # restarted
         assert [o.token_ids for o in llm.generate(PROMPTS, LONG)] == reference["long"]
         assert llm.expert_health().failures[2] >= 1  # its stale answer took it out until it had adopted version 1
         _assert_same_logits(llm, reference)
