@@ -72,6 +72,12 @@ class ActorHealth:
             self.failures[actor] += 1
             self._down[actor] = _Recovery(time.monotonic(), self.probe(self.actors[actor]))
 
+    def resize(self, num_actors: int) -> None:
+        """The pool was scaled: count failures for ``num_actors`` actors; removed actors are no longer down."""
+        with self._lock:
+            self.failures = (self.failures + [0] * num_actors)[:num_actors]
+            self._down = {a: r for a, r in self._down.items() if a < num_actors}
+
     def refresh(self) -> None:
         """Take back every down actor whose probe has answered (never blocks)."""
         for actor, recovery in list(self._down.items()):

@@ -149,7 +149,7 @@ class RemoteExperts:
         self._tables: dict[frozenset[int], list[LayerTable | None]] = {}
         self._tags = itertools.count()
         self._switch = threading.Condition()  # guards placement, _next and _between_steps
-        self._next: ExpertPlacement | None = None
+        self._next: tuple[ExpertPlacement, list[ActorRef] | None] | None = None
         self._between_steps = True
 
     def tables(self, down: frozenset[int] = frozenset()) -> list[LayerTable | None]:
@@ -164,22 +164,33 @@ class RemoteExperts:
         return actor.handle.adopt.remote(placement.version, placement.hosted_by(actor.index))
 
     # -- switching placements between steps --------------------------------------------
-    def switch(self, placement: ExpertPlacement, timeout_s: float) -> bool:
-        """Dispatch with ``placement`` from the next step on (at once if no step is running); True once it is in use."""
+    def switch(self, placement: ExpertPlacement, timeout_s: float, actors: list[ActorRef] | None = None) -> bool:
+        """Dispatch with ``placement`` from the next step on (at once if no step is running); True once it is in
+        use. ``actors``: the pool was scaled, these actors (index i at position i) serve the new placement."""
         with self._switch:
-            self._next = placement
+            self._next = (placement, actors)
             if self._between_steps:
                 self._use_next()
             return self._switch.wait_for(lambda: self.placement.version >= placement.version, timeout=timeout_s)
 
     def _use_next(self) -> None:
-        """Under the lock, between two steps: the new placement, its tables and the actors' descriptions at once."""
-        placement, self._next = self._next, None
+        """Under the lock, between two steps: the new placement, its tables and the actors at once."""
+        (placement, actors), self._next = self._next, None
+        handles = [a.handle for a in actors] if actors is not None else [a.handle for a in self.actors]
+        resized = len(handles) != len(self.actors)
         self.placement, self._tables = placement, {}
-        for i, actor in enumerate(self.actors):  # the list the transport and health share
-            self.actors[i] = ActorRef(actor.index, actor.handle, describe_actor(placement, actor.index))
-        logger.info("dispatching with placement version %d", placement.version)
+        # The list the transport and health share, changed in place.
+        self.actors[:] = [ActorRef(i, handle, describe_actor(placement, i)) for i, handle in enumerate(handles)]
+        if resized:
+            self.health.resize(len(handles))
+            self.meter.resize(len(handles))
+        logger.info("dispatching with placement version %d over %d expert actors", placement.version, len(handles))
         self._switch.notify_all()
+
+    def layout(self) -> tuple[ExpertPlacement, list[ActorRef]]:
+        """The placement in use and the actors serving it, read together."""
+        with self._switch:
+            return self.placement, list(self.actors)
 
     def _layer_started(self, layer: int) -> None:
         with self._switch:

@@ -81,7 +81,10 @@ class ExpertActor:
         started = time.monotonic()
         with self._stage_lock:
             loaded = 0
-            if version not in self.versions:
+            existing = self.versions.get(version)
+            if existing is not None and _layout(existing) != {layer: tuple(sorted(set(es))) for layer, es in hosted.items() if es}:
+                raise ValueError(f"expert actor {self.actor_index} holds another layout as version {version}")
+            if existing is None:
                 stacks, loaded = self._build(hosted)
                 self.versions = {**self.versions, version: stacks}  # one reference swap: readers see old or new
         held = {id(s): s.nbytes() for stacks in self.versions.values() for s in stacks.values()}
@@ -170,3 +173,8 @@ class ExpertActor:
             for expert in stack.expert_ids:
                 keys.extend(expert_weight_shapes(self.model_config, ExpertKey(layer, expert)))
         return sorted(keys)
+
+
+def _layout(stacks: dict[int, ExpertStack]) -> dict[int, tuple[int, ...]]:
+    """{layer: expert ids} of one version's stacks."""
+    return {layer: stack.expert_ids for layer, stack in stacks.items()}

@@ -11,7 +11,8 @@ cluster has GPUs.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -80,7 +81,13 @@ class ExpertPool:
     config: EngineConfig
     placement: ExpertPlacement
     actors: list[ActorRef]
-    group: PlacementGroup
+    group: PlacementGroup  # the bundles of the actors it started with
+    use_gpus: bool = False
+    added_groups: list[tuple[PlacementGroup, set[int]]] = field(default_factory=list)  # scaled-up actors' groups
+
+    def layout(self) -> tuple[ExpertPlacement, list[ActorRef]]:
+        """The placement and the actors serving it, read together."""
+        return self.placement, list(self.actors)
 
     def coordinator_strategy(self) -> PlacementGroupSchedulingStrategy:
         """Scheduling into the coordinator's bundle (the group's last one)."""
@@ -91,10 +98,11 @@ class ExpertPool:
     def health(self, dispatch: HealthSnapshot, timeout_s: float = 5.0) -> list[dict]:
         """Each actor's state: "ok"; "recovering" (down, or not answering, for less than the recovery timeout);
         "down" (longer). ``dispatch`` is what the coordinator's dispatch has seen."""
-        refs = [a.handle.ready.remote() for a in self.actors]
+        _, actors = self.layout()
+        refs = [a.handle.ready.remote() for a in actors]
         recovery_timeout_s = self.config.cluster.recovery_timeout_s
         states = []
-        for actor, ref in zip(self.actors, refs):
+        for actor, ref in zip(actors, refs):
             detail = None
             try:
                 ray.get(ref, timeout=timeout_s)
@@ -112,7 +120,7 @@ class ExpertPool:
                 {
                     "actor": actor.index,
                     "state": state,
-                    "failures": dispatch.failures[actor.index],
+                    "failures": dispatch.failures[actor.index] if actor.index < len(dispatch.failures) else 0,
                     "down_for_s": round(down_for, 3) if down_for is not None else None,
                     "detail": detail,
                     "description": actor.description,
@@ -121,35 +129,54 @@ class ExpertPool:
         return states
 
     def placement_report(self) -> list[dict]:
-        infos = ray.get([a.handle.info.remote() for a in self.actors], timeout=self.config.cluster.dispatch_timeout_s)
+        placement, actors = self.layout()
+        infos = ray.get([a.handle.info.remote() for a in actors], timeout=self.config.cluster.dispatch_timeout_s)
         return [
             {
                 "layer": layer,
                 "expert": expert,
-                "actors": list(actors),
-                "nodes": [infos[a]["node_id"] for a in actors],
-                "shares": list(self.placement.shares_of(layer)[expert]),
+                "actors": list(hosts),
+                "nodes": [infos[a]["node_id"] for a in hosts],
+                "shares": list(placement.shares_of(layer)[expert]),
             }
-            for layer, experts in enumerate(self.placement.hosts)
-            for expert, actors in enumerate(experts)
+            for layer, experts in enumerate(placement.hosts)
+            for expert, hosts in enumerate(experts)
         ]
+
+    def stop_actors(self, actors: list[ActorRef]) -> None:
+        """Stop actors no coordinator sends work any more; a scaled-up group whose actors are all gone is freed
+        (the bundles of the actors the pool started with stay reserved until it stops)."""
+        for actor in actors:
+            ray.kill(actor.handle, no_restart=True)
+        gone = {a.index for a in actors}
+        for group, members in list(self.added_groups):
+            members -= gone
+            if not members:
+                remove_placement_group(group)
+                self.added_groups.remove((group, members))
 
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor.handle, no_restart=True)
         remove_placement_group(self.group)
+        for group, _ in self.added_groups:
+            remove_placement_group(group)
+
+
+def _actor_bundle(config: EngineConfig, use_gpus: bool, actor: int) -> dict[str, float]:
+    """Actor ``actor``'s resources; one beyond the configured ``actor_resources`` (scaled up) takes the plain ones."""
+    cluster = config.cluster
+    bundle = {"CPU": cluster.cpus_per_actor} if cluster.cpus_per_actor else {}
+    if use_gpus:
+        bundle["GPU"] = 1.0
+    if cluster.actor_resources is not None and actor < len(cluster.actor_resources):
+        bundle.update(cluster.actor_resources[actor])
+    return bundle or {"CPU": 0.001}
 
 
 def _bundles(config: EngineConfig, use_gpus: bool, with_coordinator: bool) -> list[dict[str, float]]:
     cluster = config.cluster
-    bundles = []
-    for actor in range(cluster.expert_actors):
-        bundle = {"CPU": cluster.cpus_per_actor} if cluster.cpus_per_actor else {}
-        if use_gpus:
-            bundle["GPU"] = 1.0
-        if cluster.actor_resources is not None:
-            bundle.update(cluster.actor_resources[actor])
-        bundles.append(bundle or {"CPU": 0.001})
+    bundles = [_actor_bundle(config, use_gpus, actor) for actor in range(cluster.expert_actors)]
     if with_coordinator:
         bundles.append({"CPU": 1.0, **cluster.coordinator_resources})
     return bundles
@@ -161,28 +188,9 @@ def start_expert_pool(config: EngineConfig, model_config: ModelConfig, with_coor
     placement = make_placement(config, model_config)
     use_gpus = cluster.use_gpus if cluster.use_gpus is not None else ray.cluster_resources().get("GPU", 0) >= 1
     bundles = _bundles(config, use_gpus, with_coordinator)
-    group = placement_group(bundles, strategy=cluster.placement_strategy)
-    try:
-        ray.get(group.ready(), timeout=cluster.startup_timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        remove_placement_group(group)
-        raise ClusterStartError(
-            f"could not place {cluster.expert_actors} expert actors within {cluster.startup_timeout_s:.0f}s: "
-            f"bundles {bundles} do not fit the cluster's resources {ray.cluster_resources()}"
-        ) from None
-
-    expert_cls = ray.remote(concurrency_groups={CONTROL_GROUP: 1})(ExpertActor)  # stage/retire beside run_experts
-    actors = []
-    for index in range(cluster.expert_actors):
-        handle = expert_cls.options(
-            num_cpus=bundles[index].get("CPU", 0),
-            num_gpus=bundles[index].get("GPU", 0),
-            max_restarts=-1,
-            max_task_retries=0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index),
-        ).remote(index, config.model_dir, config.dtype, placement.hosted_by(index))
-        actors.append(ActorRef(index, handle, describe_actor(placement, index)))
-    pool = ExpertPool(config, placement, actors, group)
+    group = _placed_group(config, bundles)
+    actors = [_start_actor(config, placement, index, group, index, bundles[index]) for index in range(cluster.expert_actors)]
+    pool = ExpertPool(config, placement, actors, group, use_gpus)
     try:
         ray.get([a.handle.ready.remote() for a in actors], timeout=cluster.startup_timeout_s)
     except Exception as exc:
@@ -190,3 +198,50 @@ def start_expert_pool(config: EngineConfig, model_config: ModelConfig, with_coor
         raise ClusterStartError(f"expert actors failed to start: {one_line(exc)}") from exc
     logger.info("started %d expert actors", cluster.expert_actors)
     return pool
+
+
+def add_actors(pool: ExpertPool, placement: ExpertPlacement, indices: Iterable[int]) -> list[ActorRef]:
+    """Start actors ``indices`` of ``placement`` (its version) in a placement group of their own, placed wherever
+    the cluster has room; waits until they have loaded their experts. On failure nothing is left running."""
+    indices = list(indices)
+    if not indices:
+        return []
+    bundles = [_actor_bundle(pool.config, pool.use_gpus, index) for index in indices]
+    group = _placed_group(pool.config, bundles)
+    actors = [_start_actor(pool.config, placement, index, group, i, bundles[i]) for i, index in enumerate(indices)]
+    try:
+        ray.get([a.handle.ready.remote() for a in actors], timeout=pool.config.cluster.startup_timeout_s)
+    except Exception as exc:
+        for actor in actors:
+            ray.kill(actor.handle, no_restart=True)
+        remove_placement_group(group)
+        raise ClusterStartError(f"expert actors failed to start: {one_line(exc)}") from exc
+    pool.added_groups.append((group, set(indices)))
+    logger.info("started expert actors %s", indices)
+    return actors
+
+
+def _placed_group(config: EngineConfig, bundles: list[dict[str, float]]) -> PlacementGroup:
+    cluster = config.cluster
+    group = placement_group(bundles, strategy=cluster.placement_strategy)
+    try:
+        ray.get(group.ready(), timeout=cluster.startup_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise ClusterStartError(
+            f"could not place the expert actors' {len(bundles)} bundles within {cluster.startup_timeout_s:.0f}s: "
+            f"bundles {bundles} do not fit the cluster's resources {ray.cluster_resources()}"
+        ) from None
+    return group
+
+
+def _start_actor(config: EngineConfig, placement: ExpertPlacement, index: int, group, bundle_index: int, bundle) -> ActorRef:
+    expert_cls = ray.remote(concurrency_groups={CONTROL_GROUP: 1})(ExpertActor)  # stage/retire beside run_experts
+    handle = expert_cls.options(
+        num_cpus=bundle.get("CPU", 0),
+        num_gpus=bundle.get("GPU", 0),
+        max_restarts=-1,
+        max_task_retries=0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=bundle_index),
+    ).remote(index, config.model_dir, config.dtype, placement.hosted_by(index), placement.version)
+    return ActorRef(index, handle, describe_actor(placement, index))

@@ -9,8 +9,9 @@ import ray
 
 from moeshard.actors.expert_pool import ClusterStartError, ExpertPool, start_expert_pool
 from moeshard.actors.offline_coordinator import OfflineCoordinator
-from moeshard.actors.pool_service import attach_expert_pool
+from moeshard.actors.pool_service import SharedExpertPool, attach_expert_pool
 from moeshard.actors.ray_init import connect_ray
+from moeshard.actors.rebalance.scale import PoolScaler, ScaleReport
 from moeshard.cluster.engine.config import EngineConfig
 from moeshard.cluster.engine.generation import RequestOutput
 from moeshard.cluster.engine.sampling import SamplingParams
@@ -27,6 +28,7 @@ class ExpertCluster:
     pool: ExpertPool
     coordinator: object  # ActorHandle of OfflineCoordinator
     connected_ray: bool
+    _scaler: PoolScaler | None = None  # scales a pool of its own
 
     @property
     def placement(self):
@@ -34,7 +36,7 @@ class ExpertCluster:
 
     @property
     def expert_actors(self) -> list:
-        return [a.handle for a in self.pool.actors]
+        return [a.handle for a in self.pool.layout()[1]]
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
         return ray.get(self.coordinator.generate.remote(prompts, params))
@@ -55,6 +57,19 @@ class ExpertCluster:
         report = ray.get(self.coordinator.rebalance.remote())
         self.pool.placement = report.placement  # what placement_report shows
         return report
+
+    def scale(self, expert_actors: int) -> ScaleReport:
+        """Grow or shrink the pool while the coordinator serves (actors/rebalance/scale.py)."""
+        if isinstance(self.pool, SharedExpertPool):
+            return ScaleReport(**self.pool.scale(expert_actors))  # the manager scales; its coordinators follow
+        if self._scaler is None:
+            timeout_s = self.pool.config.cluster.recovery_timeout_s + self.pool.config.cluster.dispatch_timeout_s
+
+            def publish(placement, actors) -> bool:
+                return ray.get(self.coordinator.switch_experts.remote(placement, actors, timeout_s))
+
+            self._scaler = PoolScaler(self.pool, publish, timeout_s)
+        return self._scaler.scale(expert_actors)
 
     def expert_balance(self) -> dict:
         return ray.get(self.coordinator.expert_balance.remote())

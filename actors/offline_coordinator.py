@@ -15,6 +15,7 @@ import torch
 from moeshard.actors.actor_health import HealthSnapshot
 from moeshard.actors.dispatch import remote_experts
 from moeshard.actors.placement import ExpertPlacement
+from moeshard.actors.pool_service import attach_expert_pool
 from moeshard.actors.rebalance.auto import start_auto_rebalance
 from moeshard.actors.rebalance.live import Rebalancer, RebalanceReport
 from moeshard.actors.transport import ActorRef
@@ -37,6 +38,10 @@ class OfflineCoordinator:
         self.engine = build_engine(config, files, self.experts)
         # None unless cluster.auto_rebalance_s; never for a shared pool (other coordinators use it too).
         self.auto = start_auto_rebalance(config.cluster, self.rebalancer) if config.cluster.pool_name is None else None
+        self.pool = None  # a shared pool: this coordinator checks in and follows its scaling
+        if config.cluster.pool_name is not None:
+            self.pool = attach_expert_pool(config, files.model_config)
+            self.pool.follow(self.experts)
 
     def ready(self) -> bool:
         return True
@@ -50,6 +55,10 @@ class OfflineCoordinator:
     def rebalance(self) -> RebalanceReport:
         """A new placement from the load since the last one, switched in between two steps of any generation."""
         return self.rebalancer.rebalance()
+
+    def switch_experts(self, placement: ExpertPlacement, actors: list[ActorRef], timeout_s: float) -> bool:
+        """The pool was scaled: dispatch with ``placement`` over ``actors`` from the next step on; True once it does."""
+        return self.experts.switch(placement, timeout_s, actors)
 
     def expert_balance(self) -> dict:
         return self.rebalancer.status()
@@ -71,4 +80,6 @@ class OfflineCoordinator:
     def close(self) -> None:
         if self.auto is not None:
             self.auto.close()
+        if self.pool is not None:
+            self.pool.shutdown()  # detaches; the pool goes on
         self.experts.transport.close()

@@ -6,7 +6,7 @@ coordinator to ask starts it (and so the pool: placement group, actors, weights)
 coordinator that Serve restarted after a crash, attaches to the running pool. Nothing is reloaded, and
 the pool keeps serving the other coordinators meanwhile.
 
-Coordinators check in while they live (``attach``, then ``heartbeat``). The pool stops when asked
+Coordinators check in while they live (``attach``, then ``check_in`` twice a second). The pool stops when asked
 (``stop_expert_pool``, or ``moeshard serve`` on its way out), or by itself once no coordinator has checked
 in for ``pool_idle_timeout_s``: a deleted application does not leave its experts behind, while a rolling
 update, whose new replicas attach within seconds, keeps them.
@@ -25,8 +25,10 @@ from dataclasses import dataclass
 
 import ray
 
+from moeshard.actors.dispatch import RemoteExperts
 from moeshard.actors.expert_pool import ExpertPool, start_expert_pool
 from moeshard.actors.placement import ExpertPlacement
+from moeshard.actors.rebalance.scale import PoolScaler
 from moeshard.actors.transport import ActorRef
 from moeshard.cluster.engine.config import EngineConfig
 from moeshard.cluster.model.config import ModelConfig
@@ -34,7 +36,8 @@ from moeshard.cluster.model.config import ModelConfig
 logger = logging.getLogger(__name__)
 
 POOL_NAMESPACE = "moeshard"
-HEARTBEAT_S = 10.0  # how often an attached coordinator checks in
+CHECK_IN_S = 0.5  # how often an attached coordinator checks in and looks for a new placement
+LIVE_S = 10.0  # a coordinator not checked in for this long is taken for gone (not listed, not waited for)
 
 
 class PoolMismatch(ValueError):
@@ -42,24 +45,42 @@ class PoolMismatch(ValueError):
 
 
 @dataclass(frozen=True)
+class PoolLayout:
+    placement: ExpertPlacement
+    actors: list[ActorRef]  # actor i at position i
+
+
+@dataclass(frozen=True)
 class PoolAttachment:
     """What a coordinator needs of the pool to dispatch to it."""
 
-    placement: ExpertPlacement
-    actors: list[ActorRef]
+    layout: PoolLayout
     group: object  # the pool's PlacementGroup
     coordinators: int  # coordinators attached, this one included
 
 
+@dataclass
+class _CheckIn:
+    seen: float  # monotonic time of the last check-in
+    version: int | None  # the placement version its dispatch uses; None: it does not dispatch (an offline driver)
+
+
 class ExpertPoolService:
-    """The manager actor of a shared pool (see the module doc); its methods run on a few threads."""
+    """The manager actor of a shared pool (see the module doc); its methods run on a few threads.
+
+    It owns the placement: ``scale`` grows or shrinks the pool (actors/rebalance/scale.py) and publishes the
+    new layout, which every coordinator picks up on its next check-in and switches to between two steps;
+    a coordinator that rebalanced the pool alone hands its new placement over with ``adopt``."""
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig):
         self.signature = config.pool_signature()
         self.idle_timeout_s = config.cluster.pool_idle_timeout_s
+        self.switch_timeout_s = config.cluster.recovery_timeout_s + config.cluster.dispatch_timeout_s
         self.pool = start_expert_pool(config, model_config)
-        self._seen: dict[str, float] = {}  # coordinator id -> last check-in (monotonic)
-        self._lock = threading.Lock()
+        self.scaler = PoolScaler(self.pool, self._publish, self.switch_timeout_s)
+        self._published = PoolLayout(self.pool.placement, list(self.pool.actors))
+        self._seen: dict[str, _CheckIn] = {}
+        self._changed = threading.Condition()  # guards _seen and _published
         self._last_attached = time.monotonic()
         self._stopped = False
         threading.Thread(target=self._watch_idle, name="pool-idle", daemon=True).start()
@@ -69,34 +90,65 @@ class ExpertPoolService:
         if signature != self.signature:
             differ = sorted(k for k in signature if signature[k] != self.signature.get(k))
             raise PoolMismatch(f"this pool was started with other settings ({', '.join(differ)}): {self.signature}")
-        with self._lock:
-            self._seen[coordinator] = time.monotonic()
+        with self._changed:
+            self._seen[coordinator] = _CheckIn(time.monotonic(), None)
             count = len(self._seen)
+            layout = self._published
         logger.info("coordinator %s attached (%d attached)", coordinator, count)
-        return PoolAttachment(self.pool.placement, self.pool.actors, self.pool.group, count)
+        return PoolAttachment(layout, self.pool.group, count)
 
-    def heartbeat(self, coordinator: str) -> None:
-        with self._lock:
-            self._seen[coordinator] = time.monotonic()
+    def check_in(self, coordinator: str, version: int | None) -> int:
+        """A coordinator is alive and dispatches with placement ``version``; the version it should use."""
+        with self._changed:
+            self._seen[coordinator] = _CheckIn(time.monotonic(), version)
+            self._changed.notify_all()
+            return self._published.placement.version
+
+    def layout(self) -> PoolLayout:
+        with self._changed:
+            return self._published
 
     def detach(self, coordinator: str) -> int:
         """Forget a coordinator that is going away; returns how many stay attached. The pool stays up."""
-        with self._lock:
+        with self._changed:
             self._seen.pop(coordinator, None)
+            self._changed.notify_all()
             return len(self._seen)
 
     def coordinators(self) -> list[str]:
-        """The coordinators that checked in within the last three heartbeats."""
-        cutoff = time.monotonic() - 3 * HEARTBEAT_S
-        with self._lock:
-            return sorted(c for c, seen in self._seen.items() if seen >= cutoff)
+        """The coordinators dispatching to the pool that checked in within ``LIVE_S``."""
+        cutoff = time.monotonic() - LIVE_S
+        with self._changed:
+            return sorted(c for c, seen in self._seen.items() if seen.seen >= cutoff and seen.version is not None)
+
+    def scale(self, expert_actors: int) -> dict:
+        """Grow or shrink the pool to ``expert_actors`` while the coordinators serve; a ``ScaleReport`` as a dict."""
+        return self.scaler.scale(expert_actors).to_dict()
+
+    def adopt(self, placement: ExpertPlacement) -> None:
+        """The pool's only coordinator rebalanced it: its placement is the pool's from now on."""
+        with self.scaler.lock, self._changed:
+            if placement.version > self._published.placement.version and placement.num_actors == len(self.pool.actors):
+                self.pool.placement = placement
+                self._published = PoolLayout(placement, self._published.actors)
+
+    def _publish(self, placement: ExpertPlacement, actors: list[ActorRef]) -> bool:
+        """Hand the coordinators the new layout; True once every live one dispatches with it."""
+        deadline = time.monotonic() + self.switch_timeout_s
+        with self._changed:
+            self._published = PoolLayout(placement, list(actors))
+            return self._changed.wait_for(lambda: not self._lagging(placement.version), timeout=max(0.0, deadline - time.monotonic()))
+
+    def _lagging(self, version: int) -> list[str]:
+        cutoff = time.monotonic() - LIVE_S
+        return [c for c, seen in self._seen.items() if seen.version is not None and seen.seen >= cutoff and seen.version < version]
 
     def ready(self) -> bool:
         return True
 
     def stop(self) -> None:
-        """Kill the expert actors and free their placement group; the manager exits right after."""
-        with self._lock:
+        """Kill the expert actors and free their placement groups; the manager exits right after."""
+        with self._changed:
             if self._stopped:
                 return
             self._stopped = True
@@ -105,10 +157,10 @@ class ExpertPoolService:
 
     def _watch_idle(self) -> None:
         while not self._stopped:
-            time.sleep(min(HEARTBEAT_S, self.idle_timeout_s / 2))
-            cutoff = time.monotonic() - 3 * HEARTBEAT_S
-            with self._lock:
-                live = any(seen >= cutoff for seen in self._seen.values())
+            time.sleep(min(LIVE_S, self.idle_timeout_s / 2))
+            cutoff = time.monotonic() - LIVE_S
+            with self._changed:
+                live = any(seen.seen >= cutoff for seen in self._seen.values())
                 if live:
                     self._last_attached = time.monotonic()
                 idle_for = time.monotonic() - self._last_attached
@@ -120,26 +172,59 @@ class ExpertPoolService:
 
 class SharedExpertPool(ExpertPool):
     """A coordinator's view of a shared pool: health and placement as for its own pool, but ``shutdown``
-    only detaches (the pool goes on serving the other coordinators)."""
+    only detaches (the pool goes on serving the other coordinators).
+
+    It checks in every ``CHECK_IN_S``. Once it ``follow``s a dispatch, it reports the dispatch's placement
+    version and, when the pool publishes a newer one (it was scaled), hands it to the dispatch, which switches
+    between two steps. A view that follows nothing (an offline driver) reads the layout from the manager."""
 
     def __init__(self, config: EngineConfig, attachment: PoolAttachment, manager, coordinator: str):
-        super().__init__(config, attachment.placement, attachment.actors, attachment.group)
+        super().__init__(config, attachment.layout.placement, list(attachment.layout.actors), attachment.group)
         self.name = config.cluster.pool_name
         self.manager = manager
         self.coordinator = coordinator
+        self.experts: RemoteExperts | None = None
         self._closed = threading.Event()
-        threading.Thread(target=self._check_in, name="pool-heartbeat", daemon=True).start()
+        threading.Thread(target=self._check_in, name="pool-check-in", daemon=True).start()
+
+    def follow(self, experts: RemoteExperts) -> None:
+        """Report ``experts``' placement version and switch it to each newer layout the pool publishes."""
+        self.experts = experts
 
     def _check_in(self) -> None:
-        while not self._closed.wait(HEARTBEAT_S):
+        asked, failing = -1, False
+        while not self._closed.wait(CHECK_IN_S):
+            experts = self.experts
+            in_use = experts.placement.version if experts is not None else None
             try:
-                self.manager.heartbeat.remote(self.coordinator)
-            except Exception as exc:  # noqa: BLE001 - the next beat tries again
-                logger.warning("expert pool heartbeat failed: %s", exc)
+                version = ray.get(self.manager.check_in.remote(self.coordinator, in_use), timeout=10)
+                if experts is not None and version > in_use and version != asked:
+                    layout = ray.get(self.manager.layout.remote(), timeout=10)
+                    experts.switch(layout.placement, 0.0, layout.actors)  # taken between two steps
+                    asked = version
+                failing = False
+            except Exception as exc:  # noqa: BLE001 - the next check-in tries again
+                if not failing:
+                    logger.warning("expert pool check-in failed: %s", exc)
+                failing = True
+
+    def layout(self) -> tuple[ExpertPlacement, list[ActorRef]]:
+        if self.experts is not None:
+            return self.experts.layout()
+        layout = ray.get(self.manager.layout.remote(), timeout=10)
+        return layout.placement, layout.actors
 
     def coordinators(self, timeout_s: float = 5.0) -> list[str]:
         """The coordinators attached to the pool and checking in."""
         return ray.get(self.manager.coordinators.remote(), timeout=timeout_s)
+
+    def scale(self, expert_actors: int) -> dict:
+        """Grow or shrink the pool (see ``ExpertPoolService.scale``)."""
+        return ray.get(self.manager.scale.remote(expert_actors))
+
+    def adopt(self, placement: ExpertPlacement) -> None:
+        """This coordinator rebalanced the pool: the manager takes the placement as the pool's."""
+        ray.get(self.manager.adopt.remote(placement), timeout=60)
 
     def shutdown(self) -> None:
         self._closed.set()
@@ -163,7 +248,7 @@ def attach_expert_pool(config: EngineConfig, model_config: ModelConfig) -> Exper
             lifetime="detached",
             get_if_exists=True,
             num_cpus=0,
-            max_concurrency=4,
+            max_concurrency=8,  # check-ins go on while a scaling waits for the coordinators
             max_restarts=0,
         )
         .remote(config, model_config)

@@ -51,7 +51,7 @@ from moeshard.deploy.errors import APIError, error_body, error_response, validat
 from moeshard.deploy.limits import check_choices, check_prompt_chars, check_work
 from moeshard.deploy.logprobs import ChoiceLogprobs
 from moeshard.deploy.metrics import ServerMetrics
-from moeshard.deploy.protocol import ChatCompletionRequest, CompletionRequest, envelope, usage_counts
+from moeshard.deploy.protocol import ChatCompletionRequest, CompletionRequest, ScaleRequest, envelope, usage_counts
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class ServingCoordinator:
 
             self.pool = attach_expert_pool(config, files.model_config)  # the shared pool: started by the first replica
             self.experts = remote_experts(config, self.pool.placement, self.pool.actors)
+            self.pool.follow(self.experts)  # switch with the pool when it is scaled
             self.rebalancer = Rebalancer(self.experts, config.cluster.recovery_timeout_s + config.cluster.dispatch_timeout_s)
             if self.args.coordinators == 1:  # a pool shared by several coordinators is not rebalanced (yet)
                 self.auto_rebalance = start_auto_rebalance(config.cluster, self.rebalancer)  # None unless configured
@@ -417,7 +418,7 @@ class ServingCoordinator:
         balance = self.rebalancer.status() if self.rebalancer is not None else None
         routing = self.routing.snapshot().model_dump()
         return {
-            "expert_actors": self.args.expert_actors, "placement": placement, "load": load, "balance": balance,
+            "expert_actors": len(self.pool.layout()[1]) if self.pool is not None else 0, "placement": placement, "load": load, "balance": balance,
             "routing": routing,
         }  # fmt: skip
 
@@ -435,9 +436,28 @@ class ServingCoordinator:
         try:
             report = await asyncio.to_thread(self.rebalancer.rebalance)
         except RebalanceBusy as exc:
-            raise APIError(409, str(exc)) from None
-        self.pool.placement = report.placement  # what GET /v1/experts reports
+            raise APIError(409, f"{exc}, or the pool is being scaled") from None
+        if report.switched:
+            await asyncio.to_thread(self.pool.adopt, report.placement)  # the pool's placement from now on
         return report.to_dict()
+
+    @api.post("/v1/experts/scale")
+    async def scale(self, body: ScaleRequest) -> dict:
+        """Grow or shrink the expert pool to ``expert_actors`` while serving (docs/cluster.md#scaling)."""
+        if self.rebalancer is None:
+            raise APIError(400, "this server runs its experts in one process: there is no expert pool to scale")
+        from moeshard.actors.rebalance.scale import ScaleBusy, ScaleError
+
+        if not self.rebalancer.lock.acquire(blocking=False):  # this coordinator's rebalance uses the pool's placement
+            raise APIError(409, "a rebalance is running: scale when it is done")
+        try:
+            return await asyncio.to_thread(self.pool.scale, body.expert_actors)
+        except ScaleBusy as exc:
+            raise APIError(409, str(exc)) from None
+        except ScaleError as exc:
+            raise APIError(503, str(exc)) from None
+        finally:
+            self.rebalancer.lock.release()
 
     def _pool_info(self) -> dict | None:
         """The expert pool's name and the coordinators attached to it (this one alone for a pool of its own)."""

@@ -20,6 +20,7 @@ from moeshard.cluster.engine.sampling import SamplingParams
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_N = 16
+MAX_EXPERT_ACTORS = 1024  # in one scaling request
 MAX_STOPS = 4
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 1024
@@ -262,6 +263,14 @@ class ChatCompletionRequest(_SamplingFields):
 
     def plain_messages(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+class ScaleRequest(BaseModel):
+    """``POST /v1/experts/scale``: the number of expert actors the pool should have."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    expert_actors: int = Field(ge=1, le=MAX_EXPERT_ACTORS)
 
 
 def envelope(request_id: str, kind: str, created: int, model: str, choices: list[dict], usage: dict | None) -> dict:

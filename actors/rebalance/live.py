@@ -64,19 +64,25 @@ class Rebalancer:
     def __init__(self, experts: RemoteExperts, timeout_s: float):
         self.experts = experts
         self.timeout_s = timeout_s
-        start = experts.placement
-        self.slots = tuple(start.slots_of(a) for a in range(start.num_actors))  # capacity: what each actor started with
+        self._slots = _slots(experts.placement)  # capacity: what each actor started with
         self.last: RebalanceReport | None = None
         self.count = 0
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # held while rebalancing; a scaling asked of this coordinator takes it too
+
+    @property
+    def slots(self) -> tuple[int, ...]:
+        """Experts each actor holds per layer: as it started, or as the last scaling of the pool left it."""
+        if len(self._slots) != self.experts.placement.num_actors:
+            self._slots = _slots(self.experts.placement)
+        return self._slots
 
     def rebalance(self) -> RebalanceReport:
-        if not self._lock.acquire(blocking=False):
+        if not self.lock.acquire(blocking=False):
             raise RebalanceBusy("a rebalance is already running")
         try:
             report = self._rebalance()
         finally:
-            self._lock.release()
+            self.lock.release()
         self.last, self.count = report, self.count + 1
         return report
 
@@ -173,6 +179,10 @@ def _expected_imbalance(placement: ExpertPlacement, load) -> list[float]:
         layer_load = [float(x) for x in load[layer, : len(hosts)]]
         out.append(imbalance(expected_load(layer_load, hosts, placement.shares_of(layer), placement.num_actors)))
     return out
+
+
+def _slots(placement: ExpertPlacement) -> tuple[int, ...]:
+    return tuple(placement.slots_of(a) for a in range(placement.num_actors))
 
 
 def _worst(values) -> float:

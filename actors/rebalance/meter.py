@@ -47,6 +47,12 @@ class LoadMeter:
         self._steps = 0
         self._opened = self._clock()
 
+    def resize(self, num_actors: int) -> None:
+        """The pool was scaled: a new window over ``num_actors`` actors."""
+        with self._lock:
+            self._shape = (*self._shape[:2], num_actors)
+            self._reset()
+
     def record(self, layer: int, expert_ids: torch.Tensor, send_to: torch.Tensor, first_layer: bool) -> None:
         """One layer's dispatch: expert_ids [T, K], send_to [T, K] (actor per choice, -1 for a repeat)."""
         layers, experts, actors = self._shape

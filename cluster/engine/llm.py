@@ -118,6 +118,17 @@ class LLM:
             raise RuntimeError("rebalancing a shared expert pool (cluster.pool_name) is not supported yet")
         return self._cluster.rebalance()
 
+    def scale(self, expert_actors: int):
+        """Grow or shrink the pool to ``expert_actors`` expert actors while generating (a ``ScaleReport``).
+
+        New actors start and load their experts (on another node if that is where the cluster has room), the
+        actors that stay load the experts moved to them, and the dispatch switches between two steps; removed
+        actors are stopped once no coordinator sends them work. Outputs do not change."""
+        self._check_open()
+        if self._cluster is None:
+            raise RuntimeError("scale needs expert actors (expert_actors > 0)")
+        return self._cluster.scale(expert_actors)
+
     def expert_balance(self) -> dict | None:
         """Rows per actor per step and imbalance per layer since the last rebalance, and that rebalance; None in one process."""
         self._check_open()

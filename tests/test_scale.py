@@ -1,0 +1,192 @@
+"""Scaling the expert pool while it serves: the plan, and 2 -> 3 -> 2 actors under running generations, with
+every output equal to the single process (a pool of its own, a shared pool, and a multi-node cluster)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from moeshard.actors.placement import ExpertPlacement, PlacementError
+from moeshard.actors.rebalance.plan import initial_placement
+from moeshard.actors.rebalance.scale import plan_scale
+from moeshard.cluster import LLM, SamplingParams
+from moeshard.cluster.loadtest.failover_bench import expert_actor_pids
+
+PROMPTS = [[1, 5, 9, 33, 17], [1, 100, 3], [1, 7, 7, 7, 40, 2, 90], [1, 120], [1, 42, 43, 44]]
+PARAMS = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+# -- the plan -----------------------------------------------------------------------------
+def _experts_per_actor(placement: ExpertPlacement, layer: int) -> list[int]:
+    return [len(placement.hosted_by(a).get(layer, [])) for a in range(placement.num_actors)]
+
+
+def _check_serves(placement: ExpertPlacement, num_experts: int) -> None:
+    for layer, experts in enumerate(placement.hosts):
+        if experts:
+            assert len(experts) == num_experts and all(experts), f"layer {layer} leaves an expert without a host"
+
+
+def test_growing_moves_only_what_the_new_actor_takes_and_shrinking_undoes_it():
+    start = ExpertPlacement.even(num_layers=3, num_experts=8, num_actors=2, dense_layers=(1,))
+    grown = plan_scale(start, 3)
+    assert grown.version == start.version + 1 and grown.num_actors == 3
+    _check_serves(grown, 8)
+    assert grown.hosts[1] == ()  # a dense layer stays without experts
+    for layer in (0, 2):
+        assert sorted(_experts_per_actor(grown, layer)) == [2, 3, 3]
+        moved = [e for e in range(8) if grown.hosts[layer][e] != start.hosts[layer][e]]
+        assert len(moved) == 2 and all(grown.hosts[layer][e] == (2,) for e in moved)  # only to the new actor
+    shrunk = plan_scale(grown, 2)
+    assert shrunk.version == start.version + 2
+    _check_serves(shrunk, 8)
+    for layer in (0, 2):
+        assert _experts_per_actor(shrunk, layer) == [4, 4]
+        assert all(shrunk.hosts[layer][e] == grown.hosts[layer][e] for e in range(8) if 2 not in grown.hosts[layer][e])
+
+
+def test_replicas_keep_their_shares_and_are_dropped_when_actors_run_out():
+    start = initial_placement(num_layers=2, num_experts=4, num_actors=3, redundant=2)
+    replicated = [e for e, hosts in enumerate(start.hosts[0]) if len(hosts) > 1]
+    assert replicated
+    grown = plan_scale(start, 5)
+    _check_serves(grown, 4)
+    assert [len(h) for h in grown.hosts[0]] == [len(h) for h in start.hosts[0]]  # replica counts kept
+    one = plan_scale(grown, 1)
+    _check_serves(one, 4)
+    assert all(hosts == (0,) for hosts in one.hosts[0])
+    assert one.shares is None or all(split == (1.0,) for split in one.shares[0])
+    for split in (plan_scale(start, 2).shares or ((),))[0]:
+        assert abs(sum(split) - 1.0) < 1e-9 if split else True
+    with pytest.raises(PlacementError):
+        plan_scale(start, 0)
+
+
+# -- live: 2 -> 3 -> 2 under running generations ------------------------------------------------
+@pytest.fixture(scope="module")
+def expected(tiny_mixtral_dir) -> list[list[int]]:
+    with LLM(tiny_mixtral_dir) as single:
+        return [o.token_ids for o in single.generate(PROMPTS, PARAMS)]
+
+
+class Generations:
+    """Generations one after another on a thread until stopped; each one's tokens are kept."""
+
+    def __init__(self, llm: LLM):
+        self.llm, self.outputs, self.errors = llm, [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.outputs.append([o.token_ids for o in self.llm.generate(PROMPTS, PARAMS)])
+            except Exception as exc:  # noqa: BLE001 - asserted on below
+                self.errors.append(exc)
+                return
+
+    def wait_for(self, count: int, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.outputs) < count and not self.errors and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def stop(self) -> list[list[list[int]]]:
+        self._stop.set()
+        self._thread.join(timeout=300)
+        assert not self.errors, self.errors
+        return self.outputs
+
+
+def _wait_for_pids(count: int, timeout_s: float = 60) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while len(pids := expert_actor_pids()) != count and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return pids
+
+
+def _scale_up_and_down(llm: LLM, expected: list[list[int]], count_pids: bool = True) -> None:
+    generations = Generations(llm)
+    generations.wait_for(1)
+    done = len(generations.outputs)
+    grown = llm.scale(3)
+    assert grown.expert_actors_before == 2 and grown.expert_actors == 3 and grown.started == [2]
+    assert grown.switched and grown.moved > 0
+    assert sorted({a for row in llm.placement() for a in row["actors"]}) == [0, 1, 2]
+    if count_pids:
+        assert len(_wait_for_pids(3)) == 3
+    generations.wait_for(len(generations.outputs) + 1)
+    shrunk = llm.scale(2)
+    assert shrunk.expert_actors == 2 and shrunk.stopped == [2] and shrunk.switched
+    assert sorted({a for row in llm.placement() for a in row["actors"]}) == [0, 1]
+    if count_pids:
+        assert len(_wait_for_pids(2)) == 2
+    generations.wait_for(len(generations.outputs) + 1)
+    outputs = generations.stop()
+    assert len(outputs) > done + 1  # generations ran while the pool changed
+    assert all(out == expected for out in outputs)
+
+
+@pytest.mark.slow
+def test_own_pool_scales_two_three_two_while_generating(tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+    with LLM(tiny_mixtral_dir, expert_actors=2, cluster={"cpus_per_actor": 0.5}) as llm:
+        pids = sorted(_wait_for_pids(2))
+        _scale_up_and_down(llm, expected)
+        assert sorted(expert_actor_pids()) == pids  # the actors that stayed were never restarted
+        assert llm.scale(2).switched is False  # already 2: nothing to do
+
+
+@pytest.mark.slow
+def test_shared_pool_scales_two_three_two_while_generating(tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+    cluster = {"pool_name": "scale-test-pool", "cpus_per_actor": 0.5}
+    with LLM(tiny_mixtral_dir, expert_actors=2, cluster=cluster) as llm:
+        _scale_up_and_down(llm, expected)
+
+
+# -- multi-node ------------------------------------------------------------------------------------
+@pytest.fixture
+def growing_cluster(tmp_path_factory, monkeypatch):
+    """A Ray cluster of a head and two worker nodes (ray.cluster_utils) that the test can add nodes to."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    for _ in range(2):
+        cluster.add_node(num_cpus=4)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_a_multi_node_pool_grows_onto_an_added_node_and_shrinks_off_it(growing_cluster, tiny_mixtral_dir, expected):
+    from moeshard.actors.rebalance.scale import ScaleError
+
+    # Each actor takes 3 of a worker node's 4 CPUs: one actor per worker node, none on the head.
+    cluster = {"pool_name": "scale-multinode", "cpus_per_actor": 3, "startup_timeout_s": 15}
+    with LLM(tiny_mixtral_dir, expert_actors=2, cluster=cluster) as llm:
+        generations = Generations(llm)
+        generations.wait_for(1)
+        with pytest.raises(ScaleError, match="could not start 1 expert actors"):
+            llm.scale(3)  # no node has room: the pool serves on as it was
+        assert sorted({a for row in llm.placement() for a in row["actors"]}) == [0, 1]
+        node = growing_cluster.add_node(num_cpus=4)
+        growing_cluster.wait_for_nodes()
+        grown = llm.scale(3)
+        assert grown.switched and grown.started == [2]
+        nodes = {a: n for row in llm.placement() for a, n in zip(row["actors"], row["nodes"])}
+        assert nodes[2] == node.node_id and len(set(nodes.values())) == 3
+        generations.wait_for(len(generations.outputs) + 1)
+        shrunk = llm.scale(2)
+        assert shrunk.stopped == [2] and shrunk.switched
+        nodes = {a: n for row in llm.placement() for a, n in zip(row["actors"], row["nodes"])}
+        assert node.node_id not in nodes.values()
+        generations.wait_for(len(generations.outputs) + 1)
+        assert all(out == expected for out in generations.stop())
