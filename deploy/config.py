@@ -69,6 +69,8 @@ class ServeArgs(BaseModel):
             raise ValueError("the compiled_graph transport serves one coordinator per pool: use actor_calls with coordinators > 1")
         if config.cluster.pool_name is None:
             config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"pool_name": self.pool_name(config)})})
+        if config.cluster.actor_concurrency is None:  # each coordinator's call runs beside the others'
+            config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"actor_concurrency": self.coordinators})})
         return config
 
     def pool_name(self, config: EngineConfig) -> str:

@@ -73,6 +73,7 @@ class ServerMetrics:
             registry=r,
         )
         self.rebalances = Gauge("moeshard_rebalances", "Rebalances since start", registry=r)
+        self.expert_actors = Gauge("moeshard_expert_actors", "Expert actors the coordinator dispatches to (changes when the pool is scaled)", registry=r)
         self.rebalance_seconds = Gauge("moeshard_rebalance_seconds", "Duration of the last rebalance", registry=r)
         self.rebalance_bytes = Gauge("moeshard_rebalance_bytes_loaded", "Expert bytes the last rebalance loaded", registry=r)
         self._seen = HealthSnapshot(down_since={}, failures=(), retries=0, recovery_seconds=())
@@ -80,6 +81,8 @@ class ServerMetrics:
     def _record_balance(self, balance: dict) -> None:
         """The rebalancer's status (``Rebalancer.status``): the current window and the last rebalance."""
         window = balance["window"]
+        self.actor_rows.clear()  # a scaled-down pool has fewer actors
+        self.expert_actors.set(len(window["rows_per_step"]))
         for actor, rows in enumerate(window["rows_per_step"]):
             self.actor_rows.labels(str(actor)).set(rows)
         for layer, ratio in enumerate(window["imbalance"]):

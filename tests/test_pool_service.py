@@ -7,7 +7,11 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 
 import openai
@@ -150,3 +154,103 @@ def test_a_killed_coordinator_comes_back_to_the_same_expert_actors(server, expec
     assert victim not in back
     assert sorted(expert_actor_pids()) == pids  # attached again: no expert actor started or reloaded
     assert asyncio.run(_complete_all(server, PROMPTS)) == [expected[p] for p in PROMPTS]
+
+
+# -- scaling the shared pool while both coordinators stream (last: it changes the pool) -------------------
+async def _stream_all(server: str, prompts: list[str]) -> list[str]:
+    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    async def one(prompt: str) -> str:
+        stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, stream=True)
+        return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
+
+    try:
+        return await asyncio.gather(*(one(p) for p in prompts))
+    finally:
+        await client.close()
+
+
+class Streams:
+    """Rounds of concurrent streams on a thread until stopped; every round's texts are kept."""
+
+    def __init__(self, server: str):
+        self.server, self.rounds, self.errors = server, [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.rounds.append(asyncio.run(_stream_all(self.server, PROMPTS)))
+            except Exception as exc:  # noqa: BLE001 - asserted on below
+                self.errors.append(exc)
+                return
+
+    def wait_for_round(self, timeout_s: float = 120) -> None:
+        target, deadline = len(self.rounds) + 1, time.monotonic() + timeout_s
+        while len(self.rounds) < target and not self.errors and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def stop(self) -> list[list[str]]:
+        self._stop.set()
+        self._thread.join(timeout=300)
+        assert not self.errors, self.errors
+        return self.rounds
+
+
+def _actors_seen_by_both(server: str, count: int, polls: int = 60) -> None:
+    """Both coordinators' /v1/experts list ``count`` actors (a request reaches one replica: poll)."""
+    seen: dict[int, set] = {}
+    for _ in range(polls):
+        health, experts = _get(f"{server}/health"), _get(f"{server}/v1/experts")
+        seen.setdefault(experts["expert_actors"], set()).add(health["coordinator_id"])
+        if experts["expert_actors"] == count:
+            assert sorted({a for row in experts["placement"] for a in row["actors"]}) == list(range(count))
+        if len(seen.get(count, ())) == 2:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not both coordinators showed {count} expert actors: {seen}")
+
+
+@pytest.mark.slow
+def test_the_shared_pool_scales_two_three_two_while_both_coordinators_stream(server, expected):
+    from moeshard.cluster.client import Client
+
+    pids = sorted(expert_actor_pids())
+    _wait_for_two_coordinators(server, without=set())
+    streams = Streams(server)
+    streams.wait_for_round()
+    with Client(server) as client:
+        grown = client.scale(3)  # through the SDK
+    assert (grown.expert_actors_before, grown.expert_actors, grown.started, grown.switched) == (2, 3, [2], True)
+    _actors_seen_by_both(server, 3)
+    assert len(expert_actor_pids()) == 3
+    streams.wait_for_round()
+    shrink = subprocess.run(  # through the CLI
+        [sys.executable, "-m", "moeshard.cluster.cli.main", "scale", "--url", server, "--expert-actors", "2"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert shrink.returncode == 0, shrink.stderr
+    assert "expert actors 3 -> 2" in shrink.stdout and "stopped [2]" in shrink.stdout
+    _actors_seen_by_both(server, 2)
+    streams.wait_for_round()
+    rounds = streams.stop()
+    assert len(rounds) >= 3 and all(texts == [expected[p] for p in PROMPTS] for texts in rounds)
+    deadline = time.monotonic() + 60
+    while sorted(expert_actor_pids()) != pids and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sorted(expert_actor_pids()) == pids  # the stopped actor is gone, the others were never restarted
+
+
+@pytest.mark.slow
+def test_a_bad_scale_request_is_a_400_and_changes_nothing(server):
+    for body in ({"expert_actors": 0}, {"expert_actors": "many"}, {"actors": 3}, {}):
+        request = urllib.request.Request(
+            f"{server}/v1/experts/scale", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=30)
+        assert caught.value.code == 400
+        assert json.loads(caught.value.read())["error"]["type"] == "invalid_request_error"
+    assert _get(f"{server}/v1/experts")["expert_actors"] == 2

@@ -190,3 +190,20 @@ def test_a_multi_node_pool_grows_onto_an_added_node_and_shrinks_off_it(growing_c
         assert node.node_id not in nodes.values()
         generations.wait_for(len(generations.outputs) + 1)
         assert all(out == expected for out in generations.stop())
+
+
+@pytest.mark.slow
+def test_an_expert_actor_runs_several_coordinators_calls_at_once(tiny_mixtral_dir, tmp_path_factory, monkeypatch):
+    import ray
+
+    from moeshard.actors.wire import NO_WORK
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+    for concurrency, overlapped in ((2, True), (1, False)):
+        with LLM(tiny_mixtral_dir, expert_actors=1, cluster={"cpus_per_actor": 0.5, "actor_concurrency": concurrency}) as llm:
+            actor = llm._cluster.expert_actors[0]
+            ray.get(actor.delay_next_calls.remote(1.0, 2))
+            started = time.monotonic()
+            assert ray.get([actor.run_experts.remote(NO_WORK) for _ in range(2)]) == [NO_WORK, NO_WORK]
+            took = time.monotonic() - started
+            assert (took < 1.8) == overlapped, f"two 1 s calls took {took:.2f}s with actor_concurrency={concurrency}"

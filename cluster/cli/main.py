@@ -84,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_command(commands)
 
     from moeshard.cluster.cli.routing import add_routing_command
+    from moeshard.cluster.cli.scale import add_scale_command
 
     add_routing_command(commands)
+    add_scale_command(commands)
 
     demo = commands.add_parser(
         "demo-model",

@@ -24,7 +24,16 @@ import httpx2
 
 from moeshard.cluster.client.base import Messages
 from moeshard.cluster.client.core import ClientBase, Outcome, Plan, Route, Send
-from moeshard.cluster.client.types import ChatCompletion, Completion, Experts, Health, Model, RebalanceReport, StreamEvent
+from moeshard.cluster.client.types import (
+    ChatCompletion,
+    Completion,
+    Experts,
+    Health,
+    Model,
+    RebalanceReport,
+    ScaleReport,
+    StreamEvent,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -60,6 +69,10 @@ class AsyncClient(ClientBase):
     async def rebalance(self) -> RebalanceReport:
         """Rebalance the server's experts from the load measured since the last rebalance (needs the API key)."""
         return await self._run(self._core.rebalance())
+
+    async def scale(self, expert_actors: int) -> ScaleReport:
+        """Grow or shrink the server's expert pool to ``expert_actors`` while it serves (needs the API key)."""
+        return await self._run(self._core.scale(expert_actors))
 
     async def complete(self, prompt: str | list[int], *, model: str | None = None, **sampling: Any) -> Completion:
         return await self._run(self._core.complete(prompt, model, sampling))

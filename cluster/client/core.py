@@ -38,7 +38,7 @@ from moeshard.cluster.client.errors import (
     connection_reason,
     error_from_response,
 )
-from moeshard.cluster.client.types import ChatCompletion, Completion, Experts, Health, Model, RebalanceReport
+from moeshard.cluster.client.types import ChatCompletion, Completion, Experts, Health, Model, RebalanceReport, ScaleReport
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ T = TypeVar("T")
 COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"
 REBALANCE = "/v1/experts/rebalance"
+SCALE = "/v1/experts/scale"
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,9 @@ class ClientCore:
 
     def rebalance(self) -> Plan[RebalanceReport]:
         return parse(RebalanceReport, (yield from self._call("POST", REBALANCE, {})).text, REBALANCE)
+
+    def scale(self, expert_actors: int) -> Plan[ScaleReport]:
+        return parse(ScaleReport, (yield from self._call("POST", SCALE, {"expert_actors": expert_actors})).text, SCALE)
 
     def complete(self, prompt: str | list[int], model: str | None, sampling: dict[str, Any]) -> Plan[Completion]:
         body = completion_body((yield from self.model_for(model)), prompt, sampling, stream=False)

@@ -185,6 +185,21 @@ class RebalanceReport(_Response):
     failed_actors: list[int]
 
 
+class ScaleReport(_Response):
+    """``POST /v1/experts/scale``: what a scaling of the expert pool did (docs/cluster.md, Scaling)."""
+
+    expert_actors_before: int
+    expert_actors: int  # actors serving afterwards
+    version: int  # the placement version in use afterwards
+    switched: bool  # every coordinator uses the new placement (False: nothing to change, or one lagged)
+    seconds: float
+    started: list[int]  # actors started
+    stopped: list[int]  # actors drained and stopped
+    moved: int  # (layer, expert, actor) replicas that are new
+    bytes_loaded: int  # expert weights the actors that stayed read from checkpoints
+    failed_actors: list[int]
+
+
 class ExpertBalance(_Response):
     """``/v1/experts``' ``balance``: the placement version, the load window since the last rebalance, and that rebalance."""
 

@@ -41,6 +41,9 @@ class ClusterConfig(BaseModel):
     # and which outlives them (actors/pool_service.py). None: the pool is this coordinator's own.
     pool_name: str | None = Field(default=None, min_length=1, max_length=200)
     pool_idle_timeout_s: float = Field(default=300.0, gt=0)  # a shared pool no coordinator checked in to stops
+    # Calls an expert actor runs at once: several coordinators' layers overlap (one's rows are decoded while
+    # another's are computed). None: one, or as many as there are coordinators in the server.
+    actor_concurrency: int | None = Field(default=None, ge=1, le=64)
 
     @model_validator(mode="after")
     def _check(self) -> "ClusterConfig":
