@@ -130,9 +130,10 @@ def _scale_up_and_down(llm: LLM, expected: list[list[int]], count_pids: bool = T
 
 
 @pytest.mark.slow
-def test_own_pool_scales_two_three_two_while_generating(tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch):
+@pytest.mark.parametrize("transport", ["actor_calls", "compiled_graph"])
+def test_own_pool_scales_two_three_two_while_generating(transport, tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
-    with LLM(tiny_mixtral_dir, expert_actors=2, cluster={"cpus_per_actor": 0.5}) as llm:
+    with LLM(tiny_mixtral_dir, expert_actors=2, cluster={"cpus_per_actor": 0.5, "transport": transport}) as llm:
         pids = sorted(_wait_for_pids(2))
         _scale_up_and_down(llm, expected)
         assert sorted(expert_actor_pids()) == pids  # the actors that stayed were never restarted

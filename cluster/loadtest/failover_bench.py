@@ -72,7 +72,8 @@ def expert_actor_pids() -> list[int]:
     return pids
 
 
-async def _clients(url: str, args: argparse.Namespace, deadline: float) -> list[TimedRecord]:
+async def closed_loop_clients(url: str, args: argparse.Namespace, deadline: float) -> list[TimedRecord]:
+    """``args.clients`` clients streaming one request after another until ``deadline``; every request timed."""
     spec = LoadSpec(requests=1, prompt_len=args.prompt_len, output_len=args.output_len)
     records: list[TimedRecord] = []
 
@@ -136,7 +137,7 @@ def run_scenario(name: str, model_dir: Path, args: argparse.Namespace) -> Scenar
         async def load() -> list[TimedRecord]:
             deadline = time.monotonic() + args.duration
             killing = asyncio.create_task(_killer(args, deadline, kills)) if setup["kill"] else None
-            records = await _clients(url, args, deadline)
+            records = await closed_loop_clients(url, args, deadline)
             if killing is not None:
                 await killing
             return records

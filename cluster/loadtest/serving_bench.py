@@ -142,8 +142,11 @@ async def _load_levels(url: str, args: argparse.Namespace) -> list[LoadReport]:
 
 
 @contextlib.contextmanager
-def served_model(model_dir: Path, expert_actors: int, engine: dict | None = None, coordinators: int = 1) -> Iterator[str]:
-    """Ray, Serve and the app for ``model_dir`` on a free 127.0.0.1 port; yields its URL, shuts everything down after."""
+def served_model(
+    model_dir: Path, expert_actors: int, engine: dict | None = None, coordinators: int = 1, extra_cpus: int = 0
+) -> Iterator[str]:
+    """Ray, Serve and the app for ``model_dir`` on a free 127.0.0.1 port; yields its URL, shuts everything down after.
+    ``extra_cpus``: room in Ray for that many more expert actors (a scaling benchmark)."""
     import ray
     from ray import serve
 
@@ -152,7 +155,7 @@ def served_model(model_dir: Path, expert_actors: int, engine: dict | None = None
 
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray"))
     port = free_port()
-    init_ray(num_cpus=expert_actors + coordinators + 1, include_dashboard=False, logging_level="WARNING")
+    init_ray(num_cpus=expert_actors + coordinators + 1 + extra_cpus, include_dashboard=False, logging_level="WARNING")
     try:
         quiet = {"log_level": "WARNING", "enable_access_log": False}
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
