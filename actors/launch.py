@@ -54,6 +54,8 @@ class ExpertCluster:
         return self.pool.placement_report()
 
     def rebalance(self):
+        if isinstance(self.pool, SharedExpertPool):
+            return self.pool.rebalance()  # the manager, from every coordinator's load
         report = ray.get(self.coordinator.rebalance.remote())
         self.pool.placement = report.placement  # what placement_report shows
         return report
@@ -72,6 +74,8 @@ class ExpertCluster:
         return self._scaler.scale(expert_actors)
 
     def expert_balance(self) -> dict:
+        if isinstance(self.pool, SharedExpertPool):
+            return self.pool.balance()
         return ray.get(self.coordinator.expert_balance.remote())
 
     def shutdown(self) -> None:

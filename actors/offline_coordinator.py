@@ -36,9 +36,9 @@ class OfflineCoordinator:
         self.experts = remote_experts(config, placement, actors)
         self.rebalancer = Rebalancer(self.experts, config.cluster.recovery_timeout_s + config.cluster.dispatch_timeout_s)
         self.engine = build_engine(config, files, self.experts)
-        # None unless cluster.auto_rebalance_s; never for a shared pool (other coordinators use it too).
+        # None unless cluster.auto_rebalance_s; a shared pool's manager rebalances it (and runs its automatic rebalancing).
         self.auto = start_auto_rebalance(config.cluster, self.rebalancer) if config.cluster.pool_name is None else None
-        self.pool = None  # a shared pool: this coordinator checks in and follows its scaling
+        self.pool = None  # a shared pool: this coordinator reports its load and follows the pool's placements
         if config.cluster.pool_name is not None:
             self.pool = attach_expert_pool(config, files.model_config)
             self.pool.follow(self.experts)

@@ -27,8 +27,11 @@ import ray
 
 from moeshard.actors.dispatch import RemoteExperts
 from moeshard.actors.expert_pool import ExpertPool, start_expert_pool
-from moeshard.actors.placement import ExpertPlacement
-from moeshard.actors.rebalance.scale import PoolScaler
+from moeshard.actors.placement import ExpertPlacement, PlacementError
+from moeshard.actors.rebalance.auto import start_auto_rebalance
+from moeshard.actors.rebalance.live import RebalanceBusy, Rebalancer, RebalanceReport
+from moeshard.actors.rebalance.meter import LoadDelta, LoadMeter
+from moeshard.actors.rebalance.scale import PoolScaler, ScaleBusy, ScaleError
 from moeshard.actors.transport import ActorRef
 from moeshard.cluster.engine.config import EngineConfig
 from moeshard.cluster.model.config import ModelConfig
@@ -68,19 +71,24 @@ class _CheckIn:
 class ExpertPoolService:
     """The manager actor of a shared pool (see the module doc); its methods run on a few threads.
 
-    It owns the placement: ``scale`` grows or shrinks the pool (actors/rebalance/scale.py) and publishes the
-    new layout, which every coordinator picks up on its next check-in and switches to between two steps;
-    a coordinator that rebalanced the pool alone hands its new placement over with ``adopt``."""
+    It owns the placement: ``scale`` grows or shrinks the pool (actors/rebalance/scale.py) and ``rebalance``
+    re-places its experts from the load all coordinators report with their check-ins (actors/rebalance/live.py);
+    either publishes the new layout, which every coordinator picks up on its next check-in and switches to
+    between two steps. One of them runs at a time."""
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig):
         self.signature = config.pool_signature()
         self.idle_timeout_s = config.cluster.pool_idle_timeout_s
         self.switch_timeout_s = config.cluster.recovery_timeout_s + config.cluster.dispatch_timeout_s
         self.pool = start_expert_pool(config, model_config)
-        self.scaler = PoolScaler(self.pool, self._publish, self.switch_timeout_s)
         self._published = PoolLayout(self.pool.placement, list(self.pool.actors))
         self._seen: dict[str, _CheckIn] = {}
         self._changed = threading.Condition()  # guards _seen and _published
+        placement = self.pool.placement
+        self.meter = LoadMeter(placement.num_layers, placement.num_experts, placement.num_actors, time.monotonic)
+        self.rebalancer = Rebalancer(_PoolDispatch(self), self.switch_timeout_s)  # over every coordinator's load
+        self.scaler = PoolScaler(self.pool, self._publish, self.switch_timeout_s, lock=self.rebalancer.lock)
+        self.auto = start_auto_rebalance(config.cluster, self.rebalancer)  # None unless cluster.auto_rebalance_s
         self._last_attached = time.monotonic()
         self._stopped = False
         threading.Thread(target=self._watch_idle, name="pool-idle", daemon=True).start()
@@ -97,12 +105,16 @@ class ExpertPoolService:
         logger.info("coordinator %s attached (%d attached)", coordinator, count)
         return PoolAttachment(layout, self.pool.group, count)
 
-    def check_in(self, coordinator: str, version: int | None) -> int:
-        """A coordinator is alive and dispatches with placement ``version``; the version it should use."""
+    def check_in(self, coordinator: str, version: int | None, load: LoadDelta | None = None) -> int:
+        """A coordinator is alive, dispatches with placement ``version`` and counted ``load`` since it last
+        checked in; the version it should use."""
         with self._changed:
             self._seen[coordinator] = _CheckIn(time.monotonic(), version)
             self._changed.notify_all()
-            return self._published.placement.version
+            current = self._published.placement.version
+        if load is not None and version == current:  # counted under another placement: not this window's
+            self.meter.add(load)
+        return current
 
     def layout(self) -> PoolLayout:
         with self._changed:
@@ -125,16 +137,19 @@ class ExpertPoolService:
         """Grow or shrink the pool to ``expert_actors`` while the coordinators serve; a ``ScaleReport`` as a dict."""
         return self.scaler.scale(expert_actors).to_dict()
 
-    def adopt(self, placement: ExpertPlacement) -> None:
-        """The pool's only coordinator rebalanced it: its placement is the pool's from now on."""
-        with self.scaler.lock, self._changed:
-            if placement.version > self._published.placement.version and placement.num_actors == len(self.pool.actors):
-                self.pool.placement = placement
-                self._published = PoolLayout(placement, self._published.actors)
+    def rebalance(self) -> RebalanceReport:
+        """Rebalance the pool from the load every coordinator measured since the last rebalance."""
+        return self.rebalancer.rebalance()
+
+    def balance(self) -> dict:
+        """The pool's load window (all coordinators) and its last rebalance (``Rebalancer.status``)."""
+        return self.rebalancer.status()
 
     def _publish(self, placement: ExpertPlacement, actors: list[ActorRef]) -> bool:
         """Hand the coordinators the new layout; True once every live one dispatches with it."""
         deadline = time.monotonic() + self.switch_timeout_s
+        if len(actors) != len(self._published.actors):
+            self.meter.resize(len(actors))  # a new window over the scaled pool
         with self._changed:
             self._published = PoolLayout(placement, list(actors))
             return self._changed.wait_for(lambda: not self._lagging(placement.version), timeout=max(0.0, deadline - time.monotonic()))
@@ -152,6 +167,8 @@ class ExpertPoolService:
             if self._stopped:
                 return
             self._stopped = True
+        if self.auto is not None:
+            self.auto.close()
         self.pool.shutdown()
         logger.info("expert pool stopped")
 
@@ -168,6 +185,31 @@ class ExpertPoolService:
                 logger.warning("no coordinator for %.0fs: stopping the expert pool", idle_for)
                 self.stop()
                 os._exit(0)  # the manager goes too (it is not restarted), and its name is free again
+
+
+class _PoolDispatch:
+    """What a ``Rebalancer`` needs of a dispatch, for the pool as a whole: its placement and actors, the load
+    all coordinators measured, and a switch that publishes the placement to every coordinator."""
+
+    def __init__(self, service: ExpertPoolService):
+        self.service = service
+
+    @property
+    def placement(self) -> ExpertPlacement:
+        return self.service.pool.placement
+
+    @property
+    def actors(self) -> list[ActorRef]:
+        return self.service.pool.actors
+
+    @property
+    def meter(self) -> LoadMeter:
+        return self.service.meter
+
+    def switch(self, placement: ExpertPlacement, timeout_s: float) -> bool:
+        switched = self.service._publish(placement, self.service.pool.actors)
+        self.service.pool.placement = placement
+        return switched
 
 
 class SharedExpertPool(ExpertPool):
@@ -196,8 +238,9 @@ class SharedExpertPool(ExpertPool):
         while not self._closed.wait(CHECK_IN_S):
             experts = self.experts
             in_use = experts.placement.version if experts is not None else None
+            load = experts.meter.take() if experts is not None else None  # lost if the check-in fails: a sample
             try:
-                version = ray.get(self.manager.check_in.remote(self.coordinator, in_use), timeout=10)
+                version = ray.get(self.manager.check_in.remote(self.coordinator, in_use, load), timeout=10)
                 if experts is not None and version > in_use and version != asked:
                     layout = ray.get(self.manager.layout.remote(), timeout=10)
                     experts.switch(layout.placement, 0.0, layout.actors)  # taken between two steps
@@ -220,11 +263,15 @@ class SharedExpertPool(ExpertPool):
 
     def scale(self, expert_actors: int) -> dict:
         """Grow or shrink the pool (see ``ExpertPoolService.scale``)."""
-        return ray.get(self.manager.scale.remote(expert_actors))
+        return _answer(self.manager.scale.remote(expert_actors))
 
-    def adopt(self, placement: ExpertPlacement) -> None:
-        """This coordinator rebalanced the pool: the manager takes the placement as the pool's."""
-        ray.get(self.manager.adopt.remote(placement), timeout=60)
+    def rebalance(self) -> RebalanceReport:
+        """Rebalance the pool from every coordinator's load (see ``ExpertPoolService.rebalance``)."""
+        return _answer(self.manager.rebalance.remote())
+
+    def balance(self, timeout_s: float = 10.0) -> dict:
+        """The pool's load window and last rebalance."""
+        return ray.get(self.manager.balance.remote(), timeout=timeout_s)
 
     def shutdown(self) -> None:
         self._closed.set()
@@ -232,6 +279,16 @@ class SharedExpertPool(ExpertPool):
             ray.get(self.manager.detach.remote(self.coordinator), timeout=10)
         except Exception as exc:  # noqa: BLE001 - a pool that is gone has nothing to detach from
             logger.warning("detaching from the expert pool: %s", exc)
+
+
+def _answer(ref):
+    """The manager's answer; its own refusals (busy, cannot place) are raised as themselves, without Ray's traceback."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, (RebalanceBusy, ScaleBusy, ScaleError, PlacementError)):
+            raise exc.cause from None
+        raise
 
 
 def attach_expert_pool(config: EngineConfig, model_config: ModelConfig) -> ExpertPool:

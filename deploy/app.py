@@ -98,21 +98,14 @@ class ServingCoordinator:
         self.defaults = read_generation_defaults(config.model_dir)  # for the fields a request omits
         self.pool = None
         self.experts = None  # None: the experts run in this process
-        self.rebalancer = self.auto_rebalance = None
         if config.cluster.expert_actors > 0:
             from moeshard.actors.dispatch import remote_experts
             from moeshard.actors.pool_service import attach_expert_pool
-            from moeshard.actors.rebalance.auto import start_auto_rebalance
-            from moeshard.actors.rebalance.live import Rebalancer
 
-            self.pool = attach_expert_pool(config, files.model_config)  # the shared pool: started by the first replica
+            # The shared pool, started by the first replica; its manager scales and rebalances it.
+            self.pool = attach_expert_pool(config, files.model_config)
             self.experts = remote_experts(config, self.pool.placement, self.pool.actors)
-            self.pool.follow(self.experts)  # switch with the pool when it is scaled
-            self.rebalancer = Rebalancer(self.experts, config.cluster.recovery_timeout_s + config.cluster.dispatch_timeout_s)
-            if self.args.coordinators == 1:  # a pool shared by several coordinators is not rebalanced (yet)
-                self.auto_rebalance = start_auto_rebalance(config.cluster, self.rebalancer)  # None unless configured
-            elif config.cluster.auto_rebalance_s is not None:
-                logger.warning("auto_rebalance_s is ignored: the expert pool is shared by %d coordinators", self.args.coordinators)
+            self.pool.follow(self.experts)  # report load, and switch with the pool when it changes
         engine = build_engine(config, files, self.experts)
         self.routing = attach_live_window(engine, self.args.routing_window)  # /v1/experts' routing
         self.engine = AsyncEngine(engine, self.tokenizer, self.args.max_waiting, self.args.request_timeout_s)
@@ -125,8 +118,6 @@ class ServingCoordinator:
 
     def __del__(self):
         engine = getattr(self, "engine", None)
-        if getattr(self, "auto_rebalance", None) is not None:
-            self.auto_rebalance.close()
         if engine is not None:
             engine.shutdown()
         if getattr(self, "pool", None) is not None:
@@ -404,7 +395,7 @@ class ServingCoordinator:
     @api.get("/metrics")
     async def metrics(self) -> Response:
         dispatch = self.experts.health.snapshot() if self.experts is not None else None
-        balance = self.rebalancer.status() if self.rebalancer is not None else None
+        balance = await asyncio.to_thread(self._balance)
         text = self.metrics.render(self.engine.stats(), self.engine.engine.model.expert_load, dispatch, balance)
         return Response(content=text, media_type="text/plain; version=0.0.4")
 
@@ -415,7 +406,7 @@ class ServingCoordinator:
         repetition rates of consecutive tokens' routing over the last ``routing_window`` token pairs."""
         placement = await asyncio.to_thread(self.pool.placement_report) if self.pool is not None else []
         load = self.engine.engine.model.expert_load.tolist()
-        balance = self.rebalancer.status() if self.rebalancer is not None else None
+        balance = await asyncio.to_thread(self._balance)
         routing = self.routing.snapshot().model_dump()
         return {
             "expert_actors": len(self.pool.layout()[1]) if self.pool is not None else 0, "placement": placement, "load": load, "balance": balance,
@@ -424,40 +415,42 @@ class ServingCoordinator:
 
     @api.post("/v1/experts/rebalance")
     async def rebalance(self) -> dict:
-        """Rebalance the experts from the load measured since the last rebalance, while serving (docs/cluster.md)."""
-        if self.rebalancer is None:
+        """Rebalance the experts from the load all coordinators measured since the last rebalance, while serving
+        (docs/cluster.md#rebalancing)."""
+        if self.pool is None:
             raise APIError(400, "this server runs its experts in one process: there is nothing to rebalance")
         from moeshard.actors.rebalance.live import RebalanceBusy
 
-        if isinstance(self.pool, SharedExpertPool):
-            attached = await asyncio.to_thread(self.pool.coordinators)
-            if len(attached) > 1:
-                raise APIError(409, f"the expert pool is shared by {len(attached)} coordinators: rebalancing it is not supported yet")
         try:
-            report = await asyncio.to_thread(self.rebalancer.rebalance)
+            report = await asyncio.to_thread(self.pool.rebalance)
         except RebalanceBusy as exc:
             raise APIError(409, f"{exc}, or the pool is being scaled") from None
-        if report.switched:
-            await asyncio.to_thread(self.pool.adopt, report.placement)  # the pool's placement from now on
         return report.to_dict()
 
     @api.post("/v1/experts/scale")
     async def scale(self, body: ScaleRequest) -> dict:
-        """Grow or shrink the expert pool to ``expert_actors`` while serving (docs/cluster.md#scaling)."""
-        if self.rebalancer is None:
+        """Grow or shrink the expert pool to ``expert_actors`` while serving (docs/cluster.md#scaling-the-pool-while-serving)."""
+        if self.pool is None:
             raise APIError(400, "this server runs its experts in one process: there is no expert pool to scale")
         from moeshard.actors.rebalance.scale import ScaleBusy, ScaleError
 
-        if not self.rebalancer.lock.acquire(blocking=False):  # this coordinator's rebalance uses the pool's placement
-            raise APIError(409, "a rebalance is running: scale when it is done")
         try:
             return await asyncio.to_thread(self.pool.scale, body.expert_actors)
         except ScaleBusy as exc:
             raise APIError(409, str(exc)) from None
         except ScaleError as exc:
             raise APIError(503, str(exc)) from None
-        finally:
-            self.rebalancer.lock.release()
+
+    def _balance(self) -> dict | None:
+        """The pool's balance (its load window over all coordinators, and its last rebalance); None in one process,
+        or while the pool's manager does not answer (the rest of /metrics still renders)."""
+        if self.pool is None:
+            return None
+        try:
+            return self.pool.balance()
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            logger.warning("expert pool balance: %s", one_line(exc))
+            return None
 
     def _pool_info(self) -> dict | None:
         """The expert pool's name and the coordinators attached to it (this one alone for a pool of its own)."""

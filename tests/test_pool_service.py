@@ -156,7 +156,7 @@ def test_a_killed_coordinator_comes_back_to_the_same_expert_actors(server, expec
     assert asyncio.run(_complete_all(server, PROMPTS)) == [expected[p] for p in PROMPTS]
 
 
-# -- scaling the shared pool while both coordinators stream (last: it changes the pool) -------------------
+# -- rebalancing and scaling the shared pool while both coordinators stream (last: they change the pool) --
 async def _stream_all(server: str, prompts: list[str]) -> list[str]:
     client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
 
@@ -211,6 +211,26 @@ def _actors_seen_by_both(server: str, count: int, polls: int = 60) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"not both coordinators showed {count} expert actors: {seen}")
+
+
+@pytest.mark.slow
+def test_the_shared_pool_rebalances_from_both_coordinators_load(server, expected):
+    from moeshard.cluster.client import Client
+
+    _wait_for_two_coordinators(server, without=set())
+    streams = Streams(server)
+    streams.wait_for_round()
+    with Client(server) as client:
+        before = client.experts().balance
+        report = client.rebalance()  # both coordinators switch between steps, while streams run
+        after = client.experts().balance
+    streams.wait_for_round()
+    rounds = streams.stop()
+    assert report.switched and report.version == before.placement_version + 1 == after.placement_version
+    assert report.steps > 0 and after.rebalances == before.rebalances + 1
+    assert all(texts == [expected[p] for p in PROMPTS] for texts in rounds)
+    per_coordinator = _per_coordinator(server, "moeshard_rebalances")  # one pool-wide count, read by both
+    assert len(per_coordinator) == 2 and set(per_coordinator.values()) == {float(after.rebalances)}
 
 
 @pytest.mark.slow

@@ -146,6 +146,12 @@ def test_shared_pool_scales_two_three_two_while_generating(tiny_mixtral_dir, exp
     cluster = {"pool_name": "scale-test-pool", "cpus_per_actor": 0.5}
     with LLM(tiny_mixtral_dir, expert_actors=2, cluster=cluster) as llm:
         _scale_up_and_down(llm, expected)
+        # The pool's manager rebalances it too, from the load its coordinator reports as it checks in.
+        assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == expected
+        time.sleep(1.5)  # a few check-ins
+        report = llm.rebalance()
+        assert report.switched and report.steps > 0 and report.version == llm.expert_balance()["placement_version"]
+        assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == expected
 
 
 # -- multi-node ------------------------------------------------------------------------------------

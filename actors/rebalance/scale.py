@@ -131,16 +131,16 @@ def _even_out(hosts: list[list[int]], num_actors: int) -> None:
 class PoolScaler:
     """Scales one pool; one scaling at a time. ``publish`` switches the coordinators (see the module doc)."""
 
-    def __init__(self, pool: ExpertPool, publish: Publish, timeout_s: float):
+    def __init__(self, pool: ExpertPool, publish: Publish, timeout_s: float, lock: threading.Lock | None = None):
         self.pool = pool
         self.publish = publish
         self.timeout_s = timeout_s
-        self.lock = threading.Lock()  # held while scaling; a shared pool's adopted rebalance takes it too
+        self.lock = lock or threading.Lock()  # held while scaling; the pool's rebalancer shares it
         self.last: ScaleReport | None = None
 
     def scale(self, expert_actors: int) -> ScaleReport:
         if not self.lock.acquire(blocking=False):
-            raise ScaleBusy("the expert pool is already being scaled")
+            raise ScaleBusy("the expert pool is already being scaled or rebalanced")
         try:
             report = self._scale(expert_actors)
         finally:

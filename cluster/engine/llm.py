@@ -110,12 +110,11 @@ class LLM:
 
         Replicas of the hottest experts fill the spare slots (``cluster={"redundant_experts": R}``) and each
         actor's expected rows are evened out; the actors load their new experts in the background and the
-        dispatch switches between two steps, so a generation running meanwhile goes on, with the same outputs."""
+        dispatch switches between two steps, so a generation running meanwhile goes on, with the same outputs.
+        A shared pool (``cluster.pool_name``) is rebalanced by its manager, from every coordinator's load."""
         self._check_open()
         if self._cluster is None:
             raise RuntimeError("rebalance needs expert actors (expert_actors > 0)")
-        if self.config.cluster.pool_name is not None:
-            raise RuntimeError("rebalancing a shared expert pool (cluster.pool_name) is not supported yet")
         return self._cluster.rebalance()
 
     def scale(self, expert_actors: int):
