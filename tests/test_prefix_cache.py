@@ -197,3 +197,25 @@ def test_routing_capture_computes_every_row_even_with_the_prefix_cached(cold, wa
     routed = warm.route_tokens(PROMPTS[0])
     assert _hits(warm) == before  # nothing was taken from the cache
     assert torch.equal(routed.expert_ids, cold.route_tokens(PROMPTS[0]).expert_ids)
+
+
+def test_a_waiting_prompt_is_hashed_once_not_every_step(tiny_mixtral_dir, monkeypatch):
+    from moeshard.cluster.engine.assembly import build_engine, read_model_files
+    from moeshard.cluster.engine.config import EngineConfig
+
+    block_bytes = 2 * 2 * BLOCK * 2 * 16 * 4  # as above
+    config = EngineConfig(model_dir=str(tiny_mixtral_dir), kv_cache_bytes=5 * block_bytes, kv_block_size=BLOCK)
+    engine = build_engine(config, read_model_files(tiny_mixtral_dir))
+    hashed: list[int] = []
+    real = engine.cache.block_keys
+    monkeypatch.setattr(engine.cache, "block_keys", lambda ids: hashed.append(len(ids)) or real(ids))
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    other = [2] * 40  # three blocks, none shared
+    engine.add_request("first", PROMPTS[0], params)  # four of the five blocks
+    engine.add_request("second", other, params)  # waits at the head of the queue until the first is done
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+    assert steps >= 12  # the second waited through the first's six steps
+    assert hashed == [len(PROMPTS[0]), len(other)]

@@ -78,6 +78,7 @@ class Sequence:
     stop_ids: frozenset[int] = field(default_factory=frozenset)
     prompt_entries: list[TokenLogprobs | None] = field(default_factory=lambda: [None])  # prompt logprobs so far
     prompt_entries_sent: bool = False
+    block_keys: tuple[int, list] | None = None  # (tokens hashed, their full blocks' prefix-cache keys) while it waits
 
     def wants_prompt_rows(self, chunk: SequenceChunk) -> bool:
         """Whether this chunk's every row is needed: its prompt logprobs are asked for and not all computed yet."""
@@ -231,7 +232,12 @@ class Engine:
         """
         while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
-            plan = self.cache.plan_admission(seq.token_ids, use_cache=seq.params.prompt_logprobs is None)
+            keys = None
+            if self.cache.prefix_caching:  # hashed once while it waits, not every step
+                if seq.block_keys is None or seq.block_keys[0] != len(seq.token_ids):
+                    seq.block_keys = (len(seq.token_ids), self.cache.block_keys(seq.token_ids))
+                keys = seq.block_keys[1]
+            plan = self.cache.plan_admission(seq.token_ids, use_cache=seq.params.prompt_logprobs is None, keys=keys)
             if plan.waits_for_other or plan.blocks_to_take + len(self.running) > self.cache.num_free_blocks:
                 return
             self.waiting.popleft()

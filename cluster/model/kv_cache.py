@@ -144,10 +144,18 @@ class KVCache:
         finally:
             self.prefix_caching = enabled
 
-    def plan_admission(self, token_ids: Sequence[int], use_cache: bool = True) -> AdmissionPlan:
-        """How a new sequence over ``token_ids`` would start: which computed blocks it shares, what it takes."""
+    def block_keys(self, token_ids: Sequence[int]) -> list[BlockHash]:
+        """The prefix-cache keys of ``token_ids``' full blocks."""
+        return block_hashes(token_ids, self.block_size, len(token_ids) // self.block_size)
+
+    def plan_admission(self, token_ids: Sequence[int], use_cache: bool = True, keys: list[BlockHash] | None = None) -> AdmissionPlan:
+        """How a new sequence over ``token_ids`` would start: which computed blocks it shares, what it takes.
+        ``keys``: ``block_keys(token_ids)`` if the caller has them already (a sequence waiting several steps)."""
         bs = self.block_size
-        keys = block_hashes(token_ids, bs, len(token_ids) // bs) if self.prefix_caching else []
+        if not self.prefix_caching:
+            keys = []
+        elif keys is None:
+            keys = self.block_keys(token_ids)
         shareable = (len(token_ids) - 1) // bs if use_cache else 0  # the last token is always computed
         cached: list[int] = []
         for key in keys[:shareable]:
