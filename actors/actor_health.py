@@ -65,7 +65,7 @@ class ActorHealth:
         return frozenset(self._down)
 
     def mark_down(self, actor: int, cause: BaseException) -> None:
-        if actor in self._down:
+        if actor in self._down or actor >= len(self.actors):  # gone with a scaled-down pool: nothing to wait for
             return
         logger.warning("%s failed (%s); routing around it until Ray restarts it", self.actors[actor].description, one_line(cause))
         with self._lock:

@@ -148,9 +148,9 @@ class RemoteExperts:
         self._first_layer, self._last_layer = min(moe_layers, default=0), max(moe_layers, default=0)
         self._tables: dict[frozenset[int], list[LayerTable | None]] = {}
         self._tags = itertools.count()
-        self._switch = threading.Condition()  # guards placement, _next and _between_steps
+        self._switch = threading.Condition()  # guards placement, _next and _passes
         self._next: tuple[ExpertPlacement, list[ActorRef] | None] | None = None
-        self._between_steps = True
+        self._passes = 0  # forward passes between their first and last MoE layer (two with ping-pong micro-batches)
 
     def tables(self, down: frozenset[int] = frozenset()) -> list[LayerTable | None]:
         tables = self._tables
@@ -169,7 +169,7 @@ class RemoteExperts:
         use. ``actors``: the pool was scaled, these actors (index i at position i) serve the new placement."""
         with self._switch:
             self._next = (placement, actors)
-            if self._between_steps:
+            if self._passes == 0:  # between steps
                 self._use_next()
             return self._switch.wait_for(lambda: self.placement.version >= placement.version, timeout=timeout_s)
 
@@ -193,15 +193,17 @@ class RemoteExperts:
             return self.placement, list(self.actors)
 
     def _layer_started(self, layer: int) -> None:
+        if layer != self._first_layer:
+            return
         with self._switch:
-            if layer == self._first_layer and self._next is not None:
+            if self._next is not None and self._passes == 0:  # no pass runs on the old placement
                 self._use_next()
-            self._between_steps = False
+            self._passes += 1
 
     def _layer_finished(self, layer: int, failed: bool) -> None:
-        if layer == self._last_layer or failed:  # a failed layer ends its step
+        if layer == self._last_layer or failed:  # a failed layer ends its pass
             with self._switch:
-                self._between_steps = True
+                self._passes = max(0, self._passes - 1)
 
     def __call__(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         return self.submit(layer, hidden, routing).wait()

@@ -130,10 +130,13 @@ def _scale_up_and_down(llm: LLM, expected: list[list[int]], count_pids: bool = T
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["actor_calls", "compiled_graph"])
-def test_own_pool_scales_two_three_two_while_generating(transport, tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch):
+@pytest.mark.parametrize(
+    "transport, ping_pong", [("actor_calls", 0), ("compiled_graph", 0), ("actor_calls", 2)], ids=["calls", "graph", "ping-pong"]
+)
+def test_own_pool_scales_two_three_two_while_generating(transport, ping_pong, tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
-    with LLM(tiny_mixtral_dir, expert_actors=2, cluster={"cpus_per_actor": 0.5, "transport": transport}) as llm:
+    cluster = {"cpus_per_actor": 0.5, "transport": transport}
+    with LLM(tiny_mixtral_dir, expert_actors=2, cluster=cluster, ping_pong_min_sequences=ping_pong) as llm:
         pids = sorted(_wait_for_pids(2))
         _scale_up_and_down(llm, expected)
         assert sorted(expert_actor_pids()) == pids  # the actors that stayed were never restarted
