@@ -217,3 +217,27 @@ def test_an_expert_actor_runs_several_coordinators_calls_at_once(tiny_mixtral_di
             assert ray.get([actor.run_experts.remote(NO_WORK) for _ in range(2)]) == [NO_WORK, NO_WORK]
             took = time.monotonic() - started
             assert (took < 1.8) == overlapped, f"two 1 s calls took {took:.2f}s with actor_concurrency={concurrency}"
+
+
+@pytest.mark.slow
+def test_an_added_actor_killed_after_the_switch_comes_back_with_its_new_experts(
+    tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch, expert_actor_pid
+):
+    import os
+    import signal
+
+    import ray
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+    with LLM(tiny_mixtral_dir, expert_actors=2, cluster={"cpus_per_actor": 0.5}) as llm:
+        assert llm.scale(3).switched
+        generations = Generations(llm)
+        generations.wait_for(1)
+        victim = expert_actor_pid(llm, 2)
+        os.kill(victim, signal.SIGKILL)  # Ray restarts it from its constructor: the placement it was added with
+        generations.wait_for(len(generations.outputs) + 2)
+        assert expert_actor_pid(llm, 2) != victim
+        info = ray.get(llm._cluster.expert_actors[2].info.remote())
+        assert info["versions"] == [1] and info["hosted"]  # the added version, not the pool's first
+        assert all(out == expected for out in generations.stop())
+        assert llm.expert_health().failures[2] >= 1
