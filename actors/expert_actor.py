@@ -166,6 +166,10 @@ class ExpertActor:
             "weight_bytes": sum({id(s): s.nbytes() for v in self.versions.values() for s in v.values()}.values()),
         }
 
+    def layouts(self) -> dict[int, dict[int, list[int]]]:
+        """{version: {layer: expert ids}} of every version held (a restarted pool manager reads the placement here)."""
+        return {version: {layer: list(ids) for layer, ids in _layout(stacks).items()} for version, stacks in self.versions.items()}
+
     def hosted_keys(self) -> list[str]:
         """The checkpoint keys of every expert tensor this actor holds."""
         keys = []

@@ -30,6 +30,17 @@ from moeshard.cluster.model.config import ModelConfig
 logger = logging.getLogger(__name__)
 
 
+POOL_NAMESPACE = "moeshard"  # a shared pool's manager, actors and placement groups are named in it
+
+
+def actor_name(pool_name: str, index: int) -> str:
+    return f"{pool_name}:actor:{index}"
+
+
+def group_name(pool_name: str, indices: list[int]) -> str:
+    return f"{pool_name}:group:{indices[0]}-{indices[-1]}"
+
+
 class ClusterStartError(RuntimeError):
     """The expert actors could not be brought up; nothing is left running."""
 
@@ -158,7 +169,8 @@ class ExpertPool:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor.handle, no_restart=True)
-        remove_placement_group(self.group)
+        if self.group is not None:  # None: a recovered pool whose first group was not found
+            remove_placement_group(self.group)
         for group, _ in self.added_groups:
             remove_placement_group(group)
 
@@ -188,7 +200,7 @@ def start_expert_pool(config: EngineConfig, model_config: ModelConfig, with_coor
     placement = make_placement(config, model_config)
     use_gpus = cluster.use_gpus if cluster.use_gpus is not None else ray.cluster_resources().get("GPU", 0) >= 1
     bundles = _bundles(config, use_gpus, with_coordinator)
-    group = _placed_group(config, bundles)
+    group = _placed_group(config, bundles, list(range(cluster.expert_actors)))
     actors = [_start_actor(config, placement, index, group, index, bundles[index]) for index in range(cluster.expert_actors)]
     pool = ExpertPool(config, placement, actors, group, use_gpus)
     try:
@@ -207,7 +219,7 @@ def add_actors(pool: ExpertPool, placement: ExpertPlacement, indices: Iterable[i
     if not indices:
         return []
     bundles = [_actor_bundle(pool.config, pool.use_gpus, index) for index in indices]
-    group = _placed_group(pool.config, bundles)
+    group = _placed_group(pool.config, bundles, indices)
     actors = [_start_actor(pool.config, placement, index, group, i, bundles[i]) for i, index in enumerate(indices)]
     try:
         ray.get([a.handle.ready.remote() for a in actors], timeout=pool.config.cluster.startup_timeout_s)
@@ -221,9 +233,14 @@ def add_actors(pool: ExpertPool, placement: ExpertPlacement, indices: Iterable[i
     return actors
 
 
-def _placed_group(config: EngineConfig, bundles: list[dict[str, float]]) -> PlacementGroup:
+def _placed_group(config: EngineConfig, bundles: list[dict[str, float]], indices: list[int]) -> PlacementGroup:
+    """A ready placement group for the bundles of actors ``indices`` (a shared pool's is named and detached)."""
     cluster = config.cluster
-    group = placement_group(bundles, strategy=cluster.placement_strategy)
+    if cluster.pool_name is None:
+        group = placement_group(bundles, strategy=cluster.placement_strategy)
+    else:
+        name = group_name(cluster.pool_name, indices)
+        group = placement_group(bundles, strategy=cluster.placement_strategy, name=name, lifetime="detached")
     try:
         ray.get(group.ready(), timeout=cluster.startup_timeout_s)
     except ray.exceptions.GetTimeoutError:
@@ -237,7 +254,11 @@ def _placed_group(config: EngineConfig, bundles: list[dict[str, float]]) -> Plac
 
 def _start_actor(config: EngineConfig, placement: ExpertPlacement, index: int, group, bundle_index: int, bundle) -> ActorRef:
     expert_cls = ray.remote(concurrency_groups={CONTROL_GROUP: 1})(ExpertActor)  # stage/retire beside run_experts
+    named = {}
+    if config.cluster.pool_name is not None:  # a shared pool's actors outlive a crash of its manager
+        named = {"name": actor_name(config.cluster.pool_name, index), "namespace": POOL_NAMESPACE, "lifetime": "detached"}
     handle = expert_cls.options(
+        **named,
         num_cpus=bundle.get("CPU", 0),
         num_gpus=bundle.get("GPU", 0),
         max_restarts=-1,

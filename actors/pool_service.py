@@ -18,7 +18,6 @@ placement) is refused with one line rather than served wrong experts.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -26,8 +25,9 @@ from dataclasses import dataclass
 import ray
 
 from moeshard.actors.dispatch import RemoteExperts
-from moeshard.actors.expert_pool import ExpertPool, start_expert_pool
+from moeshard.actors.expert_pool import POOL_NAMESPACE, ExpertPool, start_expert_pool
 from moeshard.actors.placement import ExpertPlacement, PlacementError
+from moeshard.actors.pool_recovery import recover_expert_pool
 from moeshard.actors.rebalance.auto import start_auto_rebalance
 from moeshard.actors.rebalance.live import RebalanceBusy, Rebalancer, RebalanceReport
 from moeshard.actors.rebalance.meter import LoadDelta, LoadMeter
@@ -38,7 +38,6 @@ from moeshard.cluster.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-POOL_NAMESPACE = "moeshard"
 CHECK_IN_S = 0.5  # how often an attached coordinator checks in and looks for a new placement
 LIVE_S = 10.0  # a coordinator not checked in for this long is taken for gone (not listed, not waited for)
 
@@ -80,7 +79,8 @@ class ExpertPoolService:
         self.signature = config.pool_signature()
         self.idle_timeout_s = config.cluster.pool_idle_timeout_s
         self.switch_timeout_s = config.cluster.recovery_timeout_s + config.cluster.dispatch_timeout_s
-        self.pool = start_expert_pool(config, model_config)
+        recovered = recover_expert_pool(config, model_config)  # Ray restarted this manager: the pool is still there
+        self.pool = recovered.pool if recovered is not None else start_expert_pool(config, model_config)
         self._published = PoolLayout(self.pool.placement, list(self.pool.actors))
         self._seen: dict[str, _CheckIn] = {}
         self._changed = threading.Condition()  # guards _seen and _published
@@ -89,6 +89,9 @@ class ExpertPoolService:
         self.rebalancer = Rebalancer(_PoolDispatch(self), self.switch_timeout_s)  # over every coordinator's load
         self.scaler = PoolScaler(self.pool, self._publish, self.switch_timeout_s, lock=self.rebalancer.lock)
         self.auto = start_auto_rebalance(config.cluster, self.rebalancer)  # None unless cluster.auto_rebalance_s
+        if recovered is not None and not recovered.consistent:  # it died in the middle of a change: finish one
+            self.scaler.stage(self.pool.placement, range(len(self.pool.actors)))
+            threading.Thread(target=self._retire_when_switched, name="pool-recovery", daemon=True).start()
         self._last_attached = time.monotonic()
         self._stopped = False
         threading.Thread(target=self._watch_idle, name="pool-idle", daemon=True).start()
@@ -154,6 +157,16 @@ class ExpertPoolService:
             self._published = PoolLayout(placement, list(actors))
             return self._changed.wait_for(lambda: not self._lagging(placement.version), timeout=max(0.0, deadline - time.monotonic()))
 
+    def _retire_when_switched(self) -> None:
+        """After a recovery that staged a new version: once the coordinators (given a few check-ins to come back)
+        all dispatch with it, the actors drop the versions left from the change that was cut short."""
+        version = self._published.placement.version
+        time.sleep(6 * CHECK_IN_S)
+        with self._changed:
+            self._changed.wait_for(lambda: not self._lagging(version), timeout=self.switch_timeout_s)
+        with self.scaler.lock:
+            self.scaler.retire(version, range(len(self.pool.actors)))
+
     def _lagging(self, version: int) -> list[str]:
         cutoff = time.monotonic() - LIVE_S
         return [c for c, seen in self._seen.items() if seen.version is not None and seen.seen >= cutoff and seen.version < version]
@@ -184,7 +197,9 @@ class ExpertPoolService:
             if idle_for > self.idle_timeout_s:
                 logger.warning("no coordinator for %.0fs: stopping the expert pool", idle_for)
                 self.stop()
-                os._exit(0)  # the manager goes too (it is not restarted), and its name is free again
+                # The manager goes too, for good (Ray would restart a crashed one), and its name is free again.
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                return
 
 
 class _PoolDispatch:
@@ -306,7 +321,7 @@ def attach_expert_pool(config: EngineConfig, model_config: ModelConfig) -> Exper
             get_if_exists=True,
             num_cpus=0,
             max_concurrency=8,  # check-ins go on while a scaling waits for the coordinators
-            max_restarts=0,
+            max_restarts=-1,  # a crashed manager comes back and takes its pool back (actors/pool_recovery.py)
         )
         .remote(config, model_config)
     )

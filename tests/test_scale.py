@@ -241,3 +241,83 @@ def test_an_added_actor_killed_after_the_switch_comes_back_with_its_new_experts(
         assert info["versions"] == [1] and info["hosted"]  # the added version, not the pool's first
         assert all(out == expected for out in generations.stop())
         assert llm.expert_health().failures[2] >= 1
+
+
+# -- the pool's manager: SIGKILLed, restarted by Ray, it takes its pool back -----------------------------
+def test_the_placement_is_read_back_from_what_the_actors_hold():
+    from moeshard.actors.pool_recovery import placement_from_layouts
+
+    settled = [{3: {0: [0, 1]}}, {3: {0: [2, 3]}}]  # [actor] {version: {layer: experts}}; layer 1 is dense
+    placement, consistent = placement_from_layouts(settled, num_layers=2, num_experts=4, dense_layers=(1,))
+    assert consistent and placement.version == 3 and placement.hosts == (((0,), (0,), (1,), (1,)), ())
+    # Cut short while moving expert 1 from actor 0 to actor 1: actor 0 staged version 4 without it, actor 1 did not.
+    cut_short = [{3: {0: [0, 1]}, 4: {0: [0]}}, {3: {0: [2, 3]}}]
+    placement, consistent = placement_from_layouts(cut_short, num_layers=2, num_experts=4, dense_layers=(1,))
+    assert not consistent and placement.version == 5  # past every version held: staged and published anew
+    assert all(placement.hosts[0]) and placement.hosts[0][0] == (0,) and placement.hosts[0][2] == (1,)
+
+
+def _manager_pid() -> int | None:
+    """The pool manager's process (None while Ray restarts it)."""
+    import psutil
+
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if " ".join(proc.cmdline()).startswith("ray::ExpertPoolService"):
+                return proc.pid
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_a_killed_pool_manager_comes_back_with_the_same_actors_and_still_scales(tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch):
+    import os
+    import signal
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+    cluster = {"pool_name": "manager-kill-pool", "cpus_per_actor": 0.5}
+    with LLM(tiny_mixtral_dir, expert_actors=2, cluster=cluster) as llm:
+        actors = sorted(_wait_for_pids(2))
+        generations = Generations(llm)
+        generations.wait_for(1)
+        victim = _manager_pid()
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)  # generations go on: the coordinator dispatches to the actors directly
+        generations.wait_for(len(generations.outputs) + 2)
+        deadline = time.monotonic() + 120
+        while (pid := _manager_pid()) in (victim, None) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pid not in (victim, None) and sorted(expert_actor_pids()) == actors  # restarted; no actor reloaded
+        grown = llm.scale(3)  # the restarted manager knows its pool
+        assert grown.expert_actors_before == 2 and grown.switched
+        generations.wait_for(len(generations.outputs) + 1)
+        assert all(out == expected for out in generations.stop())
+
+
+@pytest.mark.slow
+def test_a_manager_killed_in_the_middle_of_a_change_finishes_it_when_back(tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch):
+    import os
+    import signal
+
+    import ray
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+    cluster = {"pool_name": "manager-cut-short", "cpus_per_actor": 0.5}
+    with LLM(tiny_mixtral_dir, expert_actors=2, cluster=cluster) as llm:
+        actors = llm._cluster.expert_actors
+        # A change cut short: actor 0 staged a version 1 that hands its experts 2-3 to actor 1, which never staged.
+        ray.get(actors[0].stage.remote(1, {0: [0, 1], 1: [0, 1]}))
+        generations = Generations(llm)
+        generations.wait_for(1)
+        os.kill(_manager_pid(), signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # back, it stages version 2 everywhere, publishes it and retires the rest
+            held = [sorted(ray.get(a.layouts.remote())) for a in actors]
+            if held == [[2], [2]]:
+                break
+            time.sleep(0.5)
+        assert held == [[2], [2]]
+        assert llm.expert_balance()["placement_version"] == 2
+        generations.wait_for(len(generations.outputs) + 1)
+        assert all(out == expected for out in generations.stop())

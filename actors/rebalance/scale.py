@@ -160,14 +160,14 @@ class PoolScaler:
         except Exception as exc:
             raise ScaleError(f"could not start {expert_actors - before} expert actors: {one_line(exc)}") from exc
         stayed = range(min(before, expert_actors))
-        staged, failed = self._stage(target, stayed)  # 3. stage
+        staged, failed = self.stage(target, stayed)  # 3. stage
         actors = [pool.actors[a] for a in stayed] + added
         switched = self.publish(target, actors)  # 4. switch
         if not switched:
             logger.warning("scaling: not every coordinator switched to placement %d within %.0fs", target.version, self.timeout_s)
         removed = pool.actors[expert_actors:]
         pool.placement, pool.actors[:] = target, actors
-        self._retire(target.version, stayed)  # 5. drain
+        self.retire(target.version, stayed)  # 5. drain
         pool.stop_actors(removed)
         moved = sum(
             1
@@ -192,7 +192,7 @@ class PoolScaler:
                     before, expert_actors, report.seconds, target.version, moved)  # fmt: skip
         return report
 
-    def _stage(self, target: ExpertPlacement, stayed: range) -> tuple[dict[int, dict], list[int]]:
+    def stage(self, target: ExpertPlacement, stayed: range) -> tuple[dict[int, dict], list[int]]:
         refs = {
             a: self.pool.actors[a].handle.stage.options(concurrency_group=CONTROL_GROUP).remote(target.version, target.hosted_by(a))
             for a in stayed
@@ -207,7 +207,7 @@ class PoolScaler:
                 failed.append(actor)
         return staged, failed
 
-    def _retire(self, version: int, stayed: range) -> None:
+    def retire(self, version: int, stayed: range) -> None:
         refs = [self.pool.actors[a].handle.retire.options(concurrency_group=CONTROL_GROUP).remote(version) for a in stayed]
         for actor, ref in zip(stayed, refs):
             try:
