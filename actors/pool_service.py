@@ -296,6 +296,10 @@ class SharedExpertPool(ExpertPool):
             logger.warning("detaching from the expert pool: %s", exc)
 
 
+class PoolManagerUnavailable(RuntimeError):
+    """The pool's manager died during the call (Ray restarts it; the pool keeps serving)."""
+
+
 def _answer(ref):
     """The manager's answer; its own refusals (busy, cannot place) are raised as themselves, without Ray's traceback."""
     try:
@@ -304,6 +308,11 @@ def _answer(ref):
         if isinstance(exc.cause, (RebalanceBusy, ScaleBusy, ScaleError, PlacementError)):
             raise exc.cause from None
         raise
+    except ray.exceptions.RayActorError as exc:
+        raise PoolManagerUnavailable(
+            f"the expert pool's manager stopped during the call ({type(exc).__name__}); it is restarted and takes the "
+            "pool back: check GET /v1/experts and try again"
+        ) from None
 
 
 def attach_expert_pool(config: EngineConfig, model_config: ModelConfig) -> ExpertPool:

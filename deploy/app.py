@@ -30,7 +30,7 @@ from ray import serve
 from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException
 
-from moeshard.actors.pool_service import SharedExpertPool
+from moeshard.actors.pool_service import PoolManagerUnavailable, SharedExpertPool
 from moeshard.cluster.analysis.live_window import attach_live_window
 from moeshard.cluster.engine.assembly import build_engine, read_model_files
 from moeshard.cluster.engine.async_engine import (
@@ -425,6 +425,8 @@ class ServingCoordinator:
             report = await asyncio.to_thread(self.pool.rebalance)
         except RebalanceBusy as exc:
             raise APIError(409, f"{exc}, or the pool is being scaled") from None
+        except PoolManagerUnavailable as exc:
+            raise APIError(503, str(exc)) from None
         return report.to_dict()
 
     @api.post("/v1/experts/scale")
@@ -438,7 +440,7 @@ class ServingCoordinator:
             return await asyncio.to_thread(self.pool.scale, body.expert_actors)
         except ScaleBusy as exc:
             raise APIError(409, str(exc)) from None
-        except ScaleError as exc:
+        except (ScaleError, PoolManagerUnavailable) as exc:
             raise APIError(503, str(exc)) from None
 
     def _balance(self) -> dict | None:
