@@ -139,3 +139,22 @@ def test_rebalance_over_a_compiled_graph(ray_local, skewed_mixtral_dir, referenc
         assert max(report.imbalance_after) < max(report.imbalance_before)
         assert [o.token_ids for o in llm.generate(PROMPTS, SHORT)] == reference["short"]  # short: idle graph actors poll
         _assert_same_logits(llm, reference)
+
+
+@pytest.mark.slow
+def test_a_shared_pool_rebalances_itself_from_its_coordinators_reported_load(ray_local, skewed_mixtral_dir, reference):
+    """The manager's automatic rebalancing: the coordinator reports its load with each check-in, the manager's
+    window fills, the skew triggers a rebalance, and the coordinator switches mid-generation."""
+    cluster = {**CLUSTER, "pool_name": "auto-rebalance-pool", "cpus_per_actor": 0.5}
+    cluster.update(auto_rebalance_s=1.0, auto_rebalance_min_steps=20)
+    with LLM(skewed_mixtral_dir, expert_actors=4, cluster=cluster) as llm:
+        worker, outcome = _start_generation(llm)
+        deadline = time.monotonic() + 120
+        while (balance := llm.expert_balance())["rebalances"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        worker.join(timeout=300)
+        assert "error" not in outcome, outcome.get("error")
+        assert outcome["tokens"] == reference["long"]
+        assert balance["rebalances"] >= 1 and balance["placement_version"] >= 1
+        last = balance["last_rebalance"]
+        assert last["switched"] and last["steps"] >= 20 and max(last["imbalance_after"]) < max(last["imbalance_before"])
