@@ -30,7 +30,8 @@ def add_scale_command(commands) -> None:
 def run_scale(args: argparse.Namespace) -> None:
     if args.expert_actors < 1:
         fail(f"--expert-actors must be at least 1, got {args.expert_actors}")
-    with Client(args.url, args.api_key, timeout=args.timeout) as client:
+    # No retries: a scaling that could not place its actors has already waited the pool's startup timeout.
+    with Client(args.url, args.api_key, timeout=args.timeout, max_retries=0) as client:
         report = client.scale(args.expert_actors)
     if report.expert_actors == report.expert_actors_before:
         print(f"the pool already has {report.expert_actors} expert actors")
