@@ -27,6 +27,7 @@ from moeshard.actors.dispatch import RemoteExperts
 from moeshard.actors.expert_actor import CONTROL_GROUP
 from moeshard.actors.placement import ExpertPlacement
 from moeshard.actors.rebalance.plan import expected_load, imbalance, plan_rebalance
+from moeshard.actors.transport import ActorRef
 from moeshard.cluster.errors import one_line
 
 logger = logging.getLogger(__name__)
@@ -111,30 +112,10 @@ class Rebalancer:
         return report
 
     def _stage(self, placement: ExpertPlacement) -> tuple[dict[int, dict], list[int]]:
-        refs = {
-            a.index: a.handle.stage.options(concurrency_group=CONTROL_GROUP).remote(placement.version, placement.hosted_by(a.index))
-            for a in self.experts.actors
-        }
-        staged, failed = {}, []
-        deadline = time.monotonic() + self.timeout_s
-        for actor, ref in refs.items():
-            try:
-                staged[actor] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
-            except Exception as exc:  # noqa: BLE001 - the actor catches up through the dispatch's probe
-                logger.warning("rebalance: expert actor %d did not stage placement %d: %s", actor, placement.version, one_line(exc))
-                failed.append(actor)
-        return staged, failed
+        return stage_placement(self.experts.actors, placement, self.timeout_s, "rebalance")
 
     def _retire(self, version: int) -> list[int | None]:
-        refs = [a.handle.retire.options(concurrency_group=CONTROL_GROUP).remote(version) for a in self.experts.actors]
-        held: list[int | None] = []
-        for actor, ref in enumerate(refs):
-            try:
-                held.append(ray.get(ref, timeout=self.timeout_s))
-            except Exception as exc:  # noqa: BLE001 - a dead actor holds nothing; restarted, it adopts the version
-                logger.warning("rebalance: expert actor %d did not retire old placements: %s", actor, one_line(exc))
-                held.append(None)
-        return held
+        return retire_versions(self.experts.actors, version, self.timeout_s, "rebalance")
 
     def _report(self, placement, switched, started, bytes_loaded, moved, before, after, failed, measured, weight_bytes=None):
         return RebalanceReport(
@@ -167,6 +148,38 @@ class Rebalancer:
             "rebalances": self.count,
             "last_rebalance": self.last.to_dict() if self.last is not None else None,
         }
+
+
+def stage_placement(actors: list[ActorRef], placement: ExpertPlacement, timeout_s: float, purpose: str) -> tuple[dict[int, dict], list[int]]:
+    """Every one of ``actors`` loads its experts of ``placement`` beside the ones in use (on its control thread):
+    {actor: StageReport dict} of those that did within ``timeout_s``, and the others (they catch up through the
+    dispatch's probe)."""
+    refs = {
+        a.index: a.handle.stage.options(concurrency_group=CONTROL_GROUP).remote(placement.version, placement.hosted_by(a.index))
+        for a in actors
+    }
+    staged, failed = {}, []
+    deadline = time.monotonic() + timeout_s
+    for actor, ref in refs.items():
+        try:
+            staged[actor] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+        except Exception as exc:  # noqa: BLE001 - the actor catches up through the dispatch's probe
+            logger.warning("%s: expert actor %d did not stage placement %d: %s", purpose, actor, placement.version, one_line(exc))
+            failed.append(actor)
+    return staged, failed
+
+
+def retire_versions(actors: list[ActorRef], keep: int, timeout_s: float, purpose: str) -> list[int | None]:
+    """Every one of ``actors`` drops the versions but ``keep``: the weight bytes each still holds (None: no answer)."""
+    refs = [a.handle.retire.options(concurrency_group=CONTROL_GROUP).remote(keep) for a in actors]
+    held: list[int | None] = []
+    for actor, ref in zip(actors, refs):
+        try:
+            held.append(ray.get(ref, timeout=timeout_s))
+        except Exception as exc:  # noqa: BLE001 - a dead actor holds nothing; restarted, it adopts the version
+            logger.warning("%s: expert actor %d did not retire old placements: %s", purpose, actor.index, one_line(exc))
+            held.append(None)
+    return held
 
 
 def _expected_imbalance(placement: ExpertPlacement, load) -> list[float]:

@@ -26,11 +26,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-import ray
-
-from moeshard.actors.expert_actor import CONTROL_GROUP
 from moeshard.actors.expert_pool import ExpertPool, add_actors
 from moeshard.actors.placement import ExpertPlacement, PlacementError
+from moeshard.actors.rebalance.live import retire_versions, stage_placement
 from moeshard.actors.transport import ActorRef
 from moeshard.cluster.errors import one_line
 
@@ -193,24 +191,7 @@ class PoolScaler:
         return report
 
     def stage(self, target: ExpertPlacement, stayed: range) -> tuple[dict[int, dict], list[int]]:
-        refs = {
-            a: self.pool.actors[a].handle.stage.options(concurrency_group=CONTROL_GROUP).remote(target.version, target.hosted_by(a))
-            for a in stayed
-        }
-        staged, failed = {}, []
-        deadline = time.monotonic() + self.timeout_s
-        for actor, ref in refs.items():
-            try:
-                staged[actor] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
-            except Exception as exc:  # noqa: BLE001 - the actor catches up through the dispatch's probe
-                logger.warning("scaling: expert actor %d did not stage placement %d: %s", actor, target.version, one_line(exc))
-                failed.append(actor)
-        return staged, failed
+        return stage_placement([self.pool.actors[a] for a in stayed], target, self.timeout_s, "scaling")
 
     def retire(self, version: int, stayed: range) -> None:
-        refs = [self.pool.actors[a].handle.retire.options(concurrency_group=CONTROL_GROUP).remote(version) for a in stayed]
-        for actor, ref in zip(stayed, refs):
-            try:
-                ray.get(ref, timeout=self.timeout_s)
-            except Exception as exc:  # noqa: BLE001 - restarted, it adopts the version
-                logger.warning("scaling: expert actor %d did not retire old placements: %s", actor, one_line(exc))
+        retire_versions([self.pool.actors[a] for a in stayed], version, self.timeout_s, "scaling")
