@@ -86,6 +86,7 @@ def test_bench_writes_a_table_and_json(server, tmp_path):
     report = json.loads(report_path.read_text())
     assert report["completed"] == 4 and report["failed"] == 0
     assert [r["output_tokens"] for r in report["records"]] == [5] * 4  # ignore_eos: exactly --output-len each
+    assert all(r["text"] for r in report["records"])  # each completion's text, to compare servers by
     assert 8 <= report["mean_prompt_tokens"] <= 32
     assert 0 < report["ttft_p50_s"] <= report["ttft_p99_s"] and 0 < report["tpot_p50_s"] <= report["tpot_p99_s"]
     assert report["output_throughput"] > 0 and report["spec"]["concurrency"] == 2

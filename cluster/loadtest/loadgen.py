@@ -16,7 +16,6 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import NamedTuple
 
 from pydantic import BaseModel, Field
 
@@ -62,6 +61,7 @@ class RequestRecord(BaseModel):
     tpot_s: float | None = None  # None with fewer than 2 output tokens
     latency_s: float = 0.0
     turn: int = 0  # which turn of its conversation
+    text: str = ""  # the generated text
 
 
 class LoadReport(BaseModel):
@@ -98,17 +98,12 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
-class _Streamed(NamedTuple):
-    record: RequestRecord
-    text: str  # the generated text
-
-
 async def stream_one(client: AsyncClient, model: str | None, prompt: str, spec: LoadSpec) -> RequestRecord:
     events = client.stream(prompt, model=model, max_tokens=spec.output_len, temperature=0, ignore_eos=True)
-    return (await _measure(events)).record
+    return await _measure(events)
 
 
-async def _measure(events: AsyncIterator[StreamEvent], turn: int = 0) -> _Streamed:
+async def _measure(events: AsyncIterator[StreamEvent], turn: int = 0) -> RequestRecord:
     sent = time.perf_counter()
     first = usage = None
     text: list[str] = []
@@ -120,12 +115,12 @@ async def _measure(events: AsyncIterator[StreamEvent], turn: int = 0) -> _Stream
             if event.done:
                 usage = event.usage
     except APIError as exc:
-        return _Streamed(RequestRecord(ok=False, error=str(exc), latency_s=time.perf_counter() - sent, turn=turn), "")
+        return RequestRecord(ok=False, error=str(exc), latency_s=time.perf_counter() - sent, turn=turn)
     latency = time.perf_counter() - sent
     outputs = usage.completion_tokens if usage else 0
     ttft = (first if first is not None else time.perf_counter()) - sent
     tpot = (latency - ttft) / (outputs - 1) if outputs > 1 else None
-    record = RequestRecord(
+    return RequestRecord(
         ok=True,
         prompt_tokens=usage.prompt_tokens if usage else 0,
         output_tokens=outputs,
@@ -133,8 +128,8 @@ async def _measure(events: AsyncIterator[StreamEvent], turn: int = 0) -> _Stream
         tpot_s=tpot,
         latency_s=latency,
         turn=turn,
+        text="".join(text),
     )
-    return _Streamed(record, "".join(text))
 
 
 async def converse(
@@ -146,11 +141,11 @@ async def converse(
     for turn, user in enumerate(users):
         messages.append({"role": "user", "content": user})
         events = client.chat_stream(messages, model=model, max_tokens=spec.output_len, temperature=0, ignore_eos=True)
-        streamed = await _measure(events, turn)
-        records.append(streamed.record)
-        if not streamed.record.ok:
+        record = await _measure(events, turn)
+        records.append(record)
+        if not record.ok:
             break
-        messages.append({"role": "assistant", "content": streamed.text})
+        messages.append({"role": "assistant", "content": record.text})
     return records
 
 
