@@ -44,6 +44,7 @@ from moeshard.actors.actor_health import ActorHealth
 from moeshard.actors.expert_pool import describe_actor
 from moeshard.actors.placement import ExpertPlacement
 from moeshard.actors.rebalance.meter import LoadMeter
+from moeshard.actors.socket_transport import SocketTransport
 from moeshard.actors.transport import ActorCallTransport, ActorRef, CompiledGraphTransport, Transport, failure
 from moeshard.actors.wire import ExpertBatch, ExpertReply
 from moeshard.cluster.engine.config import EngineConfig
@@ -60,6 +61,7 @@ class LayerTable:
     num_replicas: torch.Tensor  # [E] int64
     local_index: torch.Tensor  # [A, E] int64 position of expert e in actor a's stack, -1 if not hosted
     cum_shares: torch.Tensor  # [E, R] float64 cumulative share of the tokens up to each replica, padded with inf
+    single_host: bool  # every expert has one (live) host: R = 1, no shares to split by
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,11 @@ def build_tables(placement: ExpertPlacement, down: frozenset[int] = frozenset())
             hosted = [e for e, actors in enumerate(experts) if a in actors]  # stack order: sorted expert ids
             local_index[a, hosted] = torch.arange(len(hosted))
         num_replicas = torch.tensor([len(actors) for actors, _ in live], dtype=torch.int64)
-        tables.append(LayerTable(replicas=replicas, num_replicas=num_replicas, local_index=local_index, cum_shares=cum_shares))
+        tables.append(
+            LayerTable(
+                replicas=replicas, num_replicas=num_replicas, local_index=local_index, cum_shares=cum_shares, single_host=width == 1
+            )
+        )
     return tables
 
 
@@ -117,7 +123,15 @@ def plan_dispatch(table: LayerTable, expert_ids: torch.Tensor, pending: torch.Te
 
     The n choices of an expert, in token order, are cut into runs, one per replica, of lengths in proportion
     to the replicas' shares: choice j goes to the replica whose cumulative share first exceeds (j + 0.5) / n.
-    Deterministic, and no more than one choice off each share."""
+    Deterministic, and no more than one choice off each share. Without replicas: each expert's host."""
+    actor_of = table.replicas[:, 0][expert_ids] if table.single_host else _split_over_replicas(table, expert_ids)  # [T, K]
+    if pending is not None:
+        actor_of = torch.where(pending, actor_of, -1)
+    return DispatchPlan(actor_of=actor_of, send_to=dedupe_destinations(actor_of))
+
+
+def _split_over_replicas(table: LayerTable, expert_ids: torch.Tensor) -> torch.Tensor:
+    """expert_ids [T, K] -> actor [T, K]: each expert's choices cut into runs by its replicas' shares."""
     t, k = expert_ids.shape
     flat = expert_ids.reshape(-1)  # [T*K] token-major
     order = torch.sort(flat, stable=True).indices  # [T*K] grouped by expert, token order within
@@ -128,10 +142,7 @@ def plan_dispatch(table: LayerTable, expert_ids: torch.Tensor, pending: torch.Te
     position = (rank.double() + 0.5) / counts[flat].double()  # [T*K] in (0, 1)
     replica = (table.cum_shares[flat] <= position[:, None]).sum(dim=1)  # [T*K] first replica whose cumulative share > position
     replica = torch.minimum(replica, table.num_replicas[flat] - 1)  # float rounding at the last share
-    actor_of = table.replicas[flat, replica].reshape(t, k)  # [T, K]
-    if pending is not None:
-        actor_of = torch.where(pending, actor_of, -1)
-    return DispatchPlan(actor_of=actor_of, send_to=dedupe_destinations(actor_of))
+    return table.replicas[flat, replica].reshape(t, k)
 
 
 class RemoteExperts:
@@ -339,10 +350,10 @@ class PendingDispatch:
         return LayerResult(combine(partials, counted.to(torch.float32), self.perm), served, failed)
 
 
-TRANSPORTS = {"actor_calls": ActorCallTransport, "compiled_graph": CompiledGraphTransport}
+TRANSPORT_CLASSES = {"actor_calls": ActorCallTransport, "socket": SocketTransport, "compiled_graph": CompiledGraphTransport}
 
 
 def remote_experts(config: EngineConfig, placement: ExpertPlacement, actors: list[ActorRef]) -> RemoteExperts:
     """The experts function that dispatches to ``actors`` over the configured transport."""
-    transport = TRANSPORTS[config.cluster.transport](actors, config.cluster.dispatch_timeout_s)
+    transport = TRANSPORT_CLASSES[config.cluster.transport](actors, config.cluster.dispatch_timeout_s)
     return RemoteExperts(placement, transport, actors, config.cluster.recovery_timeout_s)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -161,6 +163,19 @@ def test_equal_shares_split_evenly_in_token_order():
     (table,) = build_tables(placement)
     plan = plan_dispatch(table, torch.zeros(6, 1, dtype=torch.int64))
     assert plan.actor_of[:, 0].tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_without_replicas_each_choice_goes_to_its_experts_host():
+    placement = ExpertPlacement.from_expert_map(1, 8, 3, {e: [e % 3] for e in range(8)})
+    (table,) = build_tables(placement)
+    assert table.single_host
+    expert_ids = torch.randint(0, 8, (50, 2), generator=torch.Generator().manual_seed(0))  # [T, K]
+    pending = torch.rand(50, 2, generator=torch.Generator().manual_seed(1)) < 0.7
+    plan = plan_dispatch(table, expert_ids, pending)
+    assert torch.equal(plan.actor_of, torch.where(pending, expert_ids % 3, -1))
+    general = replace(table, single_host=False)  # the split by shares, which one host must reduce to
+    assert torch.equal(plan_dispatch(general, expert_ids, pending).actor_of, plan.actor_of)
+    assert not build_tables(ExpertPlacement.from_expert_map(1, 2, 2, {0: [0, 1], 1: [1]}))[0].single_host
 
 
 def test_meter_counts_choices_rows_and_steps():
