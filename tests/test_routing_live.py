@@ -40,9 +40,10 @@ def run_steps(window: LiveRoutingWindow, steps, routes, layers):
     for step in steps:
         chunks = [(SequenceChunk(seq, start, n), [0] * n) for seq, start, n in step]
         batch = StepBatch.build(chunks)
-        for layer in layers:
-            ids = torch.tensor([routes[seq][layer][p] for seq, start, n in step for p in range(start, start + n)])  # [T, K]
-            window(layer, batch, ids)
+        ids = torch.tensor(
+            [[routes[seq][layer][p] for seq, start, n in step for p in range(start, start + n)] for layer in layers]
+        )  # [L, T, K]
+        window(batch, ids)
 
 
 def reference_pairs(steps, routes, layer, forgotten_at=None) -> list[tuple[bool, bool]]:
@@ -114,7 +115,7 @@ def test_window_forgets_sequences_no_longer_running(synthetic):
     # A bound on remembered sequences: past it the least recently seen goes, and its next chunk starts no pair.
     bounded = LiveRoutingWindow(layers, 6, 2, window=1000, max_sequences=1)
     run_steps(bounded, steps, routes, layers)
-    assert len(bounded.last) <= 2  # trimmed to the bound at each step's first layer; a step may add more
+    assert len(bounded.last) <= 2  # trimmed to the bound as each step starts; a step may add more
     most_recent = {i: steps[i - 1][-1][0] for i in range(1, len(steps))}  # the previous step's last chunk's sequence
     forgotten = {i: {10, 11, 12} - {seq} for i, seq in most_recent.items()}
     for entry in bounded.snapshot().layers:

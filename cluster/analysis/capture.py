@@ -50,16 +50,15 @@ class WindowRecorder:
     """A routing observer that files one sequence's routed rows by position: [L_moe, W, K]."""
 
     def __init__(self, layers: tuple[int, ...], num_tokens: int, k: int):
-        self.index = {layer: i for i, layer in enumerate(layers)}
         self.expert_ids = torch.full((len(layers), num_tokens, k), -1, dtype=torch.int64)  # [L_moe, W, K]
         self.seq_ids: set[int] = set()
 
-    def __call__(self, layer: int, batch: StepBatch, expert_ids: torch.Tensor) -> None:
-        ids = expert_ids.cpu().long()  # [T, K]
+    def __call__(self, batch: StepBatch, expert_ids: torch.Tensor) -> None:
+        ids = expert_ids.cpu().long()  # [L_moe, T, K]
         row = 0
         for chunk in batch.chunks:
             self.seq_ids.add(chunk.seq_id)
-            self.expert_ids[self.index[layer], chunk.start_pos : chunk.end_pos] = ids[row : row + chunk.num_tokens]
+            self.expert_ids[:, chunk.start_pos : chunk.end_pos] = ids[:, row : row + chunk.num_tokens]
             row += chunk.num_tokens
 
     def result(self) -> torch.Tensor:

@@ -1,15 +1,17 @@
 """Repetition rates of live traffic: same_top1 and shared_any over the last W routed token pairs, per MoE layer.
 
-A routing observer on the serving model. Each step's batch lays sequences' chunks end to end; inside a
-chunk a row's previous token is the row before it; a chunk's first row pairs with the last token this
-sequence routed in an earlier step (remembered per sequence and layer). A chunk starting at position 0
+A routing observer on the serving model, called once per step with every MoE layer's expert ids. Each
+step's batch lays sequences' chunks end to end; inside a chunk a row's previous token is the row before it;
+a chunk's first row pairs with the last token this sequence routed in an earlier step (remembered per
+sequence, for every layer). A chunk starting at position 0
 (a new sequence, or one recomputed after preemption) has no previous token. A sequence is forgotten when
 it is no longer running (``live_sequences``) and, in any case, past the ``max_sequences`` most recently seen.
 
-Each layer keeps its last W pairs' two flags in a ring buffer. The observer runs on the engine's loop
-thread and ``snapshot`` on the server's, so both take a lock.
+Every layer sees the same pairs (the same tokens), so one ring buffer keeps the last W pairs' two flags
+for all layers. The observer runs on the engine's loop thread and ``snapshot`` on the server's, so both
+take a lock.
 
-Dimensions: T tokens of a step, P pairs, K chosen per token, W the window.
+Dimensions: L MoE layers, T tokens of a step, P pairs, K chosen per token, W the window.
 """
 
 from __future__ import annotations
@@ -35,41 +37,36 @@ DEFAULT_MAX_SEQUENCES = 1024
 
 class LastToken(NamedTuple):
     position: int
-    expert_ids: torch.Tensor  # [K]
-
-
-class WindowRates(NamedTuple):
-    same_top1: float | None  # None while the window is empty
-    shared_any: float | None
+    expert_ids: torch.Tensor  # [L, K]
 
 
 class PreviousTokens(NamedTuple):
-    expert_ids: torch.Tensor  # [T, K]: each row's previous token's expert ids
+    expert_ids: torch.Tensor  # [L, T, K]: each row's previous token's expert ids
     valid: torch.Tensor  # [T] bool: whether the row has a previous token
 
 
 class PairRing:
-    """The last ``size`` pairs' (same_top1, shared_any) flags."""
+    """The last ``size`` pairs' (same_top1, shared_any) flags, for each of ``layers`` layers."""
 
-    def __init__(self, size: int):
-        self.flags = torch.zeros(size, 2, dtype=torch.bool)  # [W, 2]
+    def __init__(self, size: int, layers: int):
+        self.flags = torch.zeros(size, layers, 2, dtype=torch.bool)  # [W, L, 2]
         self.next = 0
         self.filled = 0
 
     def add(self, same_top1: torch.Tensor, shared_any: torch.Tensor) -> None:
-        """same_top1, shared_any [P] bool, oldest first."""
+        """same_top1, shared_any [L, P] bool, oldest pair first."""
         size = self.flags.shape[0]
-        flags = torch.stack([same_top1, shared_any], dim=1)[-size:]  # [min(P, W), 2]
+        flags = torch.stack([same_top1, shared_any], dim=2).transpose(0, 1)[-size:]  # [min(P, W), L, 2]
         slots = (self.next + torch.arange(flags.shape[0])) % size
         self.flags[slots] = flags
         self.next = (self.next + flags.shape[0]) % size
         self.filled = min(size, self.filled + flags.shape[0])
 
-    def rates(self) -> WindowRates:
+    def rates(self) -> list[tuple[float | None, float | None]]:
+        """Per layer: (same_top1, shared_any) over the window; None while it is empty."""
         if self.filled == 0:
-            return WindowRates(None, None)
-        same, shared = self.flags[: self.filled].double().mean(dim=0).tolist()
-        return WindowRates(same, shared)
+            return [(None, None)] * self.flags.shape[1]
+        return [tuple(rates) for rates in self.flags[: self.filled].double().mean(dim=0).tolist()]  # [L, 2]
 
 
 class LiveBaseline(BaseModel):
@@ -109,34 +106,31 @@ class LiveRoutingWindow:
         self.baseline = random_baseline(num_experts, k)
         self.max_sequences = max_sequences
         self.live_sequences = live_sequences
-        self.rings = {layer: PairRing(window) for layer in layers}
-        self.last: OrderedDict[int, dict[int, LastToken]] = OrderedDict()  # seq id -> layer -> its last routed token
+        self.ring = PairRing(window, len(layers))
+        self.last: OrderedDict[int, LastToken] = OrderedDict()  # seq id -> its last routed token
         self.lock = threading.Lock()
 
-    def __call__(self, layer: int, batch: StepBatch, expert_ids: torch.Tensor) -> None:
-        ids = expert_ids.cpu().long()  # [T, K]
+    def __call__(self, batch: StepBatch, expert_ids: torch.Tensor) -> None:
+        ids = expert_ids.cpu().long()  # [L, T, K]
         with self.lock:
-            if layer == self.layers[0]:
-                self._forget()
-            previous, valid = self._previous(layer, batch, ids)  # [T, K], [T]
-            flags = pair_flags(previous[valid], ids[valid])  # [P] each
-            self.rings[layer].add(flags.same_top1, flags.shared_any)
+            self._forget()
+            previous, valid = self._previous(batch, ids)  # [L, T, K], [T]
+            flags = pair_flags(previous[:, valid], ids[:, valid])  # [L, P] each
+            self.ring.add(flags.same_top1, flags.shared_any)
 
-    def _previous(self, layer: int, batch: StepBatch, ids: torch.Tensor) -> PreviousTokens:
+    def _previous(self, batch: StepBatch, ids: torch.Tensor) -> PreviousTokens:
         """Each row's previous token's expert ids and whether it has one; remembers each chunk's last row."""
-        previous = torch.roll(ids, 1, dims=0)  # [T, K]: row t-1's ids at row t
-        valid = torch.ones(ids.shape[0], dtype=torch.bool)
+        previous = torch.roll(ids, 1, dims=1)  # [L, T, K]: row t-1's ids at row t
+        valid = torch.ones(ids.shape[1], dtype=torch.bool)
         row = 0
         for chunk in batch.chunks:
-            seen = self.last.setdefault(chunk.seq_id, {})
-            self.last.move_to_end(chunk.seq_id)
-            before = seen.get(layer)
+            before = self.last.pop(chunk.seq_id, None)
             if chunk.start_pos > 0 and before is not None and before.position == chunk.start_pos - 1:
-                previous[row] = before.expert_ids
+                previous[:, row] = before.expert_ids
             else:
                 valid[row] = False
             row += chunk.num_tokens
-            seen[layer] = LastToken(chunk.end_pos - 1, ids[row - 1].clone())
+            self.last[chunk.seq_id] = LastToken(chunk.end_pos - 1, ids[:, row - 1].clone())  # most recently seen last
         return PreviousTokens(previous, valid)
 
     def _forget(self) -> None:
@@ -150,8 +144,8 @@ class LiveRoutingWindow:
 
     def snapshot(self) -> LiveRouting:
         with self.lock:
-            rates = {layer: self.rings[layer].rates() for layer in self.layers}
-            pairs = min((self.rings[layer].filled for layer in self.layers), default=0)
+            rates = dict(zip(self.layers, self.ring.rates()))
+            pairs = self.ring.filled if self.layers else 0
         return LiveRouting(
             window_tokens=pairs,
             random_baseline=LiveBaseline(same_top1=self.baseline.same_top1, shared_any=self.baseline.shared_any),

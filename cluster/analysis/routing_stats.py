@@ -72,10 +72,10 @@ def expert_share(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 def pair_flags(previous: torch.Tensor, current: torch.Tensor) -> PairFlags:
-    """previous [P, K], current [P, K] (each row first choice first) -> per-pair flags [P]."""
-    assert previous.shape == current.shape and previous.dim() == 2, f"{tuple(previous.shape)} vs {tuple(current.shape)}"
-    same_top1 = previous[:, 0] == current[:, 0]  # [P]
-    shared_any = (current[:, :, None] == previous[:, None, :]).flatten(1).any(dim=1)  # [P, K, K] -> [P]
+    """previous [..., P, K], current [..., P, K] (each row first choice first) -> per-pair flags [..., P]."""
+    assert previous.shape == current.shape and previous.dim() >= 2, f"{tuple(previous.shape)} vs {tuple(current.shape)}"
+    same_top1 = previous[..., 0] == current[..., 0]  # [..., P]
+    shared_any = (current[..., :, None] == previous[..., None, :]).flatten(-2).any(dim=-1)  # [..., P, K, K] -> [..., P]
     return PairFlags(same_top1, shared_any)
 
 

@@ -39,8 +39,9 @@ from moeshard.cluster.model.layers import RotaryEmbedding, rms_norm, swiglu
 from moeshard.cluster.model.moe import Done, ExpertsFn, PendingExperts
 from moeshard.kernels import route
 
-# Sees every MoE layer's routing: (layer, the step's batch, expert ids [T, K], first choice first).
-RoutingObserver = Callable[[int, StepBatch, torch.Tensor], None]
+# Sees each step's routing once, after its forward pass: (the step's batch, expert ids [L_moe, T, K] of every MoE
+# layer in order, first choice first).
+RoutingObserver = Callable[[StepBatch, torch.Tensor], None]
 
 logger = logging.getLogger(__name__)
 
@@ -87,19 +88,23 @@ class MoeModel:
         rotaries = [self.rotary.tables(part.positions, self.dtype) for part in parts]
         layouts = [step_layout(part, self.cache, config.sliding_window) for part in parts]
         pending: list[PendingFeedForward | None] = [None] * len(parts)
+        routed: list[list[torch.Tensor]] = [[] for _ in parts]  # per micro-batch, each MoE layer's expert ids [t, K]
         for layer, lw in enumerate(w.layers):
             for i, part in enumerate(parts):  # micro-batch i's attention runs while the other's experts work
                 if pending[i] is not None:
                     xs[i] = pending[i].finish()  # [t, D]
                 normed = rms_norm(xs[i], lw.input_norm, config.rms_norm_eps)
                 h = xs[i] + attention(config, lw, layer, normed, layouts[i], rotaries[i], self.cache)
-                pending[i] = self.start_feed_forward(layer, lw, h, part)
+                pending[i] = self.start_feed_forward(layer, lw, h, routed[i])
         x = torch.cat([p.finish() for p in pending]) if len(parts) > 1 else pending[0].finish()  # [T, D]
+        if self.routing_observer is not None and config.moe_layers:
+            self.routing_observer(batch, torch.cat([torch.stack(ids) for ids in routed], dim=1))  # [L_moe, T, K]
         x = rms_norm(x[rows], w.final_norm, config.rms_norm_eps)  # [R, D]
         return (x @ w.lm_head.T).float()  # [R, V]
 
-    def start_feed_forward(self, layer: int, lw: LayerWeights, h: torch.Tensor, batch: StepBatch) -> "PendingFeedForward":
-        """h [T, D] (the residual stream after attention) -> its FFN started: experts submitted (+ shared expert run)."""
+    def start_feed_forward(self, layer: int, lw: LayerWeights, h: torch.Tensor, routed: list[torch.Tensor]) -> "PendingFeedForward":
+        """h [T, D] (the residual stream after attention) -> its FFN started: experts submitted (+ shared expert run).
+        An MoE layer appends its expert ids [T, K] to ``routed`` while a routing observer is set."""
         config = self.config
         r = rms_norm(h, lw.post_attention_norm, config.rms_norm_eps)  # [T, D]
         if lw.router is None:
@@ -108,7 +113,7 @@ class MoeModel:
         chosen = routing.expert_ids.reshape(-1).long()  # [T*K]
         self._load[layer].index_add_(0, chosen, torch.ones_like(chosen))
         if self.routing_observer is not None:
-            self.routing_observer(layer, batch, routing.expert_ids)  # [T, K]
+            routed.append(routing.expert_ids)  # [T, K]
         experts = self.experts.submit(layer, r, routing)
         if lw.shared_expert is None:
             return PendingFeedForward(h, experts, None)
