@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from moeshard.actors.socket_server import ExpertSocketServer
 from moeshard.actors.wire import NO_WORK, ExpertBatch, ExpertReply
 from moeshard.cluster.model.checkpoint import CheckpointReader, ExpertKey, expert_weight_shapes
 from moeshard.cluster.model.config import ModelConfig
@@ -54,6 +55,7 @@ class ExpertActor:
         self.versions: dict[int, dict[int, ExpertStack]] = {version: self._to_device(load_expert_stacks(self.reader, hosted, self.dtype))}
         self._delays: list[float] = []
         self._stage_lock = threading.Lock()
+        self._sockets: dict[str, ExpertSocketServer] = {}  # listen address -> the socket transport's listener there
         logger.info("expert actor %d hosts %d experts on %s", actor_index, sum(len(s.expert_ids) for s in self.stacks.values()), self.device)
 
     @property
@@ -150,6 +152,20 @@ class ExpertActor:
         rows = batch.rows.to(self.device, self.dtype)  # the coordinator's precision may differ from this actor's
         out = stack.run(rows, batch.local_ids.to(self.device).long(), batch.weights.to(self.device))
         return ExpertReply(batch.tag, out.to("cpu", batch.rows.dtype)).encode()
+
+    def open_socket(self, secret: bytes, coordinator_ip: str) -> tuple[str, int]:
+        """The socket transport's address for a coordinator on ``coordinator_ip``, which connects with ``secret``:
+        127.0.0.1 when it runs on this node, this node's address otherwise. Called in the control group."""
+        import ray
+
+        node_ip = ray.util.get_node_ip_address()
+        host = "127.0.0.1" if coordinator_ip == node_ip else node_ip
+        with self._stage_lock:
+            server = self._sockets.get(host)
+            if server is None:
+                server = self._sockets[host] = ExpertSocketServer(host, self.run_experts)
+            server.allow(secret)
+        return server.address
 
     def info(self) -> dict:
         """Where this actor runs and what it holds."""

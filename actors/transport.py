@@ -1,12 +1,14 @@
 """Dispatch transports: deliver one message to each expert actor with work and collect the replies.
 
-Two implementations behind one interface; ``send`` starts a layer's messages and
+Three implementations behind one interface; ``send`` starts a layer's messages and
 ``receive`` collects them, so the coordinator can work (a shared expert) meanwhile.
 - ``ActorCallTransport``: plain Ray actor calls, one per actor with work.
+- ``SocketTransport`` (``socket_transport.py``): one TCP connection per actor,
+  a frame per actor with work; Ray only for the control path.
 - ``CompiledGraphTransport``: a Ray Compiled Graph over the live expert actors
   (shared-memory channels on one node), compiled once and re-executed every
   MoE layer; every member is called, with an empty message when it has no rows.
-Neither raises for a failed actor: an ``Exchange`` carries the replies that came
+None raises for a failed actor: an ``Exchange`` carries the replies that came
 back and, for each actor that died or did not answer within the dispatch
 timeout, why (never a hang). The dispatch decides what to resend and where.
 """
@@ -62,7 +64,7 @@ class Transport(Protocol):
 
 def failure(actor: ActorRef, cause: BaseException) -> ExpertActorFailed:
     """The error naming ``actor`` and its experts, for a request that cannot be served without it."""
-    reason = "did not answer in time" if isinstance(cause, (GetTimeoutError, RayChannelTimeoutError)) else "died"
+    reason = "did not answer in time" if isinstance(cause, (GetTimeoutError, RayChannelTimeoutError, TimeoutError)) else "died"
     return ExpertActorFailed(f"{actor.description} {reason}: {type(cause).__name__}: {one_line(cause)}")
 
 

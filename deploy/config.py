@@ -66,7 +66,7 @@ class ServeArgs(BaseModel):
         if config.cluster.expert_actors == 0:
             return config
         if self.coordinators > 1 and config.cluster.transport == "compiled_graph":
-            raise ValueError("the compiled_graph transport serves one coordinator per pool: use actor_calls with coordinators > 1")
+            raise ValueError("the compiled_graph transport serves one coordinator per pool: use socket or actor_calls with coordinators > 1")
         if config.cluster.pool_name is None:
             config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"pool_name": self.pool_name(config)})})
         if config.cluster.actor_concurrency is None:  # each coordinator's call runs beside the others'

@@ -33,6 +33,7 @@ LAYOUTS = {
     "2_actors": dict(expert_actors=2),
     "3_actors_uneven": dict(expert_actors=3),
     "4_actors": dict(expert_actors=4),
+    "4_actors_actor_calls": dict(expert_actors=4, transport="actor_calls"),
     "4_actors_compiled_graph": dict(expert_actors=4, transport="compiled_graph"),
     "3_actors_replicated": dict(
         expert_actors=3, expert_map={e: [e % 3, (e + 1) % 3] for e in range(8)}

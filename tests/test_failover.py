@@ -81,8 +81,10 @@ def _after(seconds: float, action) -> None:
 
 
 CASES = {
+    "sole_host_socket": dict(actors=2, victims=[1], transport="socket"),
     "sole_host_actor_calls": dict(actors=2, victims=[1], transport="actor_calls"),
     "sole_host_compiled_graph": dict(actors=2, victims=[1], transport="compiled_graph"),
+    "replicas_socket": dict(actors=3, victims=[1], transport="socket", expert_map=REPLICATED_3),
     "replicas_actor_calls": dict(actors=3, victims=[1], transport="actor_calls", expert_map=REPLICATED_3),
     "replicas_compiled_graph": dict(actors=3, victims=[2], transport="compiled_graph", expert_map=REPLICATED_3),
     "two_at_once_covered_by_replicas": dict(

@@ -53,7 +53,10 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
     serve.add_argument("--device", default="auto", help="the coordinator's: auto (a GPU when the cluster has one), cpu, cuda or cuda:N")
     serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bfloat16 on a GPU, float32 on the CPU")
-    serve.add_argument("--transport", default="actor_calls", choices=["actor_calls", "compiled_graph"])
+    serve.add_argument(
+        "--transport", default="socket", choices=["socket", "actor_calls", "compiled_graph"],
+        help="the dispatch data path: a TCP connection per expert actor (default), Ray actor calls, or a compiled graph",
+    )  # fmt: skip
     serve.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
     serve.add_argument(
         "--no-prefix-caching", action="store_true", help="prefill every prompt in full (default: share computed prefixes)"

@@ -56,7 +56,7 @@ def build_engine(config: EngineConfig, files: ModelFiles, experts: ExpertsFn | N
     reader = CheckpointReader(config.model_dir, mc)
     dense = reader.read_dense(dtype, device)
     # Local experts have nothing to overlap; a compiled graph runs one execution at a time here.
-    overlaps = experts is not None and config.cluster.transport == "actor_calls"
+    overlaps = experts is not None and config.cluster.transport in ("actor_calls", "socket")
     ping_pong = (config.ping_pong_min_sequences or None) if overlaps else None
     if experts is None:
         experts = LocalExperts.from_checkpoint(reader, dtype, device)

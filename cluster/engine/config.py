@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from moeshard.cluster.model.device import DTYPE_CHOICES, check_device_name
 
+# Dispatch transports (actors/transport.py): frames over a TCP connection per actor, Ray actor calls, a compiled graph.
+TRANSPORTS = ("socket", "actor_calls", "compiled_graph")
+
 
 class ClusterConfig(BaseModel):
     """Where the experts run: the number of expert actors, their placement and the dispatch transport."""
@@ -32,7 +35,7 @@ class ClusterConfig(BaseModel):
     coordinator_resources: dict[str, float] = Field(default_factory=dict)
     cpus_per_actor: float = Field(default=1.0, ge=0)
     use_gpus: bool | None = None  # None: one GPU per actor when the cluster has GPUs
-    transport: str = "actor_calls"
+    transport: str = "socket"
     placement_strategy: str = "SPREAD"
     dispatch_timeout_s: float = Field(default=60.0, gt=0)  # an actor silent this long is failed over
     recovery_timeout_s: float = Field(default=120.0, gt=0)  # how long a layer waits for Ray to restart a sole host
@@ -47,8 +50,8 @@ class ClusterConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "ClusterConfig":
-        if self.transport not in ("actor_calls", "compiled_graph"):
-            raise ValueError(f"transport must be 'actor_calls' or 'compiled_graph', got {self.transport!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError(f"placement_strategy must be a Ray placement group strategy, got {self.placement_strategy!r}")
         if self.redundant_experts and self.expert_map is not None:
@@ -74,7 +77,7 @@ class EngineConfig(BaseModel):
     kv_block_size: int = Field(default=16, gt=0)
     max_batch_tokens: int = Field(default=2048, gt=0)
     max_running: int = Field(default=256, gt=0)  # sequences in the running batch at once; more wait
-    # With expert actors (the actor_calls transport), steps of at least this many sequences run as two
+    # With expert actors (the socket or actor_calls transport), steps of at least this many sequences run as two
     # micro-batches, one's attention overlapping the other's experts. 0 (the default): never; it pays where the
     # coordinator and the actors have compute of their own (GPUs, nodes), not where they share a few cores.
     ping_pong_min_sequences: int = Field(default=0, ge=0)

@@ -1,0 +1,157 @@
+"""The ``socket`` transport: each layer's messages as frames over one TCP connection per expert actor.
+
+The data path leaves Ray: the coordinator asks each actor once, through Ray, for its listener's address
+(``ExpertActor.open_socket``, with a secret of this transport's), connects, and from then on every MoE
+layer is one frame to each actor with work and one reply frame back (``socket_server``). A thread per
+connection files the replies by sequence number, so a large reply never waits for the coordinator to
+finish sending, and two layers can be in flight at once (ping-pong micro-batches).
+
+Failures look as they do with actor calls: an actor that dies closes its connection (its reply, and any
+later one, fails at once); one that does not answer by the dispatch deadline fails with ``DispatchTimeout``
+and its connection is dropped, so a late reply is never read. The dispatch marks the actor down; once Ray
+has it back (the health probe is a Ray call) the next send connects again, to the restarted process.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from moeshard.actors.expert_actor import CONTROL_GROUP
+from moeshard.actors.socket_server import SECRET_BYTES, FrameError, read_frame, tuned, write_frame
+from moeshard.actors.transport import ActorRef, Exchange
+
+logger = logging.getLogger(__name__)
+
+CONNECT_ERRORS = (RayActorError, GetTimeoutError, OSError)
+
+
+class DispatchTimeout(TimeoutError):
+    """An expert actor did not answer a layer's frame by the dispatch deadline."""
+
+
+class _Connection:
+    """One socket to one expert actor (the process behind ``handle`` when it connected)."""
+
+    def __init__(self, handle: object, sock: socket.socket):
+        self.handle = handle
+        self.sock = sock
+        self.replies: dict[int, bytes] = {}  # sequence number -> reply not yet taken
+        self.error: BaseException | None = None  # set once the connection is unusable
+        self._changed = threading.Condition()
+        self._next_seq = 1  # 0 is the secret's frame
+        threading.Thread(target=self._read_replies, name="expert-socket-replies", daemon=True).start()
+
+    def send(self, payload: bytes) -> int:
+        seq, self._next_seq = self._next_seq, self._next_seq + 1
+        write_frame(self.sock, seq, payload)
+        return seq
+
+    def wait(self, seq: int, deadline: float) -> bytes:
+        with self._changed:
+            self._changed.wait_for(lambda: seq in self.replies or self.error is not None, max(0.0, deadline - time.monotonic()))
+            if seq in self.replies:
+                return self.replies.pop(seq)
+            if self.error is not None:
+                raise ConnectionError(f"the connection to the expert actor was lost: {self.error}") from self.error
+        raise DispatchTimeout("no reply by the dispatch deadline")
+
+    def _read_replies(self) -> None:
+        try:
+            while True:
+                seq, payload = read_frame(self.sock)
+                with self._changed:
+                    self.replies[seq] = payload
+                    self._changed.notify_all()
+        except (FrameError, OSError) as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._changed:
+            self.error = self.error or exc
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        self._fail(ConnectionAbortedError("closed by the coordinator"))
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+@dataclass(frozen=True)
+class _SocketSent:
+    num_actors: int
+    deadline: float
+    frames: dict[int, tuple[_Connection, int]] = field(default_factory=dict)  # actor -> (connection, sequence number)
+    failures: dict[int, BaseException] = field(default_factory=dict)  # actors that could not be sent to
+
+
+class SocketTransport:
+    def __init__(self, actors: list[ActorRef], timeout_s: float):
+        self.actors = actors  # shared with the dispatch, which resizes it in place when the pool scales
+        self.timeout_s = timeout_s
+        self.secret = secrets.token_bytes(SECRET_BYTES)
+        self.node_ip = ray.util.get_node_ip_address()
+        self._connections: dict[int, _Connection] = {}
+
+    def exchange(self, messages: list[bytes | None], live: frozenset[int]) -> Exchange:
+        return self.receive(self.send(messages, live))
+
+    def send(self, messages: list[bytes | None], live: frozenset[int]) -> _SocketSent:
+        sent = _SocketSent(len(messages), time.monotonic() + self.timeout_s)
+        for actor, message in enumerate(messages):
+            if message is None:
+                continue
+            try:
+                connection = self._connection(actor, sent.deadline)
+                sent.frames[actor] = (connection, connection.send(message))
+            except CONNECT_ERRORS as exc:
+                self._drop(actor)
+                sent.failures[actor] = exc
+        return sent
+
+    def receive(self, ticket: _SocketSent) -> Exchange:
+        replies: list[bytes | None] = [None] * ticket.num_actors
+        failures = dict(ticket.failures)
+        for actor, (connection, seq) in ticket.frames.items():
+            try:
+                replies[actor] = connection.wait(seq, ticket.deadline)
+            except (ConnectionError, TimeoutError) as exc:
+                self._drop(actor, connection)
+                failures[actor] = exc
+        return Exchange(replies, failures)
+
+    def _connection(self, actor: int, deadline: float) -> _Connection:
+        """The open connection to ``actor``, or a new one (first use, after a failure, or a new actor at this index)."""
+        handle = self.actors[actor].handle
+        connection = self._connections.get(actor)
+        if connection is not None and connection.handle is handle and connection.error is None:
+            return connection
+        self._drop(actor)
+        address = ray.get(handle.open_socket.options(concurrency_group=CONTROL_GROUP).remote(self.secret, self.node_ip),
+                          timeout=max(0.0, deadline - time.monotonic()))  # fmt: skip
+        sock = tuned(socket.create_connection(tuple(address), timeout=max(0.1, deadline - time.monotonic())))
+        sock.settimeout(None)  # replies are waited for by deadline, on the reader's condition
+        write_frame(sock, 0, self.secret)
+        connection = self._connections[actor] = _Connection(handle, sock)
+        logger.debug("socket transport: connected to %s at %s:%d", self.actors[actor].description, *address)
+        return connection
+
+    def _drop(self, actor: int, connection: _Connection | None = None) -> None:
+        current = self._connections.get(actor)
+        if current is not None and (connection is None or current is connection):
+            del self._connections[actor]
+            current.close()
+
+    def close(self) -> None:
+        for actor in list(self._connections):
+            self._drop(actor)
