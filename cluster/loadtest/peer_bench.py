@@ -39,8 +39,7 @@ from pydantic import BaseModel
 
 from moeshard.cluster.client.async_client import AsyncClient
 from moeshard.cluster.loadtest.loadgen import LoadReport, LoadSpec, run_load
-from moeshard.cluster.loadtest.progress import Progress
-from moeshard.cluster.loadtest.serving_bench import free_port, requests_at
+from moeshard.cluster.loadtest.serving_bench import add_level_arguments, free_port, parse_levels, run_levels
 
 logger = logging.getLogger(__name__)
 
@@ -124,25 +123,13 @@ def _log_tail(path: Path, lines: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-async def run_levels(url: str, args: argparse.Namespace) -> list[LoadReport]:
+async def load_server(url: str, args: argparse.Namespace) -> list[LoadReport]:
     async with AsyncClient(url, timeout=1800, max_retries=0) as client:
         model = (await client.models())[0].id
         top = max(args.concurrency)
         await run_load(client, LoadSpec(requests=2, concurrency=1, prompt_len=args.prompt_len, output_len=4), model)
         await run_load(client, LoadSpec(requests=top, concurrency=top, prompt_len=args.prompt_len, output_len=4), model)
-        reports = []
-        for concurrency in args.concurrency:
-            spec = LoadSpec(
-                requests=requests_at(concurrency, args.scale),
-                concurrency=concurrency,
-                prompt_len=args.prompt_len,
-                output_len=args.output_len,
-                seed=concurrency,
-            )
-            progress = Progress(spec.requests, f"concurrency {concurrency:>3}")
-            reports.append(await run_load(client, spec, model, on_done=lambda r: progress.advance(r.ok)))
-            progress.close()
-    return reports
+        return await run_levels(client, model, args)
 
 
 def same_texts(report: LoadReport, reference: LoadReport) -> int:
@@ -181,19 +168,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--server", nargs=2, action="append", required=True, metavar=("NAME", "COMMAND"),
         help="a name and a shell command that serves on 127.0.0.1 at {port}; repeat; the first is the reference",
     )  # fmt: skip
-    parser.add_argument("--concurrency", default="1,16,64", help="comma-separated concurrencies (default: 1,16,64)")
-    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the requests per level, max(16, 4 x concurrency)")
-    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens, about (default: 32)")
-    parser.add_argument("--output-len", type=int, default=64, help="output tokens per request (default: 64)")
+    add_level_arguments(parser, concurrency="1,16,64", output_len=64)
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds a server may take to answer")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results (every request) to FILE")
     args = parser.parse_args(argv)
-    try:
-        args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    except ValueError:
-        parser.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
-    if any(c < 1 for c in args.concurrency):
-        parser.error("--concurrency values must be >= 1")
+    parse_levels(parser, args)
     if args.json is not None and not Path(args.json).resolve().parent.is_dir():
         parser.error(f"cannot write --json {args.json}: its directory does not exist")
     args.servers = [ServerSpec(name=name, command=command) for name, command in args.server]
@@ -214,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 with started_server(spec, Path(log_dir), args.startup_timeout) as (url, startup_s):
                     logger.info("%s answers at %s after %.0f s", spec.name, url, startup_s)
-                    reports = asyncio.run(run_levels(url, args))
+                    reports = asyncio.run(load_server(url, args))
             except ServerFailed as exc:
                 print(f"peer_bench: server {spec.name!r} {exc}", file=sys.stderr)
                 return 1

@@ -123,22 +123,45 @@ def requests_at(concurrency: int, scale: float) -> int:
     return max(1, round(scale * max(16, 4 * concurrency)))
 
 
-async def _load_levels(url: str, args: argparse.Namespace) -> list[LoadReport]:
+def add_level_arguments(parser: argparse.ArgumentParser, concurrency: str, output_len: int) -> None:
+    """--concurrency, --scale, --prompt-len and --output-len: the load levels (``parse_levels`` reads them)."""
+    parser.add_argument("--concurrency", default=concurrency, help=f"comma-separated concurrencies (default: {concurrency})")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the requests per level, max(16, 4 x concurrency)")
+    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens, about (default: 32)")
+    parser.add_argument("--output-len", type=int, default=output_len, help=f"output tokens per request (default: {output_len})")
+
+
+def parse_levels(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--concurrency as a list of positive integers, or a usage error."""
+    try:
+        args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        parser.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
+    if any(c < 1 for c in args.concurrency):
+        parser.error("--concurrency values must be >= 1")
+
+
+async def run_levels(client: AsyncClient, model: str | None, args: argparse.Namespace) -> list[LoadReport]:
+    """One closed-loop load per ``args.concurrency``, each with its own prompts (seeded by the concurrency)."""
     reports = []
+    for concurrency in args.concurrency:
+        spec = LoadSpec(
+            requests=requests_at(concurrency, args.scale),
+            concurrency=concurrency,
+            prompt_len=args.prompt_len,
+            output_len=args.output_len,
+            seed=concurrency,
+        )
+        progress = Progress(spec.requests, f"concurrency {concurrency:>3}")
+        reports.append(await run_load(client, spec, model, on_done=lambda r: progress.advance(r.ok)))
+        progress.close()
+    return reports
+
+
+async def _load_levels(url: str, args: argparse.Namespace) -> list[LoadReport]:
     async with AsyncClient(url, model=MODEL_NAME, timeout=600, max_retries=0) as client:
         await run_load(client, LoadSpec(requests=2, concurrency=1, prompt_len=args.prompt_len, output_len=4))  # warm-up
-        for concurrency in args.concurrency:
-            spec = LoadSpec(
-                requests=requests_at(concurrency, args.scale),
-                concurrency=concurrency,
-                prompt_len=args.prompt_len,
-                output_len=args.output_len,
-                seed=concurrency,
-            )
-            progress = Progress(spec.requests, f"concurrency {concurrency:>3}")
-            reports.append(await run_load(client, spec, on_done=lambda r: progress.advance(r.ok)))
-            progress.close()
-    return reports
+        return await run_levels(client, None, args)
 
 
 @contextlib.contextmanager
@@ -235,17 +258,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Serve a model with experts on Ray actors, load it at several concurrencies, compare with transformers.",
     )
     add_model_arguments(parser)
-    parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrencies (default: 1,4,16,64)")
-    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the requests per level, max(16, 4 x concurrency)")
-    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens, about (default: 32)")
-    parser.add_argument("--output-len", type=int, default=32, help="output tokens per request (default: 32)")
+    add_level_arguments(parser, concurrency="1,4,16,64", output_len=32)
     parser.add_argument("--baseline-requests", type=int, default=16, help="requests transformers runs (default: 16)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results to FILE")
     args = parser.parse_args(argv)
-    try:
-        args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    except ValueError:
-        parser.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
+    parse_levels(parser, args)
     check_model_dir(parser, args)
     return args
 
