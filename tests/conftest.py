@@ -157,6 +157,23 @@ def tiny_checkpoint_factory(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def pids_mentioning():
+    """pids_mentioning(text): ids of the processes whose command line contains ``text`` (e.g. a Ray temp dir)."""
+
+    def pids(text: str) -> list[int]:
+        found = []
+        for entry in Path("/proc").glob("[0-9]*"):
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        return found
+
+    return pids
+
+
+@pytest.fixture(scope="session")
 def expert_actor_pid():
     """pid(llm, actor, timeout_s=120): an offline cluster's expert actor's process id, once it answers
     (a restarting actor refuses calls until it is back)."""

@@ -262,7 +262,7 @@ def _serve_command() -> list[str]:
     return [sys.executable, "-c", "import sys; from ray.serve.scripts import cli; sys.exit(cli())"]
 
 
-def _stop(proc: subprocess.Popen, ray_tmp: Path) -> None:
+def _stop(proc: subprocess.Popen, ray_tmp: Path, pids_mentioning) -> None:
     """Ctrl-C, as a user would; then kill what is left of the process group and of its Ray processes."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
@@ -275,26 +275,15 @@ def _stop(proc: subprocess.Popen, ray_tmp: Path) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=30)
-    for pid in _pids_mentioning(str(ray_tmp)):
+    for pid in pids_mentioning(str(ray_tmp)):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
 
-def _pids_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
-
-
 @pytest.mark.slow
-def test_serve_yaml_runs_under_serve_run(tmp_path, tmp_path_factory, tiny_checkpoint_factory):
+def test_serve_yaml_runs_under_serve_run(tmp_path, tmp_path_factory, tiny_checkpoint_factory, pids_mentioning):
     config = _load("serve.yaml")
     port = _free_port()
     config["http_options"]["port"] = port
@@ -337,5 +326,5 @@ def test_serve_yaml_runs_under_serve_run(tmp_path, tmp_path_factory, tiny_checkp
         assert status == 200, health
         assert [a["state"] for a in health["expert_actors"]] == ["ok"] * app["args"]["expert_actors"]
     finally:
-        _stop(proc, ray_tmp)
+        _stop(proc, ray_tmp, pids_mentioning)
         log.close()

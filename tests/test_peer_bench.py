@@ -18,17 +18,6 @@ def peer_bench(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
-def _pids_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
-
-
 def test_a_server_that_exits_is_reported_with_its_log():
     out = peer_bench("--server", "broken", "echo no such model on {port}; exit 3", "--startup-timeout", "30", timeout=60)
     assert out.returncode == 1
@@ -41,7 +30,7 @@ def test_a_command_without_a_port_is_refused():
 
 
 @pytest.mark.slow
-def test_two_servers_in_turn_give_the_same_texts_and_are_stopped(tiny_checkpoint_factory, tmp_path, tmp_path_factory):
+def test_two_servers_in_turn_give_the_same_texts_and_are_stopped(tiny_checkpoint_factory, tmp_path, tmp_path_factory, pids_mentioning):
     model_dir = tiny_checkpoint_factory("tiny_peer", seed=9, with_tokenizer=True, max_position_embeddings=512)
     ray_tmp = tmp_path_factory.mktemp("ray")
     serve = f"env -u RAY_ADDRESS RAY_TMPDIR={ray_tmp} {MOESHARD} serve {model_dir} --expert-actors 0 --port {{port}}"
@@ -62,4 +51,4 @@ def test_two_servers_in_turn_give_the_same_texts_and_are_stopped(tiny_checkpoint
     for mine, theirs in zip(uncached["reports"], cached["reports"]):  # same prompts, same model, greedy
         assert [r["text"] for r in mine["records"]] == [r["text"] for r in theirs["records"]]
     assert "| uncached | 3 | 4 | 0 |" in out.stdout and out.stdout.count("| 4/4 |") == 4
-    assert _pids_mentioning(str(ray_tmp)) == []  # each server, and its Ray, stopped before the next started
+    assert pids_mentioning(str(ray_tmp)) == []  # each server, and its Ray, stopped before the next started
