@@ -44,7 +44,7 @@ from moeshard.actors.actor_health import ActorHealth
 from moeshard.actors.expert_pool import describe_actor
 from moeshard.actors.placement import ExpertPlacement
 from moeshard.actors.rebalance.meter import LoadMeter
-from moeshard.actors.socket_transport import SocketTransport
+from moeshard.actors.socket.transport import SocketTransport
 from moeshard.actors.transport import ActorCallTransport, ActorRef, CompiledGraphTransport, Transport, failure
 from moeshard.actors.wire import ExpertBatch, ExpertReply
 from moeshard.cluster.engine.config import EngineConfig

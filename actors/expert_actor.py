@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from moeshard.actors.socket_server import ExpertSocketServer
+from moeshard.actors.socket.server import ExpertSocketServer
 from moeshard.actors.wire import NO_WORK, ExpertBatch, ExpertReply
 from moeshard.cluster.model.checkpoint import CheckpointReader, ExpertKey, expert_weight_shapes
 from moeshard.cluster.model.config import ModelConfig

@@ -3,7 +3,7 @@
 Three implementations behind one interface; ``send`` starts a layer's messages and
 ``receive`` collects them, so the coordinator can work (a shared expert) meanwhile.
 - ``ActorCallTransport``: plain Ray actor calls, one per actor with work.
-- ``SocketTransport`` (``socket_transport.py``): one TCP connection per actor,
+- ``SocketTransport`` (``socket/transport.py``): one TCP connection per actor,
   a frame per actor with work; Ray only for the control path.
 - ``CompiledGraphTransport``: a Ray Compiled Graph over the live expert actors
   (shared-memory channels on one node), compiled once and re-executed every

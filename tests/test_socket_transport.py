@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from moeshard.actors.socket_server import FRAME, SECRET_BYTES, ExpertSocketServer, read_frame, tuned, write_frame
-from moeshard.actors.socket_transport import DispatchTimeout, _Connection
+from moeshard.actors.socket.server import FRAME, SECRET_BYTES, ExpertSocketServer, read_frame, tuned, write_frame
+from moeshard.actors.socket.transport import DispatchTimeout, _Connection
 
 SECRET = b"s" * SECRET_BYTES
 

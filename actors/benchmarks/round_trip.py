@@ -18,8 +18,8 @@ import time
 import ray
 
 from moeshard.actors.ray_init import init_ray
-from moeshard.actors.socket_server import SECRET_BYTES, ExpertSocketServer, tuned, write_frame
-from moeshard.actors.socket_transport import _Connection
+from moeshard.actors.socket.server import SECRET_BYTES, ExpertSocketServer, tuned, write_frame
+from moeshard.actors.socket.transport import _Connection
 
 
 class Echo:

@@ -2,7 +2,7 @@
 
 The data path leaves Ray: the coordinator asks each actor once, through Ray, for its listener's address
 (``ExpertActor.open_socket``, with a secret of this transport's), connects, and from then on every MoE
-layer is one frame to each actor with work and one reply frame back (``socket_server``). A thread per
+layer is one frame to each actor with work and one reply frame back (``socket/server.py``). A thread per
 connection files the replies by sequence number, so a large reply never waits for the coordinator to
 finish sending, and two layers can be in flight at once (ping-pong micro-batches).
 
@@ -25,7 +25,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from moeshard.actors.expert_actor import CONTROL_GROUP
-from moeshard.actors.socket_server import SECRET_BYTES, FrameError, read_frame, tuned, write_frame
+from moeshard.actors.socket.server import SECRET_BYTES, FrameError, read_frame, tuned, write_frame
 from moeshard.actors.transport import ActorRef, Exchange
 
 logger = logging.getLogger(__name__)
