@@ -66,9 +66,15 @@ def expert_ffn_torch(rows, expert_offsets, w1, w3, w2, out) -> None:
     for e, (start, end) in enumerate(zip(offsets[:-1], offsets[1:])):
         if end == start:
             continue
-        x = rows[start:end]  # [n, D]
-        h = F.silu(F.linear(x, w1[e]), inplace=True).mul_(F.linear(x, w3[e]))  # [n, I]; in place: no more [n, I] buffers
-        torch.mm(h, w2[e].t(), out=out[start:end])  # [n, D]
+        expert_rows_torch(rows[start:end], w1[e], w3[e], w2[e], out=out[start:end])
+
+
+def expert_rows_torch(
+    x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [n, D] through one expert (w1/w3 [I, D], w2 [D, I]) -> [n, D], into ``out`` when given."""
+    h = F.silu(F.linear(x, w1), inplace=True).mul_(F.linear(x, w3))  # [n, I]; in place: no more [n, I] buffers
+    return torch.mm(h, w2.t(), out=out)  # [n, D]
 
 
 class GemmTiles(NamedTuple):

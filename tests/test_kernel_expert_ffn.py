@@ -145,3 +145,35 @@ def test_moe_layer_matches_transformers(E, K, T, dtype, backend):
     assert backend == "triton" or same.all()
     assert same.float().mean() >= 0.8
     assert_close(got[same], want[same])
+
+
+@pytest.mark.parametrize("E, K", [(8, 2), (64, 8)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expert_stack_single_token_matches_transformers_and_grouped_path(E, K, dtype):
+    """A token alone skips permute and combine (decode at batch 1): the same numbers as transformers,
+    and bit for bit what the grouped path gives that token in a batch where it shares no expert."""
+    from moeshard.cluster.model.moe import ExpertStack
+
+    D, I = 64, 96
+    block, gate, w1, w3, w2 = mixtral_block(E, K, D, I, dtype, seed=E + K)
+    stack = ExpertStack(expert_ids=tuple(range(E)), w1=w1, w3=w3, w2=w2)
+    x = torch.randn(1, D).to(dtype)  # [1, D]
+    routing = route(F.linear(x, gate), K)
+    with torch.no_grad():
+        want = block(x[None])[0]  # [1, D]
+    got = stack.run(x, routing.expert_ids.long(), routing.weights)
+    assert got.dtype == dtype
+    assert_close(got, want)
+
+    others = [e for e in range(E) if e not in routing.expert_ids[0].tolist()][:K]  # a second token's experts
+    ids = torch.cat([routing.expert_ids.long(), torch.tensor([others])])  # [2, K]
+    weights = torch.cat([routing.weights, torch.full((1, K), 1.0 / K, dtype=routing.weights.dtype)])  # [2, K]
+    grouped = stack.run(torch.cat([x, torch.randn(1, D).to(dtype)]), ids, weights)  # [2, D]
+    assert torch.equal(got[0], grouped[0])
+
+    unsent = routing.expert_ids.long().clone()
+    unsent[0, 0] = -1  # a choice served elsewhere (an actor's stack): left out of the sum
+    partial = stack.run(x, unsent, torch.where(unsent >= 0, routing.weights, 0.0))
+    e = int(routing.expert_ids[0, 0])
+    expert_out = F.linear(F.silu(F.linear(x.float(), w1[e].float())) * F.linear(x.float(), w3[e].float()), w2[e].float())
+    assert_close(partial, (got.float() - float(routing.weights[0, 0]) * expert_out).to(dtype))
