@@ -243,7 +243,7 @@ class RemoteExperts:
             table = self.tables(down)[work.layer]
             assert table is not None, f"layer {work.layer} is a dense layer: it has no experts"
             plan = plan_dispatch(table, work.routing.expert_ids.long(), work.pending)
-            needed = set(plan.actor_of[plan.actor_of >= 0].unique().tolist()) & down
+            needed = set(plan.actor_of[plan.actor_of >= 0].unique().tolist()) & down if down else set()
             if not needed:
                 break
             deadline = deadline or time.monotonic() + self.recovery_timeout_s  # wait for Ray's restart of the host

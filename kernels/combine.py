@@ -59,6 +59,9 @@ def combine_torch(expert_out: torch.Tensor, weights: torch.Tensor, slot: torch.T
     if expert_out.shape[0] == 0 or T == 0:
         out.zero_()
         return
+    if T == 1:  # a token alone (decode at batch 1): its K rows added in j order, without the chunk machinery
+        _combine_one_token(expert_out, weights, slot, out)
+        return
     sent = slot >= 0  # [T, K]
     some_unsent = not bool(sent.all())
     w = torch.where(sent, weights.float(), 0.0)  # [T, K]
@@ -81,6 +84,16 @@ def combine_torch(expert_out: torch.Tensor, weights: torch.Tensor, slot: torch.T
             else:
                 a.addcmul_(r32, w[t0:t1, j, None])
         out[t0:t1].copy_(a)
+
+
+def _combine_one_token(expert_out: torch.Tensor, weights: torch.Tensor, slot: torch.Tensor, out: torch.Tensor) -> None:
+    """``combine_torch`` for T = 1: the same float32 sum in j order (an unsent choice adds nothing)."""
+    w = weights.float()  # [1, K]
+    acc = torch.zeros(1, expert_out.shape[1], dtype=torch.float32, device=out.device)  # [1, D]
+    for j, row in enumerate(slot[0].tolist()):
+        if row >= 0:
+            acc.addcmul_(expert_out[row : row + 1].float(), w[:, j : j + 1])
+    out.copy_(acc)
 
 
 def combine_triton(expert_out: torch.Tensor, weights: torch.Tensor, slot: torch.Tensor, out: torch.Tensor) -> None:
