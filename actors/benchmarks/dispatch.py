@@ -40,8 +40,10 @@ import ray
 import torch
 
 from moeshard.actors.dispatch import remote_experts
+from moeshard.actors.expert_actor import CONTROL_GROUP
 from moeshard.actors.expert_pool import start_expert_pool
 from moeshard.actors.ray_init import init_ray
+from moeshard.actors.socket.server import ExpertSocketServer
 from moeshard.actors.transport import ActorRef
 from moeshard.actors.wire import NO_WORK, ExpertBatch, ExpertReply
 from moeshard.cluster.convert.synthetic_model import write_synthetic_mixtral
@@ -55,11 +57,14 @@ from moeshard.kernels import route
 
 logger = logging.getLogger(__name__)
 
-TRANSPORTS = ("actor_calls", "compiled_graph")
+TRANSPORTS = ("socket", "actor_calls", "compiled_graph")
 
 
 class EchoActor:
     """An expert actor without experts: decodes each message and sends its rows back (the reply size of real work)."""
+
+    def __init__(self):
+        self._socket_server: ExpertSocketServer | None = None
 
     def ready(self) -> bool:
         return True
@@ -69,6 +74,14 @@ class EchoActor:
             return NO_WORK
         batch = ExpertBatch.decode(message)
         return ExpertReply(batch.tag, batch.rows).encode()
+
+    def open_socket(self, secret: bytes, coordinator_ip: str) -> tuple[str, int]:
+        """The socket transport's listener, as ``ExpertActor.open_socket`` (this benchmark runs on one node)."""
+        server = self._socket_server
+        if server is None:
+            server = self._socket_server = ExpertSocketServer("127.0.0.1", self.run_experts)
+        server.allow(secret)
+        return server.address
 
 
 class _TimedTransport:
@@ -244,7 +257,7 @@ def _p99(values: list[float]) -> float:
 
 
 def _start_echo_actors(num_actors: int) -> list[ActorRef]:
-    cls = ray.remote(EchoActor).options(num_cpus=1, max_restarts=0)
+    cls = ray.remote(concurrency_groups={CONTROL_GROUP: 1})(EchoActor).options(num_cpus=1, max_restarts=0)
     actors = [ActorRef(i, cls.remote(), f"echo actor {i}") for i in range(num_actors)]
     ray.get([a.handle.ready.remote() for a in actors])
     return actors
