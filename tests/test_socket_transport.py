@@ -40,11 +40,11 @@ def test_a_connection_without_the_secret_is_closed_and_runs_nothing(secret):
     calls = []
     server = _server(lambda payload: calls.append(payload) or payload)
     sock = _connect(server, secret)
-    write_frame(sock, 1, b"work")
     sock.settimeout(10)
     try:
+        write_frame(sock, 1, b"work")
         answer = sock.recv(FRAME.size)
-    except ConnectionResetError:  # closed with our frame unread
+    except (ConnectionResetError, BrokenPipeError):  # closed with our frames unread, perhaps before this one was written
         answer = b""
     assert answer == b""  # closed by the server, no reply
     assert calls == []
