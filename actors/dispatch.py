@@ -78,7 +78,7 @@ class StaleReply(RuntimeError):
 @dataclass(frozen=True)
 class LayerResult:
     output: torch.Tensor  # [T, D] sum of the partials that came back
-    served: torch.Tensor  # [T, K] bool: choices whose actor answered
+    served: torch.Tensor | None  # [T, K] bool: choices whose actor answered; None when every actor sent rows answered
     failed: dict[int, BaseException]  # actor -> why it is to be routed around
 
 
@@ -224,10 +224,9 @@ class RemoteExperts:
         home = hidden.device
         if home.type != "cpu":  # rows cross to the actors as host bytes: plan and pack them on the host (docs/gpu.md)
             hidden, routing = hidden.cpu(), RouterOutput(routing.weights.cpu(), routing.expert_ids.cpu())
-        pending = torch.ones_like(routing.expert_ids, dtype=torch.bool)  # [T, K] choices not yet computed
         self._layer_started(layer)
         try:
-            dispatch = self._send(LayerWork(layer, hidden, routing, pending), deadline=None)
+            dispatch = self._send(LayerWork(layer, hidden, routing, pending=None), deadline=None)
         except BaseException:
             self._layer_finished(layer, failed=True)
             raise
@@ -283,7 +282,7 @@ class LayerWork:
     layer: int
     hidden: torch.Tensor  # [T, D]
     routing: RouterOutput
-    pending: torch.Tensor  # [T, K] bool: the choices this dispatch is to serve
+    pending: torch.Tensor | None  # [T, K] bool: the choices this dispatch is to serve; None: all of them
 
 
 @dataclass
@@ -314,7 +313,9 @@ class PendingDispatch:
         while True:
             result = dispatch._collect()
             output = result.output if output is None else output + result.output
-            pending = dispatch.work.pending & ~result.served
+            if result.served is None:  # every choice this dispatch was to serve came back
+                return output
+            pending = ~result.served if dispatch.work.pending is None else dispatch.work.pending & ~result.served
             if not pending.any():
                 return output
             for actor, cause in result.failed.items():
@@ -329,6 +330,7 @@ class PendingDispatch:
         failed = dict(exchange.failures)
         hidden, offsets = self.work.hidden, self.perm.expert_offsets.tolist()
         answered = torch.ones(len(self.has_rows) + 1, dtype=torch.bool)  # [A + 1]; the last entry stands for -1
+        complete = True  # every actor sent rows answered
         rows = []  # [n, D] per actor with work, in actor order; zeros where no usable reply came back
         for actor, has_rows in enumerate(self.has_rows):
             if not has_rows:
@@ -343,9 +345,12 @@ class PendingDispatch:
                 continue
             # No reply: the actor failed, or (a compiled graph fails as a whole) its answer was lost with the graph.
             answered[actor] = False
+            complete = False
             rows.append(torch.zeros(offsets[actor + 1] - offsets[actor], hidden.shape[1], dtype=hidden.dtype))
+        partials = torch.cat(rows) if len(rows) > 1 else rows[0] if rows else self.perm.rows  # [N, D] in actor order
+        if complete:  # each sent partial counts once (a repeat's send_to is -1)
+            return LayerResult(combine(partials, (self.plan.send_to >= 0).to(torch.float32), self.perm), None, failed)
         counted = (self.plan.send_to >= 0) & answered[self.plan.send_to]  # [T, K] each answered partial counts once
-        partials = torch.cat(rows) if rows else self.perm.rows  # [N, D] in actor order
         served = (self.plan.actor_of >= 0) & answered[self.plan.actor_of]  # [T, K]
         return LayerResult(combine(partials, counted.to(torch.float32), self.perm), served, failed)
 

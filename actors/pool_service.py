@@ -253,8 +253,8 @@ class SharedExpertPool(ExpertPool):
         while not self._closed.wait(CHECK_IN_S):
             experts = self.experts
             in_use = experts.placement.version if experts is not None else None
-            load = experts.meter.take() if experts is not None else None  # lost if the check-in fails: a sample
             try:
+                load = experts.meter.take() if experts is not None else None  # lost if the check-in fails: a sample
                 version = ray.get(self.manager.check_in.remote(self.coordinator, in_use, load), timeout=10)
                 if experts is not None and version > in_use and version != asked:
                     layout = ray.get(self.manager.layout.remote(), timeout=10)

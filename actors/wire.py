@@ -26,7 +26,8 @@ def pack_tensors(meta: dict, tensors: dict[str, torch.Tensor]) -> bytes:
     """Serialise named tensors (any of float32/bfloat16/float16/int32/int64) plus plain metadata."""
     specs, buffers = [], []
     for name, tensor in tensors.items():
-        tensor = tensor.detach().contiguous().cpu()
+        if tensor.requires_grad or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            tensor = tensor.detach().contiguous().cpu()  # (checked first: three calls fewer per tensor otherwise)
         specs.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)])
         buffers.append(tensor.reshape(-1).view(torch.uint8).numpy())  # a view: join copies the bytes once
     header = msgpack.packb({"meta": meta, "tensors": specs})

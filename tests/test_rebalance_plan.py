@@ -194,6 +194,39 @@ def test_meter_counts_choices_rows_and_steps():
     assert meter.window().steps == 0 and meter.window().expert_choices.sum() == 0
 
 
+def test_meter_folds_queued_layers_into_the_same_counts():
+    """Layers are queued and counted every FOLD_EVERY records or when read: the counts, the steps and the
+    delta a shared pool takes equal a per-layer count; a resize drops what was queued for the old actors."""
+    layers, experts, actors = 3, 8, 3
+    meter = LoadMeter(num_layers=layers, num_experts=experts, num_actors=actors, clock=iter(range(1000)).__next__)
+    g = torch.Generator().manual_seed(0)
+    want_choices = torch.zeros(layers, experts, dtype=torch.int64)
+    want_rows = torch.zeros(layers, actors, dtype=torch.int64)
+    steps = 0
+    for i in range(LoadMeter.FOLD_EVERY * 2 + 5):  # two folds on record, the rest on read
+        layer, tokens = i % layers, 1 + i % 5
+        expert_ids = torch.rand(tokens, experts, generator=g).topk(2, dim=1).indices  # [T, 2]
+        send_to = torch.randint(-1, actors, (tokens, 2), generator=g)  # [T, 2]
+        meter.record(layer, expert_ids, send_to, first_layer=layer == 0)
+        want_choices[layer] += torch.bincount(expert_ids.reshape(-1), minlength=experts)
+        want_rows[layer] += torch.bincount(send_to[send_to >= 0], minlength=actors)
+        steps += layer == 0
+    window = meter.window()
+    assert torch.equal(window.expert_choices, want_choices) and torch.equal(window.actor_rows, want_rows)
+    assert window.steps == steps
+    delta = meter.take()
+    assert torch.equal(delta.expert_choices, want_choices) and torch.equal(delta.actor_rows, want_rows)
+    assert delta.steps == steps and meter.take() is None
+
+    with torch.inference_mode():  # the engine records, and resizes between steps, in inference mode
+        meter.record(0, torch.tensor([[0, 1]]), torch.tensor([[0, 2]]), first_layer=True)
+        meter.resize(2)
+        meter.record(1, torch.tensor([[4, 5]]), torch.tensor([[1, -1]]), first_layer=False)
+    assert meter.take().actor_rows[1].tolist() == [0, 1]  # folded here, outside it
+    window = meter.window()
+    assert window.actor_rows.shape == (layers, 2) and window.steps == 0 and window.expert_choices.sum() == 2
+
+
 def test_shares_must_split_each_expert():
     with pytest.raises(ValueError, match="do not split"):
         ExpertPlacement(num_actors=2, hosts=(((0, 1),),), shares=(((0.5, 0.6),),))
