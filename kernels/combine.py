@@ -12,6 +12,7 @@ over j: no atomics, so the result is deterministic.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import torch
 import triton
@@ -88,12 +89,21 @@ def combine_torch(expert_out: torch.Tensor, weights: torch.Tensor, slot: torch.T
 
 def _combine_one_token(expert_out: torch.Tensor, weights: torch.Tensor, slot: torch.Tensor, out: torch.Tensor) -> None:
     """``combine_torch`` for T = 1: the same float32 sum in j order (an unsent choice adds nothing)."""
+    chosen = ((j, expert_out[row : row + 1]) for j, row in enumerate(slot[0].tolist()) if row >= 0)
+    out.copy_(weighted_row_sum(chosen, weights, expert_out.shape[1], out.device))
+
+
+def weighted_row_sum(
+    chosen: Iterable[tuple[int, torch.Tensor]], weights: torch.Tensor, width: int, device: torch.device
+) -> torch.Tensor:
+    """One token's combine: sum of weights[0, j] * row over ``chosen`` (j, row [1, D]) pairs, in the order given
+    (increasing j), accumulated in float32 -> [1, D] float32. The one definition of a lone token's summation order,
+    which the cluster's bit-equality with the single process depends on: ``combine`` and ``ExpertStack.run`` use it."""
     w = weights.float()  # [1, K]
-    acc = torch.zeros(1, expert_out.shape[1], dtype=torch.float32, device=out.device)  # [1, D]
-    for j, row in enumerate(slot[0].tolist()):
-        if row >= 0:
-            acc.addcmul_(expert_out[row : row + 1].float(), w[:, j : j + 1])
-    out.copy_(acc)
+    acc = torch.zeros(1, width, dtype=torch.float32, device=device)  # [1, D]
+    for j, row in chosen:
+        acc.addcmul_(row.float(), w[:, j : j + 1])
+    return acc
 
 
 def combine_triton(expert_out: torch.Tensor, weights: torch.Tensor, slot: torch.Tensor, out: torch.Tensor) -> None:

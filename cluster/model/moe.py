@@ -23,6 +23,7 @@ import torch
 from moeshard.cluster.model.checkpoint import CheckpointReader, ExpertKey
 from moeshard.kernels import RouterOutput, combine, expert_ffn, permute
 from moeshard.kernels.backend import resolve_backend
+from moeshard.kernels.combine import weighted_row_sum
 from moeshard.kernels.expert_ffn import expert_rows_torch
 
 
@@ -73,13 +74,12 @@ class ExpertStack:
     def _run_one_token(self, hidden: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``run`` for a token alone (decode at batch 1): each chosen expert on its row, nothing to group,
         summed as ``combine`` sums (float32, in j order). ~0.4 ms less per call than permute + combine on CPU."""
-        weights = weights.float()  # [1, K]
-        acc = torch.zeros(1, hidden.shape[1], dtype=torch.float32, device=hidden.device)  # [1, D]
-        for j, e in enumerate(local_ids[0].tolist()):
-            if e >= 0:
-                y = expert_rows_torch(hidden, self.w1[e], self.w3[e], self.w2[e])  # [1, D]
-                acc.addcmul_(y.float(), weights[:, j : j + 1])
-        return acc.to(hidden.dtype)
+        chosen = (
+            (j, expert_rows_torch(hidden, self.w1[e], self.w3[e], self.w2[e]))  # [1, D]
+            for j, e in enumerate(local_ids[0].tolist())
+            if e >= 0
+        )
+        return weighted_row_sum(chosen, weights, hidden.shape[1], hidden.device).to(hidden.dtype)
 
     def nbytes(self) -> int:
         return sum(w.numel() * w.element_size() for w in (self.w1, self.w3, self.w2))
