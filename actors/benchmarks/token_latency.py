@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from moeshard.cluster import LLM, SamplingParams
 from moeshard.cluster.engine.config import TRANSPORTS
@@ -31,7 +32,12 @@ logger = logging.getLogger(__name__)
 PREFILL_TOKENS = 2  # the short run whose time is taken off: prefill and the first token
 
 
-def _decode_ms_per_token(llm: LLM, prompt: str, new_tokens: int) -> tuple[float, list[int]]:
+class DecodeTime(NamedTuple):
+    ms_per_token: float
+    token_ids: list[int]
+
+
+def _decode_ms_per_token(llm: LLM, prompt: str, new_tokens: int) -> DecodeTime:
     """Milliseconds per decoded token of ``prompt`` (prefill subtracted), and the tokens."""
     full = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     short = SamplingParams(max_tokens=PREFILL_TOKENS, temperature=0, ignore_eos=True)
@@ -41,7 +47,7 @@ def _decode_ms_per_token(llm: LLM, prompt: str, new_tokens: int) -> tuple[float,
     started = time.perf_counter()
     llm.generate([prompt], short)
     prefill = time.perf_counter() - started
-    return 1000 * (whole - prefill) / (new_tokens - PREFILL_TOKENS), tokens
+    return DecodeTime(1000 * (whole - prefill) / (new_tokens - PREFILL_TOKENS), tokens)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,13 +75,13 @@ def main(argv: list[str] | None = None) -> int:
                 llm.generate(["warm-up"], SamplingParams(max_tokens=PREFILL_TOKENS + 2, temperature=0, ignore_eos=True))
             for _ in range(args.rounds):
                 prompt = synthetic_prompt(rng, 32)
-                local_ms, want = _decode_ms_per_token(local, prompt, args.new_tokens)
-                actors_ms, got = _decode_ms_per_token(cluster, prompt, args.new_tokens)
-                if got != want:
+                alone = _decode_ms_per_token(local, prompt, args.new_tokens)
+                sharded = _decode_ms_per_token(cluster, prompt, args.new_tokens)
+                if sharded.token_ids != alone.token_ids:
                     raise AssertionError("the expert actors decoded other tokens than the in-process experts")
-                in_process.append(local_ms)
-                on_actors.append(actors_ms)
-                ratios.append(actors_ms / local_ms)
+                in_process.append(alone.ms_per_token)
+                on_actors.append(sharded.ms_per_token)
+                ratios.append(sharded.ms_per_token / alone.ms_per_token)
     print(
         f"batch-1 decode, {args.new_tokens} new tokens, {args.rounds} rounds, {Path(model_dir).name if args.model_dir else 'synthetic Mixtral'}:"
     )
