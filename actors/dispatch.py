@@ -104,7 +104,11 @@ def build_tables(placement: ExpertPlacement, down: frozenset[int] = frozenset())
         num_replicas = torch.tensor([len(actors) for actors, _ in live], dtype=torch.int64)
         tables.append(
             LayerTable(
-                replicas=replicas, num_replicas=num_replicas, local_index=local_index, cum_shares=cum_shares, single_host=width == 1
+                replicas=replicas,
+                num_replicas=num_replicas,
+                local_index=local_index,
+                cum_shares=cum_shares,
+                single_host=width == 1,
             )
         )
     return tables
@@ -253,7 +257,9 @@ class RemoteExperts:
         ticket = self.transport.send(messages, frozenset(range(self.placement.num_actors)) - down)
         return PendingDispatch(self, work, plan, perm, tag, [m is not None for m in messages], ticket, deadline)
 
-    def _messages(self, work: "LayerWork", table: LayerTable, plan: DispatchPlan, perm: Permutation, tag: int) -> list[bytes | None]:
+    def _messages(
+        self, work: "LayerWork", table: LayerTable, plan: DispatchPlan, perm: Permutation, tag: int
+    ) -> list[bytes | None]:
         expert_ids = work.routing.expert_ids.long()  # [T, K]
         offsets = perm.expert_offsets.tolist()
         messages: list[bytes | None] = []

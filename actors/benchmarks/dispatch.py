@@ -46,6 +46,7 @@ from moeshard.actors.ray_init import init_ray
 from moeshard.actors.socket.server import ExpertSocketServer
 from moeshard.actors.transport import ActorRef
 from moeshard.actors.wire import NO_WORK, ExpertBatch, ExpertReply
+from moeshard.cluster.choices import TRANSPORTS
 from moeshard.cluster.convert.synthetic_model import write_synthetic_mixtral
 from moeshard.cluster.engine.config import EngineConfig
 from moeshard.cluster.engine.llm import LLM
@@ -56,8 +57,6 @@ from moeshard.cluster.model.moe import LocalExperts
 from moeshard.kernels import route
 
 logger = logging.getLogger(__name__)
-
-TRANSPORTS = ("socket", "actor_calls", "compiled_graph")
 
 
 class EchoActor:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from moeshard.cluster import LLM, SamplingParams
-from moeshard.cluster.engine.config import TRANSPORTS
+from moeshard.cluster.choices import TRANSPORTS
 from moeshard.cluster.loadtest.loadgen import synthetic_prompt
 from moeshard.cluster.loadtest.serving_bench import write_synthetic_mixtral
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from moeshard.cluster.choices import DTYPE_CHOICES
 from moeshard.cluster.errors import first_field_error
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=None, help="sampling seed")
     generate.add_argument("--expert-actors", type=int, default=0, help="expert actors (0: one process)")
     generate.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
-    generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bfloat16 on a GPU, float32 on the CPU")
+    generate.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: bfloat16 on a GPU, float32 on the CPU")
     generate.set_defaults(run=_cmd_generate)
 
     from moeshard.cluster.cli.serve import add_serve_command

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from moeshard.cluster.choices import DTYPE_NAMES
+
 
 def add_routing_command(commands) -> None:
     routing = commands.add_parser(
@@ -18,7 +20,7 @@ def add_routing_command(commands) -> None:
     routing.add_argument("--input", action="append", required=True, metavar="FILE", help="a text file per domain (repeatable)")
     routing.add_argument("--out", required=True, metavar="DIR", help="where to write the report (created if missing)")
     routing.add_argument("--expert-actors", type=int, default=0, help="expert actors on Ray (0: one process; the same numbers)")
-    routing.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    routing.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     routing.set_defaults(run=run_routing)
 
 

@@ -9,6 +9,8 @@ import signal
 import threading
 from pathlib import Path
 
+from moeshard.cluster.choices import DTYPE_CHOICES, TRANSPORTS
+
 logger = logging.getLogger(__name__)
 
 
@@ -52,9 +54,9 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--model-name", default=None, help="model id clients send (default: the directory's name)")
     serve.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
     serve.add_argument("--device", default="auto", help="the coordinator's: auto (a GPU when the cluster has one), cpu, cuda or cuda:N")
-    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bfloat16 on a GPU, float32 on the CPU")
+    serve.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: bfloat16 on a GPU, float32 on the CPU")
     serve.add_argument(
-        "--transport", default="socket", choices=["socket", "actor_calls", "compiled_graph"],
+        "--transport", default="socket", choices=TRANSPORTS,
         help="the dispatch data path: a TCP connection per expert actor (default), Ray actor calls, or a compiled graph",
     )  # fmt: skip
     serve.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")

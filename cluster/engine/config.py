@@ -9,10 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from moeshard.cluster.model.device import DTYPE_CHOICES, check_device_name
-
-# Dispatch transports (actors/transport.py): frames over a TCP connection per actor, Ray actor calls, a compiled graph.
-TRANSPORTS = ("socket", "actor_calls", "compiled_graph")
+from moeshard.cluster.choices import DTYPE_CHOICES, TRANSPORTS, check_device_name
 
 
 class ClusterConfig(BaseModel):

@@ -11,17 +11,11 @@ import logging
 
 import torch
 
+from moeshard.cluster.choices import DTYPE_CHOICES, DTYPE_NAMES, check_device_name
+
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_CHOICES = ("auto", *DTYPES)
-
-
-def check_device_name(name: str) -> str:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; anything else raises a one-line ValueError."""
-    if name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit()):
-        return name
-    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def resolve_device(name: str) -> torch.device:

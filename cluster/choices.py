@@ -1,0 +1,19 @@
+"""The names a setting may take, in one place for the config tree, the CLI's flags and the benchmarks.
+
+Plain strings only, no torch: the CLI builds its ``--help`` from these without loading the model stack.
+"""
+
+from __future__ import annotations
+
+# Dispatch transports (actors/transport.py): frames over a TCP connection per actor, Ray actor calls, a compiled graph.
+TRANSPORTS = ("socket", "actor_calls", "compiled_graph")
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto", *DTYPE_NAMES)  # auto: bfloat16 on a GPU, float32 on the CPU
+
+
+def check_device_name(name: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; anything else raises a one-line ValueError."""
+    if name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit()):
+        return name
+    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
