@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import torch
 
 from moeshard.actors.actor_health import ActorHealth
-from moeshard.actors.expert_pool import describe_actor
 from moeshard.actors.placement import ExpertPlacement
+from moeshard.actors.pool.expert_pool import describe_actor
 from moeshard.actors.rebalance.meter import LoadMeter
 from moeshard.actors.socket.transport import SocketTransport
 from moeshard.actors.transport import ActorCallTransport, ActorRef, CompiledGraphTransport, Transport, failure

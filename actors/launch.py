@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import ray
 
-from moeshard.actors.expert_pool import ClusterStartError, ExpertPool, start_expert_pool
 from moeshard.actors.offline_coordinator import OfflineCoordinator
-from moeshard.actors.pool_service import SharedExpertPool, attach_expert_pool
+from moeshard.actors.pool.expert_pool import ClusterStartError, ExpertPool, start_expert_pool
+from moeshard.actors.pool.service import SharedExpertPool, attach_expert_pool
 from moeshard.actors.ray_init import connect_ray
 from moeshard.actors.rebalance.scale import PoolScaler, ScaleReport
 from moeshard.cluster.engine.config import EngineConfig

@@ -15,7 +15,7 @@ import torch
 from moeshard.actors.actor_health import HealthSnapshot
 from moeshard.actors.dispatch import remote_experts
 from moeshard.actors.placement import ExpertPlacement
-from moeshard.actors.pool_service import attach_expert_pool
+from moeshard.actors.pool.service import attach_expert_pool
 from moeshard.actors.rebalance.auto import start_auto_rebalance
 from moeshard.actors.rebalance.live import Rebalancer, RebalanceReport
 from moeshard.actors.transport import ActorRef

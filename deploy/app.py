@@ -30,7 +30,7 @@ from ray import serve
 from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException
 
-from moeshard.actors.pool_service import PoolManagerUnavailable, SharedExpertPool
+from moeshard.actors.pool.service import PoolManagerUnavailable, SharedExpertPool
 from moeshard.cluster.analysis.live_window import attach_live_window
 from moeshard.cluster.engine.assembly import build_engine, read_model_files
 from moeshard.cluster.engine.async_engine import (
@@ -100,7 +100,7 @@ class ServingCoordinator:
         self.experts = None  # None: the experts run in this process
         if config.cluster.expert_actors > 0:
             from moeshard.actors.dispatch import remote_experts
-            from moeshard.actors.pool_service import attach_expert_pool
+            from moeshard.actors.pool.service import attach_expert_pool
 
             # The shared pool, started by the first replica; its manager scales and rebalances it.
             self.pool = attach_expert_pool(config, files.model_config)

@@ -23,7 +23,7 @@ import yaml
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from moeshard.actors.expert_pool import make_placement
+from moeshard.actors.pool.expert_pool import make_placement
 from moeshard.cluster.cli.main import build_parser
 from moeshard.cluster.model.config import ModelConfig
 from moeshard.deploy.app import ServingCoordinator, build_app

@@ -245,7 +245,7 @@ def test_an_added_actor_killed_after_the_switch_comes_back_with_its_new_experts(
 
 # -- the pool's manager: SIGKILLed, restarted by Ray, it takes its pool back -----------------------------
 def test_the_placement_is_read_back_from_what_the_actors_hold():
-    from moeshard.actors.pool_recovery import placement_from_layouts
+    from moeshard.actors.pool.recovery import placement_from_layouts
 
     settled = [{3: {0: [0, 1]}}, {3: {0: [2, 3]}}]  # [actor] {version: {layer: experts}}; layer 1 is dense
     placement, consistent = placement_from_layouts(settled, num_layers=2, num_experts=4, dense_layers=(1,))

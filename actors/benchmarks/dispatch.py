@@ -41,7 +41,7 @@ import torch
 
 from moeshard.actors.dispatch import remote_experts
 from moeshard.actors.expert_actor import CONTROL_GROUP
-from moeshard.actors.expert_pool import start_expert_pool
+from moeshard.actors.pool.expert_pool import start_expert_pool
 from moeshard.actors.ray_init import init_ray
 from moeshard.actors.socket.server import ExpertSocketServer
 from moeshard.actors.transport import ActorRef

@@ -36,7 +36,7 @@ import ray
 import torch
 
 from moeshard.actors.benchmarks.dispatch import DispatchBench
-from moeshard.actors.expert_pool import start_expert_pool
+from moeshard.actors.pool.expert_pool import start_expert_pool
 from moeshard.actors.ray_init import init_ray
 from moeshard.cluster.convert.synthetic_model import write_synthetic_mixtral
 from moeshard.cluster.engine.config import EngineConfig

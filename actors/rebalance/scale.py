@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from moeshard.actors.expert_pool import ExpertPool, add_actors
 from moeshard.actors.placement import ExpertPlacement, PlacementError
+from moeshard.actors.pool.expert_pool import ExpertPool, add_actors
 from moeshard.actors.rebalance.live import retire_versions, stage_placement
 from moeshard.actors.transport import ActorRef
 from moeshard.cluster.errors import one_line

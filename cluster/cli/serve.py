@@ -119,7 +119,7 @@ def run_serve(args: argparse.Namespace) -> None:
     finally:
         serve.shutdown()
         if config.cluster.pool_name is not None:  # on a cluster that outlives this command, the shared pool must go too
-            from moeshard.actors.pool_service import stop_expert_pool
+            from moeshard.actors.pool.service import stop_expert_pool
 
             stop_expert_pool(config.cluster.pool_name)
         ray.shutdown()

@@ -38,7 +38,7 @@ class ClusterConfig(BaseModel):
     recovery_timeout_s: float = Field(default=120.0, gt=0)  # how long a layer waits for Ray to restart a sole host
     startup_timeout_s: float = Field(default=600.0, gt=0)
     # A name: the expert actors are a shared, detached pool of that name, which several coordinators attach to
-    # and which outlives them (actors/pool_service.py). None: the pool is this coordinator's own.
+    # and which outlives them (actors/pool/service.py). None: the pool is this coordinator's own.
     pool_name: str | None = Field(default=None, min_length=1, max_length=200)
     pool_idle_timeout_s: float = Field(default=300.0, gt=0)  # a shared pool no coordinator checked in to stops
     # Calls an expert actor runs at once: several coordinators' layers overlap (one's rows are decoded while

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import ray
 from ray.util.placement_group import get_placement_group, placement_group_table
 
-from moeshard.actors.expert_pool import POOL_NAMESPACE, ExpertPool, actor_name, describe_actor
 from moeshard.actors.placement import ExpertPlacement
+from moeshard.actors.pool.expert_pool import POOL_NAMESPACE, ExpertPool, actor_name, describe_actor
 from moeshard.actors.transport import ActorRef
 from moeshard.cluster.engine.config import EngineConfig
 from moeshard.cluster.model.config import ModelConfig

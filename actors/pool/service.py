@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import ray
 
 from moeshard.actors.dispatch import RemoteExperts
-from moeshard.actors.expert_pool import POOL_NAMESPACE, ExpertPool, start_expert_pool
 from moeshard.actors.placement import ExpertPlacement, PlacementError
-from moeshard.actors.pool_recovery import recover_expert_pool
+from moeshard.actors.pool.expert_pool import POOL_NAMESPACE, ExpertPool, start_expert_pool
+from moeshard.actors.pool.recovery import recover_expert_pool
 from moeshard.actors.rebalance.auto import start_auto_rebalance
 from moeshard.actors.rebalance.live import RebalanceBusy, Rebalancer, RebalanceReport
 from moeshard.actors.rebalance.meter import LoadDelta, LoadMeter
@@ -330,7 +330,7 @@ def attach_expert_pool(config: EngineConfig, model_config: ModelConfig) -> Exper
             get_if_exists=True,
             num_cpus=0,
             max_concurrency=8,  # check-ins go on while a scaling waits for the coordinators
-            max_restarts=-1,  # a crashed manager comes back and takes its pool back (actors/pool_recovery.py)
+            max_restarts=-1,  # a crashed manager comes back and takes its pool back (actors/pool/recovery.py)
         )
         .remote(config, model_config)
     )
