@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -177,15 +178,23 @@ def growing_cluster(tmp_path_factory, monkeypatch):
 
 @pytest.mark.slow
 def test_a_multi_node_pool_grows_onto_an_added_node_and_shrinks_off_it(growing_cluster, tiny_mixtral_dir, expected):
-    from moeshard.actors.rebalance.scale import ScaleError
+    from moeshard.actors.rebalance.scale import ScaleBusy, ScaleError
 
     # Each actor takes 3 of a worker node's 4 CPUs: one actor per worker node, none on the head.
-    cluster = {"pool_name": "scale-multinode", "cpus_per_actor": 3, "startup_timeout_s": 15}
+    cluster = {"pool_name": "scale-multinode", "cpus_per_actor": 3, "startup_timeout_s": 30}
     with LLM(tiny_mixtral_dir, expert_actors=2, cluster=cluster) as llm:
         generations = Generations(llm)
         generations.wait_for(1)
-        with pytest.raises(ScaleError, match="could not start 1 expert actors"):
-            llm.scale(3)  # no node has room: the pool serves on as it was
+        with ThreadPoolExecutor(1) as background:
+            waiting = background.submit(llm.scale, 3)  # no node has room: it waits startup_timeout_s for one
+            time.sleep(3)
+            with pytest.raises(ScaleBusy):
+                llm.scale(3)  # one scaling at a time
+            rebalanced = llm.rebalance()  # goes ahead meanwhile: a scaling waiting for room holds no lock
+            assert rebalanced.switched
+            assert not waiting.done()
+            with pytest.raises(ScaleError, match="could not start 1 expert actors"):
+                waiting.result()  # the pool serves on as it was
         assert sorted({a for row in llm.placement() for a in row["actors"]}) == [0, 1]
         node = growing_cluster.add_node(num_cpus=4)
         growing_cluster.wait_for_nodes()

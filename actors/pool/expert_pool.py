@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -212,24 +213,43 @@ def start_expert_pool(config: EngineConfig, model_config: ModelConfig, with_coor
     return pool
 
 
-def add_actors(pool: ExpertPool, placement: ExpertPlacement, indices: Iterable[int]) -> list[ActorRef]:
-    """Start actors ``indices`` of ``placement`` (its version) in a placement group of their own, placed wherever
-    the cluster has room; waits until they have loaded their experts. On failure nothing is left running."""
+class ReservedActors(NamedTuple):
+    """Room held for actors about to be added: their placement group, ready, and its bundles."""
+
+    indices: list[int]
+    group: PlacementGroup
+    bundles: list[dict[str, float]]
+
+
+def reserve_actors(pool: ExpertPool, indices: Iterable[int]) -> ReservedActors:
+    """Place the bundles of actors ``indices`` in a placement group of their own, wherever the cluster has room;
+    waits up to ``startup_timeout_s`` for it (a node added meanwhile counts). Raises ``ClusterStartError``."""
     indices = list(indices)
-    if not indices:
-        return []
     bundles = [_actor_bundle(pool.config, pool.use_gpus, index) for index in indices]
-    group = _placed_group(pool.config, bundles, indices)
-    actors = [_start_actor(pool.config, placement, index, group, i, bundles[i]) for i, index in enumerate(indices)]
+    return ReservedActors(indices, _placed_group(pool.config, bundles, indices), bundles)
+
+
+def release_actors(reserved: ReservedActors) -> None:
+    """Give back room reserved for actors that will not be started."""
+    remove_placement_group(reserved.group)
+
+
+def add_actors(pool: ExpertPool, placement: ExpertPlacement, reserved: ReservedActors) -> list[ActorRef]:
+    """Start the reserved actors with their experts of ``placement`` (its version); waits until they have loaded
+    them. On failure nothing is left running and the room is given back."""
+    config = pool.config
+    actors = [
+        _start_actor(config, placement, index, reserved.group, i, reserved.bundles[i]) for i, index in enumerate(reserved.indices)
+    ]
     try:
-        ray.get([a.handle.ready.remote() for a in actors], timeout=pool.config.cluster.startup_timeout_s)
+        ray.get([a.handle.ready.remote() for a in actors], timeout=config.cluster.startup_timeout_s)
     except Exception as exc:
         for actor in actors:
             ray.kill(actor.handle, no_restart=True)
-        remove_placement_group(group)
+        release_actors(reserved)
         raise ClusterStartError(f"expert actors failed to start: {one_line(exc)}") from exc
-    pool.added_groups.append((group, set(indices)))
-    logger.info("started expert actors %s", indices)
+    pool.added_groups.append((reserved.group, set(reserved.indices)))
+    logger.info("started expert actors %s", reserved.indices)
     return actors
 
 

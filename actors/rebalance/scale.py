@@ -1,8 +1,10 @@
 """Scaling the expert pool while serving: more or fewer expert actors, the placement switched between steps.
 
     1. plan      ``plan_scale``: the next placement over N2 actors, moving as few experts as it can
-    2. start     growing: the new actors start (a placement group of their own, anywhere the cluster has
-                 room: on a node added for them) and load their experts of the new version
+    2. start     growing: room for the new actors is reserved first (a placement group of their own, anywhere
+                 the cluster has room: on a node added for them), without the pool's lock, so a rebalance can
+                 run while the scaling waits for a node; then they start and load their experts of the new
+                 version (the plan is made once the room is there, from the placement of that moment)
     3. stage     the actors that stay load their new experts beside the current ones (``ExpertActor.stage``,
                  on the control thread): decode goes on with the current version meanwhile
     4. switch    ``publish`` hands the new placement and actor list to every coordinator, which switches
@@ -11,7 +13,8 @@
                  their placement group freed; the actors that stay drop the old version
 
 Indices stay dense: growing appends actors N..N2-1, shrinking removes the highest ones. If the new actors
-cannot be placed or started, nothing has changed and ``ScaleError`` says why. Outputs do not change: an
+cannot be placed or started, nothing has changed and ``ScaleError`` says why. One scaling runs at a time;
+steps 1 and 3-5 hold the lock the pool's rebalancer shares. Outputs do not change: an
 expert's output does not depend on which actor computes it.
 
 The plan balances the number of experts per actor per layer (replica counts are kept, up to N2); a rebalance
@@ -27,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from moeshard.actors.placement import ExpertPlacement, PlacementError
-from moeshard.actors.pool.expert_pool import ExpertPool, add_actors
+from moeshard.actors.pool.expert_pool import ExpertPool, ReservedActors, add_actors, release_actors, reserve_actors
 from moeshard.actors.rebalance.live import retire_versions, stage_placement
 from moeshard.actors.transport import ActorRef
 from moeshard.cluster.errors import one_line
@@ -133,28 +136,48 @@ class PoolScaler:
         self.pool = pool
         self.publish = publish
         self.timeout_s = timeout_s
-        self.lock = lock or threading.Lock()  # held while scaling; the pool's rebalancer shares it
+        self.lock = lock or threading.Lock()  # held while the placement changes; the pool's rebalancer shares it
+        self._scaling = threading.Lock()  # held for a whole scaling, also while it waits for room
         self.last: ScaleReport | None = None
 
     def scale(self, expert_actors: int) -> ScaleReport:
-        if not self.lock.acquire(blocking=False):
+        if self.lock.locked() or not self._scaling.acquire(blocking=False):
             raise ScaleBusy("the expert pool is already being scaled or rebalanced")
         try:
             report = self._scale(expert_actors)
         finally:
-            self.lock.release()
+            self._scaling.release()
         self.last = report
         return report
 
     def _scale(self, expert_actors: int) -> ScaleReport:
         started_at = time.monotonic()
-        pool, current = self.pool, self.pool.placement
-        before = current.num_actors
+        before = self.pool.placement.num_actors  # only a scaling changes it, and this one holds ``_scaling``
         if expert_actors == before:
+            current = self.pool.placement
             return ScaleReport(before, before, current.version, False, 0.0, [], [], 0, 0, [])
-        target = plan_scale(current, expert_actors)  # 1. plan
+        if expert_actors < 1:
+            raise PlacementError(f"need at least one expert actor, got {expert_actors}")
+        reserved = None
+        if expert_actors > before:
+            try:
+                reserved = reserve_actors(self.pool, range(before, expert_actors))  # 2. start: room first, unlocked
+            except Exception as exc:
+                raise ScaleError(f"could not start {expert_actors - before} expert actors: {one_line(exc)}") from exc
+        if not self.lock.acquire(timeout=self.pool.config.cluster.startup_timeout_s):
+            if reserved is not None:
+                release_actors(reserved)
+            raise ScaleBusy("the expert pool was being rebalanced for longer than startup_timeout_s")
         try:
-            added = add_actors(pool, target, range(before, expert_actors))  # 2. start
+            return self._switch(before, expert_actors, reserved, started_at)
+        finally:
+            self.lock.release()
+
+    def _switch(self, before: int, expert_actors: int, reserved: ReservedActors | None, started_at: float) -> ScaleReport:
+        pool, current = self.pool, self.pool.placement
+        target = plan_scale(current, expert_actors)  # 1. plan, from the placement now (a rebalance may have run)
+        try:
+            added = add_actors(pool, target, reserved) if reserved is not None else []  # 2. start the actors
         except Exception as exc:
             raise ScaleError(f"could not start {expert_actors - before} expert actors: {one_line(exc)}") from exc
         stayed = range(min(before, expert_actors))
