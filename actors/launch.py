@@ -70,7 +70,7 @@ class ExpertCluster:
             def publish(placement, actors) -> bool:
                 return ray.get(self.coordinator.switch_experts.remote(placement, actors, timeout_s))
 
-            self._scaler = PoolScaler(self.pool, publish, timeout_s)
+            self._scaler = PoolScaler(self.pool, publish, timeout_s, lock=CoordinatorRebalanceLock(self.coordinator, self.pool))
         return self._scaler.scale(expert_actors)
 
     def expert_balance(self) -> dict:
@@ -89,6 +89,30 @@ class ExpertCluster:
             ray.shutdown()
 
 
+class CoordinatorRebalanceLock:
+    """The offline coordinator's rebalancer lock, as ``PoolScaler`` takes a lock, from the driver: a scaling of a
+    pool of its own and the coordinator's rebalances (asked for or automatic) run one at a time. Taking it also
+    brings the driver's copy of the placement up to date with any rebalance since."""
+
+    def __init__(self, coordinator, pool: ExpertPool):
+        self.coordinator = coordinator
+        self.pool = pool
+
+    def locked(self) -> bool:
+        return ray.get(self.coordinator.rebalancing.remote())
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        wait_s = None if not blocking else (timeout if timeout >= 0 else 1e9)
+        placement = ray.get(self.coordinator.hold_rebalancing.remote(wait_s))
+        if placement is None:
+            return False
+        self.pool.placement = placement
+        return True
+
+    def release(self) -> None:
+        ray.get(self.coordinator.release_rebalancing.remote())
+
+
 def launch_cluster(config: EngineConfig, model_config: ModelConfig) -> ExpertCluster:
     connected = connect_ray(config)
     shared = config.cluster.pool_name is not None
@@ -102,8 +126,8 @@ def launch_cluster(config: EngineConfig, model_config: ModelConfig) -> ExpertClu
     strategy = "DEFAULT" if shared else pool.coordinator_strategy()
     coordinator = (
         ray.remote(OfflineCoordinator)
-        # Three threads: expert_health and a rebalance answer while a generate runs.
-        .options(num_cpus=1, max_restarts=0, max_concurrency=3, scheduling_strategy=strategy)
+        # Four threads: expert_health, a rebalance and a scaling's hold on rebalances answer while a generate runs.
+        .options(num_cpus=1, max_restarts=0, max_concurrency=4, scheduling_strategy=strategy)
         .remote(config, pool.placement, pool.actors)
     )
     cluster = ExpertCluster(pool, coordinator, connected)

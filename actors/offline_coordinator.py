@@ -56,6 +56,20 @@ class OfflineCoordinator:
         """A new placement from the load since the last one, switched in between two steps of any generation."""
         return self.rebalancer.rebalance()
 
+    def hold_rebalancing(self, timeout_s: float | None) -> ExpertPlacement | None:
+        """Keep rebalances (asked for or automatic) out while the driver scales this pool: takes the rebalancer's
+        lock, waiting up to ``timeout_s`` (None: not at all). Returns the placement dispatched with now, which a
+        rebalance may have changed since the driver last saw it, or None when a rebalance held on."""
+        lock = self.rebalancer.lock
+        taken = lock.acquire(blocking=False) if timeout_s is None else lock.acquire(timeout=timeout_s)
+        return self.experts.placement if taken else None
+
+    def release_rebalancing(self) -> None:
+        self.rebalancer.lock.release()
+
+    def rebalancing(self) -> bool:
+        return self.rebalancer.lock.locked()
+
     def switch_experts(self, placement: ExpertPlacement, actors: list[ActorRef], timeout_s: float) -> bool:
         """The pool was scaled: dispatch with ``placement`` over ``actors`` from the next step on; True once it does."""
         return self.experts.switch(placement, timeout_s, actors)

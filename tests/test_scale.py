@@ -145,6 +145,32 @@ def test_own_pool_scales_two_three_two_while_generating(transport, ping_pong, ti
 
 
 @pytest.mark.slow
+def test_own_pool_scaling_and_rebalancing_asked_at_once_take_turns(tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch):
+    from moeshard.actors.rebalance.live import RebalanceBusy
+    from moeshard.actors.rebalance.scale import ScaleBusy
+
+    # The driver scales a pool of its own, the coordinator actor rebalances it: the two share the coordinator's
+    # lock, so one waits for the other or answers busy, never two placements under one version.
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+    with LLM(tiny_mixtral_dir, expert_actors=2, cluster={"cpus_per_actor": 0.5}) as llm:
+        generations = Generations(llm)
+        generations.wait_for(1)
+        for expert_actors in (3, 2):
+            with ThreadPoolExecutor(2) as both:
+                asked = [both.submit(llm.scale, expert_actors), both.submit(llm.rebalance)]
+                outcomes = [future.exception() or future.result() for future in asked]
+            for outcome in outcomes:
+                assert not isinstance(outcome, Exception) or isinstance(outcome, (ScaleBusy, RebalanceBusy)), outcome
+            if isinstance(outcomes[0], Exception):
+                llm.scale(expert_actors)
+            assert sorted({a for row in llm.placement() for a in row["actors"]}) == list(range(expert_actors))
+            generations.wait_for(len(generations.outputs) + 1)  # load measured over the scaled pool
+            rebalanced = llm.rebalance()
+            assert rebalanced.switched and rebalanced.version == llm.expert_balance()["placement_version"]
+        assert all(out == expected for out in generations.stop())
+
+
+@pytest.mark.slow
 def test_shared_pool_scales_two_three_two_while_generating(tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
     cluster = {"pool_name": "scale-test-pool", "cpus_per_actor": 0.5}
