@@ -10,6 +10,7 @@ from moeshard.cluster.cli.server_flags import add_server_arguments, exits_on_cli
 from moeshard.cluster.client.async_client import AsyncClient
 from moeshard.cluster.loadtest.loadgen import LoadReport, LoadSpec, run_load
 from moeshard.cluster.loadtest.progress import Progress
+from moeshard.cluster.loadtest.table import ms
 
 
 def add_bench_command(commands) -> None:
@@ -84,10 +85,6 @@ def format_summary(report: LoadReport) -> str:
 
 def format_table(reports: list[LoadReport]) -> str:
     """A Markdown table, one row per report."""
-
-    def ms(seconds: float | None) -> str:
-        return "-" if seconds is None else f"{1000 * seconds:.1f}"
-
     lines = [
         "| concurrency | rate (req/s) | requests | req/s | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | TPOT p99 (ms) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -96,7 +93,7 @@ def format_table(reports: list[LoadReport]) -> str:
         rate = "-" if r.spec.request_rate is None else f"{r.spec.request_rate:g}"
         cap = r.spec.max_in_flight if r.spec.concurrency is not None or r.spec.request_rate is None else "-"
         lines.append(
-            f"| {cap} | {rate} | {r.completed} | {r.request_throughput:.2f} | {r.output_throughput:.1f} | {ms(r.ttft_p50_s)} | "
-            f"{ms(r.ttft_p99_s)} | {ms(r.tpot_p50_s)} | {ms(r.tpot_p99_s)} |"
+            f"| {cap} | {rate} | {r.completed} | {r.request_throughput:.2f} | {r.output_throughput:.1f} | {ms(r.ttft_p50_s, 1)} | "
+            f"{ms(r.ttft_p99_s, 1)} | {ms(r.tpot_p50_s, 1)} | {ms(r.tpot_p99_s, 1)} |"
         )
     return "\n".join(lines)

@@ -24,6 +24,7 @@ from moeshard.cluster.loadtest.serving_bench import (
     check_model_dir,
     served_model,
 )
+from moeshard.cluster.loadtest.table import ms
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +42,6 @@ async def _load(url: str, args: argparse.Namespace, label: str) -> LoadReport:
 
 
 def format_reports(counts: list[int], reports: list[LoadReport], args: argparse.Namespace) -> str:
-    def ms(seconds: float | None) -> str:
-        return "-" if seconds is None else f"{1000 * seconds:.0f}"
-
     base = reports[0].output_throughput
     lines = [
         f"{args.concurrency} clients, {args.requests} requests, {args.expert_actors} expert actors in one pool:",

@@ -29,6 +29,7 @@ from pydantic import BaseModel
 from moeshard.cluster.client.async_client import AsyncClient
 from moeshard.cluster.loadtest.loadgen import LoadSpec, RequestRecord, percentile, stream_one, synthetic_prompt
 from moeshard.cluster.loadtest.serving_bench import MODEL_NAME, free_port, write_synthetic_mixtral
+from moeshard.cluster.loadtest.table import ms
 
 logger = logging.getLogger(__name__)
 
@@ -177,9 +178,6 @@ def summarize(name: str, records: list[TimedRecord], kills: list[float], mean: f
 
 
 def format_results(results: list[ScenarioResult]) -> str:
-    def ms(value: float | None) -> str:
-        return "-" if value is None else f"{1000 * value:.0f}"
-
     def s(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}"
 

@@ -40,6 +40,7 @@ from pydantic import BaseModel
 from moeshard.cluster.client.async_client import AsyncClient
 from moeshard.cluster.loadtest.loadgen import LoadReport, LoadSpec, run_load
 from moeshard.cluster.loadtest.serving_bench import add_level_arguments, free_port, parse_levels, run_levels
+from moeshard.cluster.loadtest.table import ms
 
 logger = logging.getLogger(__name__)
 
@@ -139,9 +140,6 @@ def same_texts(report: LoadReport, reference: LoadReport) -> int:
 
 def format_result(result: PeerBenchResult) -> str:
     reference = result.servers[0]
-
-    def ms(seconds: float | None) -> str:
-        return "-" if seconds is None else f"{1000 * seconds:.0f}"
 
     lines = [
         f"| server | concurrency | requests | failed | output tok/s | vs {reference.name} | TPOT p50 (ms) | TTFT p50 (ms) | "

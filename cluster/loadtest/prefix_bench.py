@@ -34,6 +34,7 @@ from moeshard.cluster.loadtest.serving_bench import (
     check_model_dir,
     served_model,
 )
+from moeshard.cluster.loadtest.table import ms
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +84,6 @@ def run(model_dir: Path, args: argparse.Namespace, prefix_caching: bool) -> Pref
 
 
 def format_runs(runs: list[PrefixRun], args: argparse.Namespace) -> str:
-    def ms(seconds: float | None) -> str:
-        return "-" if seconds is None else f"{1000 * seconds:.0f}"
-
     lines = [
         f"TTFT with a shared prefix of about {args.prefix_len} tokens ({args.pairs} pairs, medians):",
         "",

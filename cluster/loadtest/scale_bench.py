@@ -22,6 +22,7 @@ from moeshard.cluster.client.async_client import AsyncClient
 from moeshard.cluster.loadtest.failover_bench import TimedRecord, closed_loop_clients
 from moeshard.cluster.loadtest.loadgen import percentile
 from moeshard.cluster.loadtest.serving_bench import add_model_arguments, benchmark_model, check_model_dir, served_model
+from moeshard.cluster.loadtest.table import ms
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +102,6 @@ def run(model_dir, args: argparse.Namespace) -> tuple[list[PhaseResult], list[Sc
 
 
 def format_results(phases: list[PhaseResult], scalings: list[Scaling], records: list[TimedRecord]) -> str:
-    def ms(value: float | None) -> str:
-        return "-" if value is None else f"{1000 * value:.0f}"
-
     lines = [
         "| phase | completed | failed | output tok/s | TPOT p50 / p99 (ms) |",
         "|---|---:|---:|---:|---|",

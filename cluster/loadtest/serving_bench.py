@@ -35,6 +35,7 @@ from pydantic import BaseModel
 from moeshard.cluster.client.async_client import AsyncClient
 from moeshard.cluster.loadtest.loadgen import LoadReport, LoadSpec, run_load, synthetic_prompt
 from moeshard.cluster.loadtest.progress import Progress
+from moeshard.cluster.loadtest.table import ms
 
 logger = logging.getLogger(__name__)
 
@@ -235,9 +236,6 @@ def run_transformers(model_dir: Path, args: argparse.Namespace) -> BaselineResul
 
 
 def format_result(result: ServeBenchResult) -> str:
-    def ms(seconds: float | None) -> str:
-        return "-" if seconds is None else f"{1000 * seconds:.0f}"
-
     base = result.baseline.output_throughput
     lines = [
         "| concurrency | requests | output tok/s | vs transformers | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | TPOT p99 (ms) |",
