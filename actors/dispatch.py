@@ -176,7 +176,7 @@ class RemoteExperts:
     def _probe(self, actor: ActorRef):
         """Answers once ``actor`` is up and holds the current placement (a restarted actor loads it first)."""
         placement = self.placement
-        return actor.handle.adopt.remote(placement.version, placement.hosted_by(actor.index))
+        return actor.handle.adopt.remote(placement.version, placement.hosted_by(actor.index), placement.shares_held_by(actor.index))
 
     # -- switching placements between steps --------------------------------------------
     def switch(self, placement: ExpertPlacement, timeout_s: float, actors: list[ActorRef] | None = None) -> bool:

@@ -46,13 +46,23 @@ class StageReport:
 
 
 class ExpertActor:
-    def __init__(self, actor_index: int, model_dir: str, dtype: str, hosted: dict[int, list[int]], version: int = 0):
+    def __init__(
+        self,
+        actor_index: int,
+        model_dir: str,
+        dtype: str,
+        hosted: dict[int, list[int]],
+        version: int = 0,
+        shares: dict[int, dict[int, float]] | None = None,
+    ):
         self.actor_index = actor_index
         self.model_config = ModelConfig.from_model_dir(model_dir)
         self.reader = CheckpointReader(model_dir, self.model_config)
         self.device = resolve_device("auto")  # the GPU Ray gave this actor, if any
         self.dtype = resolve_dtype(dtype, self.device)
         self.versions: dict[int, dict[int, ExpertStack]] = {version: self._to_device(load_expert_stacks(self.reader, hosted, self.dtype))}
+        # {version: {layer: {expert: share}}}: this actor's share of each replicated expert, per version held.
+        self.shares: dict[int, dict[int, dict[int, float]]] = {version: shares or {}}
         self._delays: list[float] = []
         self._stage_lock = threading.Lock()
         self._sockets: dict[str, ExpertSocketServer] = {}  # listen address -> the socket transport's listener there
@@ -74,8 +84,9 @@ class ExpertActor:
         return True
 
     # -- placement versions ---------------------------------------------------------
-    def stage(self, version: int, hosted: dict[int, list[int]]) -> dict:
-        """Hold ``version``'s experts ({layer: expert ids}) beside the ones in use; a ``StageReport`` as a dict.
+    def stage(self, version: int, hosted: dict[int, list[int]], shares: dict[int, dict[int, float]] | None = None) -> dict:
+        """Hold ``version``'s experts ({layer: expert ids}) beside the ones in use, and this actor's ``shares`` of
+        its replicated experts ({layer: {expert: share}}); a ``StageReport`` as a dict.
 
         Layers whose experts do not change share the current stack; experts held already are copied from
         it; only the others are read from the checkpoint. Called in the control group: it runs on its own
@@ -89,6 +100,7 @@ class ExpertActor:
             if existing is None:
                 stacks, loaded = self._build(hosted)
                 self.versions = {**self.versions, version: stacks}  # one reference swap: readers see old or new
+            self.shares[version] = shares or {}
         held = {id(s): s.nbytes() for stacks in self.versions.values() for s in stacks.values()}
         report = StageReport(self.actor_index, version, loaded, sum(held.values()), time.monotonic() - started)
         logger.info("expert actor %d staged version %d: %d bytes read in %.2fs", self.actor_index, version, loaded, report.seconds)
@@ -124,12 +136,13 @@ class ExpertActor:
         with self._stage_lock:
             if keep in self.versions:
                 self.versions = {keep: self.versions[keep]}
+                self.shares = {keep: self.shares.get(keep, {})}
         return sum(s.nbytes() for s in self.stacks.values())
 
-    def adopt(self, version: int, hosted: dict[int, list[int]]) -> bool:
+    def adopt(self, version: int, hosted: dict[int, list[int]], shares: dict[int, dict[int, float]] | None = None) -> bool:
         """The coordinator's probe: hold ``version`` (loading it now if this actor restarted since) and only it."""
         if version not in self.versions:
-            self.stage(version, hosted)
+            self.stage(version, hosted, shares)
             self.retire(version)
         return True
 
@@ -185,6 +198,11 @@ class ExpertActor:
     def layouts(self) -> dict[int, dict[int, list[int]]]:
         """{version: {layer: expert ids}} of every version held (a restarted pool manager reads the placement here)."""
         return {version: {layer: list(ids) for layer, ids in _layout(stacks).items()} for version, stacks in self.versions.items()}
+
+    def held_shares(self) -> dict[int, dict[int, dict[int, float]]]:
+        """{version: {layer: {expert: share}}} of every version held: a restarted pool manager reads the split of
+        each replicated expert here."""
+        return {version: self.shares.get(version, {}) for version in self.versions}
 
     def hosted_keys(self) -> list[str]:
         """The checkpoint keys of every expert tensor this actor holds."""

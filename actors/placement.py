@@ -114,6 +114,19 @@ class ExpertPlacement(BaseModel):
         return hosted
 
 
+    def shares_held_by(self, actor: int) -> dict[int, dict[int, float]]:
+        """{layer: {expert: share}} of the replicated experts ``actor`` hosts, when shares are set: what the actor
+        keeps, so that a restarted pool manager gets the split of each expert back (empty without shares)."""
+        if self.shares is None:
+            return {}
+        held: dict[int, dict[int, float]] = {}
+        for layer, (experts, shares) in enumerate(zip(self.hosts, self.shares)):
+            for expert, (actors, split) in enumerate(zip(experts, shares)):
+                if len(actors) > 1 and actor in actors:
+                    held.setdefault(layer, {})[expert] = split[actors.index(actor)]
+        return held
+
+
 def _per_layer(per_expert: tuple[tuple[int, ...], ...], num_layers: int, dense_layers: tuple[int, ...]):
     """The same expert -> actors map in every MoE layer, nothing in the dense ones."""
     return tuple(() if layer in dense_layers else per_expert for layer in range(num_layers))

@@ -292,6 +292,21 @@ def test_the_placement_is_read_back_from_what_the_actors_hold():
     assert all(placement.hosts[0]) and placement.hosts[0][0] == (0,) and placement.hosts[0][2] == (1,)
 
 
+def test_each_replicated_expert_gets_back_the_split_its_hosts_hold():
+    from moeshard.actors.pool.recovery import with_held_shares
+
+    hosts = (((0, 1), (0,), (1, 0), (1,)),)  # one layer: experts 0 and 2 on both actors
+    shares = (((0.75, 0.25), (1.0,), (0.4, 0.6), (1.0,)),)
+    placement = ExpertPlacement(num_actors=2, hosts=hosts, shares=shares, version=7)
+    held = [placement.shares_held_by(a) for a in range(2)]
+    assert held == [{0: {0: 0.75, 2: 0.6}}, {0: {0: 0.25, 2: 0.4}}]  # only replicated experts
+    bare = ExpertPlacement(num_actors=2, hosts=hosts, version=7)
+    assert with_held_shares(bare, held) == placement
+    assert with_held_shares(bare, [{}, {}]) == bare  # nothing held: equal split, as before
+    one_missing = with_held_shares(bare, [held[0], {0: {0: 0.25}}])  # actor 1 holds no share of expert 2
+    assert one_missing.shares_of(0)[0] == (0.75, 0.25) and one_missing.shares_of(0)[2] == (0.5, 0.5)
+
+
 def _manager_pid() -> int | None:
     """The pool manager's process (None while Ray restarts it)."""
     import psutil
@@ -311,11 +326,15 @@ def test_a_killed_pool_manager_comes_back_with_the_same_actors_and_still_scales(
     import signal
 
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
-    cluster = {"pool_name": "manager-kill-pool", "cpus_per_actor": 0.5}
+    cluster = {"pool_name": "manager-kill-pool", "cpus_per_actor": 0.5, "redundant_experts": 2}
     with LLM(tiny_mixtral_dir, expert_actors=2, cluster=cluster) as llm:
         actors = sorted(_wait_for_pids(2))
         generations = Generations(llm)
         generations.wait_for(1)
+        time.sleep(1.5)  # a few check-ins: the manager has the load
+        assert llm.rebalance().switched  # replicas of the hottest experts, each split by load
+        balanced = [(row["actors"], row["shares"]) for row in llm.placement()]
+        assert any(len(hosts) > 1 for hosts, _ in balanced)
         victim = _manager_pid()
         assert victim is not None
         os.kill(victim, signal.SIGKILL)  # generations go on: the coordinator dispatches to the actors directly
@@ -324,6 +343,7 @@ def test_a_killed_pool_manager_comes_back_with_the_same_actors_and_still_scales(
         while (pid := _manager_pid()) in (victim, None) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert pid not in (victim, None) and sorted(expert_actor_pids()) == actors  # restarted; no actor reloaded
+        assert [(row["actors"], row["shares"]) for row in llm.placement()] == balanced  # each replica's split too
         grown = llm.scale(3)  # the restarted manager knows its pool
         assert grown.expert_actors_before == 2 and grown.switched
         generations.wait_for(len(generations.outputs) + 1)

@@ -11,8 +11,10 @@ missing one), the placement groups by name prefix, and the placement from what t
   fewest. The manager stages it, publishes it and retires the rest (``ExpertPoolService`` does, on a thread),
   so every coordinator ends on it whatever it had switched to.
 
-Replica shares are not kept by the actors: the recovered placement splits a replicated expert's tokens
-equally until the next rebalance. Each coordinator dispatches on meanwhile with the placement it has.
+Each actor keeps its share of every replicated expert it hosts, per version (``ExpertActor.held_shares``): a
+recovered placement that every actor agrees on gets its shares back, so the pool's balance survives the
+restart. A placement rebuilt from a change cut short splits a replicated expert's tokens equally until the
+next rebalance. Each coordinator dispatches on meanwhile with the placement it has.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ def recover_expert_pool(config: EngineConfig, model_config: ModelConfig) -> Reco
     # An actor restarting reloads first: wait for it, as a new pool would.
     layouts = ray.get([h.layouts.remote() for h in handles], timeout=config.cluster.startup_timeout_s)
     placement, consistent = placement_from_layouts(layouts, model_config.num_layers, model_config.num_experts, model_config.dense_layers)
+    if consistent:
+        held = ray.get([h.held_shares.remote() for h in handles], timeout=config.cluster.startup_timeout_s)
+        placement = with_held_shares(placement, [shares.get(placement.version, {}) for shares in held])
     actors = [ActorRef(i, h, describe_actor(placement, i)) for i, h in enumerate(handles)]
     first, added = _groups(name)
     use_gpus = config.cluster.use_gpus if config.cluster.use_gpus is not None else ray.cluster_resources().get("GPU", 0) >= 1
@@ -84,6 +89,24 @@ def placement_from_layouts(
         hosts.append(tuple(tuple(actors) for actors in per_expert))
     version = max(versions) if consistent else max(versions, default=0) + 1
     return ExpertPlacement(num_actors=len(layouts), hosts=tuple(hosts), version=version), consistent
+
+
+def with_held_shares(placement: ExpertPlacement, held: list[dict[int, dict[int, float]]]) -> ExpertPlacement:
+    """``placement`` with each replicated expert split as its hosts hold it ([actor] -> {layer: {expert: share}});
+    an expert whose hosts do not all hold a share for it is split equally. Unchanged when no actor holds any."""
+    if not any(held):
+        return placement
+    shares = []
+    for layer, experts in enumerate(placement.hosts):
+        split = []
+        for expert, actors in enumerate(experts):
+            kept = [held[a].get(layer, {}).get(expert) for a in actors]
+            if len(actors) > 1 and None not in kept and sum(kept) > 0:
+                split.append(tuple(s / sum(kept) for s in kept))
+            else:
+                split.append(tuple(1.0 / len(actors) for _ in actors))
+        shares.append(tuple(split))
+    return ExpertPlacement(num_actors=placement.num_actors, hosts=placement.hosts, shares=tuple(shares), version=placement.version)
 
 
 def _groups(name: str) -> tuple[object | None, list[tuple[object, set[int]]]]:

@@ -155,7 +155,9 @@ def stage_placement(actors: list[ActorRef], placement: ExpertPlacement, timeout_
     {actor: StageReport dict} of those that did within ``timeout_s``, and the others (they catch up through the
     dispatch's probe)."""
     refs = {
-        a.index: a.handle.stage.options(concurrency_group=CONTROL_GROUP).remote(placement.version, placement.hosted_by(a.index))
+        a.index: a.handle.stage.options(concurrency_group=CONTROL_GROUP).remote(
+            placement.version, placement.hosted_by(a.index), placement.shares_held_by(a.index)
+        )
         for a in actors
     }
     staged, failed = {}, []
