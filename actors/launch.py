@@ -57,7 +57,8 @@ class ExpertCluster:
         if isinstance(self.pool, SharedExpertPool):
             return self.pool.rebalance()  # the manager, from every coordinator's load
         report = ray.get(self.coordinator.rebalance.remote())
-        self.pool.placement = report.placement  # what placement_report shows
+        if report.placement.version > self.pool.placement.version:  # a scaling since may have moved past it
+            self.pool.placement = report.placement  # what placement_report shows
         return report
 
     def scale(self, expert_actors: int) -> ScaleReport:
