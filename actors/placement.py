@@ -113,7 +113,6 @@ class ExpertPlacement(BaseModel):
                 hosted[layer] = mine
         return hosted
 
-
     def shares_held_by(self, actor: int) -> dict[int, dict[int, float]]:
         """{layer: {expert: share}} of the replicated experts ``actor`` hosts, when shares are set: what the actor
         keeps, so that a restarted pool manager gets the split of each expert back (empty without shares)."""

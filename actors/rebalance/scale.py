@@ -65,12 +65,16 @@ class ScaleReport:
         return asdict(self)
 
 
+def check_actor_count(num_actors: int) -> None:
+    if num_actors < 1:
+        raise PlacementError(f"need at least one expert actor, got {num_actors}")
+
+
 def plan_scale(current: ExpertPlacement, num_actors: int) -> ExpertPlacement:
     """The next placement over ``num_actors`` actors: per layer, the removed actors' replicas go to the actors
     with the fewest experts, then experts move from the fullest actor to the emptiest until they differ by at
     most one. Each replica keeps its share of its expert's tokens."""
-    if num_actors < 1:
-        raise PlacementError(f"need at least one expert actor, got {num_actors}")
+    check_actor_count(num_actors)
     hosts, shares = [], []
     for layer, experts in enumerate(current.hosts):
         layer_hosts = [list(actors) for actors in experts]
@@ -156,8 +160,7 @@ class PoolScaler:
         if expert_actors == before:
             current = self.pool.placement
             return ScaleReport(before, before, current.version, False, 0.0, [], [], 0, 0, [])
-        if expert_actors < 1:
-            raise PlacementError(f"need at least one expert actor, got {expert_actors}")
+        check_actor_count(expert_actors)  # before any room is reserved
         reserved = None
         if expert_actors > before:
             try:
