@@ -41,6 +41,15 @@ from dataclasses import dataclass
 import torch
 
 from moeshard.actors.actor_health import ActorHealth
+from moeshard.actors.dispatch_plan import (
+    DispatchPlan,
+    LayerTable,
+    LoneTokenPlan,
+    build_tables,
+    permute_lone_token,
+    plan_dispatch,
+    plan_lone_token,
+)
 from moeshard.actors.placement import ExpertPlacement
 from moeshard.actors.pool.expert_pool import describe_actor
 from moeshard.actors.rebalance.meter import LoadMeter
@@ -48,26 +57,10 @@ from moeshard.actors.socket.transport import SocketTransport
 from moeshard.actors.transport import ActorCallTransport, ActorRef, CompiledGraphTransport, Transport, failure
 from moeshard.actors.wire import ExpertBatch, ExpertReply
 from moeshard.cluster.engine.config import EngineConfig
-from moeshard.kernels import Permutation, RouterOutput, combine, dedupe_destinations, permute
+from moeshard.kernels import Permutation, RouterOutput, combine, permute
+from moeshard.kernels.combine import weighted_row_sum
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LayerTable:
-    """Dispatch lookup tables of one layer."""
-
-    replicas: torch.Tensor  # [E, R] int64 actor ids hosting each expert, padded with -1
-    num_replicas: torch.Tensor  # [E] int64
-    local_index: torch.Tensor  # [A, E] int64 position of expert e in actor a's stack, -1 if not hosted
-    cum_shares: torch.Tensor  # [E, R] float64 cumulative share of the tokens up to each replica, padded with inf
-    single_host: bool  # every expert has one (live) host: R = 1, no shares to split by
-
-
-@dataclass(frozen=True)
-class DispatchPlan:
-    actor_of: torch.Tensor  # [T, K] int64 actor chosen for each (token, choice)
-    send_to: torch.Tensor  # [T, K] int64 actor_of with repeats within a token set to -1
 
 
 class StaleReply(RuntimeError):
@@ -80,73 +73,6 @@ class LayerResult:
     output: torch.Tensor  # [T, D] sum of the partials that came back
     served: torch.Tensor | None  # [T, K] bool: choices whose actor answered; None when every actor sent rows answered
     failed: dict[int, BaseException]  # actor -> why it is to be routed around
-
-
-def build_tables(placement: ExpertPlacement, down: frozenset[int] = frozenset()) -> list[LayerTable | None]:
-    """Per-layer tables routing around the ``down`` actors wherever an expert has a live replica; None for a dense layer."""
-    tables: list[LayerTable | None] = []
-    for layer, experts in enumerate(placement.hosts):
-        if not experts:
-            tables.append(None)
-            continue
-        shares = placement.shares_of(layer)
-        live = [_live(actors, split, down) for actors, split in zip(experts, shares)]  # [E] (hosts, shares) to use
-        width = max(len(actors) for actors, _ in live)
-        replicas = torch.full((len(experts), width), -1, dtype=torch.int64)
-        cum_shares = torch.full((len(experts), width), float("inf"), dtype=torch.float64)
-        local_index = torch.full((placement.num_actors, len(experts)), -1, dtype=torch.int64)
-        for e, (actors, split) in enumerate(live):
-            replicas[e, : len(actors)] = torch.tensor(actors)
-            cum_shares[e, : len(actors)] = torch.tensor(split, dtype=torch.float64).cumsum(0)
-        for a in range(placement.num_actors):
-            hosted = [e for e, actors in enumerate(experts) if a in actors]  # stack order: sorted expert ids
-            local_index[a, hosted] = torch.arange(len(hosted))
-        num_replicas = torch.tensor([len(actors) for actors, _ in live], dtype=torch.int64)
-        tables.append(
-            LayerTable(
-                replicas=replicas,
-                num_replicas=num_replicas,
-                local_index=local_index,
-                cum_shares=cum_shares,
-                single_host=width == 1,
-            )
-        )
-    return tables
-
-
-def _live(actors: tuple[int, ...], split: tuple[float, ...], down: frozenset[int]) -> tuple[tuple[int, ...], list[float]]:
-    """An expert's hosts that are up with their shares renormalised (equal if the live ones had none); all if none is up."""
-    keep = [(a, s) for a, s in zip(actors, split) if a not in down] or list(zip(actors, split))
-    total = sum(s for _, s in keep)
-    shares = [s / total for _, s in keep] if total > 0 else [1.0 / len(keep)] * len(keep)
-    return tuple(a for a, _ in keep), shares
-
-
-def plan_dispatch(table: LayerTable, expert_ids: torch.Tensor, pending: torch.Tensor | None = None) -> DispatchPlan:
-    """expert_ids [T, K] -> the actor serving each choice (-1 where not ``pending``).
-
-    The n choices of an expert, in token order, are cut into runs, one per replica, of lengths in proportion
-    to the replicas' shares: choice j goes to the replica whose cumulative share first exceeds (j + 0.5) / n.
-    Deterministic, and no more than one choice off each share. Without replicas: each expert's host."""
-    actor_of = table.replicas[:, 0][expert_ids] if table.single_host else _split_over_replicas(table, expert_ids)  # [T, K]
-    if pending is not None:
-        actor_of = torch.where(pending, actor_of, -1)
-    return DispatchPlan(actor_of=actor_of, send_to=dedupe_destinations(actor_of))
-
-
-def _split_over_replicas(table: LayerTable, expert_ids: torch.Tensor) -> torch.Tensor:
-    """expert_ids [T, K] -> actor [T, K]: each expert's choices cut into runs by its replicas' shares."""
-    t, k = expert_ids.shape
-    flat = expert_ids.reshape(-1)  # [T*K] token-major
-    order = torch.sort(flat, stable=True).indices  # [T*K] grouped by expert, token order within
-    counts = torch.bincount(flat, minlength=table.replicas.shape[0])  # [E]
-    starts = torch.cumsum(counts, 0) - counts  # [E]
-    rank = torch.empty_like(flat)
-    rank[order] = torch.arange(flat.numel(), dtype=torch.int64) - starts[flat[order]]  # [T*K] j among its expert's choices
-    position = (rank.double() + 0.5) / counts[flat].double()  # [T*K] in (0, 1)
-    replica = (table.cum_shares[flat] <= position[:, None]).sum(dim=1)  # [T*K] first replica whose cumulative share > position
-    replica = torch.minimum(replica, table.num_replicas[flat] - 1)  # float rounding at the last share
-    return table.replicas[flat, replica].reshape(t, k)
 
 
 class RemoteExperts:
@@ -176,7 +102,9 @@ class RemoteExperts:
     def _probe(self, actor: ActorRef):
         """Answers once ``actor`` is up and holds the current placement (a restarted actor loads it first)."""
         placement = self.placement
-        return actor.handle.adopt.remote(placement.version, placement.hosted_by(actor.index), placement.shares_held_by(actor.index))
+        return actor.handle.adopt.remote(
+            placement.version, placement.hosted_by(actor.index), placement.shares_held_by(actor.index)
+        )
 
     # -- switching placements between steps --------------------------------------------
     def switch(self, placement: ExpertPlacement, timeout_s: float, actors: list[ActorRef] | None = None) -> bool:
@@ -240,22 +168,31 @@ class RemoteExperts:
 
     def _send(self, work: "LayerWork", deadline: float | None) -> "PendingDispatch":
         """Plan the pending choices over the live actors (waiting, up to ``deadline``, for a sole host) and send."""
+        lone_token = work.pending is None and work.hidden.shape[0] == 1  # a decode step of one sequence
         while True:
             self.health.refresh()
             down = self.health.down
             table = self.tables(down)[work.layer]
             assert table is not None, f"layer {work.layer} is a dense layer: it has no experts"
-            plan = plan_dispatch(table, work.routing.expert_ids.long(), work.pending)
-            needed = set(plan.actor_of[plan.actor_of >= 0].unique().tolist()) & down if down else set()
+            if lone_token:
+                lone = plan_lone_token(table, work.routing.expert_ids[0].tolist())
+                plan, needed = lone.plan, set(lone.actor_of) & down
+            else:
+                plan = plan_dispatch(table, work.routing.expert_ids.long(), work.pending)
+                needed = set(plan.actor_of[plan.actor_of >= 0].unique().tolist()) & down if down else set()
             if not needed:
                 break
             deadline = deadline or time.monotonic() + self.recovery_timeout_s  # wait for Ray's restart of the host
             self._wait_for(needed, deadline)
-        perm = permute(work.hidden, plan.send_to, self.placement.num_actors)  # rows [N, D] grouped by actor
-        tag = next(self._tags)
-        messages = self._messages(work, table, plan, perm, tag)
-        ticket = self.transport.send(messages, frozenset(range(self.placement.num_actors)) - down)
-        return PendingDispatch(self, work, plan, perm, tag, [m is not None for m in messages], ticket, deadline)
+        num_actors, tag = self.placement.num_actors, next(self._tags)
+        if lone_token:
+            perm, messages = None, self._lone_token_messages(work, table, lone, tag)
+        else:
+            perm = permute(work.hidden, plan.send_to, num_actors)  # rows [N, D] grouped by actor
+            messages = self._messages(work, table, plan, perm, tag)
+        ticket = self.transport.send(messages, frozenset(range(num_actors)) - down)
+        has_rows = [m is not None for m in messages]
+        return PendingDispatch(self, work, plan, perm, tag, has_rows, ticket, deadline, lone if lone_token else None)
 
     def _messages(
         self, work: "LayerWork", table: LayerTable, plan: DispatchPlan, perm: Permutation, tag: int
@@ -274,6 +211,19 @@ class RemoteExperts:
             weights = torch.where(mine, work.routing.weights[tokens], 0.0)  # [n, K]
             batch = ExpertBatch(work.layer, tag, perm.rows[start:end], local_ids.int(), weights.float(), self.placement.version)
             messages.append(batch.encode())
+        return messages
+
+    def _lone_token_messages(self, work: "LayerWork", table: LayerTable, lone: LoneTokenPlan, tag: int) -> list[bytes | None]:
+        """``_messages`` for a token alone, from Python ints: the same bytes."""
+        weights = work.routing.weights[0].tolist()  # [K] exact as Python floats
+        messages: list[bytes | None] = [None] * self.placement.num_actors
+        for actor in lone.actors:
+            local = table.local_lists[actor]
+            mine = [a == actor for a in lone.actor_of]  # [K]
+            local_ids = torch.tensor([[local[e] if m else -1 for e, m in zip(lone.expert_ids, mine)]], dtype=torch.int32)
+            chosen = torch.tensor([[w if m else 0.0 for w, m in zip(weights, mine)]], dtype=work.routing.weights.dtype)
+            batch = ExpertBatch(work.layer, tag, work.hidden, local_ids, chosen.float(), self.placement.version)
+            messages[actor] = batch.encode()
         return messages
 
     def _wait_for(self, actors: set[int], deadline: float) -> None:
@@ -298,11 +248,12 @@ class PendingDispatch:
     experts: RemoteExperts
     work: LayerWork
     plan: DispatchPlan
-    perm: Permutation
+    perm: Permutation | None  # None for a token alone: made only if a reply is missing
     tag: int
     has_rows: list[bool]  # [A] actors sent rows
     ticket: object
     deadline: float | None  # recovery deadline, once a layer has had to wait for a restart
+    lone: LoneTokenPlan | None = None  # the plan as Python ints, for a token alone
     home: torch.device = torch.device("cpu")  # where the caller's hidden states live; the output goes back there
 
     def wait(self) -> torch.Tensor:
@@ -333,7 +284,13 @@ class PendingDispatch:
     def _collect(self) -> LayerResult:
         """Steps 4-5 for this dispatch: the partials of actors that failed (or whose reply was lost) are left out."""
         exchange = self.experts.transport.receive(self.ticket)
+        if self.lone is not None and not exchange.failures:
+            output = self._lone_token_output(exchange.replies)
+            if output is not None:
+                return LayerResult(output, None, {})
         failed = dict(exchange.failures)
+        if self.perm is None:
+            self.perm = permute_lone_token(self.work.hidden, self.lone, len(self.has_rows))
         hidden, offsets = self.work.hidden, self.perm.expert_offsets.tolist()
         answered = torch.ones(len(self.has_rows) + 1, dtype=torch.bool)  # [A + 1]; the last entry stands for -1
         complete = True  # every actor sent rows answered
@@ -359,6 +316,19 @@ class PendingDispatch:
         counted = (self.plan.send_to >= 0) & answered[self.plan.send_to]  # [T, K] each answered partial counts once
         served = (self.plan.actor_of >= 0) & answered[self.plan.actor_of]  # [T, K]
         return LayerResult(combine(partials, counted.to(torch.float32), self.perm), served, failed)
+
+    def _lone_token_output(self, replies: list[bytes | None]) -> torch.Tensor | None:
+        """``combine`` of a token alone's partials (each weight 1, in j order): [1, D]; None unless every actor
+        sent the token answered for this dispatch (then the general path sorts out what to resend)."""
+        partial = {}  # actor -> [1, D]
+        for actor in self.lone.actors:
+            reply = ExpertReply.decode(replies[actor]) if replies[actor] is not None else None
+            if reply is None or reply.tag != self.tag or reply.stale:
+                return None
+            partial[actor] = reply.rows
+        chosen = [(j, partial[a]) for j, a in enumerate(self.lone.send_to) if a >= 0]
+        ones = torch.ones(1, len(self.lone.send_to))  # [1, K]
+        return weighted_row_sum(chosen, ones, self.work.hidden.shape[1], chosen[0][1].device).to(chosen[0][1].dtype)
 
 
 TRANSPORT_CLASSES = {"actor_calls": ActorCallTransport, "socket": SocketTransport, "compiled_graph": CompiledGraphTransport}

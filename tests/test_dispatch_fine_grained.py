@@ -1,4 +1,4 @@
-"""Dispatch, experts and combine over expert actors with many small experts (E = 64, 128; K = 8).
+"""Dispatch, experts and combine over expert actors: many small experts (E = 64, 128; K = 8), and a token alone.
 
 The actors are in-process stand-ins that decode the wire message and run their
 stack of experts exactly as ``ExpertActor`` does, so this needs no Ray. The
@@ -16,7 +16,8 @@ import torch
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-from moeshard.actors.dispatch import RemoteExperts
+from moeshard.actors.dispatch import LayerWork, RemoteExperts
+from moeshard.actors.dispatch_plan import plan_dispatch
 from moeshard.actors.placement import ExpertPlacement
 from moeshard.actors.transport import ActorRef, Exchange
 from moeshard.actors.wire import ExpertBatch, ExpertReply
@@ -32,9 +33,11 @@ class InProcessTransport:
     def __init__(self, stacks: list[dict[int, ExpertStack]]):
         self.stacks = stacks
         self.sent: list[list[int]] = []  # per exchange: actors that got a message
+        self.messages: list[list[bytes | None]] = []  # per exchange: what each actor was sent
 
     def send(self, messages: list[bytes | None], live: frozenset[int]) -> list[bytes | None]:
         self.sent.append([a for a, m in enumerate(messages) if m is not None])
+        self.messages.append(messages)
         replies = []
         for actor, message in enumerate(messages):
             if message is None:
@@ -101,3 +104,81 @@ def test_remote_experts_equal_transformers_experts(E, K, actors, replicated, T):
         assert set(sent) <= chosen_actors
     if not replicated:
         assert set(transport.sent[0]) == chosen_actors
+
+
+def _remote_and_local(E: int, actors: int, transport_class=InProcessTransport) -> tuple[RemoteExperts, LocalExperts]:
+    """Experts over in-process actors (every third expert on two of them) and the same experts in one stack."""
+    torch.manual_seed(E + actors)
+    w1, w3 = torch.randn(E, I, D) * D**-0.5, torch.randn(E, I, D) * D**-0.5  # [E, I, D]
+    w2 = torch.randn(E, D, I) * I**-0.5  # [E, D, I]
+    placement = _layout(E, actors, replicated=True)
+    transport = transport_class([{0: _stack(placement.hosted_by(a)[0], w1, w3, w2)} for a in range(actors)])
+    refs = [ActorRef(a, None, f"in-process actor {a}") for a in range(actors)]
+    return RemoteExperts(placement, transport, refs, recovery_timeout_s=120.0), LocalExperts(
+        {0: _stack(list(range(E)), w1, w3, w2)}
+    )
+
+
+@pytest.mark.parametrize("E, K, actors", [(8, 2, 2), (8, 2, 3), (64, 8, 5)])
+def test_a_token_alone_sends_the_bytes_and_gets_the_output_of_the_general_path(E, K, actors):
+    """A decode step of one sequence takes the Python path (plan, messages, combine); forcing the general
+    path (every choice pending) must send the same bytes and give the same output, bit for bit."""
+    remote, local = _remote_and_local(E, actors)
+    for seed in range(20):
+        hidden = torch.randn(1, D, generator=torch.Generator().manual_seed(seed))  # [1, D]
+        routing = route(hidden @ torch.randn(E, D).T, K)  # [1, K]
+        before = len(remote.transport.sent)
+        fast = remote(0, hidden, routing)
+        general = remote._send(LayerWork(0, hidden, routing, pending=torch.ones(1, K, dtype=torch.bool)), deadline=None)
+        assert general.lone is None
+        fast_sent, general_sent = remote.transport.messages[before], remote.transport.messages[before + 1]
+        assert [m is None for m in fast_sent] == [m is None for m in general_sent]
+        for a, b in zip(fast_sent, general_sent):  # the same batch but for its tag (a dispatch's own number)
+            if a is not None:
+                x, y = ExpertBatch.decode(a), ExpertBatch.decode(b)
+                assert (x.layer, x.version, x.tag + 1) == (y.layer, y.version, y.tag)
+                for name in ("rows", "local_ids", "weights"):
+                    u, v = getattr(x, name), getattr(y, name)
+                    assert u.dtype == v.dtype and torch.equal(u, v), name
+        assert torch.equal(general._collect().output, fast)
+        torch.testing.assert_close(fast, local(0, hidden, routing), rtol=1e-5, atol=1e-5)
+
+
+class FailsActorOneOnce(InProcessTransport):
+    """The first message to actor 1 comes back as if the actor died, or with a reply tagged for another dispatch."""
+
+    def __init__(self, stacks: list[dict[int, ExpertStack]], how: str):
+        super().__init__(stacks)
+        self.how, self.failed = how, False
+
+    def receive(self, ticket: list[bytes | None]) -> Exchange:
+        replies, failures = list(ticket), {}
+        if replies[1] is not None and not self.failed:
+            self.failed = True
+            if self.how == "died":
+                replies[1], failures[1] = None, RuntimeError("actor 1 died")
+            else:
+                reply = ExpertReply.decode(replies[1])
+                replies[1] = ExpertReply(reply.tag + 1000, reply.rows).encode()
+        return Exchange(replies, failures)
+
+
+@pytest.mark.parametrize("how", ["died", "late reply"])
+def test_a_token_alone_whose_actor_fails_is_resent_to_replicas(how):
+    E, K = 8, 2
+    torch.manual_seed(0)
+    w1, w3, w2 = torch.randn(E, I, D) * D**-0.5, torch.randn(E, I, D) * D**-0.5, torch.randn(E, D, I) * I**-0.5
+    placement = ExpertPlacement.from_expert_map(1, E, 3, {e: [e % 3, (e + 1) % 3] for e in range(E)})  # two hosts each
+    transport = FailsActorOneOnce([{0: _stack(placement.hosted_by(a)[0], w1, w3, w2)} for a in range(3)], how)
+    remote = RemoteExperts(placement, transport, [ActorRef(a, None, f"in-process actor {a}") for a in range(3)], 120.0)
+    remote.health.probe, remote.health.refresh = (lambda actor: None), (lambda: None)  # no Ray: actor 1 stays down
+    local = LocalExperts({0: _stack(list(range(E)), w1, w3, w2)})
+    for seed in range(40):  # a token that sends rows to actor 1
+        hidden = torch.randn(1, D, generator=torch.Generator().manual_seed(seed))  # [1, D]
+        routing = route(hidden @ torch.randn(E, D).T, K)
+        if plan_dispatch(remote.tables()[0], routing.expert_ids.long()).actor_of.eq(1).any():
+            break
+    got = remote(0, hidden, routing)
+    torch.testing.assert_close(got, local(0, hidden, routing), rtol=1e-5, atol=1e-5)
+    assert transport.failed and remote.health.down == {1} and remote.health.retries == 1
+    assert 1 not in transport.sent[-1]  # the resend went to the replicas

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from moeshard.actors.dispatch import build_tables, plan_dispatch
+from moeshard.actors.dispatch_plan import build_tables, permute_lone_token, plan_dispatch, plan_lone_token
 from moeshard.actors.placement import ExpertPlacement, PlacementError
 from moeshard.actors.rebalance.meter import LoadMeter
 from moeshard.actors.rebalance.plan import (
@@ -19,6 +19,7 @@ from moeshard.actors.rebalance.plan import (
     plan_rebalance,
     replica_counts,
 )
+from moeshard.kernels import permute
 
 SKEWED = [1000.0, 600.0, 50.0, 50.0, 50.0, 50.0, 50.0, 50.0]  # two hot experts of eight
 
@@ -230,3 +231,31 @@ def test_meter_folds_queued_layers_into_the_same_counts():
 def test_shares_must_split_each_expert():
     with pytest.raises(ValueError, match="do not split"):
         ExpertPlacement(num_actors=2, hosts=(((0, 1),),), shares=(((0.5, 0.6),),))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_token_alone_is_planned_and_permuted_as_the_general_path_does(seed):
+    """plan_lone_token / permute_lone_token (Python ints) against plan_dispatch / permute at T = 1:
+    replicas with uneven shares (some at exactly one half), a host down, E = 16, K = 4."""
+    gen = torch.Generator().manual_seed(seed)
+    E, K, A = 16, 4, 5
+    hosts, shares = [], []
+    for e in range(E):
+        n = int(torch.randint(1, 4, (1,), generator=gen))
+        actors = torch.randperm(A, generator=gen)[:n].tolist()
+        split = [0.5, 0.5] if n == 2 and e % 4 == 0 else (torch.rand(n, generator=gen) + 0.1).tolist()
+        hosts.append(tuple(actors))
+        shares.append(tuple(s / sum(split) for s in split))
+    placement = ExpertPlacement(num_actors=A, hosts=(tuple(hosts),), shares=(tuple(shares),))
+    hidden = torch.randn(1, 8, generator=gen)  # [1, D]
+    for down in (frozenset(), frozenset({seed % A})):
+        (table,) = build_tables(placement, down)
+        for _ in range(50):
+            expert_ids = torch.randperm(E, generator=gen)[:K].reshape(1, K)  # [1, K] distinct, as top-k gives
+            lone = plan_lone_token(table, expert_ids[0].tolist())
+            plan = plan_dispatch(table, expert_ids)
+            assert torch.equal(lone.plan.actor_of, plan.actor_of) and torch.equal(lone.plan.send_to, plan.send_to)
+            assert list(lone.actor_of) == plan.actor_of[0].tolist() and list(lone.send_to) == plan.send_to[0].tolist()
+            perm, expected = permute_lone_token(hidden, lone, A), permute(hidden, plan.send_to, A)
+            assert torch.equal(perm.rows, expected.rows) and torch.equal(perm.expert_offsets, expected.expert_offsets)
+            assert torch.equal(perm.source_token, expected.source_token) and torch.equal(perm.slot, expected.slot)
