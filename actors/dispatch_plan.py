@@ -8,7 +8,9 @@
 
 A token alone (a decode step of one sequence) is planned in Python from the same tables
 (``plan_lone_token``): at one token a layer, a dozen small tensor operations cost more than the
-plan itself. It is the general plan at T = 1, choice for choice (tested against it).
+plan itself. It is the general plan at T = 1, except that it spreads the token's choices over
+distinct actors where replicas allow (the general plan would send a lone token's choices of
+replicated experts all to each expert's first-preferred replica).
 
 Dimensions: T tokens, K chosen per token, E experts, A actors, R max replicas.
 """
@@ -35,7 +37,9 @@ class LayerTable:
     local_index: torch.Tensor  # [A, E] int64 position of expert e in actor a's stack, -1 if not hosted
     cum_shares: torch.Tensor  # [E, R] float64 cumulative share of the tokens up to each replica, padded with inf
     single_host: bool  # every expert has one (live) host: R = 1, no shares to split by
-    lone_host: tuple[int, ...]  # [E] the actor a token alone sends its choice of expert e to (plan_dispatch at T = 1)
+    # [E] expert e's live hosts in a token alone's order of preference: plan_dispatch's at T = 1 first,
+    # then the other replicas by share (largest first)
+    lone_hosts: tuple[tuple[int, ...], ...]
     local_lists: tuple[tuple[int, ...], ...]  # [A][E] local_index as Python ints, for a token alone
 
 
@@ -72,7 +76,7 @@ def build_tables(placement: ExpertPlacement, down: frozenset[int] = frozenset())
                 local_index=local_index,
                 cum_shares=cum_shares,
                 single_host=width == 1,
-                lone_host=tuple(_lone_host(actors, cum) for (actors, _), cum in zip(live, cum_shares.tolist())),
+                lone_hosts=tuple(_lone_hosts(actors, split, cum) for (actors, split), cum in zip(live, cum_shares.tolist())),
                 local_lists=tuple(tuple(row) for row in local_index.tolist()),
             )
         )
@@ -87,10 +91,12 @@ def _live(actors: tuple[int, ...], split: tuple[float, ...], down: frozenset[int
     return tuple(a for a, _ in keep), shares
 
 
-def _lone_host(actors: tuple[int, ...], cum_shares: list[float]) -> int:
-    """The host of a token alone's choice of an expert: ``_split_over_replicas`` with n = 1 (position 0.5)."""
-    replica = sum(1 for c in cum_shares if c <= 0.5)  # the same float64 comparison; the inf padding never counts
-    return actors[min(replica, len(actors) - 1)]
+def _lone_hosts(actors: tuple[int, ...], shares: list[float], cum_shares: list[float]) -> tuple[int, ...]:
+    """An expert's hosts for a token alone: first ``_split_over_replicas``'s with n = 1 (position 0.5), then the
+    others by share, largest first (ties: in placement order)."""
+    first = min(sum(1 for c in cum_shares if c <= 0.5), len(actors) - 1)  # the same float64 comparison; inf never counts
+    rest = sorted((i for i in range(len(actors)) if i != first), key=lambda i: -shares[i])
+    return tuple(actors[i] for i in (first, *rest))
 
 
 def plan_dispatch(table: LayerTable, expert_ids: torch.Tensor, pending: torch.Tensor | None = None) -> DispatchPlan:
@@ -136,11 +142,18 @@ class LoneTokenPlan:
 
 
 def plan_lone_token(table: LayerTable, expert_ids: list[int]) -> LoneTokenPlan:
-    """``plan_dispatch`` for one token, all choices pending: expert_ids [K] -> the same actors."""
-    actor_of = tuple(table.lone_host[e] for e in expert_ids)
+    """A token alone, all choices pending: expert_ids [K] -> actor per choice, spread over distinct actors where the
+    replicas allow. Choice j goes to its expert's first preferred host (``plan_dispatch``'s at T = 1) unless an earlier
+    choice of the token went there and another replica is free: then to the free one with the largest share. One
+    actor computes at most one of the token's experts where it can, so a layer waits for one expert, not two in a row.
+    Without replicas this is ``plan_dispatch`` at T = 1."""
+    actor_of: list[int] = []
+    for e in expert_ids:
+        hosts = table.lone_hosts[e]
+        actor_of.append(next((a for a in hosts if a not in actor_of), hosts[0]))
     send_to = tuple(-1 if a in actor_of[:j] else a for j, a in enumerate(actor_of))
     plan = DispatchPlan(actor_of=torch.tensor([actor_of], dtype=torch.int64), send_to=torch.tensor([send_to], dtype=torch.int64))
-    return LoneTokenPlan(plan, tuple(expert_ids), actor_of, send_to)
+    return LoneTokenPlan(plan, tuple(expert_ids), tuple(actor_of), send_to)
 
 
 def permute_lone_token(hidden: torch.Tensor, lone: LoneTokenPlan, num_actors: int) -> Permutation:

@@ -149,3 +149,16 @@ def test_generate_uses_the_models_generation_config(tiny_checkpoint_factory):
         expected = llm.generate("The capital of France is", SamplingParams(max_tokens=6, temperature=0, repetition_penalty=1.3))[0]
     assert out.stdout == expected.text + "\n"
     assert len(expected.token_ids) == 6 or expected.finish_reason == "stop"
+
+
+def test_serve_checks_redundant_experts_before_starting(tiny_checkpoint_factory):
+    model_dir = tiny_checkpoint_factory("tiny_cli_redundant", seed=6)
+    cases = [
+        (["--redundant-experts", "2"], "redundant_experts needs at least 2 expert actors, got 0"),
+        (["--expert-actors", "2", "--redundant-experts", "-1"], "redundant_experts: Input should be greater than or equal to 0"),
+    ]
+    for flags, message in cases:
+        out = moeshard("serve", str(model_dir), *flags)
+        last = out.stderr.strip().splitlines()[-1]
+        assert out.returncode == 2 and last.startswith("moeshard: error: ") and message in last, out.stderr
+        assert "Traceback" not in out.stderr

@@ -234,9 +234,10 @@ def test_shares_must_split_each_expert():
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_a_token_alone_is_planned_and_permuted_as_the_general_path_does(seed):
-    """plan_lone_token / permute_lone_token (Python ints) against plan_dispatch / permute at T = 1:
-    replicas with uneven shares (some at exactly one half), a host down, E = 16, K = 4."""
+def test_a_token_alone_is_planned_as_the_general_path_does_but_spread_over_free_replicas(seed):
+    """plan_lone_token / permute_lone_token (Python ints) against plan_dispatch / permute at T = 1: replicas with
+    uneven shares (some at exactly one half), a host down, E = 16, K = 4. A choice goes where the general plan sends
+    it unless an earlier choice of the token took that actor and a replica of its expert was free."""
     gen = torch.Generator().manual_seed(seed)
     E, K, A = 16, 4, 5
     hosts, shares = [], []
@@ -248,14 +249,40 @@ def test_a_token_alone_is_planned_and_permuted_as_the_general_path_does(seed):
         shares.append(tuple(s / sum(split) for s in split))
     placement = ExpertPlacement(num_actors=A, hosts=(tuple(hosts),), shares=(tuple(shares),))
     hidden = torch.randn(1, 8, generator=gen)  # [1, D]
+    spread = 0
     for down in (frozenset(), frozenset({seed % A})):
         (table,) = build_tables(placement, down)
         for _ in range(50):
             expert_ids = torch.randperm(E, generator=gen)[:K].reshape(1, K)  # [1, K] distinct, as top-k gives
             lone = plan_lone_token(table, expert_ids[0].tolist())
-            plan = plan_dispatch(table, expert_ids)
-            assert torch.equal(lone.plan.actor_of, plan.actor_of) and torch.equal(lone.plan.send_to, plan.send_to)
-            assert list(lone.actor_of) == plan.actor_of[0].tolist() and list(lone.send_to) == plan.send_to[0].tolist()
-            perm, expected = permute_lone_token(hidden, lone, A), permute(hidden, plan.send_to, A)
+            general = plan_dispatch(table, expert_ids).actor_of[0].tolist()
+            for j, e in enumerate(expert_ids[0].tolist()):
+                live = [a for a in placement.hosts[0][e] if a not in down] or list(placement.hosts[0][e])
+                free = [a for a in live if a not in lone.actor_of[:j]]
+                if lone.actor_of[j] != general[j]:
+                    spread += 1
+                    assert general[j] in lone.actor_of[:j] and lone.actor_of[j] in free
+                    share = dict(zip(placement.hosts[0][e], placement.shares[0][e]))
+                    assert share[lone.actor_of[j]] == max(share[a] for a in free)
+                else:
+                    assert general[j] not in lone.actor_of[:j] or not free
+            assert list(lone.send_to) == [-1 if a in lone.actor_of[:j] else a for j, a in enumerate(lone.actor_of)]
+            assert lone.plan.actor_of[0].tolist() == list(lone.actor_of) and lone.plan.send_to[0].tolist() == list(lone.send_to)
+            perm, expected = permute_lone_token(hidden, lone, A), permute(hidden, lone.plan.send_to, A)
             assert torch.equal(perm.rows, expected.rows) and torch.equal(perm.expert_offsets, expected.expert_offsets)
             assert torch.equal(perm.source_token, expected.source_token) and torch.equal(perm.slot, expected.slot)
+    assert spread > 0
+
+
+def test_a_token_alone_takes_two_actors_when_every_expert_is_on_both():
+    """With every expert replicated on both actors, a lone token's two experts run on two actors, whatever the
+    shares (the general plan at T = 1 sends both to the same replica)."""
+    placement = ExpertPlacement.from_expert_map(1, 8, 2, {e: [0, 1] for e in range(8)})
+    (table,) = build_tables(placement)
+    for first in range(8):
+        for second in range(8):
+            if first != second:
+                assert sorted(plan_lone_token(table, [first, second]).actor_of) == [0, 1]
+    assert plan_dispatch(table, torch.tensor([[0, 1]])).actor_of.tolist() == [[1, 1]]
+    (table,) = build_tables(placement, down=frozenset({1}))
+    assert plan_lone_token(table, [2, 5]).actor_of == (0, 0)

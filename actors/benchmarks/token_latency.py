@@ -1,6 +1,7 @@
 """Batch-1 decode time per token: the experts in process against the experts on actors (not a test).
 
-    python -m moeshard.actors.benchmarks.token_latency [MODEL_DIR] [--expert-actors 2] [--new-tokens 24] [--rounds 8]
+    python -m moeshard.actors.benchmarks.token_latency [MODEL_DIR] [--expert-actors 2] [--redundant-experts 0]
+        [--new-tokens 24] [--rounds 8]
 
 One sequence decodes greedily, ``--new-tokens`` tokens, with two ``LLM``s up side by side: the experts
 in this process and the experts on ``--expert-actors`` actors (``--transport``). They take turns, a new
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model_dir", nargs="?", help="a model directory (default: a synthetic Mixtral)")
     parser.add_argument("--expert-actors", type=int, default=2)
     parser.add_argument("--transport", choices=TRANSPORTS, default="socket")
+    parser.add_argument(
+        "--redundant-experts", type=int, default=0, help="spare expert slots per layer (E of them: every expert on 2 actors)"
+    )
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args(argv)
@@ -69,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         in_process, on_actors, ratios = [], [], []
         with (
             LLM(model_dir) as local,
-            LLM(model_dir, expert_actors=args.expert_actors, cluster={"transport": args.transport}) as cluster,
+            LLM(
+                model_dir,
+                expert_actors=args.expert_actors,
+                cluster={"transport": args.transport, "redundant_experts": args.redundant_experts},
+            ) as cluster,
         ):
             for llm in (local, cluster):  # warm-up
                 llm.generate(["warm-up"], SamplingParams(max_tokens=PREFILL_TOKENS + 2, temperature=0, ignore_eos=True))
@@ -89,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| configuration | ms per token (median) | rounds (ms) |")
     print("|---|---:|---|")
     print(f"| experts in process | {statistics.median(in_process):.0f} | {' '.join(f'{x:.0f}' for x in in_process)} |")
-    actors = f"{args.expert_actors} expert actors ({args.transport})"
+    spare = f", {args.redundant_experts} redundant experts" if args.redundant_experts else ""
+    actors = f"{args.expert_actors} expert actors ({args.transport}{spare})"
     print(f"| {actors} | {statistics.median(on_actors):.0f} | {' '.join(f'{x:.0f}' for x in on_actors)} |")
     print()
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3

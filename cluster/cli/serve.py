@@ -59,6 +59,11 @@ def add_serve_command(commands) -> None:
         "--transport", default="socket", choices=TRANSPORTS,
         help="the dispatch data path: a TCP connection per expert actor (default), Ray actor calls, or a compiled graph",
     )  # fmt: skip
+    serve.add_argument(
+        "--redundant-experts", type=int, default=0, metavar="R",
+        help="spare expert slots per MoE layer for replicas of experts (needs 2+ expert actors; E of them: every expert "
+        "on two actors, so a decode step of one sequence runs one expert per actor)",
+    )  # fmt: skip
     serve.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
     serve.add_argument(
         "--no-prefix-caching", action="store_true", help="prefill every prompt in full (default: share computed prefixes)"
@@ -94,7 +99,10 @@ def run_serve(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         ray_address=args.ray_address,
         max_waiting=args.max_waiting,
-        engine={"cluster": {"transport": args.transport}, "enable_prefix_caching": not args.no_prefix_caching},
+        engine={
+            "cluster": {"transport": args.transport, "redundant_experts": args.redundant_experts},
+            "enable_prefix_caching": not args.no_prefix_caching,
+        },
     )
     config = serve_args.engine_config()  # validates everything before Ray starts
 
