@@ -9,6 +9,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.resources  # noqa: E402
 import shutil  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -277,3 +280,44 @@ def live_server(tmp_path_factory):
                 ray.shutdown()
 
     return start
+
+
+class BackgroundRounds:
+    """Load that runs while a test acts on the cluster: ``run_round`` again and again on a thread until ``stop``;
+    every round's result is kept, and the first error ends the rounds (``stop`` asserts there was none)."""
+
+    def __init__(self, run_round: Callable[[], object]):
+        self.run_round, self.results, self.errors = run_round, [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.results.append(self.run_round())
+            except Exception as exc:  # noqa: BLE001 - asserted on in stop
+                self.errors.append(exc)
+                return
+
+    def wait_for(self, count: int, timeout_s: float = 120) -> None:
+        """Until ``count`` rounds have finished (or a round failed, or ``timeout_s`` passed)."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.results) < count and not self.errors and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def wait_for_next(self, timeout_s: float = 120) -> None:
+        """Until one more round has finished."""
+        self.wait_for(len(self.results) + 1, timeout_s)
+
+    def stop(self) -> list:
+        self._stop.set()
+        self._thread.join(timeout=300)
+        assert not self.errors, self.errors
+        return self.results
+
+
+@pytest.fixture
+def background_rounds():
+    """background_rounds(run_round) -> BackgroundRounds: a round of requests repeated on a thread while the test acts."""
+    return BackgroundRounds

@@ -57,14 +57,21 @@ def _get(url: str) -> tuple[int, dict | str]:
 async def _streams_while_killing(server: str, victim: int) -> list[str]:
     client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300)
 
+    decoding = asyncio.Event()  # a stream has its first tokens: the kill lands in the middle of the work
+
     async def run(prompt: str) -> str:
         stream = await client.completions.create(
             model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True, extra_body={"ignore_eos": True}
         )
-        return "".join([c.choices[0].text async for c in stream])
+        parts = []
+        async for chunk in stream:
+            parts.append(chunk.choices[0].text)
+            if len(parts) == 4:
+                decoding.set()
+        return "".join(parts)
 
     async def kill_soon() -> None:
-        await asyncio.sleep(1.0)
+        await decoding.wait()
         os.kill(victim, signal.SIGKILL)
 
     texts = await asyncio.gather(*(run(PROMPTS[i % 4]) for i in range(8)), kill_soon())

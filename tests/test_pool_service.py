@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -170,35 +169,6 @@ async def _stream_all(server: str, prompts: list[str]) -> list[str]:
         await client.close()
 
 
-class Streams:
-    """Rounds of concurrent streams on a thread until stopped; every round's texts are kept."""
-
-    def __init__(self, server: str):
-        self.server, self.rounds, self.errors = server, [], []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.rounds.append(asyncio.run(_stream_all(self.server, PROMPTS)))
-            except Exception as exc:  # noqa: BLE001 - asserted on below
-                self.errors.append(exc)
-                return
-
-    def wait_for_round(self, timeout_s: float = 120) -> None:
-        target, deadline = len(self.rounds) + 1, time.monotonic() + timeout_s
-        while len(self.rounds) < target and not self.errors and time.monotonic() < deadline:
-            time.sleep(0.1)
-
-    def stop(self) -> list[list[str]]:
-        self._stop.set()
-        self._thread.join(timeout=300)
-        assert not self.errors, self.errors
-        return self.rounds
-
-
 def _actors_seen_by_both(server: str, count: int, polls: int = 60) -> None:
     """Both coordinators' /v1/experts list ``count`` actors (a request reaches one replica: poll)."""
     seen: dict[int, set] = {}
@@ -214,17 +184,17 @@ def _actors_seen_by_both(server: str, count: int, polls: int = 60) -> None:
 
 
 @pytest.mark.slow
-def test_the_shared_pool_rebalances_from_both_coordinators_load(server, expected):
+def test_the_shared_pool_rebalances_from_both_coordinators_load(server, expected, background_rounds):
     from moeshard.cluster.client import Client
 
     _wait_for_two_coordinators(server, without=set())
-    streams = Streams(server)
-    streams.wait_for_round()
+    streams = background_rounds(lambda: asyncio.run(_stream_all(server, PROMPTS)))
+    streams.wait_for_next()
     with Client(server) as client:
         before = client.experts().balance
         report = client.rebalance()  # both coordinators switch between steps, while streams run
         after = client.experts().balance
-    streams.wait_for_round()
+    streams.wait_for_next()
     rounds = streams.stop()
     assert report.switched and report.version == before.placement_version + 1 == after.placement_version
     assert report.steps > 0 and after.rebalances == before.rebalances + 1
@@ -234,19 +204,19 @@ def test_the_shared_pool_rebalances_from_both_coordinators_load(server, expected
 
 
 @pytest.mark.slow
-def test_the_shared_pool_scales_two_three_two_while_both_coordinators_stream(server, expected):
+def test_the_shared_pool_scales_two_three_two_while_both_coordinators_stream(server, expected, background_rounds):
     from moeshard.cluster.client import Client
 
     pids = sorted(expert_actor_pids())
     _wait_for_two_coordinators(server, without=set())
-    streams = Streams(server)
-    streams.wait_for_round()
+    streams = background_rounds(lambda: asyncio.run(_stream_all(server, PROMPTS)))
+    streams.wait_for_next()
     with Client(server) as client:
         grown = client.scale(3)  # through the SDK
     assert (grown.expert_actors_before, grown.expert_actors, grown.started, grown.switched) == (2, 3, [2], True)
     _actors_seen_by_both(server, 3)
     assert len(expert_actor_pids()) == 3
-    streams.wait_for_round()
+    streams.wait_for_next()
     shrink = subprocess.run(  # through the CLI
         [sys.executable, "-m", "moeshard.cluster.cli.main", "scale", "--url", server, "--expert-actors", "2"],
         capture_output=True, text=True, timeout=600,
@@ -254,7 +224,7 @@ def test_the_shared_pool_scales_two_three_two_while_both_coordinators_stream(ser
     assert shrink.returncode == 0, shrink.stderr
     assert "expert actors 3 -> 2" in shrink.stdout and "stopped [2]" in shrink.stdout
     _actors_seen_by_both(server, 2)
-    streams.wait_for_round()
+    streams.wait_for_next()
     rounds = streams.stop()
     assert len(rounds) >= 3 and all(texts == [expected[p] for p in PROMPTS] for texts in rounds)
     deadline = time.monotonic() + 60

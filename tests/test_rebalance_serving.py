@@ -49,14 +49,21 @@ def _call(url: str, method: str = "GET", key: str | None = API_KEY) -> tuple[int
 async def _completions_while_rebalancing(server: str) -> tuple[list[str], dict]:
     client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=300)
 
+    decoding = asyncio.Event()  # a stream is half done: the window holds decode load and half the work is still to run
+
     async def run(prompt: str) -> str:
         stream = await client.completions.create(
             model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True, extra_body={"ignore_eos": True}
         )
-        return "".join([c.choices[0].text async for c in stream])
+        parts = []
+        async for chunk in stream:
+            parts.append(chunk.choices[0].text)
+            if len(parts) == MAX_TOKENS // 2:
+                decoding.set()
+        return "".join(parts)
 
     async def rebalance_soon() -> dict:
-        await asyncio.sleep(1.0)
+        await decoding.wait()
         return await asyncio.to_thread(_call, f"{server}/v1/experts/rebalance", "POST")
 
     *texts, (status, report) = await asyncio.gather(*(run(p) for p in PROMPTS), rebalance_soon())

@@ -3,7 +3,6 @@ every output equal to the single process (a pool of its own, a shared pool, and 
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -72,35 +71,6 @@ def expected(tiny_mixtral_dir) -> list[list[int]]:
         return [o.token_ids for o in single.generate(PROMPTS, PARAMS)]
 
 
-class Generations:
-    """Generations one after another on a thread until stopped; each one's tokens are kept."""
-
-    def __init__(self, llm: LLM):
-        self.llm, self.outputs, self.errors = llm, [], []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.outputs.append([o.token_ids for o in self.llm.generate(PROMPTS, PARAMS)])
-            except Exception as exc:  # noqa: BLE001 - asserted on below
-                self.errors.append(exc)
-                return
-
-    def wait_for(self, count: int, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while len(self.outputs) < count and not self.errors and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def stop(self) -> list[list[list[int]]]:
-        self._stop.set()
-        self._thread.join(timeout=300)
-        assert not self.errors, self.errors
-        return self.outputs
-
-
 def _wait_for_pids(count: int, timeout_s: float = 60) -> list[int]:
     deadline = time.monotonic() + timeout_s
     while len(pids := expert_actor_pids()) != count and time.monotonic() < deadline:
@@ -108,23 +78,23 @@ def _wait_for_pids(count: int, timeout_s: float = 60) -> list[int]:
     return pids
 
 
-def _scale_up_and_down(llm: LLM, expected: list[list[int]], count_pids: bool = True) -> None:
-    generations = Generations(llm)
+def _scale_up_and_down(llm: LLM, expected: list[list[int]], background_rounds, count_pids: bool = True) -> None:
+    generations = background_rounds(lambda: [o.token_ids for o in llm.generate(PROMPTS, PARAMS)])
     generations.wait_for(1)
-    done = len(generations.outputs)
+    done = len(generations.results)
     grown = llm.scale(3)
     assert grown.expert_actors_before == 2 and grown.expert_actors == 3 and grown.started == [2]
     assert grown.switched and grown.moved > 0
     assert sorted({a for row in llm.placement() for a in row["actors"]}) == [0, 1, 2]
     if count_pids:
         assert len(_wait_for_pids(3)) == 3
-    generations.wait_for(len(generations.outputs) + 1)
+    generations.wait_for(len(generations.results) + 1)
     shrunk = llm.scale(2)
     assert shrunk.expert_actors == 2 and shrunk.stopped == [2] and shrunk.switched
     assert sorted({a for row in llm.placement() for a in row["actors"]}) == [0, 1]
     if count_pids:
         assert len(_wait_for_pids(2)) == 2
-    generations.wait_for(len(generations.outputs) + 1)
+    generations.wait_for(len(generations.results) + 1)
     outputs = generations.stop()
     assert len(outputs) > done + 1  # generations ran while the pool changed
     assert all(out == expected for out in outputs)
@@ -134,18 +104,22 @@ def _scale_up_and_down(llm: LLM, expected: list[list[int]], count_pids: bool = T
 @pytest.mark.parametrize(
     "transport, ping_pong", [("actor_calls", 0), ("compiled_graph", 0), ("actor_calls", 2)], ids=["calls", "graph", "ping-pong"]
 )
-def test_own_pool_scales_two_three_two_while_generating(transport, ping_pong, tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch):
+def test_own_pool_scales_two_three_two_while_generating(
+    transport, ping_pong, tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch, background_rounds
+):
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
     cluster = {"cpus_per_actor": 0.5, "transport": transport}
     with LLM(tiny_mixtral_dir, expert_actors=2, cluster=cluster, ping_pong_min_sequences=ping_pong) as llm:
         pids = sorted(_wait_for_pids(2))
-        _scale_up_and_down(llm, expected)
+        _scale_up_and_down(llm, expected, background_rounds)
         assert sorted(expert_actor_pids()) == pids  # the actors that stayed were never restarted
         assert llm.scale(2).switched is False  # already 2: nothing to do
 
 
 @pytest.mark.slow
-def test_own_pool_scaling_and_rebalancing_asked_at_once_take_turns(tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch):
+def test_own_pool_scaling_and_rebalancing_asked_at_once_take_turns(
+    tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch, background_rounds
+):
     from moeshard.actors.rebalance.live import RebalanceBusy
     from moeshard.actors.rebalance.scale import ScaleBusy
 
@@ -153,7 +127,7 @@ def test_own_pool_scaling_and_rebalancing_asked_at_once_take_turns(tiny_mixtral_
     # lock, so one waits for the other or answers busy, never two placements under one version.
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
     with LLM(tiny_mixtral_dir, expert_actors=2, cluster={"cpus_per_actor": 0.5}) as llm:
-        generations = Generations(llm)
+        generations = background_rounds(lambda: [o.token_ids for o in llm.generate(PROMPTS, PARAMS)])
         generations.wait_for(1)
         for expert_actors in (3, 2):
             with ThreadPoolExecutor(2) as both:
@@ -164,18 +138,20 @@ def test_own_pool_scaling_and_rebalancing_asked_at_once_take_turns(tiny_mixtral_
             if isinstance(outcomes[0], Exception):
                 llm.scale(expert_actors)
             assert sorted({a for row in llm.placement() for a in row["actors"]}) == list(range(expert_actors))
-            generations.wait_for(len(generations.outputs) + 1)  # load measured over the scaled pool
+            generations.wait_for(len(generations.results) + 1)  # load measured over the scaled pool
             rebalanced = llm.rebalance()
             assert rebalanced.switched and rebalanced.version == llm.expert_balance()["placement_version"]
         assert all(out == expected for out in generations.stop())
 
 
 @pytest.mark.slow
-def test_shared_pool_scales_two_three_two_while_generating(tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch):
+def test_shared_pool_scales_two_three_two_while_generating(
+    tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch, background_rounds
+):
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
     cluster = {"pool_name": "scale-test-pool", "cpus_per_actor": 0.5}
     with LLM(tiny_mixtral_dir, expert_actors=2, cluster=cluster) as llm:
-        _scale_up_and_down(llm, expected)
+        _scale_up_and_down(llm, expected, background_rounds)
         # The pool's manager rebalances it too, from the load its coordinator reports as it checks in.
         assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == expected
         time.sleep(1.5)  # a few check-ins
@@ -203,13 +179,15 @@ def growing_cluster(tmp_path_factory, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_multi_node_pool_grows_onto_an_added_node_and_shrinks_off_it(growing_cluster, tiny_mixtral_dir, expected):
+def test_a_multi_node_pool_grows_onto_an_added_node_and_shrinks_off_it(
+    growing_cluster, tiny_mixtral_dir, expected, background_rounds
+):
     from moeshard.actors.rebalance.scale import ScaleBusy, ScaleError
 
     # Each actor takes 3 of a worker node's 4 CPUs: one actor per worker node, none on the head.
     cluster = {"pool_name": "scale-multinode", "cpus_per_actor": 3, "startup_timeout_s": 30}
     with LLM(tiny_mixtral_dir, expert_actors=2, cluster=cluster) as llm:
-        generations = Generations(llm)
+        generations = background_rounds(lambda: [o.token_ids for o in llm.generate(PROMPTS, PARAMS)])
         generations.wait_for(1)
         with ThreadPoolExecutor(1) as background:
             waiting = background.submit(llm.scale, 3)  # no node has room: it waits startup_timeout_s for one
@@ -228,12 +206,12 @@ def test_a_multi_node_pool_grows_onto_an_added_node_and_shrinks_off_it(growing_c
         assert grown.switched and grown.started == [2]
         nodes = {a: n for row in llm.placement() for a, n in zip(row["actors"], row["nodes"])}
         assert nodes[2] == node.node_id and len(set(nodes.values())) == 3
-        generations.wait_for(len(generations.outputs) + 1)
+        generations.wait_for(len(generations.results) + 1)
         shrunk = llm.scale(2)
         assert shrunk.stopped == [2] and shrunk.switched
         nodes = {a: n for row in llm.placement() for a, n in zip(row["actors"], row["nodes"])}
         assert node.node_id not in nodes.values()
-        generations.wait_for(len(generations.outputs) + 1)
+        generations.wait_for(len(generations.results) + 1)
         assert all(out == expected for out in generations.stop())
 
 
@@ -256,7 +234,7 @@ def test_an_expert_actor_runs_several_coordinators_calls_at_once(tiny_mixtral_di
 
 @pytest.mark.slow
 def test_an_added_actor_killed_after_the_switch_comes_back_with_its_new_experts(
-    tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch, expert_actor_pid
+    tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch, expert_actor_pid, background_rounds
 ):
     import os
     import signal
@@ -266,11 +244,11 @@ def test_an_added_actor_killed_after_the_switch_comes_back_with_its_new_experts(
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
     with LLM(tiny_mixtral_dir, expert_actors=2, cluster={"cpus_per_actor": 0.5}) as llm:
         assert llm.scale(3).switched
-        generations = Generations(llm)
+        generations = background_rounds(lambda: [o.token_ids for o in llm.generate(PROMPTS, PARAMS)])
         generations.wait_for(1)
         victim = expert_actor_pid(llm, 2)
         os.kill(victim, signal.SIGKILL)  # Ray restarts it from its constructor: the placement it was added with
-        generations.wait_for(len(generations.outputs) + 2)
+        generations.wait_for(len(generations.results) + 2)
         assert expert_actor_pid(llm, 2) != victim
         info = ray.get(llm._cluster.expert_actors[2].info.remote())
         assert info["versions"] == [1] and info["hosted"]  # the added version, not the pool's first
@@ -321,7 +299,9 @@ def _manager_pid() -> int | None:
 
 
 @pytest.mark.slow
-def test_a_killed_pool_manager_comes_back_with_the_same_actors_and_still_scales(tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch):
+def test_a_killed_pool_manager_comes_back_with_the_same_actors_and_still_scales(
+    tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch, background_rounds
+):
     import os
     import signal
 
@@ -329,7 +309,7 @@ def test_a_killed_pool_manager_comes_back_with_the_same_actors_and_still_scales(
     cluster = {"pool_name": "manager-kill-pool", "cpus_per_actor": 0.5, "redundant_experts": 2}
     with LLM(tiny_mixtral_dir, expert_actors=2, cluster=cluster) as llm:
         actors = sorted(_wait_for_pids(2))
-        generations = Generations(llm)
+        generations = background_rounds(lambda: [o.token_ids for o in llm.generate(PROMPTS, PARAMS)])
         generations.wait_for(1)
         time.sleep(1.5)  # a few check-ins: the manager has the load
         assert llm.rebalance().switched  # replicas of the hottest experts, each split by load
@@ -338,7 +318,7 @@ def test_a_killed_pool_manager_comes_back_with_the_same_actors_and_still_scales(
         victim = _manager_pid()
         assert victim is not None
         os.kill(victim, signal.SIGKILL)  # generations go on: the coordinator dispatches to the actors directly
-        generations.wait_for(len(generations.outputs) + 2)
+        generations.wait_for(len(generations.results) + 2)
         deadline = time.monotonic() + 120
         while (pid := _manager_pid()) in (victim, None) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -346,12 +326,14 @@ def test_a_killed_pool_manager_comes_back_with_the_same_actors_and_still_scales(
         assert [(row["actors"], row["shares"]) for row in llm.placement()] == balanced  # each replica's split too
         grown = llm.scale(3)  # the restarted manager knows its pool
         assert grown.expert_actors_before == 2 and grown.switched
-        generations.wait_for(len(generations.outputs) + 1)
+        generations.wait_for(len(generations.results) + 1)
         assert all(out == expected for out in generations.stop())
 
 
 @pytest.mark.slow
-def test_a_manager_killed_in_the_middle_of_a_change_finishes_it_when_back(tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch):
+def test_a_manager_killed_in_the_middle_of_a_change_finishes_it_when_back(
+    tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch, background_rounds
+):
     import os
     import signal
 
@@ -363,7 +345,7 @@ def test_a_manager_killed_in_the_middle_of_a_change_finishes_it_when_back(tiny_m
         actors = llm._cluster.expert_actors
         # A change cut short: actor 0 staged a version 1 that hands its experts 2-3 to actor 1, which never staged.
         ray.get(actors[0].stage.remote(1, {0: [0, 1], 1: [0, 1]}))
-        generations = Generations(llm)
+        generations = background_rounds(lambda: [o.token_ids for o in llm.generate(PROMPTS, PARAMS)])
         generations.wait_for(1)
         os.kill(_manager_pid(), signal.SIGKILL)
         deadline = time.monotonic() + 120
@@ -374,5 +356,5 @@ def test_a_manager_killed_in_the_middle_of_a_change_finishes_it_when_back(tiny_m
             time.sleep(0.5)
         assert held == [[2], [2]]
         assert llm.expert_balance()["placement_version"] == 2
-        generations.wait_for(len(generations.outputs) + 1)
+        generations.wait_for(len(generations.results) + 1)
         assert all(out == expected for out in generations.stop())
