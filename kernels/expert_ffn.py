@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from moeshard.kernels.backend import resolve_backend, triton_interprets
+from moeshard.kernels.linear import linear, linear_into
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,10 @@ def expert_rows_torch(
     x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x [n, D] through one expert (w1/w3 [I, D], w2 [D, I]) -> [n, D], into ``out`` when given."""
-    h = F.silu(F.linear(x, w1), inplace=True).mul_(F.linear(x, w3))  # [n, I]; in place: no more [n, I] buffers
-    return torch.mm(h, w2.t(), out=out)  # [n, D]
+    h = F.silu(linear(x, w1), inplace=True).mul_(linear(x, w3))  # [n, I]; in place: no more [n, I] buffers
+    if out is None:
+        return linear(h, w2)  # [n, D]
+    return linear_into(h, w2, out)  # [n, D]
 
 
 class GemmTiles(NamedTuple):

@@ -22,6 +22,7 @@ from moeshard.cluster.model.config import ModelConfig
 from moeshard.cluster.model.kv_cache import KVCache
 from moeshard.cluster.model.layers import RotaryTables, apply_rotary, rms_norm
 from moeshard.kernels import PagedLayout, paged_attention
+from moeshard.kernels.linear import linear
 
 
 class QKV(NamedTuple):
@@ -33,9 +34,9 @@ class QKV(NamedTuple):
 def project_qkv(config: ModelConfig, weights: LayerWeights, x: torch.Tensor) -> QKV:
     """x [T, D] (normed) -> q, k, v split into heads, before RoPE."""
     t, dh, eps = x.shape[0], config.head_dim, config.rms_norm_eps
-    q = _linear(x, weights.q_proj, weights.q_bias)  # [T, H*Dh]
-    k = _linear(x, weights.k_proj, weights.k_bias)  # [T, Hkv*Dh]
-    v = _linear(x, weights.v_proj, weights.v_bias)  # [T, Hkv*Dh]
+    q = linear(x, weights.q_proj, weights.q_bias)  # [T, H*Dh]
+    k = linear(x, weights.k_proj, weights.k_bias)  # [T, Hkv*Dh]
+    v = linear(x, weights.v_proj, weights.v_bias)  # [T, Hkv*Dh]
     if config.qk_norm == "whole":
         q, k = rms_norm(q, weights.q_norm, eps), rms_norm(k, weights.k_norm, eps)
     if config.clip_qkv is not None:
@@ -44,11 +45,6 @@ def project_qkv(config: ModelConfig, weights: LayerWeights, x: torch.Tensor) -> 
     if config.qk_norm == "per_head":
         q, k = rms_norm(q, weights.q_norm, eps), rms_norm(k, weights.k_norm, eps)
     return QKV(q, k, v)
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    out = x @ weight.T
-    return out if bias is None else out + bias
 
 
 def step_layout(batch: StepBatch, cache: KVCache, sliding_window: int | None) -> PagedLayout:
@@ -79,4 +75,4 @@ def attention(
     cache.keys[layer].index_copy_(0, layout.slot_mapping, k)  # [S, Hkv, Dh]
     cache.values[layer].index_copy_(0, layout.slot_mapping, v)
     out = paged_attention(q, cache.keys[layer], cache.values[layer], layout)  # [T, H, Dh]
-    return _linear(out.reshape(t, config.num_heads * config.head_dim), weights.o_proj, weights.o_bias)  # [T, D]
+    return linear(out.reshape(t, config.num_heads * config.head_dim), weights.o_proj, weights.o_bias)  # [T, D]

@@ -10,6 +10,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from moeshard.kernels.linear import linear
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D] -> [..., D] over the last dim; normalised in float32, scaled in x's dtype."""
@@ -20,7 +22,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """x [T, D], gate w1 [I, D], up w3 [I, D], down w2 [D, I] -> w2 @ (silu(w1 @ x) * (w3 @ x)) [T, D]."""
-    return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
+    return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
 
 
 class RotaryTables(NamedTuple):

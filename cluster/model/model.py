@@ -38,6 +38,7 @@ from moeshard.cluster.model.kv_cache import KVCache
 from moeshard.cluster.model.layers import RotaryEmbedding, rms_norm, swiglu
 from moeshard.cluster.model.moe import Done, ExpertsFn, PendingExperts
 from moeshard.kernels import route
+from moeshard.kernels.linear import linear
 
 # Sees each step's routing once, after its forward pass: (the step's batch, expert ids [L_moe, T, K] of every MoE
 # layer in order, first choice first).
@@ -100,7 +101,7 @@ class MoeModel:
         if self.routing_observer is not None and config.moe_layers:
             self.routing_observer(batch, torch.cat([torch.stack(ids) for ids in routed], dim=1))  # [L_moe, T, K]
         x = rms_norm(x[rows], w.final_norm, config.rms_norm_eps)  # [R, D]
-        return (x @ w.lm_head.T).float()  # [R, V]
+        return linear(x, w.lm_head).float()  # [R, V]
 
     def start_feed_forward(self, layer: int, lw: LayerWeights, h: torch.Tensor, routed: list[torch.Tensor]) -> "PendingFeedForward":
         """h [T, D] (the residual stream after attention) -> its FFN started: experts submitted (+ shared expert run).
