@@ -4,38 +4,57 @@
 
 Dimensions: N rows, K in features, O out features.
 
-A decode step of few sequences multiplies a few rows by a large weight, a pass that
-is bound by reading the weight once. On CPU, for float32 and at most SMALL_ROWS rows,
-this computes out^T = weight @ x^T instead of x @ weight^T: the same sums, but the
-CPU BLAS takes a path for the short, wide right-hand side that reads the weight
-2-4x faster than its path for x @ weight^T at these shapes (docs/performance.md,
-"Few rows"). A single row is passed as two, since torch sends [O, K] @ [K, 1] to a
-matrix-vector product that is as slow as the other order. Where it measured no
-faster, the plain call stays: small weights (the per-call cost dominates), a single
-row through a weight that narrows (O < K, e.g. an FFN's down projection), other
-devices and dtypes, and more rows.
+On CPU in float32, with a weight of at least LARGE_WEIGHT elements, it does not call
+``F.linear`` (the CPU BLAS, which repacks the whole weight on every call):
+
+- at most SMALL_ROWS rows, as in a decode step of few sequences, it computes
+  out^T = weight @ x^T instead of x @ weight^T: the same sums, but the BLAS takes a path
+  for the short, wide right-hand side that reads the weight 1.4-4.8x faster. A single row
+  is passed as two, since torch sends [O, K] @ [K, 1] to a matrix-vector product that is
+  as slow as the other order; a single row through a weight that narrows (O < K, e.g.
+  an FFN's down projection) measured no faster and keeps the next route;
+- otherwise it calls oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the op
+  torch's own compiler emits for CPU linears), 1.2-2x faster than ``F.linear`` from 5 rows
+  to prefill chunks of thousands (docs/performance.md, "Few rows").
+
+Small weights (the per-call cost dominates), other devices and dtypes, and a torch
+without that op call ``F.linear``.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
-SMALL_ROWS = 4  # at 8 rows and more the two orders cost about the same, or x @ weight^T wins
+SMALL_ROWS = 4  # from 5 rows on, oneDNN's linear is as fast as weight @ x^T or faster
 LARGE_WEIGHT = 1 << 18  # elements (1 MiB in float32): below it the call's fixed cost dominates
 
+# oneDNN's linear on plain (not prepacked) weights; a private op: None where this torch lacks it.
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
-def _weight_first(x: torch.Tensor, weight: torch.Tensor) -> bool:
+Route = Literal["weight_first", "onednn", "plain"]
+
+
+def route_for(x: torch.Tensor, weight: torch.Tensor) -> Route:
+    """Which product computes x [N, K] @ weight [O, K]^T (see the module docstring)."""
     n, (o, k) = x.shape[0], weight.shape
-    if not 0 < n <= SMALL_ROWS or x.device.type != "cpu" or x.dtype != torch.float32:
-        return False
-    return weight.numel() >= LARGE_WEIGHT and (n > 1 or o >= k)
+    cpu_float32 = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    if not cpu_float32 or n == 0 or weight.numel() < LARGE_WEIGHT:
+        return "plain"
+    if n <= SMALL_ROWS and (n > 1 or o >= k):
+        return "weight_first"
+    return "onednn" if _ONEDNN_LINEAR is not None and weight.is_contiguous() else "plain"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [N, K], weight [O, K], bias [O] or None -> [N, O] (contiguous)."""
-    if x.dim() != 2 or not _weight_first(x, weight):
+    route = route_for(x, weight) if x.dim() == 2 else "plain"
+    if route == "plain":
         return F.linear(x, weight, bias)
+    if route == "onednn":
+        return _ONEDNN_LINEAR(x.contiguous(), weight, bias, "none", [], "")
     n = x.shape[0]
     columns = (x if n > 1 else x.expand(2, -1).contiguous()).T  # [K, n'], n' >= 2
     out = (weight @ columns)[:, :n].T.contiguous()  # [O, n'] -> [N, O]
@@ -44,6 +63,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """x [N, K], weight [O, K] -> ``out`` [N, O] (may be a view of a larger buffer)."""
-    if not _weight_first(x, weight):
+    if route_for(x, weight) == "plain":
         return torch.mm(x, weight.t(), out=out)
     return out.copy_(linear(x, weight))

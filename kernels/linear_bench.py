@@ -1,10 +1,11 @@
-"""Benchmark of the few-row projection path: ``python -m moeshard.kernels.linear_bench [MODEL_DIR]``.
+"""Benchmark of the CPU projection routes: ``python -m moeshard.kernels.linear_bench [MODEL_DIR]``.
 
 1. Per call: ``F.linear`` against ``linear`` (kernels/linear.py) for the demo model's weight shapes
-   (LM head, attention, an expert's gate/up and down) at 1-8 rows, each call on another of enough
+   (LM head, attention, an expert's gate/up and down) from 1 row to a prefill chunk, each call on another of enough
    weights that they do not fit in the CPU's cache, as in a forward pass.
-2. With a model directory: greedy decode with the experts in process, ms per token at a few batch
-   sizes, the path on and off (``SMALL_ROWS = 0``), taking turns round by round in one process.
+2. With a model directory: greedy decode with the experts in process, ms per step at a few batch
+   sizes, with ``linear``'s routes and with every projection through ``F.linear``, taking turns
+   round by round in one process.
 
 Prints figures only; read the ratios, these machines are shared.
 
@@ -43,45 +44,47 @@ def seconds_per_call(fn: Callable[[torch.Tensor], object], weights: list[torch.T
 
 
 def op_table(rows: list[int], repeats: int) -> None:
-    print("| weight [O, K] | rows | F.linear (us) | linear (us) | speed-up |")
-    print("|---|---:|---:|---:|---:|")
+    print("| weight [O, K] | rows | F.linear (us) | linear (us) | route | speed-up |")
+    print("|---|---:|---:|---:|---|---:|")
     for name, (o, k) in SHAPES.items():
         weights = [torch.randn(o, k) for _ in range(max(2, CACHE_BYTES // (o * k * 4)))]
         for n in rows:
             x = torch.randn(n, k)
             plain = seconds_per_call(lambda w: F.linear(x, w), weights, repeats)
             few = seconds_per_call(lambda w: linear_module.linear(x, w), weights, repeats)
-            print(f"| {name} [{o}, {k}] | {n} | {plain * 1e6:.0f} | {few * 1e6:.0f} | {plain / few:.2f}x |")
+            route = linear_module.route_for(x, weights[0])
+            print(f"| {name} [{o}, {k}] | {n} | {plain * 1e6:.0f} | {few * 1e6:.0f} | {route} | {plain / few:.2f}x |")
 
 
 def decode_table(model_dir: str, batches: list[int], tokens: int, rounds: int) -> None:
     from moeshard.cluster import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    small_rows = linear_module.SMALL_ROWS
+    routed = linear_module.route_for
+    settings = {"F.linear": lambda x, weight: "plain", "linear": routed}
     with LLM(model_dir) as llm:
-        print("| sequences | plain ms/token | few-row path ms/token | speed-up | same tokens |")
+        print("| sequences | F.linear ms/step | linear ms/step | speed-up | same tokens |")
         print("|---:|---:|---:|---:|---:|")
         for batch in batches:
             prompts = [f"Question {i}: what is the capital of France?" for i in range(batch)]
-            times: dict[int, list[float]] = {0: [], small_rows: []}
+            times: dict[str, list[float]] = {name: [] for name in settings}
             outputs = {}
             for _ in range(rounds + 1):  # the first round warms up
-                for setting in (0, small_rows):
-                    linear_module.SMALL_ROWS = setting
+                for name, route_for in settings.items():
+                    linear_module.route_for = route_for
                     start = time.perf_counter()
-                    outputs[setting] = [o.token_ids for o in llm.generate(prompts, params)]
-                    times[setting].append((time.perf_counter() - start) * 1e3 / tokens)
-            linear_module.SMALL_ROWS = small_rows
-            plain, few = (statistics.median(times[s][1:]) for s in (0, small_rows))
-            same = sum(a == b for a, b in zip(outputs[0], outputs[small_rows]))
-            print(f"| {batch} | {plain:.1f} | {few:.1f} | {plain / few:.2f}x | {same}/{batch} |")
+                    outputs[name] = [o.token_ids for o in llm.generate(prompts, params)]
+                    times[name].append((time.perf_counter() - start) * 1e3 / tokens)
+            linear_module.route_for = routed
+            plain, fast = (statistics.median(times[name][1:]) for name in settings)
+            same = sum(a == b for a, b in zip(outputs["F.linear"], outputs["linear"]))
+            print(f"| {batch} | {plain:.1f} | {fast:.1f} | {plain / fast:.2f}x | {same}/{batch} |")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", nargs="?", help="also time greedy decode of this model in process")
-    parser.add_argument("--rows", default="1,2,3,4,8")
+    parser.add_argument("--rows", default="1,2,4,8,16,32,256")
     parser.add_argument("--batches", default="1,2,4,32")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
