@@ -5,17 +5,20 @@
 Dimensions: N rows, K in features, O out features.
 
 On CPU in float32, with a weight of at least LARGE_WEIGHT elements, it does not call
-``F.linear`` (the CPU BLAS, which repacks the whole weight on every call):
+``F.linear`` (the CPU BLAS), which reads the weight far below the memory's bandwidth at these shapes:
 
 - at most SMALL_ROWS rows, as in a decode step of few sequences, it computes
   out^T = weight @ x^T instead of x @ weight^T: the same sums, but the BLAS takes a path
-  for the short, wide right-hand side that reads the weight 1.4-4.8x faster. A single row
+  for the short, wide right-hand side that reads the weight 1.2-3.9x faster. A single row
   is passed as two, since torch sends [O, K] @ [K, 1] to a matrix-vector product that is
   as slow as the other order; a single row through a weight that narrows (O < K, e.g.
   an FFN's down projection) measured no faster and keeps the next route;
 - otherwise it calls oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the op
-  torch's own compiler emits for CPU linears), 1.2-2x faster than ``F.linear`` from 5 rows
-  to prefill chunks of thousands (docs/performance.md, "Few rows").
+  torch's own compiler emits for CPU linears), up to 2.4x faster than ``F.linear`` from 5 rows
+  to prefill chunks (measured to 1024 rows).
+
+Measured on two threads (docs/performance.md, "Projections on CPU"); with one thread, as in
+Ray's workers, the gains are smaller and the few-row route loses on a narrowing weight at 2-4 rows.
 
 Small weights (the per-call cost dominates), other devices and dtypes, and a torch
 without that op call ``F.linear``.
