@@ -42,6 +42,8 @@ Route = Literal["weight_first", "onednn", "plain"]
 
 def route_for(x: torch.Tensor, weight: torch.Tensor) -> Route:
     """Which product computes x [N, K] @ weight [O, K]^T (see the module docstring)."""
+    if x.dim() != 2:
+        return "plain"
     n, (o, k) = x.shape[0], weight.shape
     cpu_float32 = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
     if not cpu_float32 or n == 0 or weight.numel() < LARGE_WEIGHT:
@@ -53,7 +55,18 @@ def route_for(x: torch.Tensor, weight: torch.Tensor) -> Route:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [N, K], weight [O, K], bias [O] or None -> [N, O] (contiguous)."""
-    route = route_for(x, weight) if x.dim() == 2 else "plain"
+    return _product(x, weight, bias, route_for(x, weight))
+
+
+def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """x [N, K], weight [O, K] -> ``out`` [N, O] (may be a view of a larger buffer)."""
+    route = route_for(x, weight)
+    if route == "plain":
+        return torch.mm(x, weight.t(), out=out)
+    return out.copy_(_product(x, weight, None, route))
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, route: Route) -> torch.Tensor:
     if route == "plain":
         return F.linear(x, weight, bias)
     if route == "onednn":
@@ -62,10 +75,3 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     columns = (x if n > 1 else x.expand(2, -1).contiguous()).T  # [K, n'], n' >= 2
     out = (weight @ columns)[:, :n].T.contiguous()  # [O, n'] -> [N, O]
     return out if bias is None else out.add_(bias)
-
-
-def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """x [N, K], weight [O, K] -> ``out`` [N, O] (may be a view of a larger buffer)."""
-    if route_for(x, weight) == "plain":
-        return torch.mm(x, weight.t(), out=out)
-    return out.copy_(linear(x, weight))
