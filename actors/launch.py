@@ -55,6 +55,10 @@ class ExpertCluster:
 
     def rebalance(self):
         if isinstance(self.pool, SharedExpertPool):
+            try:
+                ray.get(self.coordinator.report_load.remote(), timeout=20)  # its load up to now counts too
+            except Exception as exc:  # noqa: BLE001 - the manager answers for itself below
+                logger.warning("the coordinator did not report its load before the rebalance: %s", exc)
             return self.pool.rebalance()  # the manager, from every coordinator's load
         report = ray.get(self.coordinator.rebalance.remote())
         if report.placement.version > self.pool.placement.version:  # a scaling since may have moved past it

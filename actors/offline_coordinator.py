@@ -56,6 +56,11 @@ class OfflineCoordinator:
         """A new placement from the load since the last one, switched in between two steps of any generation."""
         return self.rebalancer.rebalance()
 
+    def report_load(self) -> None:
+        """A shared pool's coordinator checks in now, so that a rebalance of the pool counts its load up to now."""
+        if self.pool is not None:
+            self.pool.report_load()
+
     def hold_rebalancing(self, timeout_s: float | None) -> ExpertPlacement | None:
         """Keep rebalances (asked for or automatic) out while the driver scales this pool: takes the rebalancer's
         lock, waiting up to ``timeout_s`` (None: not at all). Returns the placement dispatched with now, which a

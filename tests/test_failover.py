@@ -75,9 +75,19 @@ def _generate_while(llm: LLM, faults) -> list[list[int]]:
     return outcome["tokens"]
 
 
-def _after(seconds: float, action) -> None:
-    time.sleep(seconds)
+def _once_decoding(llm: LLM, action, steps: int = 8, timeout_s: float = 120) -> None:
+    """Run ``action`` once the coordinator has dispatched ``steps`` more steps than when this was called: the
+    fault lands in the middle of the generation however fast the machine is (not after it, nor in the warm-up)."""
+    start = _steps(llm)
+    deadline = time.monotonic() + timeout_s
+    while _steps(llm) < start + steps:
+        assert time.monotonic() < deadline, "the generation did not get going"
+        time.sleep(0.01)
     action()
+
+
+def _steps(llm: LLM) -> int:
+    return llm.expert_balance()["window"]["steps"]  # steps counted since the last rebalance (none here)
 
 
 CASES = {
@@ -101,7 +111,7 @@ def test_sigkilled_expert_actor_loses_no_request(case, ray_cluster, tiny_mixtral
     options = _cluster_options(num_actors, dispatch_timeout_s=20, **spec)
     with LLM(tiny_mixtral_dir, expert_actors=num_actors, cluster=options) as llm:
         pids = [expert_actor_pid(llm, v) for v in victims]
-        tokens = _generate_while(llm, lambda: _after(1.0, lambda: [_kill(pid) for pid in pids]))
+        tokens = _generate_while(llm, lambda: _once_decoding(llm, lambda: [_kill(pid) for pid in pids]))
         assert tokens == reference
         health = llm.expert_health()
         assert sum(health.failures) >= len(victims)
@@ -114,13 +124,14 @@ def test_same_actor_killed_twice_in_a_row(ray_cluster, tiny_mixtral_dir, referen
     with LLM(tiny_mixtral_dir, expert_actors=2, cluster=_cluster_options(2, dispatch_timeout_s=20)) as llm:
         killed: list[int] = []
 
+        def kill_actor_0():
+            pid = expert_actor_pid(llm, 0)  # answered once Ray has restarted it and it has reloaded its experts
+            _kill(pid)
+            killed.append(pid)
+
         def twice():
-            time.sleep(1.0)
-            for _ in range(2):
-                pid = expert_actor_pid(llm, 0)  # answered once Ray has restarted it and it has reloaded its experts
-                _kill(pid)
-                killed.append(pid)
-                time.sleep(0.5)
+            _once_decoding(llm, kill_actor_0)
+            _once_decoding(llm, kill_actor_0, steps=2)  # once the generation goes on after the first restart
 
         assert _generate_while(llm, twice) == reference
         assert killed[0] != killed[1] and expert_actor_pid(llm, 0) not in killed  # two real deaths, two restarts
@@ -133,7 +144,7 @@ def test_actor_that_stops_answering_is_routed_around(ray_cluster, tiny_mixtral_d
     options = _cluster_options(3, dispatch_timeout_s=2, expert_map=REPLICATED_3)
     with LLM(tiny_mixtral_dir, expert_actors=3, cluster=options) as llm:
         stuck = llm._cluster.expert_actors[1]
-        tokens = _generate_while(llm, lambda: _after(0.5, lambda: ray.get(stuck.delay_next_calls.remote(6.0, 1))))
+        tokens = _generate_while(llm, lambda: _once_decoding(llm, lambda: ray.get(stuck.delay_next_calls.remote(6.0, 1))))
         assert tokens == reference
         assert llm.expert_health().failures[1] >= 1
 

@@ -60,6 +60,15 @@ def test_offline_coordinators_attach_to_one_pool_and_a_mismatch_is_refused(tiny_
             LLM(tiny_mixtral_dir, expert_actors=2, dtype="bfloat16", cluster=cluster)
         assert sorted(expert_actor_pids()) == pids
 
+        # A rebalance right after a generation counts all of it: the coordinator reports its load first,
+        # without waiting for its next check-in. The same generation twice is the same number of steps.
+        first.rebalance()  # a window from here
+        counted = []
+        for _ in range(2):
+            assert [o.token_ids for o in first.generate(prompts, params)] == expected
+            counted.append(first.rebalance().steps)
+        assert counted[0] > 0 and counted[0] == counted[1], counted
+
 
 # -- serving: two coordinators, one pool -------------------------------------------------
 @pytest.fixture(scope="module")

@@ -242,6 +242,8 @@ class SharedExpertPool(ExpertPool):
         self.coordinator = coordinator
         self.experts: RemoteExperts | None = None
         self._closed = threading.Event()
+        self._reporting = threading.Lock()  # one check-in at a time: the loop's, or one asked for (a rebalance's)
+        self._asked = -1  # the newest published version handed to the dispatch
         threading.Thread(target=self._check_in, name="pool-check-in", daemon=True).start()
 
     def follow(self, experts: RemoteExperts) -> None:
@@ -249,22 +251,28 @@ class SharedExpertPool(ExpertPool):
         self.experts = experts
 
     def _check_in(self) -> None:
-        asked, failing = -1, False
+        failing = False
         while not self._closed.wait(CHECK_IN_S):
-            experts = self.experts
-            in_use = experts.placement.version if experts is not None else None
             try:
-                load = experts.meter.take() if experts is not None else None  # lost if the check-in fails: a sample
-                version = ray.get(self.manager.check_in.remote(self.coordinator, in_use, load), timeout=10)
-                if experts is not None and version > in_use and version != asked:
-                    layout = ray.get(self.manager.layout.remote(), timeout=10)
-                    experts.switch(layout.placement, 0.0, layout.actors)  # taken between two steps
-                    asked = version
+                self.report_load()
                 failing = False
             except Exception as exc:  # noqa: BLE001 - the next check-in tries again
                 if not failing:
                     logger.warning("expert pool check-in failed: %s", exc)
                 failing = True
+
+    def report_load(self) -> None:
+        """Check in now: the placement version in use and the load counted since the last check-in go to the
+        manager, and a newer layout it publishes is handed to the dispatch. Raises if the manager does not answer."""
+        with self._reporting:
+            experts = self.experts
+            in_use = experts.placement.version if experts is not None else None
+            load = experts.meter.take() if experts is not None else None  # lost if the check-in fails: a sample
+            version = ray.get(self.manager.check_in.remote(self.coordinator, in_use, load), timeout=10)
+            if experts is not None and version > in_use and version != self._asked:
+                layout = ray.get(self.manager.layout.remote(), timeout=10)
+                experts.switch(layout.placement, 0.0, layout.actors)  # taken between two steps
+                self._asked = version
 
     def layout(self) -> tuple[ExpertPlacement, list[ActorRef]]:
         if self.experts is not None:
@@ -281,7 +289,13 @@ class SharedExpertPool(ExpertPool):
         return _answer(self.manager.scale.remote(expert_actors))
 
     def rebalance(self) -> RebalanceReport:
-        """Rebalance the pool from every coordinator's load (see ``ExpertPoolService.rebalance``)."""
+        """Rebalance the pool from every coordinator's load (see ``ExpertPoolService.rebalance``), this
+        coordinator's counted up to now: the others' up to their last check-in, at most ``CHECK_IN_S`` ago."""
+        if self.experts is not None:
+            try:
+                self.report_load()
+            except Exception as exc:  # noqa: BLE001 - the manager answers for itself below
+                logger.warning("reporting load before a rebalance: %s", exc)
         return _answer(self.manager.rebalance.remote())
 
     def balance(self, timeout_s: float = 10.0) -> dict:
