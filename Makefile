@@ -39,7 +39,7 @@ test-gpu: setup
 	TRITON_INTERPRET=0 $(BIN)/pytest tests/gpu -m gpu
 
 bench: setup
-	$(BIN)/python -m moeshard.kernels.bench
+	$(BIN)/python -m moeshard.kernels.benchmarks.kernels
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

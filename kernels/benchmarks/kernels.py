@@ -1,4 +1,4 @@
-"""Benchmark of the kernels: ``python -m moeshard.kernels.bench``.
+"""Benchmark of the kernels: ``python -m moeshard.kernels.benchmarks.kernels``.
 
 1. The torch (CPU) path of permute and combine as bandwidth, next to a plain
    memcpy (``Tensor.copy_``) of the same bytes in the same run: the ratio is the
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() and not triton_interprets():
         # Triton needs its interpreter on CPU, and reads the switch when first imported: start again with it.
-        os.execve(sys.executable, [sys.executable, "-m", "moeshard.kernels.bench", *sys.argv[1:]],
+        os.execve(sys.executable, [sys.executable, "-m", "moeshard.kernels.benchmarks.kernels", *sys.argv[1:]],
                   {**os.environ, "TRITON_INTERPRET": "1"})  # fmt: skip
     E, K, D = 8, 2, 4096
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; E={E}, K={K}, D={D}; median of {args.repeats}")

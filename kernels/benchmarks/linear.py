@@ -1,4 +1,4 @@
-"""Benchmark of the CPU projection routes: ``python -m moeshard.kernels.linear_bench [MODEL_DIR]``.
+"""Benchmark of the CPU projection routes: ``python -m moeshard.kernels.benchmarks.linear [MODEL_DIR]``.
 
 1. Per call: ``F.linear`` against ``linear`` (kernels/linear.py) for the demo model's weight shapes
    (LM head, attention, an expert's gate/up and down) from 1 row to a prefill chunk, each call on another of enough
@@ -6,6 +6,7 @@
 2. With a model directory: greedy decode with the experts in process, ms per step at a few batch
    sizes, with ``linear``'s routes and with every projection through ``F.linear``, taking turns
    round by round in one process.
+3. ``--routes``: every route forced at every shape and row count (what the bounds of ``route_for`` come from).
 
 Prints figures only; read the ratios, these machines are shared.
 
@@ -56,6 +57,20 @@ def op_table(rows: list[int], repeats: int) -> None:
             print(f"| {name} [{o}, {k}] | {n} | {plain * 1e6:.0f} | {few * 1e6:.0f} | {route} | {plain / few:.2f}x |")
 
 
+def route_table(rows: list[int], repeats: int) -> None:
+    """Every route forced, for setting the bounds in ``route_for``: the fastest of each row is starred."""
+    routes = ["plain", "weight_first", "onednn"] if linear_module._ONEDNN_LINEAR is not None else ["plain", "weight_first"]
+    print(f"| weight [O, K] | rows | {' | '.join(f'{r} (us)' for r in routes)} | route_for |")
+    print(f"|---|---:|{'---:|' * len(routes)}---|")
+    for name, (o, k) in SHAPES.items():
+        weights = [torch.randn(o, k) for _ in range(max(2, CACHE_BYTES // (o * k * 4)))]
+        for n in rows:
+            x = torch.randn(n, k)
+            us = [seconds_per_call(lambda w: linear_module._product(x, w, None, r), weights, repeats) * 1e6 for r in routes]
+            cells = [f"**{t:.0f}**" if t == min(us) else f"{t:.0f}" for t in us]
+            print(f"| {name} [{o}, {k}] | {n} | {' | '.join(cells)} | {linear_module.route_for(x, weights[0])} |")
+
+
 def decode_table(model_dir: str, batches: list[int], tokens: int, rounds: int) -> None:
     from moeshard.cluster import LLM, SamplingParams
 
@@ -90,12 +105,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch threads (Ray's workers run with 1)")
+    parser.add_argument("--routes", action="store_true", help="time every route at every shape and row count instead")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    op_table([int(r) for r in args.rows.split(",")], args.repeats)
+    rows = [int(r) for r in args.rows.split(",")]
+    if args.routes:
+        route_table(rows, args.repeats)
+        return
+    op_table(rows, args.repeats)
     if args.model_dir:
         print()
         decode_table(args.model_dir, [int(b) for b in args.batches.split(",")], args.tokens, args.rounds)
