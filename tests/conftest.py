@@ -7,12 +7,14 @@ import os
 # Triton kernels run on CPU only through the interpreter; set before anything imports triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import asyncio  # noqa: E402
 import importlib.resources  # noqa: E402
 import shutil  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -321,3 +323,41 @@ class BackgroundRounds:
 def background_rounds():
     """background_rounds(run_round) -> BackgroundRounds: a round of requests repeated on a thread while the test acts."""
     return BackgroundRounds
+
+
+class StreamsAndAction(NamedTuple):
+    texts: list[str]  # one per prompt, in order
+    acted: object  # what the action returned
+
+
+async def streams_while_acting(
+    client, model: str, prompts: list[str], max_tokens: int, after_chunks: int, action
+) -> StreamsAndAction:
+    """Stream a greedy completion of every prompt through ``client`` (an ``openai.AsyncOpenAI``); once one of
+    them has ``after_chunks`` chunks, ``await action()`` while they go on. The action lands in the middle of
+    the work on a fast machine as on a slow one."""
+    started = asyncio.Event()
+
+    async def run(prompt: str) -> str:
+        stream = await client.completions.create(
+            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
+        parts = []
+        async for chunk in stream:
+            parts.append(chunk.choices[0].text)
+            if len(parts) == after_chunks:
+                started.set()
+        return "".join(parts)
+
+    async def act():
+        await started.wait()
+        return await action()
+
+    *texts, acted = await asyncio.gather(*(run(p) for p in prompts), act())
+    return StreamsAndAction(list(texts), acted)
+
+
+@pytest.fixture
+def stream_while():
+    """await stream_while(client, model, prompts, max_tokens, after_chunks, action) -> StreamsAndAction."""
+    return streams_while_acting

@@ -54,36 +54,23 @@ def _get(url: str) -> tuple[int, dict | str]:
     return status, json.loads(body) if body.startswith("{") else body
 
 
-async def _streams_while_killing(server: str, victim: int) -> list[str]:
-    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300)
-
-    decoding = asyncio.Event()  # a stream has its first tokens: the kill lands in the middle of the work
-
-    async def run(prompt: str) -> str:
-        stream = await client.completions.create(
-            model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True, extra_body={"ignore_eos": True}
-        )
-        parts = []
-        async for chunk in stream:
-            parts.append(chunk.choices[0].text)
-            if len(parts) == 4:
-                decoding.set()
-        return "".join(parts)
-
-    async def kill_soon() -> None:
-        await decoding.wait()
+async def _streams_while_killing(server: str, victim: int, stream_while) -> list[str]:
+    async def kill() -> None:
         os.kill(victim, signal.SIGKILL)
 
-    texts = await asyncio.gather(*(run(PROMPTS[i % 4]) for i in range(8)), kill_soon())
-    await client.close()
-    return list(texts[:8])
+    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300)
+    try:  # the kill lands once a stream has its first tokens: in the middle of the work
+        return (await stream_while(client, MODEL, [PROMPTS[i % 4] for i in range(8)], MAX_TOKENS, 4, kill)).texts
+    finally:
+        await client.close()
 
 
 @pytest.mark.slow
-def test_sigkill_of_an_expert_actor_fails_no_stream(server, expected):
+def test_sigkill_of_an_expert_actor_fails_no_stream(server, expected, stream_while):
     pids = expert_actor_pids()
     assert len(pids) == 2
-    texts = asyncio.run(_streams_while_killing(server, pids[1]))
+
+    texts = asyncio.run(_streams_while_killing(server, pids[1], stream_while))
     assert texts == expected
 
     deadline = time.monotonic() + 120

@@ -46,38 +46,25 @@ def _call(url: str, method: str = "GET", key: str | None = API_KEY) -> tuple[int
         return error.code, json.loads(error.read())
 
 
-async def _completions_while_rebalancing(server: str) -> tuple[list[str], dict]:
-    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=300)
-
-    decoding = asyncio.Event()  # a stream is half done: the window holds decode load and half the work is still to run
-
-    async def run(prompt: str) -> str:
-        stream = await client.completions.create(
-            model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True, extra_body={"ignore_eos": True}
-        )
-        parts = []
-        async for chunk in stream:
-            parts.append(chunk.choices[0].text)
-            if len(parts) == MAX_TOKENS // 2:
-                decoding.set()
-        return "".join(parts)
-
-    async def rebalance_soon() -> dict:
-        await decoding.wait()
+async def _completions_while_rebalancing(server: str, stream_while) -> tuple[list[str], dict]:
+    async def rebalance() -> tuple[int, dict]:
         return await asyncio.to_thread(_call, f"{server}/v1/experts/rebalance", "POST")
 
-    *texts, (status, report) = await asyncio.gather(*(run(p) for p in PROMPTS), rebalance_soon())
-    await client.close()
+    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+    try:  # once a stream is half done: the window holds decode load and half the work is still to run
+        texts, (status, report) = await stream_while(client, MODEL, PROMPTS, MAX_TOKENS, MAX_TOKENS // 2, rebalance)
+    finally:
+        await client.close()
     assert status == 200, report
     return texts, report
 
 
 @pytest.mark.slow
-def test_rebalance_route_is_behind_the_key_and_keeps_outputs(server, expected):
+def test_rebalance_route_is_behind_the_key_and_keeps_outputs(server, expected, stream_while):
     assert _call(f"{server}/v1/experts/rebalance", "POST", key=None)[0] == 401
     assert _call(f"{server}/v1/experts/rebalance", "POST", key="wrong")[0] == 401
 
-    texts, report = asyncio.run(_completions_while_rebalancing(server))
+    texts, report = asyncio.run(_completions_while_rebalancing(server, stream_while))
     assert texts == expected
     assert report["switched"] and report["version"] == 1
     assert max(report["imbalance_before"]) > 1.2 and max(report["imbalance_after"]) < 1.1
