@@ -11,14 +11,15 @@ On CPU in float32, with a weight of at least LARGE_WEIGHT elements, it does not 
   out^T = weight @ x^T instead of x @ weight^T: the same sums, but the BLAS takes a path
   for the short, wide right-hand side that reads the weight 1.2-3.9x faster. A single row
   is passed as two, since torch sends [O, K] @ [K, 1] to a matrix-vector product that is
-  as slow as the other order; a single row through a weight that narrows (O < K, e.g.
-  an FFN's down projection) measured no faster and keeps the next route;
+  as slow as the other order. Through a weight that narrows (O < K, e.g. an FFN's down
+  projection) this pays only up to NARROWING_ROWS rows: from 3 rows on it is slower than
+  the next route, by up to 1.6x;
 - otherwise it calls oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the op
   torch's own compiler emits for CPU linears), up to 2.4x faster than ``F.linear`` from 5 rows
   to prefill chunks (measured to 1024 rows).
 
-Measured on two threads (docs/performance.md, "Projections on CPU"); with one thread, as in
-Ray's workers, the gains are smaller and the few-row route loses on a narrowing weight at 2-4 rows.
+The bounds hold on one thread (as in Ray's workers) and on two (docs/performance.md,
+"Projections on CPU"; ``python -m moeshard.kernels.benchmarks.linear --routes``).
 
 Small weights (the per-call cost dominates), other devices and dtypes, and a torch
 without that op call ``F.linear``.
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 SMALL_ROWS = 4  # from 5 rows on, oneDNN's linear is as fast as weight @ x^T or faster
+NARROWING_ROWS = 2  # through a weight with O < K, weight @ x^T pays up to this many rows
 LARGE_WEIGHT = 1 << 18  # elements (1 MiB in float32): below it the call's fixed cost dominates
 
 # oneDNN's linear on plain (not prepacked) weights; a private op: None where this torch lacks it.
@@ -48,7 +50,7 @@ def route_for(x: torch.Tensor, weight: torch.Tensor) -> Route:
     cpu_float32 = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
     if not cpu_float32 or n == 0 or weight.numel() < LARGE_WEIGHT:
         return "plain"
-    if n <= SMALL_ROWS and (n > 1 or o >= k):
+    if n <= (SMALL_ROWS if o >= k else NARROWING_ROWS):
         return "weight_first"
     return "onednn" if _ONEDNN_LINEAR is not None and weight.is_contiguous() else "plain"
 

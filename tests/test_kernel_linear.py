@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeshard.kernels.linear import _ONEDNN_LINEAR, SMALL_ROWS, linear, linear_into, route_for
+from moeshard.kernels.linear import _ONEDNN_LINEAR, NARROWING_ROWS, SMALL_ROWS, linear, linear_into, route_for
 
 SHAPES = [(1536, 576), (576, 1536), (1024, 256), (192, 576)]  # widening, narrowing, at the size bound, small
 
@@ -29,8 +29,8 @@ def test_routes_by_rows_weight_size_and_dtype():
     wide, narrow, small = torch.empty(1536, 576), torch.empty(576, 1536), torch.empty(192, 576)
     larger = "onednn" if _ONEDNN_LINEAR is not None else "plain"
     assert route_for(torch.empty(1, 576), wide) == route_for(torch.empty(SMALL_ROWS, 576), wide) == "weight_first"
-    assert route_for(torch.empty(2, 1536), narrow) == "weight_first"
-    assert route_for(torch.empty(1, 1536), narrow) == larger
+    assert route_for(torch.empty(1, 1536), narrow) == route_for(torch.empty(NARROWING_ROWS, 1536), narrow) == "weight_first"
+    assert route_for(torch.empty(NARROWING_ROWS + 1, 1536), narrow) == route_for(torch.empty(SMALL_ROWS, 1536), narrow) == larger
     assert route_for(torch.empty(SMALL_ROWS + 1, 576), wide) == route_for(torch.empty(2048, 576), wide) == larger
     assert route_for(torch.empty(2, 576), small) == route_for(torch.empty(64, 576), small) == "plain"
     assert route_for(torch.empty(2, 576, dtype=torch.bfloat16), wide.bfloat16()) == "plain"
