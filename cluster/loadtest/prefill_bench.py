@@ -87,8 +87,12 @@ class Systems:
         from moeshard.cluster.engine.llm import LLM
 
         self.hf = MixtralForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        # Without the prefix cache: every round prefills the same prompt, which the cache would serve from
+        # its first round on (transformers keeps nothing between calls).
         self.llms = {
-            f"moeshard (chunks of {size})": LLM(model_dir, max_batch_tokens=size, kv_cache_bytes=kv_cache_bytes)
+            f"moeshard (chunks of {size})": LLM(
+                model_dir, max_batch_tokens=size, kv_cache_bytes=kv_cache_bytes, enable_prefix_caching=False
+            )
             for size in chunk_sizes
         }
 
