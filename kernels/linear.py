@@ -11,9 +11,9 @@ On CPU in float32, with a weight of at least LARGE_WEIGHT elements, it does not 
   out^T = weight @ x^T instead of x @ weight^T: the same sums, but the BLAS takes a path
   for the short, wide right-hand side that reads the weight 1.2-3.9x faster. A single row
   is passed as two, since torch sends [O, K] @ [K, 1] to a matrix-vector product that is
-  as slow as the other order. Through a weight that narrows (O < K, e.g. an FFN's down
-  projection) this pays only up to NARROWING_ROWS rows: from 3 rows on it is slower than
-  the next route, by up to 1.6x;
+  as slow as the other order. A weight that narrows (O < K, e.g. an FFN's down
+  projection) takes the next route instead: in this order it was as fast at best, and from
+  3 rows on up to 1.6x slower;
 - otherwise it calls oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the op
   torch's own compiler emits for CPU linears), up to 2.4x faster than ``F.linear`` from 5 rows
   to prefill chunks (measured to 1024 rows).
@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 
 SMALL_ROWS = 4  # from 5 rows on, oneDNN's linear is as fast as weight @ x^T or faster
-NARROWING_ROWS = 2  # through a weight with O < K, weight @ x^T pays up to this many rows
 LARGE_WEIGHT = 1 << 18  # elements (1 MiB in float32): below it the call's fixed cost dominates
 
 # oneDNN's linear on plain (not prepacked) weights; a private op: None where this torch lacks it.
@@ -50,7 +49,7 @@ def route_for(x: torch.Tensor, weight: torch.Tensor) -> Route:
     cpu_float32 = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
     if not cpu_float32 or n == 0 or weight.numel() < LARGE_WEIGHT:
         return "plain"
-    if n <= (SMALL_ROWS if o >= k else NARROWING_ROWS):
+    if n <= SMALL_ROWS and o >= k:
         return "weight_first"
     return "onednn" if _ONEDNN_LINEAR is not None and weight.is_contiguous() else "plain"
 

@@ -58,7 +58,8 @@ def op_table(rows: list[int], repeats: int) -> None:
 
 
 def route_table(rows: list[int], repeats: int) -> None:
-    """Every route forced, for setting the bounds in ``route_for``: the fastest of each row is starred."""
+    """Every route forced, for setting the bounds in ``route_for``: the routes take turns sweep by sweep
+    (so that the machine's drift falls on all of them), the median sweep of each; the fastest is starred."""
     routes = ["plain", "weight_first", "onednn"] if linear_module._ONEDNN_LINEAR is not None else ["plain", "weight_first"]
     print(f"| weight [O, K] | rows | {' | '.join(f'{r} (us)' for r in routes)} | route_for |")
     print(f"|---|---:|{'---:|' * len(routes)}---|")
@@ -66,7 +67,11 @@ def route_table(rows: list[int], repeats: int) -> None:
         weights = [torch.randn(o, k) for _ in range(max(2, CACHE_BYTES // (o * k * 4)))]
         for n in rows:
             x = torch.randn(n, k)
-            us = [seconds_per_call(lambda w: linear_module._product(x, w, None, r), weights, repeats) * 1e6 for r in routes]
+            sweeps: dict[str, list[float]] = {r: [] for r in routes}
+            for _ in range(repeats):
+                for r in routes:
+                    sweeps[r].append(seconds_per_call(lambda w, r=r: linear_module._product(x, w, None, r), weights, 1))
+            us = [statistics.median(sweeps[r]) * 1e6 for r in routes]
             cells = [f"**{t:.0f}**" if t == min(us) else f"{t:.0f}" for t in us]
             print(f"| {name} [{o}, {k}] | {n} | {' | '.join(cells)} | {linear_module.route_for(x, weights[0])} |")
 
