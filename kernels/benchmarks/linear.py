@@ -44,11 +44,16 @@ def seconds_per_call(fn: Callable[[torch.Tensor], object], weights: list[torch.T
     return statistics.median(times)
 
 
+def uncached_weights(o: int, k: int) -> list[torch.Tensor]:
+    """Enough [O, K] float32 weights that, called in turn, none is still in the CPU's cache."""
+    return [torch.randn(o, k) for _ in range(max(2, CACHE_BYTES // (o * k * 4)))]
+
+
 def op_table(rows: list[int], repeats: int) -> None:
     print("| weight [O, K] | rows | F.linear (us) | linear (us) | route | speed-up |")
     print("|---|---:|---:|---:|---|---:|")
     for name, (o, k) in SHAPES.items():
-        weights = [torch.randn(o, k) for _ in range(max(2, CACHE_BYTES // (o * k * 4)))]
+        weights = uncached_weights(o, k)
         for n in rows:
             x = torch.randn(n, k)
             plain = seconds_per_call(lambda w: F.linear(x, w), weights, repeats)
@@ -64,7 +69,7 @@ def route_table(rows: list[int], repeats: int) -> None:
     print(f"| weight [O, K] | rows | {' | '.join(f'{r} (us)' for r in routes)} | route_for |")
     print(f"|---|---:|{'---:|' * len(routes)}---|")
     for name, (o, k) in SHAPES.items():
-        weights = [torch.randn(o, k) for _ in range(max(2, CACHE_BYTES // (o * k * 4)))]
+        weights = uncached_weights(o, k)
         for n in rows:
             x = torch.randn(n, k)
             sweeps: dict[str, list[float]] = {r: [] for r in routes}
