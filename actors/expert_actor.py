@@ -29,7 +29,7 @@ from moeshard.actors.wire import NO_WORK, ExpertBatch, ExpertReply
 from moeshard.cluster.model.checkpoint import CheckpointReader, ExpertKey, expert_weight_shapes
 from moeshard.cluster.model.config import ModelConfig
 from moeshard.cluster.model.device import resolve_device, resolve_dtype
-from moeshard.cluster.model.moe import ExpertStack, load_expert_stacks
+from moeshard.cluster.model.moe import ExpertStack, held_bytes, load_expert_stacks, stack_experts
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ExpertActor:
         self.reader = CheckpointReader(model_dir, self.model_config)
         self.device = resolve_device("auto")  # the GPU Ray gave this actor, if any
         self.dtype = resolve_dtype(dtype, self.device)
-        self.versions: dict[int, dict[int, ExpertStack]] = {version: self._to_device(load_expert_stacks(self.reader, hosted, self.dtype))}
+        self.versions: dict[int, dict[int, ExpertStack]] = {version: load_expert_stacks(self.reader, hosted, self.dtype, self.device)}
         # {version: {layer: {expert: share}}}: this actor's share of each replicated expert, per version held.
         self.shares: dict[int, dict[int, dict[int, float]]] = {version: shares or {}}
         self._delays: list[float] = []
@@ -74,12 +74,6 @@ class ExpertActor:
         versions = self.versions
         return versions[max(versions)]
 
-    def _to_device(self, stacks: dict[int, ExpertStack]) -> dict[int, ExpertStack]:
-        if self.device.type != "cpu":
-            for stack in stacks.values():
-                stack.w1, stack.w3, stack.w2 = (w.to(self.device) for w in (stack.w1, stack.w3, stack.w2))
-        return stacks
-
     def ready(self) -> bool:
         return True
 
@@ -89,7 +83,7 @@ class ExpertActor:
         its replicated experts ({layer: {expert: share}}); a ``StageReport`` as a dict.
 
         Layers whose experts do not change share the current stack; experts held already are copied from
-        it; only the others are read from the checkpoint. Called in the control group: it runs on its own
+        it (shared where prepacked, copied where stacked); only the others are read from the checkpoint. Called in the control group: it runs on its own
         thread while ``run_experts`` keeps serving the current version."""
         started = time.monotonic()
         with self._stage_lock:
@@ -101,8 +95,7 @@ class ExpertActor:
                 stacks, loaded = self._build(hosted)
                 self.versions = {**self.versions, version: stacks}  # one reference swap: readers see old or new
             self.shares[version] = shares or {}
-        held = {id(s): s.nbytes() for stacks in self.versions.values() for s in stacks.values()}
-        report = StageReport(self.actor_index, version, loaded, sum(held.values()), time.monotonic() - started)
+        report = StageReport(self.actor_index, version, loaded, self._held_bytes(), time.monotonic() - started)
         logger.info("expert actor %d staged version %d: %d bytes read in %.2fs", self.actor_index, version, loaded, report.seconds)
         return asdict(report)
 
@@ -116,19 +109,13 @@ class ExpertActor:
                 stacks[layer] = current[layer]  # unchanged: shared, no copy
             elif ids:
                 missing[layer] = [e for e in ids if (layer, e) not in have]
-        read = self._to_device(load_expert_stacks(self.reader, {layer: es for layer, es in missing.items() if es}, self.dtype))
+        read = load_expert_stacks(self.reader, {layer: es for layer, es in missing.items() if es}, self.dtype, self.device)
         loaded = sum(stack.nbytes() for stack in read.values())
         for layer, es in missing.items():
             for i, e in enumerate(read[layer].expert_ids if layer in read else ()):
                 have[(layer, e)] = (read[layer], i)
             ids = tuple(sorted(set(hosted[layer])))
-            parts = [have[(layer, e)] for e in ids]
-            stacks[layer] = ExpertStack(
-                expert_ids=ids,
-                w1=torch.stack([s.w1[i] for s, i in parts]),  # [El, I, D]
-                w3=torch.stack([s.w3[i] for s, i in parts]),  # [El, I, D]
-                w2=torch.stack([s.w2[i] for s, i in parts]),  # [El, D, I]
-            )
+            stacks[layer] = stack_experts(ids, [stack.expert(i) for stack, i in (have[(layer, e)] for e in ids)])
         return stacks, loaded
 
     def retire(self, keep: int) -> int:
@@ -137,7 +124,10 @@ class ExpertActor:
             if keep in self.versions:
                 self.versions = {keep: self.versions[keep]}
                 self.shares = {keep: self.shares.get(keep, {})}
-        return sum(s.nbytes() for s in self.stacks.values())
+        return held_bytes(self.stacks.values())
+
+    def _held_bytes(self) -> int:
+        return held_bytes(s for stacks in self.versions.values() for s in stacks.values())
 
     def adopt(self, version: int, hosted: dict[int, list[int]], shares: dict[int, dict[int, float]] | None = None) -> bool:
         """The coordinator's probe: hold ``version`` (loading it now if this actor restarted since) and only it."""
@@ -192,7 +182,7 @@ class ExpertActor:
             "device": str(self.device),
             "hosted": {layer: list(stack.expert_ids) for layer, stack in self.stacks.items()},
             "versions": sorted(self.versions),
-            "weight_bytes": sum({id(s): s.nbytes() for v in self.versions.values() for s in v.values()}.values()),
+            "weight_bytes": self._held_bytes(),
         }
 
     def layouts(self) -> dict[int, dict[int, list[int]]]:

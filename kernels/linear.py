@@ -23,17 +23,32 @@ The bounds hold on one thread (as in Ray's workers) and on two (docs/performance
 
 Small weights (the per-call cost dominates), other devices and dtypes, and a torch
 without that op call ``F.linear``.
+
+Prepacked weights. ``prepack(weight)`` copies a weight into oneDNN's own blocked layout once, at load
+(as torch's compiler and vLLM's CPU backend do); ``linear`` then sends every row count through oneDNN's
+linear on it. On the demo model's shapes that is 1.2-1.9x the plain-weight routes from 3 rows on and
+level or slower at 1-2 rows, where the plain routes win; in a whole decode step it came out level at one
+sequence and 1.27-1.47x at 16-64 (docs/performance.md, "Prepacked weights"). The packed copy replaces
+the plain weight, so the memory stays the same; it is an opaque tensor (no storage, not picklable),
+``unpack`` gives the plain weight back, exactly. ``prepacks(device, dtype)`` says where weights are
+packed: CPU float32 with the torch backend, unless ``MOESHARD_PREPACK=0`` (for A/B measurements; this
+module is the only place that reads it).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from moeshard.kernels.backend import resolve_backend
+
 SMALL_ROWS = 4  # from 5 rows on, oneDNN's linear is as fast as weight @ x^T or faster
 LARGE_WEIGHT = 1 << 18  # elements (1 MiB in float32): below it the call's fixed cost dominates
+PACK_MIN_WEIGHT = 1 << 16  # elements: smaller weights (a router) stay plain, oneDNN's call costs more than it saves
+PREPACK_ENV_VAR = "MOESHARD_PREPACK"
 
 # oneDNN's linear on plain (not prepacked) weights; a private op: None where this torch lacks it.
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -41,8 +56,34 @@ _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.b
 Route = Literal["weight_first", "onednn", "plain"]
 
 
+def prepacks(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether weights of ``dtype`` on ``device`` are prepacked at load (see the module docstring)."""
+    if os.environ.get(PREPACK_ENV_VAR, "1").strip() == "0":
+        return False
+    cpu_float32 = device.type == "cpu" and dtype == torch.float32
+    return cpu_float32 and _ONEDNN_LINEAR is not None and resolve_backend("auto", device) == "torch"
+
+
+def prepack(weight: torch.Tensor) -> torch.Tensor:
+    """weight [O, K] -> the same weight in oneDNN's layout for ``linear`` (a copy), or ``weight`` itself
+    where packing does not pay (small, not a contiguous CPU float32 matrix) or is done already."""
+    if weight.is_mkldnn or _ONEDNN_LINEAR is None:
+        return weight
+    plain_matrix = weight.dim() == 2 and weight.device.type == "cpu" and weight.dtype == torch.float32
+    if not plain_matrix or not weight.is_contiguous() or weight.numel() < PACK_MIN_WEIGHT:
+        return weight
+    return torch.ops.mkldnn._reorder_linear_weight(weight)
+
+
+def unpack(weight: torch.Tensor) -> torch.Tensor:
+    """A prepacked weight -> the plain [O, K] weight (exactly); a plain weight as it is."""
+    return weight.to_dense() if weight.is_mkldnn else weight
+
+
 def route_for(x: torch.Tensor, weight: torch.Tensor) -> Route:
     """Which product computes x [N, K] @ weight [O, K]^T (see the module docstring)."""
+    if weight.is_mkldnn:
+        return "onednn"
     if x.dim() != 2:
         return "plain"
     n, (o, k) = x.shape[0], weight.shape

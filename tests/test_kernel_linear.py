@@ -6,7 +6,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeshard.kernels.linear import _ONEDNN_LINEAR, SMALL_ROWS, linear, linear_into, route_for
+from moeshard.kernels.backend import ENV_VAR as BACKEND_ENV_VAR
+from moeshard.kernels.linear import (
+    _ONEDNN_LINEAR,
+    PACK_MIN_WEIGHT,
+    PREPACK_ENV_VAR,
+    SMALL_ROWS,
+    linear,
+    linear_into,
+    prepack,
+    prepacks,
+    route_for,
+    unpack,
+)
+
+needs_onednn = pytest.mark.skipif(_ONEDNN_LINEAR is None, reason="this torch has no oneDNN linear")
 
 SHAPES = [(1536, 576), (576, 1536), (1024, 256), (192, 576)]  # widening, narrowing, at the size bound, small
 
@@ -54,3 +68,50 @@ def test_linear_into_writes_a_view_of_a_larger_buffer(rows, out_features, in_fea
     torch.testing.assert_close(buffer[1 : rows + 1], F.linear(x, weight), rtol=1e-5, atol=in_features * 2e-7)
     assert returned.data_ptr() == buffer[1].data_ptr()
     assert buffer[0].isnan().all() and buffer[rows + 1].isnan().all()  # nothing written outside the view
+
+
+@needs_onednn
+@pytest.mark.parametrize("out_features,in_features", SHAPES)
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 16, 300])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_prepacked_weight_matches_f_linear(out_features, in_features, rows, with_bias):
+    generator = torch.Generator().manual_seed(rows * 5 + in_features)
+    x = torch.randn(rows, in_features, generator=generator)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator) if with_bias else None
+    packed = prepack(weight)
+    assert packed.is_mkldnn and packed.shape == weight.shape and route_for(x, packed) == "onednn"
+    assert torch.equal(unpack(packed), weight)  # the plain weight back, bit for bit
+    got = linear(x, packed, bias)
+    assert got.shape == (rows, out_features) and got.is_contiguous()
+    torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=in_features * 2e-7)
+    buffer = torch.full((rows + 2, out_features), float("nan"))
+    linear_into(x, packed, buffer[1 : rows + 1])
+    torch.testing.assert_close(buffer[1 : rows + 1], F.linear(x, weight), rtol=1e-5, atol=in_features * 2e-7)
+    assert buffer[0].isnan().all() and buffer[rows + 1].isnan().all()
+
+
+@needs_onednn
+def test_prepack_keeps_weights_it_cannot_or_need_not_pack():
+    packed = prepack(torch.randn(576, 576))
+    assert prepack(packed) is packed  # packed already
+    for weight in (
+        torch.randn(8, 576),  # a router: below PACK_MIN_WEIGHT
+        torch.randn(576, 576, dtype=torch.bfloat16),
+        torch.randn(576, 1152)[:, ::2],  # a strided view
+        torch.randn(4, 576, 576),  # not a matrix
+    ):
+        assert prepack(weight) is weight
+    assert 8 * 576 < PACK_MIN_WEIGHT <= 192 * 576
+
+
+@needs_onednn
+def test_prepacks_on_cpu_float32_with_the_torch_backend_only(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert prepacks(cpu, torch.float32)
+    assert not prepacks(cpu, torch.bfloat16) and not prepacks(cuda, torch.float32)
+    monkeypatch.setenv(PREPACK_ENV_VAR, "0")
+    assert not prepacks(cpu, torch.float32)
+    monkeypatch.delenv(PREPACK_ENV_VAR)
+    monkeypatch.setenv(BACKEND_ENV_VAR, "triton")  # the Triton kernels index stacked weights: keep them plain
+    assert not prepacks(cpu, torch.float32)

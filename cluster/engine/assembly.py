@@ -21,7 +21,9 @@ from moeshard.cluster.model.device import resolve_device, resolve_dtype
 from moeshard.cluster.model.kv_cache import KVCache
 from moeshard.cluster.model.model import MoeModel
 from moeshard.cluster.model.moe import ExpertsFn, LocalExperts
+from moeshard.cluster.model.prepack import prepack_dense
 from moeshard.cluster.text.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
+from moeshard.kernels.linear import prepacks
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ def build_engine(config: EngineConfig, files: ModelFiles, experts: ExpertsFn | N
     mc = files.model_config
     reader = CheckpointReader(config.model_dir, mc)
     dense = reader.read_dense(dtype, device)
+    if prepacks(device, dtype):
+        dense = prepack_dense(dense)
     # Local experts have nothing to overlap; a compiled graph runs one execution at a time here.
     overlaps = experts is not None and config.cluster.transport in ("actor_calls", "socket")
     ping_pong = (config.ping_pong_min_sequences or None) if overlaps else None

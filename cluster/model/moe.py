@@ -20,11 +20,12 @@ from typing import Protocol
 
 import torch
 
-from moeshard.cluster.model.checkpoint import CheckpointReader, ExpertKey
+from moeshard.cluster.model.checkpoint import CheckpointReader, ExpertKey, ExpertWeights
 from moeshard.kernels import RouterOutput, combine, expert_ffn, permute
 from moeshard.kernels.backend import resolve_backend
 from moeshard.kernels.combine import weighted_row_sum
-from moeshard.kernels.expert_ffn import expert_rows_torch
+from moeshard.kernels.expert_ffn import expert_ffn_torch, expert_rows_torch
+from moeshard.kernels.linear import prepack, prepacks, unpack
 
 
 class PendingExperts(Protocol):
@@ -53,22 +54,42 @@ class Done:
         return self.output
 
 
+# One matrix of every hosted expert: stacked [El, O, K], or El prepacked [O, K] (CPU float32, kernels/linear.py).
+ExpertMatrices = torch.Tensor | tuple[torch.Tensor, ...]
+
+
 @dataclass
 class ExpertStack:
-    """Some experts of one layer, stacked so a grouped FFN can run over them."""
+    """Some experts of one layer, stacked so a grouped FFN can run over them.
+
+    On CPU in float32 each expert's matrices are prepacked for oneDNN (``stack_experts``): then
+    they are tuples of [I, D] / [D, I] tensors, indexed per expert like the stacked tensors, and
+    run on the torch path."""
 
     expert_ids: tuple[int, ...]  # global ids of the hosted experts, in stack order
-    w1: torch.Tensor  # [El, I, D]
-    w3: torch.Tensor  # [El, I, D]
-    w2: torch.Tensor  # [El, D, I]
+    w1: ExpertMatrices  # [El, I, D]
+    w3: ExpertMatrices  # [El, I, D]
+    w2: ExpertMatrices  # [El, D, I]
+
+    @property
+    def packed(self) -> bool:
+        return isinstance(self.w1, tuple)
+
+    def expert(self, index: int) -> ExpertWeights:
+        """The matrices of the expert at stack ``index`` (prepacked where the stack is)."""
+        return ExpertWeights(w1=self.w1[index], w3=self.w3[index], w2=self.w2[index])
 
     def run(self, hidden: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """hidden [T, D], local_ids [T, K] (stack index, -1 = not here), weights [T, K] -> weighted sum [T, D]."""
         assert hidden.dim() == 2 and local_ids.shape == weights.shape and local_ids.shape[0] == hidden.shape[0]
-        if hidden.shape[0] == 1 and resolve_backend("auto", hidden.device) == "torch":
+        if hidden.shape[0] == 1 and (self.packed or resolve_backend("auto", hidden.device) == "torch"):
             return self._run_one_token(hidden, local_ids, weights)
         perm = permute(hidden, local_ids, len(self.expert_ids))  # rows [N, D] grouped by hosted expert
-        out = expert_ffn(perm.rows, perm.expert_offsets, self.w1, self.w3, self.w2)  # [N, D]
+        if self.packed:
+            out = torch.empty_like(perm.rows)  # [N, D]
+            expert_ffn_torch(perm.rows, perm.expert_offsets, self.w1, self.w3, self.w2, out)
+        else:
+            out = expert_ffn(perm.rows, perm.expert_offsets, self.w1, self.w3, self.w2)  # [N, D]
         return combine(out, weights, perm)  # [T, D]
 
     def _run_one_token(self, hidden: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -81,28 +102,43 @@ class ExpertStack:
         )
         return weighted_row_sum(chosen, weights, hidden.shape[1], hidden.device).to(hidden.dtype)
 
+    def matrices(self) -> tuple[torch.Tensor, ...]:
+        """The tensors holding the weights (stacks built from others may share prepacked ones)."""
+        return (*self.w1, *self.w3, *self.w2) if self.packed else (self.w1, self.w3, self.w2)
+
     def nbytes(self) -> int:
-        return sum(w.numel() * w.element_size() for w in (self.w1, self.w3, self.w2))
+        return held_bytes([self])
+
+
+def held_bytes(stacks: Iterable[ExpertStack]) -> int:
+    """The bytes of weights these stacks hold, each tensor counted once."""
+    tensors = {id(w): w for stack in stacks for w in stack.matrices()}
+    return sum(w.numel() * w.element_size() for w in tensors.values())
+
+
+def stack_experts(expert_ids: tuple[int, ...], experts: list[ExpertWeights]) -> ExpertStack:
+    """The experts ``expert_ids`` (their weights in that order, plain or prepacked) as one stack: prepacked
+    where ``prepacks`` says so for their device and dtype, else stacked [El, ...] (copies either way,
+    except of matrices prepacked already, which are shared)."""
+    first = experts[0].w1
+    if prepacks(first.device, first.dtype):
+        matrices = {name: tuple(prepack(getattr(x, name)) for x in experts) for name in ("w1", "w3", "w2")}
+    else:
+        matrices = {name: torch.stack([unpack(getattr(x, name)) for x in experts]) for name in ("w1", "w3", "w2")}
+    return ExpertStack(expert_ids=expert_ids, **matrices)
 
 
 def load_expert_stacks(
     reader: CheckpointReader, hosted: dict[int, Iterable[int]], dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> dict[int, ExpertStack]:
-    """Read the experts hosted per layer ({layer: expert ids}) and stack them on ``device``, one stack per layer."""
+    """Read the experts hosted per layer ({layer: expert ids}) onto ``device``, one stack per layer."""
     wanted = [ExpertKey(layer, e) for layer, experts in hosted.items() for e in experts]
     weights = reader.read_experts(wanted, dtype, device)
     stacks = {}
     for layer, experts in hosted.items():
         ids = tuple(sorted(set(experts)))
-        if not ids:
-            continue
-        parts = [weights[ExpertKey(layer, e)] for e in ids]
-        stacks[layer] = ExpertStack(
-            expert_ids=ids,
-            w1=torch.stack([p.w1 for p in parts]),
-            w3=torch.stack([p.w3 for p in parts]),
-            w2=torch.stack([p.w2 for p in parts]),
-        )
+        if ids:
+            stacks[layer] = stack_experts(ids, [weights.pop(ExpertKey(layer, e)) for e in ids])
     return stacks
 
 
