@@ -26,13 +26,14 @@ without that op call ``F.linear``.
 
 Prepacked weights. ``prepack(weight)`` copies a weight into oneDNN's own blocked layout once, at load
 (as torch's compiler and vLLM's CPU backend do); ``linear`` then sends every row count through oneDNN's
-linear on it. On the demo model's shapes that is 1.2-1.9x the plain-weight routes from 3 rows on and
-level or slower at 1-2 rows, where the plain routes win; in a whole decode step it came out level at one
-sequence and 1.27-1.47x at 16-64 (docs/performance.md, "Prepacked weights"). The packed copy replaces
-the plain weight, so the memory stays the same; it is an opaque tensor (no storage, not picklable),
-``unpack`` gives the plain weight back, exactly. ``prepacks(device, dtype)`` says where weights are
-packed: CPU float32 with the torch backend, unless ``MOESHARD_PREPACK=0`` (for A/B measurements; this
-module is the only place that reads it).
+linear on it. On the demo model's shapes that is up to 1.7x the plain-weight routes from 4 rows on
+(1.4-1.5x at 8-16 rows, 1.0-1.1x at 512); at 1-2 rows the plain routes stay faster. A whole decode
+step in one process came out level at one sequence (0.97x) and 1.21-1.30x at 16-64
+(docs/performance.md, "Prepacked weights"). The packed copy replaces the plain weight, so the memory
+stays the same. It is an opaque tensor (no storage, not picklable); ``unpack`` gives the plain weight
+back, exactly. ``prepacks(device, dtype)`` says where weights are packed: CPU float32 with the torch
+backend, unless ``MOESHARD_PREPACK=0`` (for A/B measurements; this module is the only place that
+reads it).
 """
 
 from __future__ import annotations

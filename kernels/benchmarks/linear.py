@@ -1,12 +1,14 @@
 """Benchmark of the CPU projection routes: ``python -m moeshard.kernels.benchmarks.linear [MODEL_DIR]``.
 
-1. Per call: ``F.linear`` against ``linear`` (kernels/linear.py) for the demo model's weight shapes
-   (LM head, attention, an expert's gate/up and down) from 1 row to a prefill chunk, each call on another of enough
-   weights that they do not fit in the CPU's cache, as in a forward pass.
+1. Per call: ``F.linear`` against ``linear`` (kernels/linear.py) on the plain weight and on the weight
+   prepacked for oneDNN, for the demo model's weight shapes (LM head, attention, an expert's gate/up and
+   down) from 1 row to a prefill chunk, each call on another of enough weights that they do not fit in
+   the CPU's cache, as in a forward pass.
 2. With a model directory: greedy decode with the experts in process, ms per step at a few batch
-   sizes, with ``linear``'s routes and with every projection through ``F.linear``, taking turns
+   sizes, with plain weights (``linear``'s routes) and with prepacked weights, two engines taking turns
    round by round in one process.
-3. ``--routes``: every route forced at every shape and row count (what the bounds of ``route_for`` come from).
+3. ``--routes``: every route forced at every shape and row count (what the bounds of ``route_for`` come
+   from), and oneDNN on the prepacked weight.
 
 Prints figures only; read the ratios, these machines are shared.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -50,33 +53,43 @@ def uncached_weights(o: int, k: int) -> list[torch.Tensor]:
 
 
 def op_table(rows: list[int], repeats: int) -> None:
-    print("| weight [O, K] | rows | F.linear (us) | linear (us) | route | speed-up |")
-    print("|---|---:|---:|---:|---|---:|")
+    print("| weight [O, K] | rows | F.linear (us) | linear (us) | route | linear, prepacked (us) | speed-up, plain | speed-up, prepacked |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|")
     for name, (o, k) in SHAPES.items():
         weights = uncached_weights(o, k)
+        packed = [linear_module.prepack(w) for w in weights]
         for n in rows:
             x = torch.randn(n, k)
             plain = seconds_per_call(lambda w: F.linear(x, w), weights, repeats)
             few = seconds_per_call(lambda w: linear_module.linear(x, w), weights, repeats)
+            prepacked = seconds_per_call(lambda w: linear_module.linear(x, w), packed, repeats)
             route = linear_module.route_for(x, weights[0])
-            print(f"| {name} [{o}, {k}] | {n} | {plain * 1e6:.0f} | {few * 1e6:.0f} | {route} | {plain / few:.2f}x |")
+            print(
+                f"| {name} [{o}, {k}] | {n} | {plain * 1e6:.0f} | {few * 1e6:.0f} | {route} | {prepacked * 1e6:.0f} "
+                f"| {plain / few:.2f}x | {plain / prepacked:.2f}x |"
+            )
 
 
 def route_table(rows: list[int], repeats: int) -> None:
-    """Every route forced, for setting the bounds in ``route_for``: the routes take turns sweep by sweep
-    (so that the machine's drift falls on all of them), the median sweep of each; the fastest is starred."""
+    """Every route forced, for setting the bounds in ``route_for``, and oneDNN on the prepacked weight: the
+    routes take turns sweep by sweep (so that the machine's drift falls on all of them), the median sweep
+    of each; the fastest is starred."""
     routes = ["plain", "weight_first", "onednn"] if linear_module._ONEDNN_LINEAR is not None else ["plain", "weight_first"]
-    print(f"| weight [O, K] | rows | {' | '.join(f'{r} (us)' for r in routes)} | route_for |")
-    print(f"|---|---:|{'---:|' * len(routes)}---|")
+    columns = routes + (["prepacked"] if linear_module._ONEDNN_LINEAR is not None else [])
+    print(f"| weight [O, K] | rows | {' | '.join(f'{r} (us)' for r in columns)} | route_for |")
+    print(f"|---|---:|{'---:|' * len(columns)}---|")
     for name, (o, k) in SHAPES.items():
         weights = uncached_weights(o, k)
+        packed = [linear_module.prepack(w) for w in weights] if "prepacked" in columns else []
         for n in rows:
             x = torch.randn(n, k)
-            sweeps: dict[str, list[float]] = {r: [] for r in routes}
+            sweeps: dict[str, list[float]] = {r: [] for r in columns}
             for _ in range(repeats):
                 for r in routes:
                     sweeps[r].append(seconds_per_call(lambda w, r=r: linear_module._product(x, w, None, r), weights, 1))
-            us = [statistics.median(sweeps[r]) * 1e6 for r in routes]
+                if packed:
+                    sweeps["prepacked"].append(seconds_per_call(lambda w: linear_module.linear(x, w), packed, 1))
+            us = [statistics.median(sweeps[r]) * 1e6 for r in columns]
             cells = [f"**{t:.0f}**" if t == min(us) else f"{t:.0f}" for t in us]
             print(f"| {name} [{o}, {k}] | {n} | {' | '.join(cells)} | {linear_module.route_for(x, weights[0])} |")
 
@@ -85,32 +98,37 @@ def decode_table(model_dir: str, batches: list[int], tokens: int, rounds: int) -
     from moeshard.cluster import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    routed = linear_module.route_for
-    settings = {"F.linear": lambda x, weight: "plain", "linear": routed}
-    with LLM(model_dir) as llm:
-        print("| sequences | F.linear ms/step | linear ms/step | speed-up | same tokens |")
+    previous = os.environ.get(linear_module.PREPACK_ENV_VAR)
+    os.environ[linear_module.PREPACK_ENV_VAR] = "0"  # read at load: this engine keeps plain weights
+    try:
+        plain_llm = LLM(model_dir, enable_prefix_caching=False)
+    finally:
+        os.environ.pop(linear_module.PREPACK_ENV_VAR)
+        if previous is not None:
+            os.environ[linear_module.PREPACK_ENV_VAR] = previous
+    engines = {"plain weights": plain_llm, "prepacked": LLM(model_dir, enable_prefix_caching=False)}
+    with engines["plain weights"], engines["prepacked"]:
+        print("| sequences | plain weights ms/step | prepacked ms/step | speed-up | same tokens |")
         print("|---:|---:|---:|---:|---:|")
         for batch in batches:
             prompts = [f"Question {i}: what is the capital of France?" for i in range(batch)]
-            times: dict[str, list[float]] = {name: [] for name in settings}
+            times: dict[str, list[float]] = {name: [] for name in engines}
             outputs = {}
             for _ in range(rounds + 1):  # the first round warms up
-                for name, route_for in settings.items():
-                    linear_module.route_for = route_for
+                for name, llm in engines.items():
                     start = time.perf_counter()
                     outputs[name] = [o.token_ids for o in llm.generate(prompts, params)]
                     times[name].append((time.perf_counter() - start) * 1e3 / tokens)
-            linear_module.route_for = routed
-            plain, fast = (statistics.median(times[name][1:]) for name in settings)
-            same = sum(a == b for a, b in zip(outputs["F.linear"], outputs["linear"]))
-            print(f"| {batch} | {plain:.1f} | {fast:.1f} | {plain / fast:.2f}x | {same}/{batch} |")
+            plain, packed = (statistics.median(times[name][1:]) for name in engines)
+            same = sum(a == b for a, b in zip(*outputs.values()))
+            print(f"| {batch} | {plain:.1f} | {packed:.1f} | {plain / packed:.2f}x | {same}/{batch} |")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", nargs="?", help="also time greedy decode of this model in process")
     parser.add_argument("--rows", default="1,2,4,8,16,32,256")
-    parser.add_argument("--batches", default="1,2,4,32")
+    parser.add_argument("--batches", default="1,4,16,32,64")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
