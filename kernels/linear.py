@@ -65,13 +65,19 @@ def prepacks(device: torch.device, dtype: torch.dtype) -> bool:
     return cpu_float32 and _ONEDNN_LINEAR is not None and resolve_backend("auto", device) == "torch"
 
 
+def packable(weight: torch.Tensor) -> bool:
+    """Whether ``prepack`` packs this weight: a contiguous CPU float32 matrix of at least PACK_MIN_WEIGHT
+    elements (or one packed already)."""
+    if weight.is_mkldnn:
+        return True
+    plain_matrix = weight.dim() == 2 and weight.device.type == "cpu" and weight.dtype == torch.float32
+    return _ONEDNN_LINEAR is not None and plain_matrix and weight.is_contiguous() and weight.numel() >= PACK_MIN_WEIGHT
+
+
 def prepack(weight: torch.Tensor) -> torch.Tensor:
     """weight [O, K] -> the same weight in oneDNN's layout for ``linear`` (a copy), or ``weight`` itself
-    where packing does not pay (small, not a contiguous CPU float32 matrix) or is done already."""
-    if weight.is_mkldnn or _ONEDNN_LINEAR is None:
-        return weight
-    plain_matrix = weight.dim() == 2 and weight.device.type == "cpu" and weight.dtype == torch.float32
-    if not plain_matrix or not weight.is_contiguous() or weight.numel() < PACK_MIN_WEIGHT:
+    where packing does not pay (``packable``) or is done already."""
+    if weight.is_mkldnn or not packable(weight):
         return weight
     return torch.ops.mkldnn._reorder_linear_weight(weight)
 

@@ -106,6 +106,14 @@ def test_packed_stack_equals_the_stacked_one(mixtral_dir, monkeypatch, tokens):
     )
 
 
+def test_experts_too_small_to_pack_stay_stacked(tiny_mixtral_dir):
+    """Experts of 50 x 64 stay one stacked tensor per matrix: their own small tensors would sit wherever
+    the checkpoint file put them, and the BLAS's rounding can follow the alignment."""
+    config = ModelConfig.from_model_dir(tiny_mixtral_dir)
+    stack = load_expert_stacks(CheckpointReader(tiny_mixtral_dir, config), {0: range(8)}, torch.float32)[0]
+    assert not stack.packed and stack.w1.shape == (8, 50, 64)
+
+
 def test_actor_restacks_packed_experts_without_copies(mixtral_dir, monkeypatch):
     actor = ExpertActor(0, str(mixtral_dir), "float32", {0: [0, 1], 1: [0, 1]})
     expert_bytes = 3 * 512 * 256 * 4

@@ -25,7 +25,7 @@ from moeshard.kernels import RouterOutput, combine, expert_ffn, permute
 from moeshard.kernels.backend import resolve_backend
 from moeshard.kernels.combine import weighted_row_sum
 from moeshard.kernels.expert_ffn import expert_ffn_torch, expert_rows_torch
-from moeshard.kernels.linear import prepack, prepacks, unpack
+from moeshard.kernels.linear import packable, prepack, prepacks, unpack
 
 
 class PendingExperts(Protocol):
@@ -118,10 +118,11 @@ def held_bytes(stacks: Iterable[ExpertStack]) -> int:
 
 def stack_experts(expert_ids: tuple[int, ...], experts: list[ExpertWeights]) -> ExpertStack:
     """The experts ``expert_ids`` (their weights in that order, plain or prepacked) as one stack: prepacked
-    where ``prepacks`` says so for their device and dtype, else stacked [El, ...] (copies either way,
-    except of matrices prepacked already, which are shared)."""
+    where ``prepacks`` says so for their device and dtype and every matrix is large enough to pack, else
+    stacked [El, ...] (copies either way, except of matrices prepacked already, which are shared)."""
     first = experts[0].w1
-    if prepacks(first.device, first.dtype):
+    every = [getattr(x, name) for x in experts for name in ("w1", "w3", "w2")]
+    if prepacks(first.device, first.dtype) and all(packable(w) for w in every):
         matrices = {name: tuple(prepack(getattr(x, name)) for x in experts) for name in ("w1", "w3", "w2")}
     else:
         matrices = {name: torch.stack([unpack(getattr(x, name)) for x in experts]) for name in ("w1", "w3", "w2")}
