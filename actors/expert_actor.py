@@ -82,9 +82,10 @@ class ExpertActor:
         """Hold ``version``'s experts ({layer: expert ids}) beside the ones in use, and this actor's ``shares`` of
         its replicated experts ({layer: {expert: share}}); a ``StageReport`` as a dict.
 
-        Layers whose experts do not change share the current stack; experts held already are copied from
-        it (shared where prepacked, copied where stacked); only the others are read from the checkpoint. Called in the control group: it runs on its own
-        thread while ``run_experts`` keeps serving the current version."""
+        Layers whose experts do not change share the current stack; experts held already are taken from it
+        (their prepacked tensors shared, stacked ones copied); only the others are read from the checkpoint.
+        Called in the control group: it runs on its own thread while ``run_experts`` keeps serving the
+        current version."""
         started = time.monotonic()
         with self._stage_lock:
             loaded = 0
