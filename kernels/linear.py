@@ -51,7 +51,7 @@ LARGE_WEIGHT = 1 << 18  # elements (1 MiB in float32): below it the call's fixed
 PACK_MIN_WEIGHT = 1 << 16  # elements: smaller weights (a router) stay plain, oneDNN's call costs more than it saves
 PREPACK_ENV_VAR = "MOESHARD_PREPACK"
 
-# oneDNN's linear on plain (not prepacked) weights; a private op: None where this torch lacks it.
+# oneDNN's linear, on plain or prepacked weights; a private op: None where this torch lacks it.
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 Route = Literal["weight_first", "onednn", "plain"]
