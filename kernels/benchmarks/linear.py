@@ -23,6 +23,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -98,15 +99,10 @@ def decode_table(model_dir: str, batches: list[int], tokens: int, rounds: int) -
     from moeshard.cluster import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    previous = os.environ.get(linear_module.PREPACK_ENV_VAR)
-    os.environ[linear_module.PREPACK_ENV_VAR] = "0"  # read at load: this engine keeps plain weights
-    try:
-        plain_llm = LLM(model_dir, enable_prefix_caching=False)
-    finally:
-        os.environ.pop(linear_module.PREPACK_ENV_VAR)
-        if previous is not None:
-            os.environ[linear_module.PREPACK_ENV_VAR] = previous
-    engines = {"plain weights": plain_llm, "prepacked": LLM(model_dir, enable_prefix_caching=False)}
+    engines = {}
+    for name, prepack in (("plain weights", "0"), ("prepacked", "1")):
+        with mock.patch.dict(os.environ, {linear_module.PREPACK_ENV_VAR: prepack}):  # read at load
+            engines[name] = LLM(model_dir, enable_prefix_caching=False)
     with engines["plain weights"], engines["prepacked"]:
         print("| sequences | plain weights ms/step | prepacked ms/step | speed-up | same tokens |")
         print("|---:|---:|---:|---:|---:|")
