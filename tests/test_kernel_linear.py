@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,14 +27,25 @@ needs_onednn = pytest.mark.skipif(_ONEDNN_LINEAR is None, reason="this torch has
 SHAPES = [(1536, 576), (576, 1536), (1024, 256), (192, 576)]  # widening, narrowing, at the size bound, small
 
 
+class Projection(NamedTuple):
+    x: torch.Tensor  # [N, K]
+    weight: torch.Tensor  # [O, K]
+    bias: torch.Tensor | None  # [O]
+
+
+def _projection(rows: int, out_features: int, in_features: int, with_bias: bool, seed: int) -> Projection:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_features, generator=generator)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator) if with_bias else None
+    return Projection(x, weight, bias)
+
+
 @pytest.mark.parametrize("out_features,in_features", SHAPES)
 @pytest.mark.parametrize("rows", [0, 1, 2, 3, SMALL_ROWS, SMALL_ROWS + 1, 16, 300])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_matches_f_linear(out_features, in_features, rows, with_bias):
-    generator = torch.Generator().manual_seed(rows * 7 + out_features)
-    x = torch.randn(rows, in_features, generator=generator)
-    weight = torch.randn(out_features, in_features, generator=generator)
-    bias = torch.randn(out_features, generator=generator) if with_bias else None
+    x, weight, bias = _projection(rows, out_features, in_features, with_bias, seed=rows * 7 + out_features)
     got = linear(x, weight, bias)
     assert got.shape == (rows, out_features) and got.is_contiguous()
     # float32 sums of K products in another order: absolute error grows with K (values are about sqrt(K))
@@ -75,10 +88,7 @@ def test_linear_into_writes_a_view_of_a_larger_buffer(rows, out_features, in_fea
 @pytest.mark.parametrize("rows", [0, 1, 2, 3, 16, 300])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_prepacked_weight_matches_f_linear(out_features, in_features, rows, with_bias):
-    generator = torch.Generator().manual_seed(rows * 5 + in_features)
-    x = torch.randn(rows, in_features, generator=generator)
-    weight = torch.randn(out_features, in_features, generator=generator)
-    bias = torch.randn(out_features, generator=generator) if with_bias else None
+    x, weight, bias = _projection(rows, out_features, in_features, with_bias, seed=rows * 5 + in_features)
     packed = prepack(weight)
     assert packed.is_mkldnn and packed.shape == weight.shape and route_for(x, packed) == "onednn"
     assert torch.equal(unpack(packed), weight)  # the plain weight back, bit for bit

@@ -1,9 +1,10 @@
 """The coordinator's projection weights in oneDNN's layout, for the CPU (``kernels/linear.py``, "Prepacked weights").
 
 Every matrix that goes through ``linear`` is prepacked where it is large enough (``packable``): attention's
-q/k/v/o projections, the dense MLPs and shared experts, the LM head. The embedding stays plain (it is indexed, not multiplied); a tied LM head
-therefore gets a packed copy of its own, the one weight this holds twice. Routers and the shared
-expert's gate are products of their own (``r @ w.T``) and small: they stay plain.
+q/k/v/o projections, the dense MLPs and shared experts, the LM head. The embedding stays plain (it is
+indexed, not multiplied); a tied LM head therefore gets a packed copy of its own, the one weight this
+holds twice. Routers and the shared expert's gate are products of their own (``r @ w.T``) and small:
+they stay plain.
 """
 
 from __future__ import annotations
