@@ -12,6 +12,7 @@ from moeshard.kernels.backend import ENV_VAR as BACKEND_ENV_VAR
 from moeshard.kernels.linear import (
     _ONEDNN_LINEAR,
     PACK_MIN_WEIGHT,
+    PACKED_DTYPES,
     PREPACK_ENV_VAR,
     SMALL_ROWS,
     linear,
@@ -23,6 +24,9 @@ from moeshard.kernels.linear import (
 )
 
 needs_onednn = pytest.mark.skipif(_ONEDNN_LINEAR is None, reason="this torch has no oneDNN linear")
+needs_packed_bfloat16 = pytest.mark.skipif(
+    torch.bfloat16 not in PACKED_DTYPES, reason="this CPU has no native bfloat16 (AVX512-BF16 or AMX)"
+)
 
 SHAPES = [(1536, 576), (576, 1536), (1024, 256), (192, 576)]  # widening, narrowing, at the size bound, small
 
@@ -87,17 +91,22 @@ def test_linear_into_writes_a_view_of_a_larger_buffer(rows, out_features, in_fea
 @pytest.mark.parametrize("out_features,in_features", SHAPES)
 @pytest.mark.parametrize("rows", [0, 1, 2, 3, 16, 300])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_prepacked_weight_matches_f_linear(out_features, in_features, rows, with_bias):
-    x, weight, bias = _projection(rows, out_features, in_features, with_bias, seed=rows * 5 + in_features)
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_packed_bfloat16)])
+def test_prepacked_weight_matches_f_linear(out_features, in_features, rows, with_bias, dtype):
+    projection = _projection(rows, out_features, in_features, with_bias, seed=rows * 5 + in_features)
+    x, weight, bias = (None if t is None else t.to(dtype) for t in projection)
     packed = prepack(weight)
-    assert packed.is_mkldnn and packed.shape == weight.shape and route_for(x, packed) == "onednn"
+    assert packed.is_mkldnn and packed.dtype == dtype and packed.shape == weight.shape
+    assert route_for(x, packed) == "onednn"
     assert torch.equal(unpack(packed), weight)  # the plain weight back, bit for bit
+    # float32: other kernels, other summation orders; bfloat16: float32 sums, then rounded as F.linear rounds
+    tolerance = dict(rtol=1e-5, atol=in_features * 2e-7) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
     got = linear(x, packed, bias)
-    assert got.shape == (rows, out_features) and got.is_contiguous()
-    torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=in_features * 2e-7)
-    buffer = torch.full((rows + 2, out_features), float("nan"))
+    assert got.shape == (rows, out_features) and got.is_contiguous() and got.dtype == dtype
+    torch.testing.assert_close(got, F.linear(x, weight, bias), **tolerance)
+    buffer = torch.full((rows + 2, out_features), float("nan"), dtype=dtype)
     linear_into(x, packed, buffer[1 : rows + 1])
-    torch.testing.assert_close(buffer[1 : rows + 1], F.linear(x, weight), rtol=1e-5, atol=in_features * 2e-7)
+    torch.testing.assert_close(buffer[1 : rows + 1], F.linear(x, weight), **tolerance)
     assert buffer[0].isnan().all() and buffer[rows + 1].isnan().all()
 
 
@@ -107,7 +116,7 @@ def test_prepack_keeps_weights_it_cannot_or_need_not_pack():
     assert prepack(packed) is packed  # packed already
     for weight in (
         torch.randn(8, 576),  # a router: below PACK_MIN_WEIGHT
-        torch.randn(576, 576, dtype=torch.bfloat16),
+        torch.randn(576, 576, dtype=torch.float16),  # not a packed dtype
         torch.randn(576, 1152)[:, ::2],  # a strided view
         torch.randn(4, 576, 576),  # not a matrix
     ):
@@ -116,10 +125,13 @@ def test_prepack_keeps_weights_it_cannot_or_need_not_pack():
 
 
 @needs_onednn
-def test_prepacks_on_cpu_float32_with_the_torch_backend_only(monkeypatch):
+def test_prepacks_on_cpu_with_the_torch_backend_only(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert prepacks(cpu, torch.float32)
-    assert not prepacks(cpu, torch.bfloat16) and not prepacks(cuda, torch.float32)
+    native_bfloat16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert PACKED_DTYPES == ({torch.float32, torch.bfloat16} if native_bfloat16 else {torch.float32})
+    assert prepacks(cpu, torch.float32) and prepacks(cpu, torch.bfloat16) == native_bfloat16
+    assert not prepacks(cpu, torch.float16) and not prepacks(cuda, torch.float32) and not prepacks(cuda, torch.bfloat16)
+    assert (prepack(torch.randn(576, 576, dtype=torch.bfloat16)).is_mkldnn) == native_bfloat16
     monkeypatch.setenv(PREPACK_ENV_VAR, "0")
     assert not prepacks(cpu, torch.float32)
     monkeypatch.delenv(PREPACK_ENV_VAR)

@@ -18,9 +18,12 @@ from moeshard.cluster import LLM, SamplingParams
 from moeshard.cluster.model.checkpoint import CheckpointReader
 from moeshard.cluster.model.config import ModelConfig
 from moeshard.cluster.model.moe import ExpertStack, held_bytes, load_expert_stacks
-from moeshard.kernels.linear import PREPACK_ENV_VAR, prepacks
+from moeshard.kernels.linear import PACKED_DTYPES, PREPACK_ENV_VAR, prepacks
 
 pytestmark = pytest.mark.skipif(not prepacks(torch.device("cpu"), torch.float32), reason="this torch has no oneDNN linear")
+needs_packed_bfloat16 = pytest.mark.skipif(
+    torch.bfloat16 not in PACKED_DTYPES, reason="this CPU has no native bfloat16 (AVX512-BF16 or AMX)"
+)
 
 MIXTRAL = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
 QWEN2 = dict(
@@ -41,9 +44,9 @@ def qwen2_dir(tiny_family_factory):
     return tiny_family_factory("prepacked_qwen2", "Qwen2MoeForCausalLM", seed=4, **QWEN2)
 
 
-def _reference(path, architecture: str):
+def _reference(path, architecture: str, dtype: torch.dtype = torch.float32):
     model_cls = getattr(transformers, architecture)
-    return model_cls.from_pretrained(path, dtype=torch.float32, experts_implementation="eager").eval()
+    return model_cls.from_pretrained(path, dtype=dtype, experts_implementation="eager").eval()
 
 
 @pytest.mark.parametrize("family", ["MixtralForCausalLM", "Qwen2MoeForCausalLM"])
@@ -84,26 +87,56 @@ def test_prepack_can_be_turned_off_and_gives_the_same_tokens(mixtral_dir, monkey
     assert packed == plain
 
 
-def _plain_stacks(path, monkeypatch) -> dict[int, ExpertStack]:
+@needs_packed_bfloat16
+def test_bfloat16_packed_model_equals_the_plain_one_and_stays_close_to_transformers(mixtral_dir, monkeypatch):
+    """In bfloat16, oneDNN's linear on a packed weight rounds as F.linear does: the same logits as with plain
+    weights, bit for bit, and as close to transformers in bfloat16 as bfloat16 allows."""
+    reference = _reference(mixtral_dir, "MixtralForCausalLM", torch.bfloat16)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    with LLM(mixtral_dir, dtype="bfloat16") as llm:
+        model = llm._engine.model
+        assert model.weights.layers[0].q_proj.is_mkldnn and model.weights.layers[0].q_proj.dtype == torch.bfloat16
+        assert all(stack.packed and stack.w1[0].dtype == torch.bfloat16 for stack in model.experts.stacks.values())
+        packed_logits = [llm.logits(prompt) for prompt in PROMPTS]
+        packed_tokens = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    monkeypatch.setenv(PREPACK_ENV_VAR, "0")
+    with LLM(mixtral_dir, dtype="bfloat16") as llm:
+        assert not llm._engine.model.experts.stacks[0].packed
+        plain_logits = [llm.logits(prompt) for prompt in PROMPTS]
+        plain_tokens = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    assert packed_tokens == plain_tokens
+    for prompt, ours, plain in zip(PROMPTS, packed_logits, plain_logits):
+        assert torch.equal(ours, plain)
+        with torch.no_grad():
+            theirs = reference(torch.tensor([prompt])).logits[0].float()
+        assert (ours - theirs).abs().max().item() < 0.02 * theirs.abs().max().item()  # a few bfloat16 roundings
+
+
+def _plain_stacks(path, monkeypatch, dtype: torch.dtype = torch.float32) -> dict[int, ExpertStack]:
     with monkeypatch.context() as m:
         m.setenv(PREPACK_ENV_VAR, "0")
         config = ModelConfig.from_model_dir(path)
-        return load_expert_stacks(CheckpointReader(path, config), {0: range(8)}, torch.float32)
+        return load_expert_stacks(CheckpointReader(path, config), {0: range(8)}, dtype)
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 9, 40])  # one token alone, and grouped rows
-def test_packed_stack_equals_the_stacked_one(mixtral_dir, monkeypatch, tokens):
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_packed_bfloat16)])
+def test_packed_stack_equals_the_stacked_one(mixtral_dir, monkeypatch, tokens, dtype):
     config = ModelConfig.from_model_dir(mixtral_dir)
-    packed = load_expert_stacks(CheckpointReader(mixtral_dir, config), {0: range(8)}, torch.float32)[0]
-    plain = _plain_stacks(mixtral_dir, monkeypatch)[0]
-    assert packed.packed and not plain.packed and packed.nbytes() == plain.nbytes() == 8 * 3 * 512 * 256 * 4
+    packed = load_expert_stacks(CheckpointReader(mixtral_dir, config), {0: range(8)}, dtype)[0]
+    plain = _plain_stacks(mixtral_dir, monkeypatch, dtype)[0]
+    expected_bytes = 8 * 3 * 512 * 256 * dtype.itemsize
+    assert packed.packed and not plain.packed and packed.nbytes() == plain.nbytes() == expected_bytes
     generator = torch.Generator().manual_seed(tokens)
-    hidden = torch.randn(tokens, 256, generator=generator)  # [T, D]
+    hidden = torch.randn(tokens, 256, generator=generator).to(dtype)  # [T, D]
     local_ids = torch.stack([torch.randperm(9, generator=generator)[:2] - 1 for _ in range(tokens)])  # [T, K]; -1: not here
     weights = torch.rand(tokens, 2, generator=generator)
-    torch.testing.assert_close(
-        packed.run(hidden, local_ids, weights), plain.run(hidden, local_ids, weights), rtol=1e-5, atol=1e-5
-    )
+    got, expected = packed.run(hidden, local_ids, weights), plain.run(hidden, local_ids, weights)
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    else:  # bfloat16: oneDNN's linear either way, so the same roundings
+        assert torch.equal(got, expected)
 
 
 def test_experts_too_small_to_pack_stay_stacked(tiny_mixtral_dir):

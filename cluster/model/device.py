@@ -2,7 +2,9 @@
 
 ``auto`` is decided where the model runs (the Serve replica or the offline process, each expert actor for
 itself), not where the config was written: CUDA when this process sees a GPU, else the CPU; bfloat16 on a
-GPU, float32 on the CPU (where bfloat16 matmuls are slow and Triton has no bf16 atomics).
+GPU, float32 on the CPU (exact against float32 references; Triton has no bf16 atomics there). On a CPU with
+native bfloat16 (AVX512-BF16 or AMX), ``dtype="bfloat16"`` is the faster choice: its weights are prepacked
+for oneDNN too (``kernels/linear.py``), at half the bytes.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ class Done:
         return self.output
 
 
-# One matrix of every hosted expert: stacked [El, O, K], or El prepacked [O, K] (CPU float32, kernels/linear.py).
+# One matrix of every hosted expert: stacked [El, O, K], or El prepacked [O, K] (CPU, kernels/linear.py).
 ExpertMatrices = torch.Tensor | tuple[torch.Tensor, ...]
 
 
@@ -62,9 +62,9 @@ ExpertMatrices = torch.Tensor | tuple[torch.Tensor, ...]
 class ExpertStack:
     """Some experts of one layer, stacked so a grouped FFN can run over them.
 
-    On CPU in float32 each expert's matrices are prepacked for oneDNN where they are large enough
-    (``stack_experts``): then they are tuples of [I, D] / [D, I] tensors, indexed per expert like the
-    stacked tensors, and run on the torch path."""
+    On CPU (float32, and bfloat16 where the CPU has it natively) each expert's matrices are prepacked for
+    oneDNN where they are large enough (``stack_experts``): then they are tuples of [I, D] / [D, I] tensors,
+    indexed per expert like the stacked tensors, and run on the torch path."""
 
     expert_ids: tuple[int, ...]  # global ids of the hosted experts, in stack order
     w1: ExpertMatrices  # [El, I, D]
