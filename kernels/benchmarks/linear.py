@@ -5,8 +5,9 @@
    down) from 1 row to a prefill chunk, each call on another of enough weights that they do not fit in
    the CPU's cache, as in a forward pass.
 2. With a model directory: greedy decode with the experts in process, ms per step at a few batch
-   sizes, with plain weights (``linear``'s routes) and with prepacked weights, two engines taking turns
-   round by round in one process.
+   sizes, with plain weights (``linear``'s routes) and with prepacked weights, in each of ``--decode-dtypes``
+   (float32; bfloat16 too where the CPU has it natively), the engines taking turns round by round in one
+   process.
 3. ``--routes``: every route forced at every shape and row count (what the bounds of ``route_for`` come
    from), and oneDNN on the prepacked weight.
 
@@ -23,6 +24,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 from unittest import mock
 
 import torch
@@ -48,19 +50,19 @@ def seconds_per_call(fn: Callable[[torch.Tensor], object], weights: list[torch.T
     return statistics.median(times)
 
 
-def uncached_weights(o: int, k: int) -> list[torch.Tensor]:
-    """Enough [O, K] float32 weights that, called in turn, none is still in the CPU's cache."""
-    return [torch.randn(o, k) for _ in range(max(2, CACHE_BYTES // (o * k * 4)))]
+def uncached_weights(o: int, k: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Enough [O, K] weights that, called in turn, none is still in the CPU's cache."""
+    return [torch.randn(o, k).to(dtype) for _ in range(max(2, CACHE_BYTES // (o * k * dtype.itemsize)))]
 
 
-def op_table(rows: list[int], repeats: int) -> None:
+def op_table(rows: list[int], repeats: int, dtype: torch.dtype) -> None:
     print("| weight [O, K] | rows | F.linear (us) | linear (us) | route | linear, prepacked (us) | speed-up, plain | speed-up, prepacked |")
     print("|---|---:|---:|---:|---|---:|---:|---:|")
     for name, (o, k) in SHAPES.items():
-        weights = uncached_weights(o, k)
+        weights = uncached_weights(o, k, dtype)
         packed = [linear_module.prepack(w) for w in weights]
         for n in rows:
-            x = torch.randn(n, k)
+            x = torch.randn(n, k).to(dtype)
             plain = seconds_per_call(lambda w: F.linear(x, w), weights, repeats)
             few = seconds_per_call(lambda w: linear_module.linear(x, w), weights, repeats)
             prepacked = seconds_per_call(lambda w: linear_module.linear(x, w), packed, repeats)
@@ -95,17 +97,29 @@ def route_table(rows: list[int], repeats: int) -> None:
             print(f"| {name} [{o}, {k}] | {n} | {' | '.join(cells)} | {linear_module.route_for(x, weights[0])} |")
 
 
-def decode_table(model_dir: str, batches: list[int], tokens: int, rounds: int) -> None:
+class EngineVariant(NamedTuple):
+    name: str
+    dtype: str
+    prepack: str  # MOESHARD_PREPACK at load
+
+
+def decode_table(model_dir: str, batches: list[int], tokens: int, rounds: int, dtypes: list[str]) -> None:
+    """ms per decode step of each variant (every dtype, plain and prepacked), the engines taking turns; speed-ups
+    against the first variant, and how many outputs each prepacked engine shares with the plain one of its dtype."""
     from moeshard.cluster import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    variants = [EngineVariant(f"{d} {kind}", d, flag) for d in dtypes for kind, flag in (("plain", "0"), ("prepacked", "1"))]
     engines = {}
-    for name, prepack in (("plain weights", "0"), ("prepacked", "1")):
-        with mock.patch.dict(os.environ, {linear_module.PREPACK_ENV_VAR: prepack}):  # read at load
-            engines[name] = LLM(model_dir, enable_prefix_caching=False)
-    with engines["plain weights"], engines["prepacked"]:
-        print("| sequences | plain weights ms/step | prepacked ms/step | speed-up | same tokens |")
-        print("|---:|---:|---:|---:|---:|")
+    for variant in variants:
+        with mock.patch.dict(os.environ, {linear_module.PREPACK_ENV_VAR: variant.prepack}):  # read at load
+            engines[variant.name] = LLM(model_dir, dtype=variant.dtype, enable_prefix_caching=False)
+    first = variants[0].name
+    header = [f"{v.name} ms/step" for v in variants] + [f"{v.name} vs {first}" for v in variants[1:]]
+    header += [f"same tokens, {d}" for d in dtypes]
+    print(f"| sequences | {' | '.join(header)} |")
+    print(f"|---:|{'---:|' * len(header)}")
+    try:
         for batch in batches:
             prompts = [f"Question {i}: what is the capital of France?" for i in range(batch)]
             times: dict[str, list[float]] = {name: [] for name in engines}
@@ -115,9 +129,15 @@ def decode_table(model_dir: str, batches: list[int], tokens: int, rounds: int) -
                     start = time.perf_counter()
                     outputs[name] = [o.token_ids for o in llm.generate(prompts, params)]
                     times[name].append((time.perf_counter() - start) * 1e3 / tokens)
-            plain, packed = (statistics.median(times[name][1:]) for name in engines)
-            same = sum(a == b for a, b in zip(*outputs.values()))
-            print(f"| {batch} | {plain:.1f} | {packed:.1f} | {plain / packed:.2f}x | {same}/{batch} |")
+            ms = {name: statistics.median(t[1:]) for name, t in times.items()}
+            cells = [f"{ms[v.name]:.1f}" for v in variants] + [f"{ms[first] / ms[v.name]:.2f}x" for v in variants[1:]]
+            for d in dtypes:
+                same = sum(a == b for a, b in zip(outputs[f"{d} plain"], outputs[f"{d} prepacked"]))
+                cells.append(f"{same}/{batch}")
+            print(f"| {batch} | {' | '.join(cells)} |")
+    finally:
+        for llm in engines.values():
+            llm.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch threads (Ray's workers run with 1)")
     parser.add_argument("--routes", action="store_true", help="time every route at every shape and row count instead")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of the per-call table")
+    parser.add_argument("--decode-dtypes", default="float32", help="comma-separated, e.g. float32,bfloat16")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -139,10 +161,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.routes:
         route_table(rows, args.repeats)
         return
-    op_table(rows, args.repeats)
+    op_table(rows, args.repeats, getattr(torch, args.dtype))
     if args.model_dir:
         print()
-        decode_table(args.model_dir, [int(b) for b in args.batches.split(",")], args.tokens, args.rounds)
+        batches = [int(b) for b in args.batches.split(",")]
+        decode_table(args.model_dir, batches, args.tokens, args.rounds, args.decode_dtypes.split(","))
 
 
 if __name__ == "__main__":
