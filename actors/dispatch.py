@@ -6,9 +6,10 @@
                    a token sent to an actor once even when several of its experts live there
     3. dispatch    permute rows by destination actor (the same kernel that groups by expert)
                    -> one message per actor with work: its rows, their local expert ids and weights
-    4. experts     each actor runs its experts and returns its weighted partial sums
+    4. experts     each actor runs its experts and returns its weighted partial sums, in float32
                    (``submit`` returns here: the coordinator runs the shared expert meanwhile)
-    5. combine     sum each token's partials (weight 1 per actor it was sent to)
+    5. combine     sum each token's partials (weight 1 per actor it was sent to), rounded once to
+                   the model's dtype, as the single process rounds its sum
 
 One message per actor with work per layer, however many of its experts the
 layer's tokens chose (E = 128, K = 8 sends no more messages than E = 8, K = 2).
@@ -309,13 +310,14 @@ class PendingDispatch:
             # No reply: the actor failed, or (a compiled graph fails as a whole) its answer was lost with the graph.
             answered[actor] = False
             complete = False
-            rows.append(torch.zeros(offsets[actor + 1] - offsets[actor], hidden.shape[1], dtype=hidden.dtype))
+            rows.append(torch.zeros(offsets[actor + 1] - offsets[actor], hidden.shape[1], dtype=torch.float32))
         partials = torch.cat(rows) if len(rows) > 1 else rows[0] if rows else self.perm.rows  # [N, D] in actor order
         if complete:  # each sent partial counts once (a repeat's send_to is -1)
-            return LayerResult(combine(partials, (self.plan.send_to >= 0).to(torch.float32), self.perm), None, failed)
+            counted = (self.plan.send_to >= 0).to(torch.float32)  # [T, K]
+            return LayerResult(combine(partials, counted, self.perm, dtype=hidden.dtype), None, failed)
         counted = (self.plan.send_to >= 0) & answered[self.plan.send_to]  # [T, K] each answered partial counts once
         served = (self.plan.actor_of >= 0) & answered[self.plan.actor_of]  # [T, K]
-        return LayerResult(combine(partials, counted.to(torch.float32), self.perm), served, failed)
+        return LayerResult(combine(partials, counted.to(torch.float32), self.perm, dtype=hidden.dtype), served, failed)
 
     def _lone_token_output(self, replies: list[bytes | None]) -> torch.Tensor | None:
         """``combine`` of a token alone's partials (each weight 1, in j order): [1, D]; None unless every actor
@@ -328,7 +330,8 @@ class PendingDispatch:
             partial[actor] = reply.rows
         chosen = [(j, partial[a]) for j, a in enumerate(self.lone.send_to) if a >= 0]
         ones = torch.ones(1, len(self.lone.send_to))  # [1, K]
-        return weighted_row_sum(chosen, ones, self.work.hidden.shape[1], chosen[0][1].device).to(chosen[0][1].dtype)
+        hidden = self.work.hidden
+        return weighted_row_sum(chosen, ones, hidden.shape[1], chosen[0][1].device).to(hidden.dtype)  # one rounding
 
 
 TRANSPORT_CLASSES = {"actor_calls": ActorCallTransport, "socket": SocketTransport, "compiled_graph": CompiledGraphTransport}

@@ -143,7 +143,8 @@ class ExpertActor:
 
     @torch.inference_mode()
     def run_experts(self, message: bytes) -> bytes:
-        """One MoE layer's work: an encoded ``ExpertBatch`` in, the weighted expert outputs [n, D] out."""
+        """One MoE layer's work: an encoded ``ExpertBatch`` in, the weighted expert outputs [n, D] out, in float32
+        (partial sums: the coordinator adds the other actors' and rounds to its dtype once)."""
         if self._delays:
             time.sleep(self._delays.pop())
         if message == NO_WORK:
@@ -154,8 +155,8 @@ class ExpertActor:
             return ExpertReply(batch.tag, batch.rows[:0], stale=True).encode()
         stack = stacks[batch.layer]
         rows = batch.rows.to(self.device, self.dtype)  # the coordinator's precision may differ from this actor's
-        out = stack.run(rows, batch.local_ids.to(self.device).long(), batch.weights.to(self.device))
-        return ExpertReply(batch.tag, out.to("cpu", batch.rows.dtype)).encode()
+        out = stack.run(rows, batch.local_ids.to(self.device).long(), batch.weights.to(self.device), torch.float32)
+        return ExpertReply(batch.tag, out.to("cpu")).encode()
 
     def open_socket(self, secret: bytes, coordinator_ip: str) -> tuple[str, int]:
         """The socket transport's address for a coordinator on ``coordinator_ip``, which connects with ``secret``:

@@ -4,7 +4,9 @@
 
 Dimensions: T tokens, D hidden, K chosen per token, N rows.
 
-Accumulated in float32 in j order and cast back to expert_out's dtype; a token
+Accumulated in float32 in j order and cast to the output's dtype (expert_out's
+unless told otherwise: an expert actor keeps its partial sums in float32, so that
+the coordinator rounds a bfloat16 token once, as the single process does); a token
 with no row sent gets zeros. Each output row is owned by one program that loops
 over j: no atomics, so the result is deterministic.
 """
@@ -33,8 +35,10 @@ def combine(
     *,
     backend: str = "auto",
     out: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """expert_out [N, D] (rows in perm's order), weights [T, K] -> out [T, D] in expert_out's dtype."""
+    """expert_out [N, D] (rows in perm's order), weights [T, K] -> out [T, D] in ``dtype`` (default: expert_out's;
+    ``out``'s when given)."""
     assert expert_out.dim() == 2 and weights.dim() == 2 and weights.is_floating_point(), (
         expert_out.shape,
         weights.shape,
@@ -43,8 +47,8 @@ def combine(
     assert expert_out.shape[0] == perm.source_token.shape[0], (expert_out.shape, perm.source_token.shape)
     T, D = weights.shape[0], expert_out.shape[1]
     if out is None:
-        out = torch.empty(T, D, dtype=expert_out.dtype, device=expert_out.device)
-    assert out.shape == (T, D) and out.dtype == expert_out.dtype, (out.shape, out.dtype)
+        out = torch.empty(T, D, dtype=dtype or expert_out.dtype, device=expert_out.device)
+    assert out.shape == (T, D) and out.is_floating_point() and dtype in (None, out.dtype), (out.shape, out.dtype, dtype)
     if resolve_backend(backend, expert_out.device) == "triton":
         combine_triton(expert_out, weights, perm.slot, out)
     else:
@@ -136,7 +140,7 @@ def _combine_kernel(
     x_ptr    [N, D] expert outputs, any float dtype (unit stride along D)
     w_ptr    [T, K] routing weights, any float dtype
     slot_ptr [T, K] int64 row of x for (t, j), -1 = not sent
-    out_ptr  [T, D] x's dtype (unit stride along D)
+    out_ptr  [T, D] any float dtype (unit stride along D)
     """
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]

@@ -41,6 +41,22 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.parametrize("layout", ["2_actors", "3_actors_replicated"])
+def test_bfloat16_cluster_equals_single_process(layout, ray_cluster, tiny_mixtral_dir):
+    """In bfloat16 each actor returns its partial sums in float32 and the coordinator rounds a token's sum once,
+    as the single process does. With partials rounded to bfloat16 on the actors, the logits here were 0.016 apart."""
+    with LLM(tiny_mixtral_dir, dtype="bfloat16") as llm:
+        expected_logits = [llm.logits(p) for p in PROMPTS]
+        expected_tokens = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    options = dict(LAYOUTS[layout])
+    n = options.pop("expert_actors")
+    cluster = dict(options, actor_resources=_pinned(n), coordinator_resources={"head": 1})
+    with LLM(tiny_mixtral_dir, expert_actors=n, dtype="bfloat16", cluster=cluster) as llm:
+        for prompt, expected in zip(PROMPTS, expected_logits):
+            assert (llm.logits(prompt) - expected).abs().max().item() < 1e-5
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected_tokens
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_sharded_cluster_equals_single_process(layout, ray_cluster, tiny_mixtral_dir, reference):
     options = dict(LAYOUTS[layout])
