@@ -72,7 +72,7 @@ class EchoActor:
         if message == NO_WORK:
             return NO_WORK
         batch = ExpertBatch.decode(message)
-        return ExpertReply(batch.tag, batch.rows).encode()
+        return ExpertReply(batch.tag, batch.rows.float()).encode()  # real actors reply in float32 (partial sums)
 
     def open_socket(self, secret: bytes, coordinator_ip: str) -> tuple[str, int]:
         """The socket transport's listener, as ``ExpertActor.open_socket`` (this benchmark runs on one node)."""
