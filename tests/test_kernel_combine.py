@@ -122,3 +122,18 @@ def test_combine_is_deterministic_and_weights_may_be_strided():
     b = combine(expert_out, weights, perm, backend="triton")
     assert torch.equal(a, b)
     torch.testing.assert_close(a, naive_combine_fast(expert_out, weights, perm.slot), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1, 33, 300])
+@pytest.mark.parametrize("in_dtype, out_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_combine_writes_another_dtype(T, in_dtype, out_dtype):
+    """An actor keeps its partial sums in float32 (bf16 rows in); the coordinator rounds float32 partials to bf16:
+    the float32 sum in the output's dtype, on both backends, at T = 1 (the lone-token path) too."""
+    expert_out, weights, perm = routed(T, 8, 2, 100, in_dtype, seed=T)
+    sums = naive_combine(expert_out.float(), weights, perm.slot)  # [T, D] float32
+    for backend in ("triton", "torch"):
+        got = combine(expert_out, weights, perm, backend=backend, dtype=out_dtype)
+        assert got.dtype == out_dtype and got.shape == sums.shape
+        torch.testing.assert_close(got, sums.to(out_dtype), **TOL[out_dtype])
+    with pytest.raises(AssertionError):
+        combine(expert_out, weights, perm, out=torch.empty(T, 100, dtype=in_dtype), dtype=out_dtype)  # disagree
