@@ -37,8 +37,8 @@ backend, in float32, and in bfloat16 where the CPU multiplies bfloat16 natively 
 that reads it).
 
 bfloat16. oneDNN's linear on a packed bfloat16 weight multiplies in bfloat16 and accumulates in float32,
-as ``F.linear`` does; it reads half the bytes of float32, and a whole decode step of 16 sequences ran
-1.4-1.6x faster than packed float32 on the demo model (docs/performance.md, "bfloat16 on CPU").
+as ``F.linear`` does; it reads half the bytes of float32, and a whole decode step of 1-64 sequences ran
+1.3-1.4x faster than packed float32 on the demo model (docs/performance.md, "bfloat16 on CPU").
 Without native bfloat16 (AVX2 machines), oneDNN would emulate it, so bfloat16 weights stay plain there.
 """
 
