@@ -79,15 +79,24 @@ def paged_attention_torch(q, key_cache, value_cache, layout: PagedLayout, scale:
     gqa = q.shape[1] != key_cache.shape[1]
     for chunk in plan.chunks:
         queries = q[chunk.rows].transpose(0, 1)[None]  # [1, H, n, Dh]
-        keys = key_cache[chunk.keys].transpose(0, 1)[None]  # [1, Hkv, S, Dh]
-        values = value_cache[chunk.keys].transpose(0, 1)[None]  # [1, Hkv, S, Dh]
+        keys = _cache_rows(key_cache, chunk.keys).transpose(0, 1)[None]  # [1, Hkv, S, Dh]
+        values = _cache_rows(value_cache, chunk.keys).transpose(0, 1)[None]  # [1, Hkv, S, Dh]
         out[chunk.rows] = _chunk_attention(queries, keys, values, chunk, scale, gqa)[0].transpose(0, 1)
     if plan.decode is not None:
         group = plan.decode
-        keys = key_cache[group.slots].transpose(1, 2)  # [Bd, Hkv, Smax, Dh]
-        values = value_cache[group.slots].transpose(1, 2)  # [Bd, Hkv, Smax, Dh]
-        attended = _masked_attention(q[group.rows][:, :, None, :], keys, values, group.visible, scale, gqa)  # [Bd, H, 1, Dh]
-        out[group.rows] = attended[:, :, 0]
+        Bd, Smax = group.slots.shape
+        flat = group.slots.reshape(-1)  # [Bd * Smax]
+        keys = key_cache.index_select(0, flat).unflatten(0, (Bd, Smax)).transpose(1, 2)  # [Bd, Hkv, Smax, Dh]
+        values = value_cache.index_select(0, flat).unflatten(0, (Bd, Smax)).transpose(1, 2)  # [Bd, Hkv, Smax, Dh]
+        queries = q.index_select(0, group.rows)[:, :, None, :]  # [Bd, H, 1, Dh]
+        attended = _masked_attention(queries, keys, values, group.visible, scale, gqa)  # [Bd, H, 1, Dh]
+        out.index_copy_(0, group.rows, attended[:, :, 0])
+
+
+def _cache_rows(cache: torch.Tensor, keys: slice | torch.Tensor) -> torch.Tensor:
+    """cache [slots, Hkv, Dh] at ``keys`` (a slice: a view; an index [S]: ``index_select``, several times
+    faster on CPU than advanced indexing) -> [S, Hkv, Dh]."""
+    return cache[keys] if isinstance(keys, slice) else cache.index_select(0, keys)
 
 
 def _masked_attention(q, keys, values, mask: torch.Tensor, scale: float, gqa: bool) -> torch.Tensor:

@@ -85,7 +85,7 @@ class MoeModel:
         batch = batch.to(self.device)
         parts = batch.split_in_two() if len(batch.chunks) >= max(2, self.ping_pong_min_sequences or 2**62) else (batch,)
         # Each micro-batch: its tokens' hidden states [t, D] and its pending FFN (None before the first layer).
-        xs = [w.embed[part.token_ids] for part in parts]  # [t, D] each
+        xs = [w.embed.index_select(0, part.token_ids) for part in parts]  # [t, D] each
         rotaries = [self.rotary.tables(part.positions, self.dtype) for part in parts]
         layouts = [step_layout(part, self.cache, config.sliding_window) for part in parts]
         pending: list[PendingFeedForward | None] = [None] * len(parts)
