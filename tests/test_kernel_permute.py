@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeshard.kernels import dedupe_destinations, permute
+from moeshard.kernels import dedupe_destinations, permute, plan_permutation
+from moeshard.kernels.permute import _plan_permutation_torch
 
 DIMS = (1, 33, 100, 257)
 EXPERTS = (1, 4, 8, 64)
@@ -110,6 +111,24 @@ def test_permute_rejects_out_of_range_ids():
         permute(torch.randn(4, 8), torch.tensor([[0], [1], [4], [2]]), 4)
     with pytest.raises(AssertionError):
         permute(torch.randn(4, 8), torch.tensor([[0], [1], [-2], [2]]), 4)
+
+
+@pytest.mark.parametrize(
+    "T, K, num_dest, id_dtype",
+    [(0, 2, 4, torch.int64), (1, 2, 8, torch.int32), (16, 2, 8, torch.int64), (33, 8, 128, torch.int32),
+     (2048, 2, 8, torch.int64), (7, 3, 1, torch.int64)],
+)  # fmt: skip
+def test_plan_on_cpu_equals_the_torch_steps(T, K, num_dest, id_dtype):
+    """On the CPU the plan is made in numpy; the torch steps (what other devices run) must give the same plan."""
+    g = torch.Generator().manual_seed(T + K)
+    ids = torch.randint(-1, num_dest, (T, K), generator=g).to(id_dtype)  # -1: not sent
+    before = ids.clone()
+    fast, steps = plan_permutation(ids, num_dest), _plan_permutation_torch(ids, num_dest)
+    for got, want in zip(fast, steps):
+        assert got.dtype == want.dtype == torch.int64 and torch.equal(got, want)
+    assert torch.equal(ids, before)  # the caller's ids are not touched
+    with pytest.raises(AssertionError):
+        plan_permutation(torch.tensor([[0], [num_dest]]), num_dest)
 
 
 def naive_dedupe(dest_ids: torch.Tensor) -> torch.Tensor:
