@@ -207,9 +207,12 @@ class RemoteExperts:
                 messages.append(None)
                 continue
             tokens = perm.source_token[start:end]  # [n]
-            mine = plan.actor_of[tokens] == actor  # [n, K] choices this actor serves
-            local_ids = torch.where(mine, table.local_index[actor][expert_ids[tokens]], -1)  # [n, K]
-            weights = torch.where(mine, work.routing.weights[tokens], 0.0)  # [n, K]
+            # index_select, not advanced indexing: the same rows, a few times cheaper per call on CPU
+            mine = plan.actor_of.index_select(0, tokens) == actor  # [n, K] choices this actor serves
+            chosen = expert_ids.index_select(0, tokens)  # [n, K]
+            local = table.local_index[actor].index_select(0, chosen.reshape(-1)).view_as(chosen)  # [n, K]
+            local_ids = torch.where(mine, local, -1)  # [n, K]
+            weights = torch.where(mine, work.routing.weights.index_select(0, tokens), 0.0)  # [n, K]
             batch = ExpertBatch(work.layer, tag, perm.rows[start:end], local_ids.int(), weights.float(), self.placement.version)
             messages.append(batch.encode())
         return messages
