@@ -1,7 +1,7 @@
 """Batch-1 decode time per token: the experts in process against the experts on actors (not a test).
 
     python -m moeshard.actors.benchmarks.token_latency [MODEL_DIR] [--expert-actors 2] [--redundant-experts 0]
-        [--new-tokens 24] [--rounds 8]
+        [--dtype auto] [--new-tokens 24] [--rounds 8]
 
 One sequence decodes greedily, ``--new-tokens`` tokens, with two ``LLM``s up side by side: the experts
 in this process and the experts on ``--expert-actors`` actors (``--transport``). They take turns, a new
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from moeshard.cluster import LLM, SamplingParams
-from moeshard.cluster.choices import TRANSPORTS
+from moeshard.cluster.choices import DTYPE_CHOICES, TRANSPORTS
 from moeshard.cluster.loadtest.loadgen import synthetic_prompt
 from moeshard.cluster.loadtest.serving_bench import write_synthetic_mixtral
 
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--redundant-experts", type=int, default=0, help="spare expert slots per layer (E of them: every expert on 2 actors)"
     )
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="both LLMs' dtype (auto: float32 on the CPU)")
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args(argv)
@@ -72,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         rng = random.Random(0)
         in_process, on_actors, ratios = [], [], []
         with (
-            LLM(model_dir) as local,
+            LLM(model_dir, dtype=args.dtype) as local,
             LLM(
                 model_dir,
+                dtype=args.dtype,
                 expert_actors=args.expert_actors,
                 cluster={"transport": args.transport, "redundant_experts": args.redundant_experts},
             ) as cluster,
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                 on_actors.append(sharded.ms_per_token)
                 ratios.append(sharded.ms_per_token / alone.ms_per_token)
     print(
-        f"batch-1 decode, {args.new_tokens} new tokens, {args.rounds} rounds, {Path(model_dir).name if args.model_dir else 'synthetic Mixtral'}:"
+        f"batch-1 decode, {args.new_tokens} new tokens, {args.rounds} rounds, dtype {args.dtype}, "
+        f"{Path(model_dir).name if args.model_dir else 'synthetic Mixtral'}:"
     )
     print()
     print("| configuration | ms per token (median) | rounds (ms) |")
