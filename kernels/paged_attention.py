@@ -86,8 +86,8 @@ def paged_attention_torch(q, key_cache, value_cache, layout: PagedLayout, scale:
         group = plan.decode
         Bd, Smax = group.slots.shape
         flat = group.slots.reshape(-1)  # [Bd * Smax]
-        keys = key_cache.index_select(0, flat).unflatten(0, (Bd, Smax)).transpose(1, 2)  # [Bd, Hkv, Smax, Dh]
-        values = value_cache.index_select(0, flat).unflatten(0, (Bd, Smax)).transpose(1, 2)  # [Bd, Hkv, Smax, Dh]
+        keys = _cache_rows(key_cache, flat).unflatten(0, (Bd, Smax)).transpose(1, 2)  # [Bd, Hkv, Smax, Dh]
+        values = _cache_rows(value_cache, flat).unflatten(0, (Bd, Smax)).transpose(1, 2)  # [Bd, Hkv, Smax, Dh]
         queries = q.index_select(0, group.rows)[:, :, None, :]  # [Bd, H, 1, Dh]
         attended = _masked_attention(queries, keys, values, group.visible, scale, gqa)  # [Bd, H, 1, Dh]
         out.index_copy_(0, group.rows, attended[:, :, 0])

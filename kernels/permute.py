@@ -88,7 +88,7 @@ def _plan_permutation_numpy(dest_ids: torch.Tensor, num_dest: int) -> Permutatio
     """``plan_permutation`` for CPU ids: the torch path's steps in numpy, the same plan (tested), 3x faster for a
     decode step's few dozen ids (22 against 66 µs), where each torch op costs several times a numpy one."""
     T, K = dest_ids.shape
-    flat = dest_ids.reshape(-1).numpy().astype(np.int64)  # [T*K] a copy: the caller's ids stay untouched
+    flat = dest_ids.reshape(-1).numpy().astype(np.int64, copy=False)  # [T*K] only read: every array below is new
     if flat.size:
         lo, hi = flat.min(), flat.max()
         assert lo >= -1 and hi < num_dest, f"dest ids must be in [-1, {num_dest}), got [{lo}, {hi}]"
