@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from moeshard.actors.actor_health import ActorHealth
+from moeshard.actors.collective.transport import CollectiveTransport
 from moeshard.actors.dispatch_plan import (
     DispatchPlan,
     LayerTable,
@@ -197,10 +198,10 @@ class RemoteExperts:
 
     def _messages(
         self, work: "LayerWork", table: LayerTable, plan: DispatchPlan, perm: Permutation, tag: int
-    ) -> list[bytes | None]:
+    ) -> list[ExpertBatch | None]:
         expert_ids = work.routing.expert_ids.long()  # [T, K]
         offsets = perm.expert_offsets.tolist()
-        messages: list[bytes | None] = []
+        messages: list[ExpertBatch | None] = []
         for actor in range(self.placement.num_actors):
             start, end = offsets[actor], offsets[actor + 1]
             if start == end:
@@ -213,21 +214,19 @@ class RemoteExperts:
             local = table.local_index[actor].index_select(0, chosen.reshape(-1)).view_as(chosen)  # [n, K]
             local_ids = torch.where(mine, local, -1)  # [n, K]
             weights = torch.where(mine, work.routing.weights.index_select(0, tokens), 0.0)  # [n, K]
-            batch = ExpertBatch(work.layer, tag, perm.rows[start:end], local_ids.int(), weights.float(), self.placement.version)
-            messages.append(batch.encode())
+            messages.append(ExpertBatch(work.layer, tag, perm.rows[start:end], local_ids.int(), weights.float(), self.placement.version))
         return messages
 
-    def _lone_token_messages(self, work: "LayerWork", table: LayerTable, lone: LoneTokenPlan, tag: int) -> list[bytes | None]:
-        """``_messages`` for a token alone, from Python ints: the same bytes."""
+    def _lone_token_messages(self, work: "LayerWork", table: LayerTable, lone: LoneTokenPlan, tag: int) -> list[ExpertBatch | None]:
+        """``_messages`` for a token alone, from Python ints: the same batches."""
         weights = work.routing.weights[0].tolist()  # [K] exact as Python floats
-        messages: list[bytes | None] = [None] * self.placement.num_actors
+        messages: list[ExpertBatch | None] = [None] * self.placement.num_actors
         for actor in lone.actors:
             local = table.local_lists[actor]
             mine = [a == actor for a in lone.actor_of]  # [K]
             local_ids = torch.tensor([[local[e] if m else -1 for e, m in zip(lone.expert_ids, mine)]], dtype=torch.int32)
             chosen = torch.tensor([[w if m else 0.0 for w, m in zip(weights, mine)]], dtype=work.routing.weights.dtype)
-            batch = ExpertBatch(work.layer, tag, work.hidden, local_ids, chosen.float(), self.placement.version)
-            messages[actor] = batch.encode()
+            messages[actor] = ExpertBatch(work.layer, tag, work.hidden, local_ids, chosen.float(), self.placement.version)
         return messages
 
     def _wait_for(self, actors: set[int], deadline: float) -> None:
@@ -302,7 +301,7 @@ class PendingDispatch:
         for actor, has_rows in enumerate(self.has_rows):
             if not has_rows:
                 continue
-            reply = ExpertReply.decode(exchange.replies[actor]) if exchange.replies[actor] is not None else None
+            reply = exchange.replies[actor]
             if reply is not None and reply.tag != self.tag:
                 failed[actor] = StaleReply(f"reply tagged {reply.tag} for dispatch {self.tag}")
             elif reply is not None and reply.stale:
@@ -322,12 +321,12 @@ class PendingDispatch:
         served = (self.plan.actor_of >= 0) & answered[self.plan.actor_of]  # [T, K]
         return LayerResult(combine(partials, counted.to(torch.float32), self.perm, dtype=hidden.dtype), served, failed)
 
-    def _lone_token_output(self, replies: list[bytes | None]) -> torch.Tensor | None:
+    def _lone_token_output(self, replies: list[ExpertReply | None]) -> torch.Tensor | None:
         """``combine`` of a token alone's partials (each weight 1, in j order): [1, D]; None unless every actor
         sent the token answered for this dispatch (then the general path sorts out what to resend)."""
         partial = {}  # actor -> [1, D]
         for actor in self.lone.actors:
-            reply = ExpertReply.decode(replies[actor]) if replies[actor] is not None else None
+            reply = replies[actor]
             if reply is None or reply.tag != self.tag or reply.stale:
                 return None
             partial[actor] = reply.rows
@@ -337,7 +336,10 @@ class PendingDispatch:
         return weighted_row_sum(chosen, ones, hidden.shape[1], chosen[0][1].device).to(hidden.dtype)  # one rounding
 
 
-TRANSPORT_CLASSES = {"actor_calls": ActorCallTransport, "socket": SocketTransport, "compiled_graph": CompiledGraphTransport}
+TRANSPORT_CLASSES = {
+    "actor_calls": ActorCallTransport, "socket": SocketTransport, "compiled_graph": CompiledGraphTransport,
+    "collective": CollectiveTransport,
+}  # fmt: skip
 
 
 def remote_experts(config: EngineConfig, placement: ExpertPlacement, actors: list[ActorRef]) -> RemoteExperts:

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from moeshard.actors.collective.channel import ChannelAddress
+from moeshard.actors.collective.server import open_channel
 from moeshard.actors.socket.server import ExpertSocketServer
 from moeshard.actors.wire import NO_WORK, ExpertBatch, ExpertReply
 from moeshard.cluster.model.checkpoint import CheckpointReader, ExpertKey, expert_weight_shapes
@@ -141,22 +143,28 @@ class ExpertActor:
         """Fault injection for tests and drills: the next ``count`` calls of ``run_experts`` first sleep ``seconds``."""
         self._delays = [seconds] * count
 
-    @torch.inference_mode()
     def run_experts(self, message: bytes) -> bytes:
-        """One MoE layer's work: an encoded ``ExpertBatch`` in, the weighted expert outputs [n, D] out, in float32
-        (partial sums: the coordinator adds the other actors' and rounds to its dtype once)."""
+        """One MoE layer's work over bytes (the socket, actor-call and compiled-graph transports): an encoded
+        ``ExpertBatch`` in, its encoded ``ExpertReply`` out."""
+        if message == NO_WORK:
+            if self._delays:
+                time.sleep(self._delays.pop())
+            return NO_WORK  # no rows for this actor in this layer (compiled graphs call every actor)
+        return self.run_batch(ExpertBatch.decode(message)).encode()
+
+    @torch.inference_mode()
+    def run_batch(self, batch: ExpertBatch) -> ExpertReply:
+        """One MoE layer's work: the weighted expert outputs [n, D] of the batch's rows, in float32 on this actor's
+        device (partial sums: the coordinator adds the other actors' and rounds to its dtype once)."""
         if self._delays:
             time.sleep(self._delays.pop())
-        if message == NO_WORK:
-            return NO_WORK  # no rows for this actor in this layer (compiled graphs call every actor)
-        batch = ExpertBatch.decode(message)
         stacks = self.versions.get(batch.version)
         if stacks is None:
-            return ExpertReply(batch.tag, batch.rows[:0], stale=True).encode()
+            return ExpertReply(batch.tag, batch.rows[:0], stale=True)
         stack = stacks[batch.layer]
         rows = batch.rows.to(self.device, self.dtype)  # the coordinator's precision may differ from this actor's
         out = stack.run(rows, batch.local_ids.to(self.device).long(), batch.weights.to(self.device), torch.float32)
-        return ExpertReply(batch.tag, out.to("cpu")).encode()
+        return ExpertReply(batch.tag, out)
 
     def open_socket(self, secret: bytes, coordinator_ip: str) -> tuple[str, int]:
         """The socket transport's address for a coordinator on ``coordinator_ip``, which connects with ``secret``:
@@ -171,6 +179,16 @@ class ExpertActor:
                 server = self._sockets[host] = ExpertSocketServer(host, self.run_experts)
             server.allow(secret)
         return server.address
+
+    def open_channel(self, secret: bytes, coordinator_ip: str, coordinator_device: str) -> ChannelAddress:
+        """The collective transport's channel for a coordinator on ``coordinator_ip`` (device type
+        ``coordinator_device``), which joins it and sends ``secret`` first; its store listens on 127.0.0.1 when
+        the coordinator runs on this node, on this node's address otherwise. Called in the control group."""
+        import ray
+
+        node_ip = ray.util.get_node_ip_address()
+        host = "127.0.0.1" if coordinator_ip == node_ip else node_ip
+        return open_channel(host, secret, self.device, coordinator_device, self.run_batch)
 
     def info(self) -> dict:
         """Where this actor runs and what it holds."""

@@ -8,6 +8,10 @@ Three implementations behind one interface; ``send`` starts a layer's messages a
 - ``CompiledGraphTransport``: a Ray Compiled Graph over the live expert actors
   (shared-memory channels on one node), compiled once and re-executed every
   MoE layer; every member is called, with an empty message when it has no rows.
+- ``CollectiveTransport`` (``collective/transport.py``): tensors over a torch.distributed
+  pair per actor (gloo between host tensors, NCCL between GPUs), not bytes.
+Batches and replies cross as ``ExpertBatch``/``ExpertReply``: the byte transports encode
+them (``wire.py``), the collective one sends their tensors.
 None raises for a failed actor: an ``Exchange`` carries the replies that came
 back and, for each actor that died or did not answer within the dispatch
 timeout, why (never a hang). The dispatch decides what to resend and where.
@@ -23,7 +27,7 @@ from typing import Protocol
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayChannelTimeoutError
 
-from moeshard.actors.wire import NO_WORK
+from moeshard.actors.wire import NO_WORK, ExpertBatch, ExpertReply
 from moeshard.cluster.errors import one_line
 
 logger = logging.getLogger(__name__)
@@ -42,12 +46,12 @@ class ActorRef:
 
 @dataclass(frozen=True)
 class Exchange:
-    replies: list[bytes | None]  # replies[i] from actor i; None where nothing was sent or the actor failed
+    replies: list[ExpertReply | None]  # replies[i] from actor i; None where nothing was sent or the actor failed
     failures: dict[int, BaseException]  # actor -> why no reply came back
 
 
 class Transport(Protocol):
-    def send(self, messages: list[bytes | None], live: frozenset[int]) -> object:
+    def send(self, messages: list[ExpertBatch | None], live: frozenset[int]) -> object:
         """Start: messages[i] to actor i (None: nothing to send; always None outside ``live``); a ticket for ``receive``."""
         ...
 
@@ -55,7 +59,7 @@ class Transport(Protocol):
         """What came back for the ticket's messages (never raises for a failed actor)."""
         ...
 
-    def exchange(self, messages: list[bytes | None], live: frozenset[int]) -> Exchange:
+    def exchange(self, messages: list[ExpertBatch | None], live: frozenset[int]) -> Exchange:
         """send, then receive."""
         ...
 
@@ -85,19 +89,19 @@ class ActorCallTransport:
         self.actors = actors
         self.timeout_s = timeout_s
 
-    def exchange(self, messages: list[bytes | None], live: frozenset[int]) -> Exchange:
+    def exchange(self, messages: list[ExpertBatch | None], live: frozenset[int]) -> Exchange:
         return self.receive(self.send(messages, live))
 
-    def send(self, messages: list[bytes | None], live: frozenset[int]) -> _Sent:
-        refs = {i: self.actors[i].handle.run_experts.remote(m) for i, m in enumerate(messages) if m is not None}
+    def send(self, messages: list[ExpertBatch | None], live: frozenset[int]) -> _Sent:
+        refs = {i: self.actors[i].handle.run_experts.remote(m.encode()) for i, m in enumerate(messages) if m is not None}
         return _Sent(len(messages), time.monotonic() + self.timeout_s, refs=refs)
 
     def receive(self, ticket: _Sent) -> Exchange:
-        replies: list[bytes | None] = [None] * ticket.num_actors
+        replies: list[ExpertReply | None] = [None] * ticket.num_actors
         failures: dict[int, BaseException] = {}
         for i, ref in ticket.refs.items():
             try:
-                replies[i] = ray.get(ref, timeout=max(0.0, ticket.deadline - time.monotonic()))
+                replies[i] = ExpertReply.decode(ray.get(ref, timeout=max(0.0, ticket.deadline - time.monotonic())))
             except (RayActorError, GetTimeoutError) as exc:
                 failures[i] = exc
         return Exchange(replies, failures)
@@ -127,10 +131,10 @@ class CompiledGraphTransport:
             graph = MultiOutputNode([self.actors[a].handle.run_experts.bind(inputs[pos]) for pos, a in enumerate(members)])
         return graph.experimental_compile(_submit_timeout=self.timeout_s)
 
-    def exchange(self, messages: list[bytes | None], live: frozenset[int]) -> Exchange:
+    def exchange(self, messages: list[ExpertBatch | None], live: frozenset[int]) -> Exchange:
         return self.receive(self.send(messages, live))
 
-    def send(self, messages: list[bytes | None], live: frozenset[int]) -> _Sent:
+    def send(self, messages: list[ExpertBatch | None], live: frozenset[int]) -> _Sent:
         members = tuple(sorted(live))
         sent = frozenset(i for i, m in enumerate(messages) if m is not None)
         deadline = time.monotonic() + self.timeout_s
@@ -138,7 +142,7 @@ class CompiledGraphTransport:
             if self._graph is None or self._members != members:
                 self._teardown()  # the live set changed: recompile over the actors that are up
                 self._graph, self._members = self._compile(members), members
-            refs = self._graph.execute(*[messages[a] if messages[a] is not None else NO_WORK for a in members])
+            refs = self._graph.execute(*[messages[a].encode() if messages[a] is not None else NO_WORK for a in members])
         except _GRAPH_ERRORS as exc:  # an actor killed while the graph compiles or starts fails here
             return _Sent(len(messages), deadline, members=members, sent=sent, error=exc)
         return _Sent(len(messages), deadline, refs=refs, members=members, sent=sent)
@@ -154,9 +158,9 @@ class CompiledGraphTransport:
             self._teardown()  # first: an actor still inside the graph's loop cannot answer a ping
             failed = self._failed_members(error, ticket.members) or sorted(ticket.sent)
             return Exchange([None] * ticket.num_actors, {a: error for a in failed})
-        replies: list[bytes | None] = [None] * ticket.num_actors
+        replies: list[ExpertReply | None] = [None] * ticket.num_actors
         for pos, a in enumerate(ticket.members):
-            replies[a] = answers[pos] if a in ticket.sent else None
+            replies[a] = ExpertReply.decode(answers[pos]) if a in ticket.sent else None
         return Exchange(replies, {})
 
     def _failed_members(self, exc: BaseException, members: tuple[int, ...]) -> list[int]:

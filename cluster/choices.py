@@ -5,8 +5,9 @@ Plain strings only, no torch: the CLI builds its ``--help`` from these without l
 
 from __future__ import annotations
 
-# Dispatch transports (actors/transport.py): frames over a TCP connection per actor, Ray actor calls, a compiled graph.
-TRANSPORTS = ("socket", "actor_calls", "compiled_graph")
+# Dispatch transports (actors/transport.py): frames over a TCP connection per actor, Ray actor calls, a compiled graph,
+# tensors over a torch.distributed pair per actor (gloo on the CPU, NCCL between GPUs).
+TRANSPORTS = ("socket", "actor_calls", "compiled_graph", "collective")
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DTYPE_CHOICES = ("auto", *DTYPE_NAMES)  # auto: bfloat16 on a GPU, float32 on the CPU

@@ -35,13 +35,14 @@ LAYOUTS = {
     "4_actors": dict(expert_actors=4),
     "4_actors_actor_calls": dict(expert_actors=4, transport="actor_calls"),
     "4_actors_compiled_graph": dict(expert_actors=4, transport="compiled_graph"),
+    "3_actors_collective": dict(expert_actors=3, transport="collective"),
     "3_actors_replicated": dict(
         expert_actors=3, expert_map={e: [e % 3, (e + 1) % 3] for e in range(8)}
     ),
 }
 
 
-@pytest.mark.parametrize("layout", ["2_actors", "3_actors_replicated"])
+@pytest.mark.parametrize("layout", ["2_actors", "3_actors_replicated", "3_actors_collective"])
 def test_bfloat16_cluster_equals_single_process(layout, ray_cluster, tiny_mixtral_dir):
     """In bfloat16 each actor returns its partial sums in float32 and the coordinator rounds a token's sum once,
     as the single process does. With partials rounded to bfloat16 on the actors, the logits here were 0.016 apart."""

@@ -28,14 +28,15 @@ D, I = 48, 16  # noqa: E741
 
 
 class InProcessTransport:
-    """Runs each message on its actor's expert stack; records how many messages each actor got per layer."""
+    """Runs each batch on its actor's expert stack, through the wire encoding both ways; records how many batches
+    each actor got per layer."""
 
     def __init__(self, stacks: list[dict[int, ExpertStack]]):
         self.stacks = stacks
         self.sent: list[list[int]] = []  # per exchange: actors that got a message
-        self.messages: list[list[bytes | None]] = []  # per exchange: what each actor was sent
+        self.messages: list[list[ExpertBatch | None]] = []  # per exchange: what each actor was sent
 
-    def send(self, messages: list[bytes | None], live: frozenset[int]) -> list[bytes | None]:
+    def send(self, messages: list[ExpertBatch | None], live: frozenset[int]) -> list[ExpertReply | None]:
         self.sent.append([a for a, m in enumerate(messages) if m is not None])
         self.messages.append(messages)
         replies = []
@@ -43,15 +44,15 @@ class InProcessTransport:
             if message is None:
                 replies.append(None)
                 continue
-            batch = ExpertBatch.decode(message)
+            batch = ExpertBatch.decode(message.encode())
             out = self.stacks[actor][batch.layer].run(batch.rows, batch.local_ids.long(), batch.weights)
-            replies.append(ExpertReply(batch.tag, out).encode())
+            replies.append(ExpertReply.decode(ExpertReply(batch.tag, out).encode()))
         return replies
 
-    def receive(self, ticket: list[bytes | None]) -> Exchange:
+    def receive(self, ticket: list[ExpertReply | None]) -> Exchange:
         return Exchange(ticket, {})
 
-    def exchange(self, messages: list[bytes | None], live: frozenset[int]) -> Exchange:
+    def exchange(self, messages: list[ExpertBatch | None], live: frozenset[int]) -> Exchange:
         return self.receive(self.send(messages, live))
 
     def close(self) -> None:
@@ -147,7 +148,7 @@ def test_a_token_alone_sends_the_bytes_and_gets_the_output_of_the_general_path(E
         assert [m is None for m in fast_sent] == [m is None for m in general_sent]
         for a, b in zip(fast_sent, general_sent):  # the same batch but for its tag (a dispatch's own number)
             if a is not None:
-                x, y = ExpertBatch.decode(a), ExpertBatch.decode(b)
+                x, y = a, b
                 assert (x.layer, x.version, x.tag + 1) == (y.layer, y.version, y.tag)
                 for name in ("rows", "local_ids", "weights"):
                     u, v = getattr(x, name), getattr(y, name)
@@ -163,15 +164,15 @@ class FailsActorOneOnce(InProcessTransport):
         super().__init__(stacks)
         self.how, self.failed = how, False
 
-    def receive(self, ticket: list[bytes | None]) -> Exchange:
+    def receive(self, ticket: list[ExpertReply | None]) -> Exchange:
         replies, failures = list(ticket), {}
         if replies[1] is not None and not self.failed:
             self.failed = True
             if self.how == "died":
                 replies[1], failures[1] = None, RuntimeError("actor 1 died")
             else:
-                reply = ExpertReply.decode(replies[1])
-                replies[1] = ExpertReply(reply.tag + 1000, reply.rows).encode()
+                reply = replies[1]
+                replies[1] = ExpertReply(reply.tag + 1000, reply.rows)
         return Exchange(replies, failures)
 
 

@@ -97,6 +97,8 @@ CASES = {
     "replicas_socket": dict(actors=3, victims=[1], transport="socket", expert_map=REPLICATED_3),
     "replicas_actor_calls": dict(actors=3, victims=[1], transport="actor_calls", expert_map=REPLICATED_3),
     "replicas_compiled_graph": dict(actors=3, victims=[2], transport="compiled_graph", expert_map=REPLICATED_3),
+    "sole_host_collective": dict(actors=2, victims=[1], transport="collective"),
+    "replicas_collective": dict(actors=3, victims=[1], transport="collective", expert_map=REPLICATED_3),
     "two_at_once_covered_by_replicas": dict(
         actors=4, victims=[0, 1], transport="actor_calls", expert_map={e: [e % 4, (e + 2) % 4] for e in range(8)}
     ),
@@ -139,9 +141,10 @@ def test_same_actor_killed_twice_in_a_row(ray_cluster, tiny_mixtral_dir, referen
 
 
 @pytest.mark.slow
-def test_actor_that_stops_answering_is_routed_around(ray_cluster, tiny_mixtral_dir, reference):
+@pytest.mark.parametrize("transport", ["socket", "collective"])
+def test_actor_that_stops_answering_is_routed_around(transport, ray_cluster, tiny_mixtral_dir, reference):
     """A stuck actor past the dispatch timeout takes the failover path; its late reply is never used."""
-    options = _cluster_options(3, dispatch_timeout_s=2, expert_map=REPLICATED_3)
+    options = _cluster_options(3, dispatch_timeout_s=2, expert_map=REPLICATED_3, transport=transport)
     with LLM(tiny_mixtral_dir, expert_actors=3, cluster=options) as llm:
         stuck = llm._cluster.expert_actors[1]
         tokens = _generate_while(llm, lambda: _once_decoding(llm, lambda: ray.get(stuck.delay_next_calls.remote(6.0, 1))))

@@ -39,6 +39,7 @@ from multiprocessing import shared_memory
 import ray
 import torch
 
+from moeshard.actors.collective.server import open_channel
 from moeshard.actors.dispatch import remote_experts
 from moeshard.actors.expert_actor import CONTROL_GROUP
 from moeshard.actors.pool.expert_pool import start_expert_pool
@@ -71,8 +72,14 @@ class EchoActor:
     def run_experts(self, message: bytes) -> bytes:
         if message == NO_WORK:
             return NO_WORK
-        batch = ExpertBatch.decode(message)
-        return ExpertReply(batch.tag, batch.rows.float()).encode()  # real actors reply in float32 (partial sums)
+        return self.run_batch(ExpertBatch.decode(message)).encode()
+
+    def run_batch(self, batch: ExpertBatch) -> ExpertReply:
+        return ExpertReply(batch.tag, batch.rows.float())  # real actors reply in float32 (partial sums)
+
+    def open_channel(self, secret: bytes, coordinator_ip: str, coordinator_device: str):
+        """The collective transport's channel, as ``ExpertActor.open_channel`` (this benchmark runs on one node)."""
+        return open_channel("127.0.0.1", secret, torch.device("cpu"), coordinator_device, self.run_batch)
 
     def open_socket(self, secret: bytes, coordinator_ip: str) -> tuple[str, int]:
         """The socket transport's listener, as ``ExpertActor.open_socket`` (this benchmark runs on one node)."""
@@ -91,10 +98,10 @@ class _TimedTransport:
         self.span = (0.0, 0.0)
         self.last: tuple[list, list] = ([], [])
 
-    def exchange(self, messages: list[bytes | None], live: frozenset[int]):
+    def exchange(self, messages: list[ExpertBatch | None], live: frozenset[int]):
         return self.receive(self.send(messages, live))
 
-    def send(self, messages: list[bytes | None], live: frozenset[int]):
+    def send(self, messages: list[ExpertBatch | None], live: frozenset[int]):
         self._start, self._messages = time.perf_counter(), messages
         return self.inner.send(messages, live)
 
@@ -151,17 +158,17 @@ class DispatchBench:
         return times
 
     def message_sizes(self, num_tokens: int) -> list[tuple[int, int]]:
-        """(request bytes, reply bytes) per actor with work, from one echo round trip."""
+        """(request bytes, reply bytes) per actor with work, from one echo round trip, as the byte transports encode them."""
         experts = self.remote["echo"]
         experts(0, *self._inputs(num_tokens))
         messages, replies = experts.transport.last
-        return [(len(m), len(r)) for m, r in zip(messages, replies) if m is not None]
+        return [(len(m.encode()), len(r.encode())) for m, r in zip(messages, replies) if m is not None]
 
     def time_actor_wire(self, num_tokens: int, iterations: int) -> list[float]:
         """The echo actors' own work of one round trip (decode + encode of every message), in this process."""
         experts, echo = self.remote["echo"], EchoActor()
         experts(0, *self._inputs(num_tokens))
-        messages = [m for m in experts.transport.last[0] if m is not None]
+        messages = [m.encode() for m in experts.transport.last[0] if m is not None]
         times = []
         for _ in range(iterations):
             start = time.perf_counter()

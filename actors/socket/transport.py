@@ -27,6 +27,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from moeshard.actors.expert_actor import CONTROL_GROUP
 from moeshard.actors.socket.server import SECRET_BYTES, FrameError, read_frame, tuned, write_frame
 from moeshard.actors.transport import ActorRef, Exchange
+from moeshard.actors.wire import ExpertBatch, ExpertReply
 
 logger = logging.getLogger(__name__)
 
@@ -103,28 +104,28 @@ class SocketTransport:
         self.node_ip = ray.util.get_node_ip_address()
         self._connections: dict[int, _Connection] = {}
 
-    def exchange(self, messages: list[bytes | None], live: frozenset[int]) -> Exchange:
+    def exchange(self, messages: list[ExpertBatch | None], live: frozenset[int]) -> Exchange:
         return self.receive(self.send(messages, live))
 
-    def send(self, messages: list[bytes | None], live: frozenset[int]) -> _SocketSent:
+    def send(self, messages: list[ExpertBatch | None], live: frozenset[int]) -> _SocketSent:
         sent = _SocketSent(len(messages), time.monotonic() + self.timeout_s)
         for actor, message in enumerate(messages):
             if message is None:
                 continue
             try:
                 connection = self._connection(actor, sent.deadline)
-                sent.frames[actor] = (connection, connection.send(message))
+                sent.frames[actor] = (connection, connection.send(message.encode()))
             except CONNECT_ERRORS as exc:
                 self._drop(actor)
                 sent.failures[actor] = exc
         return sent
 
     def receive(self, ticket: _SocketSent) -> Exchange:
-        replies: list[bytes | None] = [None] * ticket.num_actors
+        replies: list[ExpertReply | None] = [None] * ticket.num_actors
         failures = dict(ticket.failures)
         for actor, (connection, seq) in ticket.frames.items():
             try:
-                replies[actor] = connection.wait(seq, ticket.deadline)
+                replies[actor] = ExpertReply.decode(connection.wait(seq, ticket.deadline))
             except (ConnectionError, TimeoutError) as exc:
                 self._drop(actor, connection)
                 failures[actor] = exc

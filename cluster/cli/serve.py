@@ -57,7 +57,8 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: bfloat16 on a GPU, float32 on the CPU")
     serve.add_argument(
         "--transport", default="socket", choices=TRANSPORTS,
-        help="the dispatch data path: a TCP connection per expert actor (default), Ray actor calls, or a compiled graph",
+        help="the dispatch data path: a TCP connection per expert actor (default), Ray actor calls, a compiled graph, "
+        "or collective (tensors over a torch.distributed pair per actor: gloo on the CPU, NCCL between GPUs)",
     )  # fmt: skip
     serve.add_argument(
         "--redundant-experts", type=int, default=0, metavar="R",

@@ -60,7 +60,7 @@ def build_engine(config: EngineConfig, files: ModelFiles, experts: ExpertsFn | N
     if prepacks(device, dtype):
         dense = prepack_dense(dense)
     # Local experts have nothing to overlap; a compiled graph runs one execution at a time here.
-    overlaps = experts is not None and config.cluster.transport in ("actor_calls", "socket")
+    overlaps = experts is not None and config.cluster.transport in ("actor_calls", "socket", "collective")
     ping_pong = (config.ping_pong_min_sequences or None) if overlaps else None
     if experts is None:
         experts = LocalExperts.from_checkpoint(reader, dtype, device)

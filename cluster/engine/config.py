@@ -74,7 +74,7 @@ class EngineConfig(BaseModel):
     kv_block_size: int = Field(default=16, gt=0)
     max_batch_tokens: int = Field(default=2048, gt=0)
     max_running: int = Field(default=256, gt=0)  # sequences in the running batch at once; more wait
-    # With expert actors (the socket or actor_calls transport), steps of at least this many sequences run as two
+    # With expert actors (the socket, actor_calls or collective transport), steps of at least this many sequences run as two
     # micro-batches, one's attention overlapping the other's experts. 0 (the default): never; it pays where the
     # coordinator and the actors have compute of their own (GPUs, nodes), not where they share a few cores.
     ping_pong_min_sequences: int = Field(default=0, ge=0)

@@ -1,0 +1,154 @@
+"""One coordinator-actor pair's tensor channel: a two-rank torch.distributed process group.
+
+Rank 0 is the coordinator, rank 1 the expert actor. Each MoE layer the coordinator sends a batch and
+the actor sends back a reply, as tensors that go straight from one process's memory to the other's:
+
+    coordinator -> actor   header [8] int64 (tag, layer, version, n, K, D, rows dtype, 0)   on ``meta``
+                           rows [n, D], local_ids [n, K] int32, weights [n, K] float32       on ``data``
+    actor -> coordinator   header [4] int64 (tag, stale, n, D)                               on ``meta``
+                           rows [n, D] float32 (nothing when stale)                          on ``data``
+
+``meta`` is always a gloo group on host tensors (the sizes a receiver needs before it can post a
+receive, read without a device sync). ``data`` is an NCCL group when both ends are on CUDA devices,
+so rows never leave the GPUs; otherwise it is ``meta`` itself and the tensors are host tensors.
+Sends and receives on one (group, peer, tag) are matched in the order they were posted.
+
+A channel opens with the coordinator's secret (``SECRET_BYTES`` uint8 on ``meta``), which the actor
+compares in constant time before it runs anything. A peer that dies closes the gloo connection and
+every pending operation on either side fails at once; a receive that times out closes it too, so a
+late reply can never be read as another's. Dropping the last reference to a channel closes it.
+
+Dimensions: n rows, D hidden, K chosen per token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from moeshard.actors.wire import ExpertBatch, ExpertReply
+
+logger = logging.getLogger(__name__)
+
+COORDINATOR_RANK, ACTOR_RANK = 0, 1
+SECRET_BYTES = 32
+META_TAG, DATA_TAG = 0, 1
+# Operations wait this long by default: an idle channel waits for the next layer as long as it likes; the
+# coordinator's receives pass the dispatch deadline instead.
+IDLE_TIMEOUT = timedelta(days=365)
+_ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_BATCH_HEADER, _REPLY_HEADER = 8, 4
+
+
+class ChannelClosed(ConnectionError):
+    """The peer closed the channel or died (the channel is unusable from then on)."""
+
+
+class ChannelTimeout(ChannelClosed, TimeoutError):
+    """No answer in time; the timed-out receive closed the channel."""
+
+
+@dataclass(frozen=True)
+class ChannelAddress:
+    """Where a channel's rendezvous store listens, and what its groups are named there."""
+
+    host: str
+    port: int
+    prefix: str
+    data_backend: str  # "nccl" (both ends on CUDA) or "gloo"
+
+
+def gloo_group(store: dist.Store, rank: int, host: str) -> dist.ProcessGroup:
+    """A two-rank gloo group whose connections use ``host``'s interface (127.0.0.1 on one node)."""
+    options = dist.ProcessGroupGloo._Options()
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    options._timeout = IDLE_TIMEOUT
+    return dist.ProcessGroupGloo(store, rank, 2, options)
+
+
+def nccl_group(store: dist.Store, rank: int) -> dist.ProcessGroup:
+    """A two-rank NCCL group on this process's current CUDA device (not yet run on a GPU: docs/gpu.md)."""
+    return dist.ProcessGroupNCCL(store, rank, 2)
+
+
+class TensorChannel:
+    """Batches and replies as tensors over a pair of ranks; ``device`` is where ``data`` tensors must live."""
+
+    def __init__(self, meta: dist.ProcessGroup, data: dist.ProcessGroup, rank: int, device: torch.device, store: dist.Store):
+        self.meta, self.data, self.device = meta, data, device
+        self.peer = ACTOR_RANK if rank == COORDINATOR_RANK else COORDINATOR_RANK
+        self.store = store  # kept alive with the groups (the actor's end hosts it)
+
+    @classmethod
+    def open(cls, store: dist.Store, rank: int, host: str, address: ChannelAddress, device: torch.device) -> "TensorChannel":
+        meta = gloo_group(dist.PrefixStore(f"{address.prefix}/meta", store), rank, host)
+        if address.data_backend == "nccl":
+            return cls(meta, nccl_group(dist.PrefixStore(f"{address.prefix}/data", store), rank), rank, device, store)
+        return cls(meta, meta, rank, torch.device("cpu"), store)
+
+    # -- the handshake ------------------------------------------------------------------
+    def send_secret(self, secret: bytes) -> None:
+        self._wait(self.meta.send([torch.frombuffer(bytearray(secret), dtype=torch.uint8)], self.peer, META_TAG), None)
+
+    def check_secret(self, secrets: list[bytes], timeout: timedelta) -> bool:
+        got = torch.empty(SECRET_BYTES, dtype=torch.uint8)
+        self._wait(self.meta.recv([got], self.peer, META_TAG), timeout)
+        sent = bytes(got.tolist())
+        return any(hmac.compare_digest(sent, known) for known in secrets)
+
+    # -- coordinator -> actor -----------------------------------------------------------
+    def send_batch(self, batch: ExpertBatch) -> list[dist.Work]:
+        """Post the batch's sends; the caller keeps the returned works (and so the tensors) until they complete."""
+        n, k = batch.local_ids.shape
+        header = torch.tensor(
+            [batch.tag, batch.layer, batch.version, n, k, batch.rows.shape[1], _ROW_DTYPES.index(batch.rows.dtype), 0]
+        )
+        works = [self.meta.send([header], self.peer, META_TAG)]
+        for tensor in (batch.rows, batch.local_ids, batch.weights):
+            works.append(self.data.send([tensor.to(self.device).contiguous()], self.peer, DATA_TAG))
+        return works
+
+    def recv_batch(self) -> ExpertBatch:
+        """The next batch (blocks until one comes; raises ``ChannelClosed`` when the coordinator goes away)."""
+        header = torch.empty(_BATCH_HEADER, dtype=torch.int64)
+        self._wait(self.meta.recv([header], self.peer, META_TAG), None)
+        tag, layer, version, n, k, d, dtype, _ = header.tolist()
+        rows = torch.empty(n, d, dtype=_ROW_DTYPES[dtype], device=self.device)
+        local_ids = torch.empty(n, k, dtype=torch.int32, device=self.device)
+        weights = torch.empty(n, k, dtype=torch.float32, device=self.device)
+        for tensor in (rows, local_ids, weights):
+            self._wait(self.data.recv([tensor], self.peer, DATA_TAG), None)
+        return ExpertBatch(layer, tag, rows, local_ids, weights, version)
+
+    # -- actor -> coordinator -----------------------------------------------------------
+    def send_reply(self, reply: ExpertReply) -> None:
+        n, d = reply.rows.shape
+        self._wait(self.meta.send([torch.tensor([reply.tag, int(reply.stale), n, d])], self.peer, META_TAG), None)
+        if not reply.stale:
+            self._wait(self.data.send([reply.rows.to(self.device, torch.float32).contiguous()], self.peer, DATA_TAG), None)
+
+    def recv_reply(self, timeout: timedelta) -> ExpertReply:
+        header = torch.empty(_REPLY_HEADER, dtype=torch.int64)
+        self._wait(self.meta.recv([header], self.peer, META_TAG), timeout)
+        tag, stale, n, d = header.tolist()
+        rows = torch.empty(0 if stale else n, d, dtype=torch.float32, device=self.device)
+        if not stale:
+            self._wait(self.data.recv([rows], self.peer, DATA_TAG), timeout)
+        return ExpertReply(tag, rows, stale=bool(stale))
+
+    def close(self) -> None:
+        """Drop the groups: the last reference gone, gloo closes the connections and the peer's pending operations fail."""
+        self.meta = self.data = self.store = None
+
+    @staticmethod
+    def _wait(work: dist.Work, timeout: timedelta | None) -> None:
+        try:
+            work.wait() if timeout is None else work.wait(max(timeout, timedelta(milliseconds=1)))
+        except RuntimeError as exc:  # gloo: "Connection closed by peer", "Timed out waiting ..."
+            message = str(exc).splitlines()[0]
+            raise (ChannelTimeout if "Timed out" in message else ChannelClosed)(message) from exc
