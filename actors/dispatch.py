@@ -89,17 +89,20 @@ class RemoteExperts:
         self.meter = LoadMeter(placement.num_layers, placement.num_experts, placement.num_actors, time.monotonic)
         moe_layers = [layer for layer, experts in enumerate(placement.hosts) if experts]
         self._first_layer, self._last_layer = min(moe_layers, default=0), max(moe_layers, default=0)
-        self._tables: dict[frozenset[int], list[LayerTable | None]] = {}
+        self._tables: dict[tuple[frozenset[int], torch.device], list[LayerTable | None]] = {}
         self._tags = itertools.count()
         self._switch = threading.Condition()  # guards placement, _next and _passes
         self._next: tuple[ExpertPlacement, list[ActorRef] | None] | None = None
         self._passes = 0  # forward passes between their first and last MoE layer (two with ping-pong micro-batches)
 
-    def tables(self, down: frozenset[int] = frozenset()) -> list[LayerTable | None]:
-        tables = self._tables
-        if down not in tables:
-            tables[down] = build_tables(self.placement, down)
-        return tables[down]
+    def tables(self, down: frozenset[int] = frozenset(), device: torch.device = torch.device("cpu")) -> list[LayerTable | None]:
+        """The placement's tables routing around ``down``, with their tensors on ``device`` (built once for each)."""
+        tables, key, on_host = self._tables, (down, device), (down, torch.device("cpu"))
+        if on_host not in tables:
+            tables[on_host] = build_tables(self.placement, down)
+        if key not in tables:
+            tables[key] = [table.to(device) if table is not None else None for table in tables[on_host]]
+        return tables[key]
 
     def _probe(self, actor: ActorRef):
         """Answers once ``actor`` is up and holds the current placement (a restarted actor loads it first)."""
@@ -156,7 +159,8 @@ class RemoteExperts:
     def submit(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> "PendingDispatch":
         """Steps 2-3 and the start of 4 for every choice: the actors work while the caller does something else."""
         home = hidden.device
-        if home.type != "cpu":  # rows cross to the actors as host bytes: plan and pack them on the host (docs/gpu.md)
+        if home.type != "cpu" and not self.transport.carries_device_tensors:
+            # rows cross to the actors as host bytes: plan and pack them on the host (docs/gpu.md)
             hidden, routing = hidden.cpu(), RouterOutput(routing.weights.cpu(), routing.expert_ids.cpu())
         self._layer_started(layer)
         try:
@@ -174,10 +178,10 @@ class RemoteExperts:
         while True:
             self.health.refresh()
             down = self.health.down
-            table = self.tables(down)[work.layer]
+            table = self.tables(down, work.hidden.device)[work.layer]
             assert table is not None, f"layer {work.layer} is a dense layer: it has no experts"
             if lone_token:
-                lone = plan_lone_token(table, work.routing.expert_ids[0].tolist())
+                lone = plan_lone_token(table, work.routing.expert_ids[0].tolist(), work.hidden.device)
                 plan, needed = lone.plan, set(lone.actor_of) & down
             else:
                 plan = plan_dispatch(table, work.routing.expert_ids.long(), work.pending)
@@ -188,19 +192,20 @@ class RemoteExperts:
             self._wait_for(needed, deadline)
         num_actors, tag = self.placement.num_actors, next(self._tags)
         if lone_token:
-            perm, messages = None, self._lone_token_messages(work, table, lone, tag)
+            perm, offsets, messages = None, None, self._lone_token_messages(work, table, lone, tag)
         else:
             perm = permute(work.hidden, plan.send_to, num_actors)  # rows [N, D] grouped by actor
-            messages = self._messages(work, table, plan, perm, tag)
+            offsets = perm.expert_offsets.tolist()  # [A + 1] (a host sync off the CPU: docs/gpu.md)
+            messages = self._messages(work, table, plan, perm, offsets, tag)
         ticket = self.transport.send(messages, frozenset(range(num_actors)) - down)
         has_rows = [m is not None for m in messages]
-        return PendingDispatch(self, work, plan, perm, tag, has_rows, ticket, deadline, lone if lone_token else None)
+        lone = lone if lone_token else None
+        return PendingDispatch(self, work, plan, perm, offsets, tag, has_rows, ticket, deadline, lone)
 
     def _messages(
-        self, work: "LayerWork", table: LayerTable, plan: DispatchPlan, perm: Permutation, tag: int
+        self, work: "LayerWork", table: LayerTable, plan: DispatchPlan, perm: Permutation, offsets: list[int], tag: int
     ) -> list[ExpertBatch | None]:
         expert_ids = work.routing.expert_ids.long()  # [T, K]
-        offsets = perm.expert_offsets.tolist()
         messages: list[ExpertBatch | None] = []
         for actor in range(self.placement.num_actors):
             start, end = offsets[actor], offsets[actor + 1]
@@ -220,12 +225,13 @@ class RemoteExperts:
     def _lone_token_messages(self, work: "LayerWork", table: LayerTable, lone: LoneTokenPlan, tag: int) -> list[ExpertBatch | None]:
         """``_messages`` for a token alone, from Python ints: the same batches."""
         weights = work.routing.weights[0].tolist()  # [K] exact as Python floats
+        device = work.hidden.device
         messages: list[ExpertBatch | None] = [None] * self.placement.num_actors
         for actor in lone.actors:
             local = table.local_lists[actor]
             mine = [a == actor for a in lone.actor_of]  # [K]
-            local_ids = torch.tensor([[local[e] if m else -1 for e, m in zip(lone.expert_ids, mine)]], dtype=torch.int32)
-            chosen = torch.tensor([[w if m else 0.0 for w, m in zip(weights, mine)]], dtype=work.routing.weights.dtype)
+            local_ids = torch.tensor([[local[e] if m else -1 for e, m in zip(lone.expert_ids, mine)]], dtype=torch.int32, device=device)
+            chosen = torch.tensor([[w if m else 0.0 for w, m in zip(weights, mine)]], dtype=work.routing.weights.dtype, device=device)
             messages[actor] = ExpertBatch(work.layer, tag, work.hidden, local_ids, chosen.float(), self.placement.version)
         return messages
 
@@ -252,6 +258,7 @@ class PendingDispatch:
     work: LayerWork
     plan: DispatchPlan
     perm: Permutation | None  # None for a token alone: made only if a reply is missing
+    offsets: list[int] | None  # [A + 1] perm.expert_offsets as Python ints (None with perm)
     tag: int
     has_rows: list[bool]  # [A] actors sent rows
     ticket: object
@@ -294,7 +301,8 @@ class PendingDispatch:
         failed = dict(exchange.failures)
         if self.perm is None:
             self.perm = permute_lone_token(self.work.hidden, self.lone, len(self.has_rows))
-        hidden, offsets = self.work.hidden, self.perm.expert_offsets.tolist()
+            self.offsets = self.perm.expert_offsets.tolist()
+        hidden, offsets = self.work.hidden, self.offsets
         answered = torch.ones(len(self.has_rows) + 1, dtype=torch.bool)  # [A + 1]; the last entry stands for -1
         complete = True  # every actor sent rows answered
         rows = []  # [n, D] per actor with work, in actor order; zeros where no usable reply came back
@@ -307,16 +315,17 @@ class PendingDispatch:
             elif reply is not None and reply.stale:
                 failed[actor] = StaleReply(f"the actor holds no experts of placement version {self.experts.placement.version}")
             elif reply is not None:
-                rows.append(reply.rows)
+                rows.append(reply.rows.to(hidden.device))  # (a transport may deliver them elsewhere: gloo on the host)
                 continue
             # No reply: the actor failed, or (a compiled graph fails as a whole) its answer was lost with the graph.
             answered[actor] = False
             complete = False
-            rows.append(torch.zeros(offsets[actor + 1] - offsets[actor], hidden.shape[1], dtype=torch.float32))
+            rows.append(torch.zeros(offsets[actor + 1] - offsets[actor], hidden.shape[1], dtype=torch.float32, device=hidden.device))
         partials = torch.cat(rows) if len(rows) > 1 else rows[0] if rows else self.perm.rows  # [N, D] in actor order
         if complete:  # each sent partial counts once (a repeat's send_to is -1)
             counted = (self.plan.send_to >= 0).to(torch.float32)  # [T, K]
             return LayerResult(combine(partials, counted, self.perm, dtype=hidden.dtype), None, failed)
+        answered = answered.to(hidden.device)
         counted = (self.plan.send_to >= 0) & answered[self.plan.send_to]  # [T, K] each answered partial counts once
         served = (self.plan.actor_of >= 0) & answered[self.plan.actor_of]  # [T, K]
         return LayerResult(combine(partials, counted.to(torch.float32), self.perm, dtype=hidden.dtype), served, failed)
@@ -330,10 +339,10 @@ class PendingDispatch:
             if reply is None or reply.tag != self.tag or reply.stale:
                 return None
             partial[actor] = reply.rows
-        chosen = [(j, partial[a]) for j, a in enumerate(self.lone.send_to) if a >= 0]
-        ones = torch.ones(1, len(self.lone.send_to))  # [1, K]
         hidden = self.work.hidden
-        return weighted_row_sum(chosen, ones, hidden.shape[1], chosen[0][1].device).to(hidden.dtype)  # one rounding
+        chosen = [(j, partial[a].to(hidden.device)) for j, a in enumerate(self.lone.send_to) if a >= 0]
+        ones = torch.ones(1, len(self.lone.send_to), device=hidden.device)  # [1, K]
+        return weighted_row_sum(chosen, ones, hidden.shape[1], hidden.device).to(hidden.dtype)  # one rounding
 
 
 TRANSPORT_CLASSES = {

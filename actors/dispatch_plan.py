@@ -18,7 +18,7 @@ Dimensions: T tokens, K chosen per token, E experts, A actors, R max replicas.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -41,6 +41,15 @@ class LayerTable:
     # then the other replicas by share (largest first)
     lone_hosts: tuple[tuple[int, ...], ...]
     local_lists: tuple[tuple[int, ...], ...]  # [A][E] local_index as Python ints, for a token alone
+
+    def to(self, device: torch.device) -> "LayerTable":
+        """The same tables with their tensors on ``device`` (where the dispatch plans: the coordinator's)."""
+        if self.replicas.device == device:
+            return self
+        return replace(
+            self, replicas=self.replicas.to(device), num_replicas=self.num_replicas.to(device),
+            local_index=self.local_index.to(device), cum_shares=self.cum_shares.to(device),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -119,7 +128,7 @@ def _split_over_replicas(table: LayerTable, expert_ids: torch.Tensor) -> torch.T
     counts = torch.bincount(flat, minlength=table.replicas.shape[0])  # [E]
     starts = torch.cumsum(counts, 0) - counts  # [E]
     rank = torch.empty_like(flat)
-    rank[order] = torch.arange(flat.numel(), dtype=torch.int64) - starts[flat[order]]  # [T*K] j among its expert's choices
+    rank[order] = torch.arange(flat.numel(), dtype=torch.int64, device=flat.device) - starts[flat[order]]  # [T*K] j among its expert's choices
     position = (rank.double() + 0.5) / counts[flat].double()  # [T*K] in (0, 1)
     replica = (table.cum_shares[flat] <= position[:, None]).sum(dim=1)  # [T*K] first replica whose cumulative share > position
     replica = torch.minimum(replica, table.num_replicas[flat] - 1)  # float rounding at the last share
@@ -141,7 +150,7 @@ class LoneTokenPlan:
         return sorted(a for a in self.send_to if a >= 0)
 
 
-def plan_lone_token(table: LayerTable, expert_ids: list[int]) -> LoneTokenPlan:
+def plan_lone_token(table: LayerTable, expert_ids: list[int], device: torch.device = torch.device("cpu")) -> LoneTokenPlan:
     """A token alone, all choices pending: expert_ids [K] -> actor per choice, spread over distinct actors where the
     replicas allow. Choice j goes to its expert's first preferred host (``plan_dispatch``'s at T = 1) unless an earlier
     choice of the token went there and another replica is free: then to the free one with the largest share. One
@@ -152,21 +161,23 @@ def plan_lone_token(table: LayerTable, expert_ids: list[int]) -> LoneTokenPlan:
         hosts = table.lone_hosts[e]
         actor_of.append(next((a for a in hosts if a not in actor_of), hosts[0]))
     send_to = tuple(-1 if a in actor_of[:j] else a for j, a in enumerate(actor_of))
-    plan = DispatchPlan(actor_of=torch.tensor([actor_of], dtype=torch.int64), send_to=torch.tensor([send_to], dtype=torch.int64))
+    plan = DispatchPlan(
+        actor_of=torch.tensor([actor_of], dtype=torch.int64, device=device), send_to=torch.tensor([send_to], dtype=torch.int64, device=device)
+    )
     return LoneTokenPlan(plan, tuple(expert_ids), tuple(actor_of), send_to)
 
 
 def permute_lone_token(hidden: torch.Tensor, lone: LoneTokenPlan, num_actors: int) -> Permutation:
     """``permute(hidden, send_to, num_actors)`` for hidden [1, D]: one row per actor sent, in actor order.
     The rows are views of the token's row (nothing is copied)."""
-    actors = lone.actors
+    actors, device = lone.actors, hidden.device
     row_of = {a: n for n, a in enumerate(actors)}
     offsets = [0]
     for a in range(num_actors):
         offsets.append(offsets[-1] + (a in row_of))
     return Permutation(
         rows=hidden.expand(len(actors), -1),  # [N, D]
-        expert_offsets=torch.tensor(offsets, dtype=torch.int64),  # [A + 1]
-        source_token=torch.zeros(len(actors), dtype=torch.int64),  # [N]
-        slot=torch.tensor([[row_of.get(a, -1) for a in lone.send_to]], dtype=torch.int64),  # [1, K]
+        expert_offsets=torch.tensor(offsets, dtype=torch.int64, device=device),  # [A + 1]
+        source_token=torch.zeros(len(actors), dtype=torch.int64, device=device),  # [N]
+        slot=torch.tensor([[row_of.get(a, -1) for a in lone.send_to]], dtype=torch.int64, device=device),  # [1, K]
     )

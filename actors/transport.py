@@ -51,6 +51,10 @@ class Exchange:
 
 
 class Transport(Protocol):
+    # True: batches may hold tensors on the coordinator's device (a GPU's), and replies come back on a device;
+    # False: the dispatch plans and packs on the host.
+    carries_device_tensors: bool
+
     def send(self, messages: list[ExpertBatch | None], live: frozenset[int]) -> object:
         """Start: messages[i] to actor i (None: nothing to send; always None outside ``live``); a ticket for ``receive``."""
         ...
@@ -85,6 +89,8 @@ class _Sent:
 
 
 class ActorCallTransport:
+    carries_device_tensors = False
+
     def __init__(self, actors: list[ActorRef], timeout_s: float):
         self.actors = actors
         self.timeout_s = timeout_s
@@ -115,6 +121,8 @@ _GRAPH_ERRORS = (RayActorError, RayChannelError, RayChannelTimeoutError, GetTime
 
 class CompiledGraphTransport:
     """A compiled graph over the live expert actors; torn down on a failure, recompiled when the live set changes."""
+
+    carries_device_tensors = False
 
     def __init__(self, actors: list[ActorRef], timeout_s: float):
         self.actors = actors

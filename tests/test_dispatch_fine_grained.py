@@ -31,6 +31,8 @@ class InProcessTransport:
     """Runs each batch on its actor's expert stack, through the wire encoding both ways; records how many batches
     each actor got per layer."""
 
+    carries_device_tensors = False
+
     def __init__(self, stacks: list[dict[int, ExpertStack]]):
         self.stacks = stacks
         self.sent: list[list[int]] = []  # per exchange: actors that got a message

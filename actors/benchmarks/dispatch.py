@@ -95,6 +95,7 @@ class _TimedTransport:
 
     def __init__(self, inner):
         self.inner = inner
+        self.carries_device_tensors = inner.carries_device_tensors
         self.span = (0.0, 0.0)
         self.last: tuple[list, list] = ([], [])
 

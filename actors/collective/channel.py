@@ -63,10 +63,15 @@ class ChannelAddress:
     data_backend: str  # "nccl" (both ends on CUDA) or "gloo"
 
 
+_DEVICES: dict[str, object] = {}  # host -> the gloo device (one event loop thread) every channel of this process shares
+
+
 def gloo_group(store: dist.Store, rank: int, host: str) -> dist.ProcessGroup:
     """A two-rank gloo group whose connections use ``host``'s interface (127.0.0.1 on one node)."""
+    if host not in _DEVICES:
+        _DEVICES[host] = dist.ProcessGroupGloo.create_device(hostname=host)
     options = dist.ProcessGroupGloo._Options()
-    options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    options._devices = [_DEVICES[host]]
     options._timeout = IDLE_TIMEOUT
     return dist.ProcessGroupGloo(store, rank, 2, options)
 
@@ -121,16 +126,18 @@ class TensorChannel:
         rows = torch.empty(n, d, dtype=_ROW_DTYPES[dtype], device=self.device)
         local_ids = torch.empty(n, k, dtype=torch.int32, device=self.device)
         weights = torch.empty(n, k, dtype=torch.float32, device=self.device)
-        for tensor in (rows, local_ids, weights):
-            self._wait(self.data.recv([tensor], self.peer, DATA_TAG), None)
+        for work in [self.data.recv([tensor], self.peer, DATA_TAG) for tensor in (rows, local_ids, weights)]:
+            self._wait(work, None)  # all three posted at once: one wake-up, not three in a row
         return ExpertBatch(layer, tag, rows, local_ids, weights, version)
 
     # -- actor -> coordinator -----------------------------------------------------------
     def send_reply(self, reply: ExpertReply) -> None:
         n, d = reply.rows.shape
-        self._wait(self.meta.send([torch.tensor([reply.tag, int(reply.stale), n, d])], self.peer, META_TAG), None)
+        works = [self.meta.send([torch.tensor([reply.tag, int(reply.stale), n, d])], self.peer, META_TAG)]
         if not reply.stale:
-            self._wait(self.data.send([reply.rows.to(self.device, torch.float32).contiguous()], self.peer, DATA_TAG), None)
+            works.append(self.data.send([reply.rows.to(self.device, torch.float32).contiguous()], self.peer, DATA_TAG))
+        for work in works:
+            self._wait(work, None)
 
     def recv_reply(self, timeout: timedelta) -> ExpertReply:
         header = torch.empty(_REPLY_HEADER, dtype=torch.int64)

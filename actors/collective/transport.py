@@ -107,6 +107,8 @@ class _CollectiveSent:
 
 
 class CollectiveTransport:
+    carries_device_tensors = True  # NCCL between GPUs; gloo moves host copies
+
     def __init__(self, actors: list[ActorRef], timeout_s: float, device: torch.device = torch.device("cpu")):
         self.actors = actors  # shared with the dispatch, which resizes it in place when the pool scales
         self.timeout_s = timeout_s

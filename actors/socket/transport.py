@@ -97,6 +97,8 @@ class _SocketSent:
 
 
 class SocketTransport:
+    carries_device_tensors = False
+
     def __init__(self, actors: list[ActorRef], timeout_s: float):
         self.actors = actors  # shared with the dispatch, which resizes it in place when the pool scales
         self.timeout_s = timeout_s
