@@ -59,6 +59,7 @@ from moeshard.actors.socket.transport import SocketTransport
 from moeshard.actors.transport import ActorCallTransport, ActorRef, CompiledGraphTransport, Transport, failure
 from moeshard.actors.wire import ExpertBatch, ExpertReply
 from moeshard.cluster.engine.config import EngineConfig
+from moeshard.cluster.model.device import resolve_device
 from moeshard.kernels import Permutation, RouterOutput, combine, permute
 from moeshard.kernels.combine import weighted_row_sum
 
@@ -352,6 +353,10 @@ TRANSPORT_CLASSES = {
 
 
 def remote_experts(config: EngineConfig, placement: ExpertPlacement, actors: list[ActorRef]) -> RemoteExperts:
-    """The experts function that dispatches to ``actors`` over the configured transport."""
-    transport = TRANSPORT_CLASSES[config.cluster.transport](actors, config.cluster.dispatch_timeout_s)
+    """The experts function that dispatches to ``actors`` over the configured transport (built in the coordinator's
+    process: the collective transport sends from the device the model runs on there)."""
+    if config.cluster.transport == "collective":
+        transport = CollectiveTransport(actors, config.cluster.dispatch_timeout_s, resolve_device(config.device))
+    else:
+        transport = TRANSPORT_CLASSES[config.cluster.transport](actors, config.cluster.dispatch_timeout_s)
     return RemoteExperts(placement, transport, actors, config.cluster.recovery_timeout_s)

@@ -97,7 +97,8 @@ class LoadMeter:
         ids = [expert_ids.reshape(-1) for _, expert_ids, _, _ in queued]  # Q x [T*K]
         sent = [send_to.reshape(-1) for _, _, send_to, _ in queued]  # Q x [T*K]
         sizes = torch.tensor([x.numel() for x in ids])  # [Q]
-        flat_ids, flat_sent = torch.cat(ids), torch.cat(sent)  # [M]
+        flat_ids, flat_sent = torch.cat(ids).cpu(), torch.cat(sent).cpu()  # [M] (from the coordinator's GPU, with the
+        # collective transport: one copy per fold; the counts live on the host, where metrics and the rebalance read them)
         layer_of = torch.repeat_interleave(layer_ids, sizes)  # [M]
         choices = torch.bincount(layer_of * experts + flat_ids, minlength=layers * experts).view(layers, experts)
         keep = (flat_sent >= 0) & (flat_sent < actors)  # [M] sent, to an actor of this window
