@@ -1,4 +1,5 @@
-"""Through the server: SIGKILL of an expert actor while 8 streams run fails none of them.
+"""Through the server: SIGKILL of an expert actor while 8 streams run fails none of them (over the socket
+and the collective transport).
 
 The streams' texts equal the offline single-process run; /health reports the actor recovering (degraded)
 and then ok; /metrics counts the failure, the resent dispatches and the recovery.
@@ -30,9 +31,10 @@ def chat_model_dir(tiny_checkpoint_factory):
     return tiny_checkpoint_factory("tiny_failover", seed=5, with_tokenizer=True, max_position_embeddings=512)
 
 
-@pytest.fixture(scope="module")
-def server(chat_model_dir, live_server):
-    app = {"model_dir": str(chat_model_dir), "model_name": MODEL, "expert_actors": 2, "engine": {"cluster": {"dispatch_timeout_s": 20}}}
+@pytest.fixture(scope="module", params=["socket", "collective"])
+def server(request, chat_model_dir, live_server):
+    cluster = {"dispatch_timeout_s": 20, "transport": request.param}
+    app = {"model_dir": str(chat_model_dir), "model_name": MODEL, "expert_actors": 2, "engine": {"cluster": cluster}}
     with live_server({"/": app}, num_cpus=6) as base_url:
         yield base_url
 
