@@ -102,7 +102,9 @@ def _scale_up_and_down(llm: LLM, expected: list[list[int]], background_rounds, c
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "transport, ping_pong", [("actor_calls", 0), ("compiled_graph", 0), ("actor_calls", 2)], ids=["calls", "graph", "ping-pong"]
+    "transport, ping_pong",
+    [("actor_calls", 0), ("compiled_graph", 0), ("actor_calls", 2), ("collective", 2)],
+    ids=["calls", "graph", "ping-pong", "collective-ping-pong"],
 )
 def test_own_pool_scales_two_three_two_while_generating(
     transport, ping_pong, tiny_mixtral_dir, expected, tmp_path_factory, monkeypatch, background_rounds
