@@ -1,6 +1,6 @@
 """Dispatch transports: deliver one message to each expert actor with work and collect the replies.
 
-Three implementations behind one interface; ``send`` starts a layer's messages and
+Four implementations behind one interface; ``send`` starts a layer's messages and
 ``receive`` collects them, so the coordinator can work (a shared expert) meanwhile.
 - ``ActorCallTransport``: plain Ray actor calls, one per actor with work.
 - ``SocketTransport`` (``socket/transport.py``): one TCP connection per actor,
@@ -10,8 +10,9 @@ Three implementations behind one interface; ``send`` starts a layer's messages a
   MoE layer; every member is called, with an empty message when it has no rows.
 - ``CollectiveTransport`` (``collective/transport.py``): tensors over a torch.distributed
   pair per actor (gloo between host tensors, NCCL between GPUs), not bytes.
-Batches and replies cross as ``ExpertBatch``/``ExpertReply``: the byte transports encode
-them (``wire.py``), the collective one sends their tensors.
+The socket and collective transports share ``LinkTransport``: a connection of their own to each
+actor, opened through Ray. Batches and replies cross as ``ExpertBatch``/``ExpertReply``: the
+byte transports encode them (``wire.py``), the collective one sends their tensors.
 None raises for a failed actor: an ``Exchange`` carries the replies that came
 back and, for each actor that died or did not answer within the dispatch
 timeout, why (never a hang). The dispatch decides what to resend and where.
@@ -20,8 +21,9 @@ timeout, why (never a hang). The dispatch decides what to resend and where.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import ray
@@ -114,6 +116,98 @@ class ActorCallTransport:
 
     def close(self) -> None:
         pass
+
+
+class Link(Protocol):
+    """A connection of a ``LinkTransport`` to one expert actor."""
+
+    handle: object  # the actor it was opened to (a restarted actor at the same index is another handle)
+    error: BaseException | None  # set once it is unusable
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class _LinkSent:
+    num_actors: int
+    deadline: float  # time.monotonic() by which every reply must be in
+    posted: dict[int, tuple[Link, object]] = field(default_factory=dict)  # actor -> (link, what ``_take`` needs)
+    failures: dict[int, BaseException] = field(default_factory=dict)  # actors that could not be sent to
+
+
+class LinkTransport:
+    """A connection of its own to each expert actor, opened through Ray on first use (and again after a failure, or
+    for a new actor at the same index), that carries every layer's batch and reply. A link that fails or times out
+    is dropped, so a late reply is never read; the dispatch marks the actor down.
+
+    Subclasses open links (``_open``, through a control-group call to the actor, with ``secret``), post a batch on one
+    (``_post``) and take its reply (``_take``, raising ``ConnectionError`` or ``TimeoutError`` for a failed actor)."""
+
+    carries_device_tensors = False
+    open_errors: tuple[type[BaseException], ...] = (RayActorError, GetTimeoutError, OSError)  # an actor that cannot be reached
+
+    def __init__(self, actors: list[ActorRef], timeout_s: float, secret_bytes: int):
+        self.actors = actors  # shared with the dispatch, which resizes it in place when the pool scales
+        self.timeout_s = timeout_s
+        self.secret = secrets.token_bytes(secret_bytes)
+        self.node_ip = ray.util.get_node_ip_address()
+        self._links: dict[int, Link] = {}
+
+    def _open(self, actor: int, handle: object, deadline: float) -> Link:
+        raise NotImplementedError
+
+    def _post(self, link: Link, batch: ExpertBatch) -> object:
+        raise NotImplementedError
+
+    def _take(self, link: Link, posted: object, deadline: float) -> ExpertReply:
+        raise NotImplementedError
+
+    def exchange(self, messages: list[ExpertBatch | None], live: frozenset[int]) -> Exchange:
+        return self.receive(self.send(messages, live))
+
+    def send(self, messages: list[ExpertBatch | None], live: frozenset[int]) -> _LinkSent:
+        sent = _LinkSent(len(messages), time.monotonic() + self.timeout_s)
+        for actor, batch in enumerate(messages):
+            if batch is None:
+                continue
+            try:
+                link = self._link(actor, sent.deadline)
+                sent.posted[actor] = (link, self._post(link, batch))
+            except self.open_errors as exc:
+                self._drop(actor)
+                sent.failures[actor] = exc
+        return sent
+
+    def receive(self, ticket: _LinkSent) -> Exchange:
+        replies: list[ExpertReply | None] = [None] * ticket.num_actors
+        failures = dict(ticket.failures)
+        for actor, (link, posted) in ticket.posted.items():
+            try:
+                replies[actor] = self._take(link, posted, ticket.deadline)
+            except (ConnectionError, TimeoutError) as exc:
+                self._drop(actor, link)
+                failures[actor] = exc
+        return Exchange(replies, failures)
+
+    def _link(self, actor: int, deadline: float) -> Link:
+        """The open link to ``actor``, or a new one."""
+        handle = self.actors[actor].handle
+        link = self._links.get(actor)
+        if link is not None and link.handle is handle and link.error is None:
+            return link
+        self._drop(actor)
+        link = self._links[actor] = self._open(actor, handle, deadline)
+        return link
+
+    def _drop(self, actor: int, link: Link | None = None) -> None:
+        current = self._links.get(actor)
+        if current is not None and (link is None or current is link):
+            del self._links[actor]
+            current.close()
+
+    def close(self) -> None:
+        for actor in list(self._links):
+            self._drop(actor)
 
 
 _GRAPH_ERRORS = (RayActorError, RayChannelError, RayChannelTimeoutError, GetTimeoutError)

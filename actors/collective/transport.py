@@ -16,11 +16,9 @@ dispatch marks the actor down; once Ray has it back the next send opens a new ch
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from datetime import timedelta
 
 import ray
@@ -38,12 +36,10 @@ from moeshard.actors.collective.channel import (
 )
 from moeshard.actors.collective.server import JOIN_TIMEOUT
 from moeshard.actors.expert_actor import CONTROL_GROUP
-from moeshard.actors.transport import ActorRef, Exchange
+from moeshard.actors.transport import ActorRef, LinkTransport
 from moeshard.actors.wire import ExpertBatch, ExpertReply
 
 logger = logging.getLogger(__name__)
-
-OPEN_ERRORS = (RayActorError, GetTimeoutError, ChannelClosed, RuntimeError)  # RuntimeError: the store or group did not form
 
 
 def join_channel(address: ChannelAddress, secret: bytes, node_ip: str, device: torch.device) -> TensorChannel:
@@ -98,73 +94,23 @@ class _Link:
         self.channel.close()
 
 
-@dataclass(frozen=True)
-class _CollectiveSent:
-    num_actors: int
-    deadline: float
-    tags: dict[int, tuple[_Link, int]] = field(default_factory=dict)  # actor -> (link, the batch's tag)
-    failures: dict[int, BaseException] = field(default_factory=dict)  # actors that could not be sent to
-
-
-class CollectiveTransport:
+class CollectiveTransport(LinkTransport):
     carries_device_tensors = True  # NCCL between GPUs; gloo moves host copies
+    open_errors = (RayActorError, GetTimeoutError, ChannelClosed, RuntimeError)  # RuntimeError: the store or a group did not form
 
     def __init__(self, actors: list[ActorRef], timeout_s: float, device: torch.device = torch.device("cpu")):
-        self.actors = actors  # shared with the dispatch, which resizes it in place when the pool scales
-        self.timeout_s = timeout_s
+        super().__init__(actors, timeout_s, SECRET_BYTES)
         self.device = device  # the coordinator's: NCCL carries the rows when it and the actor are on CUDA
-        self.secret = secrets.token_bytes(SECRET_BYTES)
-        self.node_ip = ray.util.get_node_ip_address()
-        self._links: dict[int, _Link] = {}
 
-    def exchange(self, messages: list[ExpertBatch | None], live: frozenset[int]) -> Exchange:
-        return self.receive(self.send(messages, live))
-
-    def send(self, messages: list[ExpertBatch | None], live: frozenset[int]) -> _CollectiveSent:
-        sent = _CollectiveSent(len(messages), time.monotonic() + self.timeout_s)
-        for actor, batch in enumerate(messages):
-            if batch is None:
-                continue
-            try:
-                link = self._link(actor, sent.deadline)
-                link.send(batch)
-                sent.tags[actor] = (link, batch.tag)
-            except OPEN_ERRORS as exc:
-                self._drop(actor)
-                sent.failures[actor] = exc
-        return sent
-
-    def receive(self, ticket: _CollectiveSent) -> Exchange:
-        replies: list[ExpertReply | None] = [None] * ticket.num_actors
-        failures = dict(ticket.failures)
-        for actor, (link, tag) in ticket.tags.items():
-            try:
-                replies[actor] = link.wait(tag, ticket.deadline)
-            except ChannelClosed as exc:
-                self._drop(actor, link)
-                failures[actor] = exc
-        return Exchange(replies, failures)
-
-    def _link(self, actor: int, deadline: float) -> _Link:
-        """The open channel to ``actor``, or a new one (first use, after a failure, or a new actor at this index)."""
-        handle = self.actors[actor].handle
-        link = self._links.get(actor)
-        if link is not None and link.handle is handle and link.error is None:
-            return link
-        self._drop(actor)
+    def _open(self, actor: int, handle: object, deadline: float) -> _Link:
         opened = handle.open_channel.options(concurrency_group=CONTROL_GROUP).remote(self.secret, self.node_ip, self.device.type)
         address = ray.get(opened, timeout=max(0.0, deadline - time.monotonic()))
-        link = self._links[actor] = _Link(handle, join_channel(address, self.secret, self.node_ip, self.device))
         logger.debug("collective transport: %s channel to %s", address.data_backend, self.actors[actor].description)
-        return link
+        return _Link(handle, join_channel(address, self.secret, self.node_ip, self.device))
 
-    def _drop(self, actor: int, link: _Link | None = None) -> None:
-        """Forget the channel to ``actor`` (dropping the last reference closes its connections)."""
-        current = self._links.get(actor)
-        if current is not None and (link is None or current is link):
-            del self._links[actor]
-            current.close()
+    def _post(self, link: _Link, batch: ExpertBatch) -> int:
+        link.send(batch)
+        return batch.tag
 
-    def close(self) -> None:
-        for actor in list(self._links):
-            self._drop(actor)
+    def _take(self, link: _Link, tag: int, deadline: float) -> ExpertReply:
+        return link.wait(tag, deadline)

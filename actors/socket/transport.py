@@ -15,23 +15,18 @@ has it back (the health probe is a Ray call) the next send connects again, to th
 from __future__ import annotations
 
 import logging
-import secrets
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
 
 from moeshard.actors.expert_actor import CONTROL_GROUP
 from moeshard.actors.socket.server import SECRET_BYTES, FrameError, read_frame, tuned, write_frame
-from moeshard.actors.transport import ActorRef, Exchange
+from moeshard.actors.transport import ActorRef, LinkTransport
 from moeshard.actors.wire import ExpertBatch, ExpertReply
 
 logger = logging.getLogger(__name__)
-
-CONNECT_ERRORS = (RayActorError, GetTimeoutError, OSError)
 
 
 class DispatchTimeout(TimeoutError):
@@ -88,73 +83,21 @@ class _Connection:
         self.sock.close()
 
 
-@dataclass(frozen=True)
-class _SocketSent:
-    num_actors: int
-    deadline: float
-    frames: dict[int, tuple[_Connection, int]] = field(default_factory=dict)  # actor -> (connection, sequence number)
-    failures: dict[int, BaseException] = field(default_factory=dict)  # actors that could not be sent to
-
-
-class SocketTransport:
-    carries_device_tensors = False
-
+class SocketTransport(LinkTransport):
     def __init__(self, actors: list[ActorRef], timeout_s: float):
-        self.actors = actors  # shared with the dispatch, which resizes it in place when the pool scales
-        self.timeout_s = timeout_s
-        self.secret = secrets.token_bytes(SECRET_BYTES)
-        self.node_ip = ray.util.get_node_ip_address()
-        self._connections: dict[int, _Connection] = {}
+        super().__init__(actors, timeout_s, SECRET_BYTES)
 
-    def exchange(self, messages: list[ExpertBatch | None], live: frozenset[int]) -> Exchange:
-        return self.receive(self.send(messages, live))
-
-    def send(self, messages: list[ExpertBatch | None], live: frozenset[int]) -> _SocketSent:
-        sent = _SocketSent(len(messages), time.monotonic() + self.timeout_s)
-        for actor, message in enumerate(messages):
-            if message is None:
-                continue
-            try:
-                connection = self._connection(actor, sent.deadline)
-                sent.frames[actor] = (connection, connection.send(message.encode()))
-            except CONNECT_ERRORS as exc:
-                self._drop(actor)
-                sent.failures[actor] = exc
-        return sent
-
-    def receive(self, ticket: _SocketSent) -> Exchange:
-        replies: list[ExpertReply | None] = [None] * ticket.num_actors
-        failures = dict(ticket.failures)
-        for actor, (connection, seq) in ticket.frames.items():
-            try:
-                replies[actor] = ExpertReply.decode(connection.wait(seq, ticket.deadline))
-            except (ConnectionError, TimeoutError) as exc:
-                self._drop(actor, connection)
-                failures[actor] = exc
-        return Exchange(replies, failures)
-
-    def _connection(self, actor: int, deadline: float) -> _Connection:
-        """The open connection to ``actor``, or a new one (first use, after a failure, or a new actor at this index)."""
-        handle = self.actors[actor].handle
-        connection = self._connections.get(actor)
-        if connection is not None and connection.handle is handle and connection.error is None:
-            return connection
-        self._drop(actor)
+    def _open(self, actor: int, handle: object, deadline: float) -> _Connection:
         address = ray.get(handle.open_socket.options(concurrency_group=CONTROL_GROUP).remote(self.secret, self.node_ip),
                           timeout=max(0.0, deadline - time.monotonic()))  # fmt: skip
         sock = tuned(socket.create_connection(tuple(address), timeout=max(0.1, deadline - time.monotonic())))
         sock.settimeout(None)  # replies are waited for by deadline, on the reader's condition
         write_frame(sock, 0, self.secret)
-        connection = self._connections[actor] = _Connection(handle, sock)
         logger.debug("socket transport: connected to %s at %s:%d", self.actors[actor].description, *address)
-        return connection
+        return _Connection(handle, sock)
 
-    def _drop(self, actor: int, connection: _Connection | None = None) -> None:
-        current = self._connections.get(actor)
-        if current is not None and (connection is None or current is connection):
-            del self._connections[actor]
-            current.close()
+    def _post(self, link: _Connection, batch: ExpertBatch) -> int:
+        return link.send(batch.encode())
 
-    def close(self) -> None:
-        for actor in list(self._connections):
-            self._drop(actor)
+    def _take(self, link: _Connection, seq: int, deadline: float) -> ExpertReply:
+        return ExpertReply.decode(link.wait(seq, deadline))
