@@ -65,11 +65,19 @@ def test_batches_and_replies_cross_bit_for_bit(dtype):
         assert torch.equal(reply.rows, batch.rows.float() * 2 + batch.weights.sum(1, keepdim=True))
 
 
-def test_a_stale_reply_carries_no_rows():
-    link = _open(lambda batch: ExpertReply(batch.tag, batch.rows[:0].float(), stale=True))
+def test_a_stale_reply_carries_no_rows_and_the_next_reply_is_intact():
+    def handle(batch: ExpertBatch) -> ExpertReply:
+        if batch.tag == 9:
+            return ExpertReply(batch.tag, batch.rows[:0].float(), stale=True)
+        return ExpertReply(batch.tag, batch.rows.float() + 1)
+
+    link = _open(handle)
+    later = _batch(10, 3, torch.float32)
     link.send(_batch(9, 5, torch.float32))
+    link.send(later)
     reply = link.wait(9, time.monotonic() + 30)
     assert reply.stale and reply.tag == 9 and reply.rows.shape == (0, 24)
+    assert torch.equal(link.wait(10, time.monotonic() + 30).rows, later.rows + 1)
 
 
 def test_a_peer_without_the_secret_runs_nothing():

@@ -6,7 +6,7 @@ the actor sends back a reply, as tensors that go straight from one process's mem
     coordinator -> actor   header [8] int64 (tag, layer, version, n, K, D, rows dtype, 0)   on ``meta``
                            rows [n, D], local_ids [n, K] int32, weights [n, K] float32       on ``data``
     actor -> coordinator   header [4] int64 (tag, stale, n, D)                               on ``meta``
-                           rows [n, D] float32 (nothing when stale)                          on ``data``
+                           rows [n, D] float32 (zeros when stale)                            on ``data``
 
 ``meta`` is always a gloo group on host tensors (the sizes a receiver needs before it can post a
 receive, read without a device sync). ``data`` is an NCCL group when both ends are on CUDA devices,
@@ -131,22 +131,28 @@ class TensorChannel:
         return ExpertBatch(layer, tag, rows, local_ids, weights, version)
 
     # -- actor -> coordinator -----------------------------------------------------------
-    def send_reply(self, reply: ExpertReply) -> None:
-        n, d = reply.rows.shape
-        works = [self.meta.send([torch.tensor([reply.tag, int(reply.stale), n, d])], self.peer, META_TAG)]
-        if not reply.stale:
-            works.append(self.data.send([reply.rows.to(self.device, torch.float32).contiguous()], self.peer, DATA_TAG))
+    def send_reply(self, reply: ExpertReply, num_rows: int) -> None:
+        """The reply to a batch of ``num_rows`` rows: always that many rows (zeros when stale), so the coordinator
+        can post its receive for them before the header arrives."""
+        d = reply.rows.shape[1]
+        rows = torch.zeros(num_rows, d, device=self.device) if reply.stale else reply.rows.to(self.device, torch.float32)
+        header = torch.tensor([reply.tag, int(reply.stale), num_rows, d])
+        works = [self.meta.send([header], self.peer, META_TAG), self.data.send([rows.contiguous()], self.peer, DATA_TAG)]
         for work in works:
             self._wait(work, None)
 
-    def recv_reply(self, timeout: timedelta) -> ExpertReply:
+    def recv_reply(self, num_rows: int, hidden: int, timeout: timedelta) -> ExpertReply:
+        """The reply to the oldest batch still unanswered, of ``num_rows`` rows of ``hidden``; both receives posted
+        at once (on a GPU the rows' receive is queued on the device before the header is read)."""
         header = torch.empty(_REPLY_HEADER, dtype=torch.int64)
-        self._wait(self.meta.recv([header], self.peer, META_TAG), timeout)
+        rows = torch.empty(num_rows, hidden, dtype=torch.float32, device=self.device)
+        works = [self.meta.recv([header], self.peer, META_TAG), self.data.recv([rows], self.peer, DATA_TAG)]
+        for work in works:
+            self._wait(work, timeout)
         tag, stale, n, d = header.tolist()
-        rows = torch.empty(0 if stale else n, d, dtype=torch.float32, device=self.device)
-        if not stale:
-            self._wait(self.data.recv([rows], self.peer, DATA_TAG), timeout)
-        return ExpertReply(tag, rows, stale=bool(stale))
+        if (n, d) != (num_rows, hidden):
+            raise ChannelClosed(f"a reply of {n} x {d} rows for a batch of {num_rows} x {hidden}")
+        return ExpertReply(tag, rows[:0] if stale else rows, stale=bool(stale))
 
     def close(self) -> None:
         """Drop the groups: the last reference gone, gloo closes the connections and the peer's pending operations fail."""

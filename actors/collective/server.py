@@ -51,7 +51,8 @@ def _serve(store: dist.TCPStore, address: ChannelAddress, secret: bytes, device:
             logger.warning("expert channel: a peer without the secret was refused")
             return
         while True:
-            channel.send_reply(handle(channel.recv_batch()))
+            batch = channel.recv_batch()
+            channel.send_reply(handle(batch), batch.rows.shape[0])
     except ChannelClosed as exc:  # the coordinator closed the channel or went away
         logger.debug("expert channel ended: %s", exc)
     except Exception as exc:  # the coordinator never joined, or a batch could not be run: the channel closes

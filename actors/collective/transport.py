@@ -57,7 +57,7 @@ class _Link:
     def __init__(self, handle: object, channel: TensorChannel):
         self.handle = handle
         self.channel = channel
-        self.sent: deque[int] = deque()  # tags of batches sent whose reply has not been read, in send order
+        self.sent: deque[tuple[int, int, int]] = deque()  # (tag, rows, hidden) of each batch not yet answered, in order
         self.sends: dict[int, list[dist.Work]] = {}  # tag -> the batch's sends (they hold its tensors until done)
         self.replies: dict[int, ExpertReply] = {}  # tag -> reply read but not yet taken
         self.error: BaseException | None = None
@@ -66,7 +66,7 @@ class _Link:
     def send(self, batch: ExpertBatch) -> None:
         with self._lock:
             self.sends[batch.tag] = self.channel.send_batch(batch)
-            self.sent.append(batch.tag)
+            self.sent.append((batch.tag, *batch.rows.shape))
 
     def wait(self, tag: int, deadline: float) -> ExpertReply:
         """The reply to batch ``tag``, reading earlier replies first (they are filed for their own ``wait``)."""
@@ -80,11 +80,13 @@ class _Link:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise ChannelTimeout("no reply by the dispatch deadline")
-                    reply = self.channel.recv_reply(timedelta(seconds=remaining))
+                    sent_tag, num_rows, hidden = self.sent[0]
+                    reply = self.channel.recv_reply(num_rows, hidden, timedelta(seconds=remaining))
                 except ChannelClosed as exc:
                     self.error = exc
                     raise
-                self.sends.pop(self.sent.popleft(), None)  # replied to: its sends are complete
+                self.sent.popleft()
+                self.sends.pop(sent_tag, None)  # replied to: its sends are complete
                 self.replies[reply.tag] = reply
             return self.replies.pop(tag)
 
