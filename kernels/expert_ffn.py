@@ -30,6 +30,7 @@ import triton.language as tl
 
 from moeshard.kernels.backend import resolve_backend, triton_interprets
 from moeshard.kernels.linear import linear, linear_into
+from moeshard.kernels.tuning import AUTOTUNED_LAUNCH, GEMM_CONFIGS, dot_precision, gemm_block_m, gemm_pruner
 
 logger = logging.getLogger(__name__)
 
@@ -80,22 +81,6 @@ def expert_rows_torch(
     return linear_into(h, w2, out)  # [n, D]
 
 
-class GemmTiles(NamedTuple):
-    m: int  # rows per block
-    n: int  # output columns per program
-    k: int  # reduction step
-
-
-def gemm_tiles(out_dim: int, reduce_dim: int) -> GemmTiles:
-    """Tiles for [rows, reduce_dim] @ [reduce_dim, out_dim]: 32 x 64 x 64 at most on a GPU, shrunk
-    to small dims (16 at least, for tl.dot). The interpreter pays per operation more than per
-    element, so there the tiles may be twice as wide."""
-    m, cap = (64, 128) if triton_interprets() else (32, 64)
-    n = max(16, min(cap, triton.next_power_of_2(out_dim)))
-    k = max(16, min(cap, triton.next_power_of_2(reduce_dim)))
-    return GemmTiles(m, n, k)
-
-
 class ExpertBlocks(NamedTuple):
     expert: torch.Tensor  # [B] int32 expert of each row block, -1 = unused
     row_start: torch.Tensor  # [B] int64 first row of each block
@@ -117,36 +102,44 @@ def expert_blocks(expert_offsets: torch.Tensor, num_rows: int, block_m: int) -> 
 
 def expert_ffn_triton(rows, expert_offsets, w1, w3, w2, out) -> None:
     N, D = rows.shape
-    I = w1.shape[1]
+    E, I = w1.shape[0], w1.shape[1]
     if N == 0 or D == 0:
         return
     rows = rows if rows.stride(1) == 1 else rows.contiguous()
     assert out.stride(1) == 1, "out must have unit stride along D"
     offsets = expert_offsets.long().contiguous()
-    up, down = gemm_tiles(I, D), gemm_tiles(D, I)
-    table = expert_blocks(offsets, N, up.m)
+    block_m = gemm_block_m(N, E)
+    table = expert_blocks(offsets, N, block_m)
     B = table.expert.shape[0]
     h = torch.empty(N, I, dtype=rows.dtype, device=rows.device)  # [N, I] activated intermediate
-    _gate_up_kernel[(B, triton.cdiv(I, up.n))](
-        rows, w1, w3, h, offsets, table.expert, table.row_start,
-        D, I,
-        rows.stride(0), w1.stride(0), w1.stride(1), w1.stride(2), w3.stride(0), w3.stride(1), w3.stride(2), h.stride(0),
-        BLOCK_M=up.m, BLOCK_N=up.n, BLOCK_K=up.k, DOT_FP32=triton_interprets(),
-    )  # fmt: skip
-    _down_kernel[(B, triton.cdiv(D, down.n))](
-        h, w2, out, offsets, table.expert, table.row_start,
-        D, I,
-        h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0),
-        BLOCK_M=down.m, BLOCK_N=down.n, BLOCK_K=down.k, DOT_FP32=triton_interprets(),
-    )  # fmt: skip
+    precision = dot_precision(rows.dtype)
+    with AUTOTUNED_LAUNCH:
+        _gate_up_kernel[lambda meta: (B, triton.cdiv(I, meta["BLOCK_N"]))](
+            rows, w1, w3, h, offsets, table.expert, table.row_start,
+            D, I,
+            rows.stride(0), w1.stride(0), w1.stride(1), w1.stride(2), w3.stride(0), w3.stride(1), w3.stride(2), h.stride(0),
+            BLOCK_M=block_m, DOT_FP32=triton_interprets(), PRECISION=precision,
+        )  # fmt: skip
+        _down_kernel[lambda meta: (B, triton.cdiv(D, meta["BLOCK_N"]))](
+            h, w2, out, offsets, table.expert, table.row_start,
+            D, I,
+            h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0),
+            BLOCK_M=block_m, DOT_FP32=triton_interprets(), PRECISION=precision,
+        )  # fmt: skip
 
 
+@triton.autotune(
+    configs=GEMM_CONFIGS,
+    key=["D", "I", "BLOCK_M", "PRECISION"],
+    prune_configs_by={"early_config_prune": gemm_pruner("I", "D", "x_ptr", weight_operands=2)},
+)
 @triton.jit
 def _gate_up_kernel(
     x_ptr, w1_ptr, w3_ptr, h_ptr, offsets_ptr, block_expert_ptr, block_start_ptr,
     D, I,
     stride_xn, stride_1e, stride_1i, stride_1d, stride_3e, stride_3i, stride_3d, stride_hn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     """h[m, n] = silu(x[m] . w1[e, n]) * (x[m] . w3[e, n]) for a [BLOCK_M, BLOCK_N] tile of block b's rows.
 
@@ -177,8 +170,8 @@ def _gate_up_kernel(
         w3 = tl.load(w3_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if DOT_FP32:
             x, w1, w3 = x.to(tl.float32), w1.to(tl.float32), w3.to(tl.float32)
-        acc1 = tl.dot(x, w1, acc1, input_precision="ieee")  # [BM, BN]
-        acc3 = tl.dot(x, w3, acc3, input_precision="ieee")
+        acc1 = tl.dot(x, w1, acc1, input_precision=PRECISION)  # [BM, BN]
+        acc3 = tl.dot(x, w3, acc3, input_precision=PRECISION)
         x_ptrs += BLOCK_K
         w1_ptrs += BLOCK_K * stride_1d
         w3_ptrs += BLOCK_K * stride_3d
@@ -187,12 +180,18 @@ def _gate_up_kernel(
     tl.store(h_out, h.to(h_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.autotune(
+    configs=GEMM_CONFIGS,
+    key=["D", "I", "BLOCK_M", "PRECISION"],
+    prune_configs_by={"early_config_prune": gemm_pruner("D", "I", "h_ptr", weight_operands=1)},
+)
 @triton.jit
 def _down_kernel(
     h_ptr, w2_ptr, out_ptr, offsets_ptr, block_expert_ptr, block_start_ptr,
     D, I,
     stride_hn, stride_2e, stride_2d, stride_2i, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     """out[m, n] = h[m] . w2[e, n] for a [BLOCK_M, BLOCK_N] tile of block b's rows.
 
@@ -220,7 +219,7 @@ def _down_kernel(
         w2 = tl.load(w2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if DOT_FP32:
             h, w2 = h.to(tl.float32), w2.to(tl.float32)
-        acc = tl.dot(h, w2, acc, input_precision="ieee")  # [BM, BN]
+        acc = tl.dot(h, w2, acc, input_precision=PRECISION)  # [BM, BN]
         h_ptrs += BLOCK_K
         w2_ptrs += BLOCK_K * stride_2i
     out = out_ptr + m[:, None] * stride_on + n[None, :]

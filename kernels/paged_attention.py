@@ -36,6 +36,7 @@ import triton.language as tl
 from moeshard.kernels.backend import resolve_backend, triton_interprets
 from moeshard.kernels.paged_layout import PagedLayout
 from moeshard.kernels.paged_plan import ChunkPlan
+from moeshard.kernels.tuning import ATTENTION_CONFIGS, AUTOTUNED_LAUNCH, dot_precision, prune_attention
 
 logger = logging.getLogger(__name__)
 
@@ -157,16 +158,9 @@ def query_blocks(query_lens: torch.Tensor, num_rows: int, block_m: int) -> Query
     return QueryBlocks(torch.where(b < B, b, -1).to(torch.int32), first_query)
 
 
-class AttentionTiles(NamedTuple):
-    m: int  # queries per program
-    n: int  # key positions per inner step
-    d: int  # the head dim, padded to a power of two
-
-
-def attention_tiles(longest_chunk: int, head_dim: int) -> AttentionTiles:
-    """16..64 queries (as many as the longest chunk needs; tl.dot wants 16 at least), 64 keys at a time."""
-    m = max(16, min(64, triton.next_power_of_2(longest_chunk)))
-    return AttentionTiles(m, 64, max(16, triton.next_power_of_2(head_dim)))
+def query_block_m(longest_chunk: int) -> int:
+    """Queries per program: as many as the longest chunk needs, 16..64 (tl.dot wants 16 at least)."""
+    return max(16, min(64, triton.next_power_of_2(longest_chunk)))
 
 
 def paged_attention_triton(q, key_cache, value_cache, layout: PagedLayout, scale: float, out) -> None:
@@ -174,21 +168,28 @@ def paged_attention_triton(q, key_cache, value_cache, layout: PagedLayout, scale
     Hkv = key_cache.shape[1]
     assert q.stride(2) == key_cache.stride(2) == value_cache.stride(2) == out.stride(2) == 1, "unit stride along Dh"
     tables = layout.device_tables
-    tiles = attention_tiles(max(layout.query_lens), Dh)
-    programs = query_blocks(tables.query_lens, T, tiles.m)
+    block_m = query_block_m(max(layout.query_lens))
+    programs = query_blocks(tables.query_lens, T, block_m)
     window = layout.sliding_window
-    _paged_attention_kernel[(programs.seq.shape[0], H)](
-        q, key_cache, value_cache, out,
-        tables.block_tables, tables.query_starts, tables.query_lens, tables.start_pos,
-        programs.seq, programs.first_query,
-        q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1),
-        value_cache.stride(0), value_cache.stride(1), out.stride(0), out.stride(1), tables.block_tables.stride(0),
-        scale, window or 0, layout.block_size, Dh,
-        GROUP=H // Hkv, SLIDING=window is not None,
-        BLOCK_M=tiles.m, BLOCK_N=tiles.n, BLOCK_D=tiles.d, DOT_FP32=triton_interprets(),
-    )  # fmt: skip
+    with AUTOTUNED_LAUNCH:
+        _paged_attention_kernel[(programs.seq.shape[0], H)](
+            q, key_cache, value_cache, out,
+            tables.block_tables, tables.query_starts, tables.query_lens, tables.start_pos,
+            programs.seq, programs.first_query,
+            q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1),
+            value_cache.stride(0), value_cache.stride(1), out.stride(0), out.stride(1), tables.block_tables.stride(0),
+            scale, window or 0, layout.block_size, Dh,
+            GROUP=H // Hkv, SLIDING=window is not None,
+            BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(Dh)),
+            DOT_FP32=triton_interprets(), PRECISION=dot_precision(q.dtype),
+        )  # fmt: skip
 
 
+@triton.autotune(
+    configs=ATTENTION_CONFIGS,
+    key=["block_size", "head_dim", "GROUP", "SLIDING", "BLOCK_M", "BLOCK_D", "PRECISION"],
+    prune_configs_by={"early_config_prune": prune_attention},
+)
 @triton.jit
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
@@ -198,6 +199,7 @@ def _paged_attention_kernel(
     scale, window, block_size, head_dim,
     GROUP: tl.constexpr, SLIDING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     """out[rows, h] for BLOCK_M queries of one sequence and one query head.
 
@@ -242,7 +244,7 @@ def _paged_attention_kernel(
         v = tl.load(v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
         if DOT_FP32:
             k, v = k.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BM, BN]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BM, BN]
         visible = (j[None, :] <= pos[:, None]) & j_ok[None, :]
         if SLIDING:
             visible = visible & (pos[:, None] - j[None, :] < window)
@@ -252,7 +254,7 @@ def _paged_attention_kernel(
         p = tl.exp(s - m_safe[:, None])  # [BM, BN]
         alpha = tl.exp(m_i - m_safe)  # [BM]
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")  # [BM, BD]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # [BM, BD]
         m_i = m_new
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = out_ptr + (row0 + i)[:, None] * stride_ot + h * stride_oh + d[None, :]

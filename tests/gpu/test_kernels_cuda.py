@@ -1,19 +1,32 @@
-"""The compiled Triton kernels on a GPU against their torch references on the same CUDA tensors."""
+"""The compiled Triton kernels on a GPU against their torch references on the same CUDA tensors.
+
+Float32 runs twice: with torch's default matmul precision ("highest": IEEE float32 in the kernels and
+cuBLAS) and with "high" (TF32 on the tensor cores in both), each against its own tolerance.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moeshard.kernels import combine, expert_ffn, permute, route
+from moeshard.kernels import PagedLayout, combine, expert_ffn, paged_attention, permute, route
 
 SHAPES = [(1, 8, 2, 64, 96), (33, 8, 2, 512, 1024), (257, 64, 8, 256, 128), (1024, 128, 8, 512, 256)]  # T, E, K, D, I
-TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 3e-2}  # float32 matmuls may use TF32 in the kernels
+PRECISIONS = [(torch.float32, "highest"), (torch.float32, "high"), (torch.bfloat16, "highest")]
+TOLERANCE = {"highest": {torch.float32: 1e-4, torch.bfloat16: 3e-2}, "high": {torch.float32: 3e-3}}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.fixture
+def matmul_precision():
+    before = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("dtype, precision", PRECISIONS, ids=lambda p: str(p).removeprefix("torch."))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_one_moe_layer_compiled_equals_torch(compiled_triton, shape, dtype):
+def test_one_moe_layer_compiled_equals_torch(compiled_triton, matmul_precision, shape, dtype, precision):
+    matmul_precision(precision)
     T, E, K, D, I = shape
     g = torch.Generator(device="cuda").manual_seed(T * E)
     hidden = torch.randn(T, D, device="cuda", generator=g).to(dtype)
@@ -32,4 +45,35 @@ def test_one_moe_layer_compiled_equals_torch(compiled_triton, shape, dtype):
     torch.testing.assert_close(r_t.weights, r_ref.weights, atol=1e-6, rtol=1e-5)
     assert torch.equal(p_t.rows, p_ref.rows) and torch.equal(p_t.expert_offsets, p_ref.expert_offsets)
     scale = out_ref.float().abs().max().item()
-    assert (out_t.float() - out_ref.float()).abs().max().item() <= TOLERANCE[dtype] * max(scale, 1.0)
+    assert (out_t.float() - out_ref.float()).abs().max().item() <= TOLERANCE[precision][dtype] * max(scale, 1.0)
+
+
+# (start position, queries) per sequence: decode tokens, a prefill from 0, chunks with history, a long chunk
+MIXED_STEP = ((9, 1), (0, 6), (20, 5), (33, 1), (7, 17), (0, 130), (300, 1), (64, 70))
+
+
+@pytest.mark.parametrize("dtype, precision", PRECISIONS, ids=lambda p: str(p).removeprefix("torch."))
+@pytest.mark.parametrize("heads, kv_heads, head_dim, window", [(32, 8, 128, None), (16, 4, 64, 24), (12, 12, 80, None)])
+def test_paged_attention_compiled_equals_torch(
+    compiled_triton, matmul_precision, heads, kv_heads, head_dim, window, dtype, precision
+):
+    matmul_precision(precision)
+    block_size = 16
+    g = torch.Generator(device="cuda").manual_seed(heads * head_dim)
+    needs = [-(-(start + n) // block_size) for start, n in MIXED_STEP]
+    order = torch.randperm(sum(needs), device="cuda", generator=g).tolist()
+    tables, used = [], 0
+    for need in needs:
+        tables.append(tuple(order[used : used + need]))
+        used += need
+    layout = PagedLayout(
+        query_lens=tuple(n for _, n in MIXED_STEP), start_pos=tuple(s for s, _ in MIXED_STEP),
+        block_tables=tuple(tables), block_size=block_size, sliding_window=window, device=torch.device("cuda"),
+    )  # fmt: skip
+    slots = sum(needs) * block_size
+    keys, values = (torch.randn(slots, kv_heads, head_dim, device="cuda", generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(layout.num_tokens, heads, head_dim, device="cuda", generator=g).to(dtype)
+    got = paged_attention(q, keys, values, layout, backend="triton")
+    want = paged_attention(q, keys, values, layout, backend="torch")
+    tolerance = {"highest": {torch.float32: 1e-4, torch.bfloat16: 2e-2}, "high": {torch.float32: 5e-3}}[precision][dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance)

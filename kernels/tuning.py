@@ -1,0 +1,123 @@
+"""tuning: launch configurations for the Triton kernels that multiply (grouped SwiGLU, paged attention).
+
+On a GPU each such kernel runs through ``triton.autotune`` over a small set of tile shapes, warp counts
+and pipeline depths meant for A100/H100-class parts: the first call for a key (the sizes that decide the
+tiles, the row block, the dtypes) times every configuration that fits and keeps the fastest, later calls
+reuse it. The configurations are pruned first: a tile wider than the padded dimension it covers, or one
+whose pipelined operand buffers would overflow shared memory, is never timed.
+
+Under Triton's CPU interpreter the same autotuner runs, but pruning hands back one fixed configuration,
+so nothing is timed (the autotuner times only when more than one configuration is left); the interpreter
+pays per operation more than per element, so its tiles are as wide as the dimensions allow.
+
+Float32 operands multiply in TF32 on the tensor cores when torch's own matmul precision allows it
+(``torch.set_float32_matmul_precision("high")`` or ``"medium"``), so the kernels follow the same policy as
+cuBLAS; the default, ``"highest"``, keeps IEEE float32. bfloat16 operands go to ``tl.dot`` as they are,
+with float32 accumulation, except under the interpreter (``DOT_FP32``, see ``expert_ffn.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+import torch
+import triton
+
+from moeshard.kernels.backend import triton_interprets
+
+logger = logging.getLogger(__name__)
+
+SHARED_MEMORY_BUDGET = 160 * 1024  # bytes a program's operand buffers may take: A100 has 164 KiB, H100 228 KiB
+
+Pruner = Callable[..., list[triton.Config]]
+
+# Triton's autotuner keeps each call's arguments on the kernel object while it picks a configuration, so two
+# threads launching one autotuned kernel at once (an expert actor serving two coordinators) could read each
+# other's. Every launch of an autotuned kernel holds this lock; a launch only queues work on the GPU.
+AUTOTUNED_LAUNCH = threading.Lock()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input_precision for operands of ``dtype``: "tf32" for float32 on a GPU when torch's matmul
+    precision is not "highest", else "ieee" (bfloat16 and float16 products are exact either way)."""
+    if dtype != torch.float32 or triton_interprets():
+        return "ieee"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def gemm_block_m(num_rows: int, num_experts: int) -> int:
+    """Rows per block of a grouped GEMM: about the rows an expert gets (16..64 on a GPU; 16 is ``tl.dot``'s
+    least), so a decode step's few rows per expert do not pad to 64. 64 under the interpreter."""
+    if triton_interprets():
+        return 64
+    rows_per_expert = triton.cdiv(max(num_rows, 1), max(1, min(num_experts, num_rows)))
+    return max(16, min(64, triton.next_power_of_2(rows_per_expert)))
+
+
+# [BLOCK_N, BLOCK_K], warps, stages: wide tiles for prefill, narrow N (more programs) and deep pipelines for
+# the few rows of decode, where the weights' bandwidth is the bound.
+GEMM_CONFIGS = [
+    triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+    for n, k, w, s in [
+        (32, 128, 4, 4),
+        (64, 64, 4, 3),
+        (64, 128, 4, 4),
+        (128, 64, 4, 3),
+        (128, 64, 8, 4),
+        (128, 128, 8, 3),
+    ]
+]
+
+
+def interpreter_gemm_tiles(out_dim: int, reduce_dim: int) -> dict[str, int]:
+    """The interpreter's [BLOCK_N, BLOCK_K]: the padded dimensions, 16..128."""
+    return {
+        "BLOCK_N": max(16, min(128, triton.next_power_of_2(out_dim))),
+        "BLOCK_K": max(16, min(128, triton.next_power_of_2(reduce_dim))),
+    }
+
+
+def gemm_pruner(out_arg: str, reduce_arg: str, rows_arg: str, weight_operands: int) -> Pruner:
+    """The pruning for a grouped GEMM kernel whose output width, reduction length and rows tensor are the
+    arguments named; ``weight_operands`` weight tiles are loaded per step (2 for gate and up)."""
+
+    def prune(configs: Sequence[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        out_dim, reduce_dim = named_args[out_arg], named_args[reduce_arg]
+        if triton_interprets():
+            return [triton.Config(interpreter_gemm_tiles(out_dim, reduce_dim))]
+        block_m, itemsize = kwargs["BLOCK_M"], named_args[rows_arg].element_size()
+        n_cap = max(16, triton.next_power_of_2(out_dim))
+        k_cap = max(16, triton.next_power_of_2(reduce_dim))
+
+        def fits(c: triton.Config) -> bool:
+            n, k = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+            buffers = c.num_stages * (block_m * k + weight_operands * k * n) * itemsize
+            return n <= n_cap and k <= k_cap and buffers <= SHARED_MEMORY_BUDGET
+
+        kept = [c for c in configs if fits(c)]
+        return kept or [triton.Config({"BLOCK_N": min(32, n_cap), "BLOCK_K": min(64, k_cap)}, num_warps=4, num_stages=2)]
+
+    return prune
+
+
+# BLOCK_N key positions per step, warps, stages; BLOCK_M (queries) comes from the chunk lengths.
+ATTENTION_CONFIGS = [
+    triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+    for n, w, s in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3)]
+]
+
+INTERPRETER_ATTENTION_BLOCK_N = 64
+
+
+def prune_attention(configs: Sequence[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """One fixed key block under the interpreter; on a GPU the configurations whose key and value buffers fit."""
+    if triton_interprets():
+        return [triton.Config({"BLOCK_N": INTERPRETER_ATTENTION_BLOCK_N})]
+    block_d, itemsize = kwargs["BLOCK_D"], named_args["k_ptr"].element_size()
+
+    def fits(c: triton.Config) -> bool:
+        return c.num_stages * 2 * c.kwargs["BLOCK_N"] * block_d * itemsize <= SHARED_MEMORY_BUDGET
+
+    return [c for c in configs if fits(c)] or [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)]

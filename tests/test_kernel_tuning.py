@@ -1,0 +1,162 @@
+"""tuning: the autotuned kernels' configurations, their pruning and the float32 dot precision.
+
+Under the interpreter the autotuner must run the one interpreter configuration and time nothing; the
+GPU pruning and precision rules are checked here with the interpreter switched off for the rule alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import triton
+
+from moeshard.kernels import expert_ffn, paged_attention, permute
+from moeshard.kernels.tuning import (
+    ATTENTION_CONFIGS,
+    GEMM_CONFIGS,
+    SHARED_MEMORY_BUDGET,
+    dot_precision,
+    gemm_block_m,
+    gemm_pruner,
+    interpreter_gemm_tiles,
+    prune_attention,
+)
+
+tuning = importlib.import_module("moeshard.kernels.tuning")
+expert_ffn_module = importlib.import_module("moeshard.kernels.expert_ffn")
+attention_module = importlib.import_module("moeshard.kernels.paged_attention")
+
+
+@pytest.fixture
+def on_a_gpu(monkeypatch):
+    """The tuning rules as they apply to compiled kernels."""
+    monkeypatch.setattr(tuning, "triton_interprets", lambda: False)
+
+
+@pytest.fixture
+def matmul_precision():
+    before = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(before)
+
+
+def test_the_interpreter_runs_one_fixed_configuration_and_times_nothing():
+    T, E, K, D, I = 9, 4, 2, 40, 100
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(T, D, generator=g)
+    ids = torch.randint(0, E, (T, K), generator=g, dtype=torch.int32)
+    perm = permute(hidden, ids, E, backend="torch")
+    w1, w3 = torch.randn(E, I, D, generator=g), torch.randn(E, I, D, generator=g)
+    w2 = torch.randn(E, D, I, generator=g)
+    got = expert_ffn(perm.rows, perm.expert_offsets, w1, w3, w2, backend="triton")
+    want = expert_ffn(perm.rows, perm.expert_offsets, w1, w3, w2, backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    for kernel, (out_dim, reduce_dim) in ((expert_ffn_module._gate_up_kernel, (I, D)), (expert_ffn_module._down_kernel, (D, I))):
+        assert kernel.best_config.kwargs == interpreter_gemm_tiles(out_dim, reduce_dim)
+        assert not getattr(kernel, "configs_timings", None), "the interpreter timed configurations"
+
+
+def test_the_attention_kernel_runs_the_interpreter_key_block():
+    from moeshard.kernels import PagedLayout
+
+    layout = PagedLayout(query_lens=(1, 5), start_pos=(3, 0), block_tables=((2,), (0, 1)), block_size=4)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(layout.num_tokens, 4, 16, generator=g)
+    keys, values = torch.randn(12, 2, 16, generator=g), torch.randn(12, 2, 16, generator=g)
+    got = paged_attention(q, keys, values, layout, backend="triton")
+    torch.testing.assert_close(got, paged_attention(q, keys, values, layout, backend="torch"), rtol=1e-5, atol=1e-5)
+    kernel = attention_module._paged_attention_kernel
+    assert kernel.best_config.kwargs == {"BLOCK_N": tuning.INTERPRETER_ATTENTION_BLOCK_N}
+    assert not getattr(kernel, "configs_timings", None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_m", [16, 64])
+@pytest.mark.parametrize("out_dim, reduce_dim, operands", [(14336, 4096, 2), (4096, 14336, 1), (96, 40, 2), (768, 2048, 2)])
+def test_gpu_gemm_configurations_fit_the_dimensions_and_shared_memory(on_a_gpu, dtype, block_m, out_dim, reduce_dim, operands):
+    rows = torch.empty(0, dtype=dtype)
+    kept = gemm_pruner("out", "reduce", "rows", operands)(
+        GEMM_CONFIGS, {"out": out_dim, "reduce": reduce_dim, "rows": rows}, BLOCK_M=block_m
+    )
+    assert kept
+    for c in kept:
+        n, k = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        assert n <= max(16, triton.next_power_of_2(out_dim)) and k <= max(16, triton.next_power_of_2(reduce_dim))
+        assert c.num_stages * (block_m * k + operands * k * n) * rows.element_size() <= SHARED_MEMORY_BUDGET
+    if min(out_dim, reduce_dim) >= 128 and dtype == torch.bfloat16:
+        assert len(kept) > 1, "a large bfloat16 GEMM has a choice to time"
+
+
+def test_a_tiny_gemm_keeps_a_tile_that_covers_it(on_a_gpu):
+    kept = gemm_pruner("out", "reduce", "rows", 2)(GEMM_CONFIGS, {"out": 8, "reduce": 8, "rows": torch.empty(0)}, BLOCK_M=16)
+    assert [c.kwargs for c in kept] == [{"BLOCK_N": 16, "BLOCK_K": 16}]
+
+
+def test_gpu_attention_configurations_fit_shared_memory(on_a_gpu):
+    keys = torch.empty(0, dtype=torch.float32)
+    kept = prune_attention(ATTENTION_CONFIGS, {"k_ptr": keys}, BLOCK_D=256)
+    assert kept and len(kept) < len(ATTENTION_CONFIGS)
+    assert all(c.num_stages * 2 * c.kwargs["BLOCK_N"] * 256 * 4 <= SHARED_MEMORY_BUDGET for c in kept)
+    assert len(prune_attention(ATTENTION_CONFIGS, {"k_ptr": keys.bfloat16()}, BLOCK_D=64)) == len(ATTENTION_CONFIGS)
+
+
+@pytest.mark.parametrize(
+    "rows, experts, want", [(1, 8, 16), (16, 8, 16), (256, 8, 32), (4096, 8, 64), (2, 64, 16), (1024, 128, 16)]
+)
+def test_the_row_block_follows_the_rows_per_expert(on_a_gpu, rows, experts, want):
+    assert gemm_block_m(rows, experts) == want
+
+
+def test_float32_dots_follow_torchs_matmul_precision(on_a_gpu, matmul_precision):
+    matmul_precision("highest")
+    assert dot_precision(torch.float32) == "ieee"
+    matmul_precision("high")
+    assert dot_precision(torch.float32) == "tf32"
+    assert dot_precision(torch.bfloat16) == "ieee"
+
+
+def test_the_interpreter_always_multiplies_in_ieee(matmul_precision):
+    matmul_precision("high")
+    assert dot_precision(torch.float32) == "ieee"
+
+
+@pytest.mark.parametrize("block_m", [16, 32, 64])
+@pytest.mark.parametrize("config", GEMM_CONFIGS, ids=lambda c: "n{BLOCK_N}-k{BLOCK_K}".format(**c.kwargs))
+def test_every_gpu_gemm_tile_computes_the_same_experts(monkeypatch, config, block_m):
+    """Each GPU tile shape, run under the interpreter (warps and stages aside): the masks hold at every edge."""
+    for kernel in (expert_ffn_module._gate_up_kernel, expert_ffn_module._down_kernel):
+        monkeypatch.setattr(kernel, "configs", [config])  # one configuration: the autotuner runs it as it is
+    monkeypatch.setattr(expert_ffn_module, "gemm_block_m", lambda rows, experts: block_m)
+    T, E, K, D, I = 37, 4, 2, 200, 150
+    g = torch.Generator().manual_seed(block_m)
+    hidden = torch.randn(T, D, generator=g)
+    perm = permute(hidden, torch.randint(0, E, (T, K), generator=g, dtype=torch.int32), E, backend="torch")
+    w1, w3 = torch.randn(E, I, D, generator=g) / D**0.5, torch.randn(E, I, D, generator=g) / D**0.5
+    w2 = torch.randn(E, D, I, generator=g) / I**0.5
+    got = expert_ffn(perm.rows, perm.expert_offsets, w1, w3, w2, backend="triton")
+    want = expert_ffn(perm.rows, perm.expert_offsets, w1, w3, w2, backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert expert_ffn_module._gate_up_kernel.best_config is config and expert_ffn_module._down_kernel.best_config is config
+
+
+@pytest.mark.parametrize("config", ATTENTION_CONFIGS, ids=lambda c: f"n{c.kwargs['BLOCK_N']}-w{c.num_warps}-s{c.num_stages}")
+def test_every_gpu_attention_tile_computes_the_same_attention(monkeypatch, config):
+    from moeshard.kernels import PagedLayout
+
+    monkeypatch.setattr(attention_module._paged_attention_kernel, "configs", [config])
+    seqs = ((9, 1), (0, 6), (20, 5), (7, 40), (130, 1))
+    layout = PagedLayout(
+        query_lens=tuple(n for _, n in seqs),
+        start_pos=tuple(s for s, _ in seqs),
+        block_tables=tuple(tuple(range(10 * b, 10 * b + 9)) for b in range(len(seqs))),
+        block_size=16,
+        sliding_window=None,
+    )
+    g = torch.Generator().manual_seed(config.kwargs["BLOCK_N"])
+    q = torch.randn(layout.num_tokens, 4, 16, generator=g)
+    keys, values = torch.randn(800, 2, 16, generator=g), torch.randn(800, 2, 16, generator=g)
+    got = paged_attention(q, keys, values, layout, backend="triton")
+    torch.testing.assert_close(got, paged_attention(q, keys, values, layout, backend="torch"), rtol=1e-5, atol=1e-5)
+    assert attention_module._paged_attention_kernel.best_config is config
