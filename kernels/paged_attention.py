@@ -16,11 +16,14 @@ decode tokens, and per prefill chunk, over a view of its keys where its blocks
 are consecutive (``paged_plan.py``), one causal call, or two merged by their
 log-sum-exps when the chunk has history before it, or one masked call when a
 sliding window cuts in. The Triton kernel is one flash-style
-program per (block of BLOCK_M queries of one sequence, query head): it walks the
-sequence's keys from the first any of its queries sees (sliding window) to the
-last (causal), BLOCK_N positions at a time through the block table, with an
-online softmax in float32. Its program table is built on the device, sized by
-the bound cdiv(T, BLOCK_M) + B; unused entries return at once.
+program per (block of queries of one sequence, kv head): its tile's rows are the
+block's queries times the H / Hkv query heads that read that kv head, so each
+key and value block is loaded once for all of them (a decode token's heads fill
+the tile rows one query alone would leave empty). It walks the sequence's keys
+from the first any of its queries sees (sliding window) to the last (causal),
+BLOCK_N positions at a time through the block table, with an online softmax in
+float32. Its program table is built on the device, sized by the bound
+cdiv(T, queries per program) + B; unused entries return at once.
 """
 
 from __future__ import annotations
@@ -158,9 +161,17 @@ def query_blocks(query_lens: torch.Tensor, num_rows: int, block_m: int) -> Query
     return QueryBlocks(torch.where(b < B, b, -1).to(torch.int32), first_query)
 
 
-def query_block_m(longest_chunk: int) -> int:
-    """Queries per program: as many as the longest chunk needs, 16..64 (tl.dot wants 16 at least)."""
-    return max(16, min(64, triton.next_power_of_2(longest_chunk)))
+class QueryTiles(NamedTuple):
+    queries: int  # queries per program
+    rows: int  # BLOCK_M: the tile's rows, one per (query, query head of the kv head), padded
+
+
+def query_tiles(longest_chunk: int, group: int) -> QueryTiles:
+    """A program's queries and tile rows: every query head that shares a kv head rides in one tile, so each
+    key and value block is read once for the group. As many queries as the longest chunk needs (a power of
+    two), up to 64 rows; at least one query, and 16 rows (tl.dot wants 16 at least)."""
+    queries = max(1, min(triton.next_power_of_2(longest_chunk), 64 // group))
+    return QueryTiles(queries, max(16, triton.next_power_of_2(queries * group)))
 
 
 def paged_attention_triton(q, key_cache, value_cache, layout: PagedLayout, scale: float, out) -> None:
@@ -168,26 +179,26 @@ def paged_attention_triton(q, key_cache, value_cache, layout: PagedLayout, scale
     Hkv = key_cache.shape[1]
     assert q.stride(2) == key_cache.stride(2) == value_cache.stride(2) == out.stride(2) == 1, "unit stride along Dh"
     tables = layout.device_tables
-    block_m = query_block_m(max(layout.query_lens))
-    programs = query_blocks(tables.query_lens, T, block_m)
+    tiles = query_tiles(max(layout.query_lens), H // Hkv)
+    programs = query_blocks(tables.query_lens, T, tiles.queries)
     window = layout.sliding_window
     with AUTOTUNED_LAUNCH:
-        _paged_attention_kernel[(programs.seq.shape[0], H)](
+        _paged_attention_kernel[(programs.seq.shape[0], Hkv)](
             q, key_cache, value_cache, out,
             tables.block_tables, tables.query_starts, tables.query_lens, tables.start_pos,
             programs.seq, programs.first_query,
             q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1),
             value_cache.stride(0), value_cache.stride(1), out.stride(0), out.stride(1), tables.block_tables.stride(0),
             scale, window or 0, layout.block_size, Dh,
-            GROUP=H // Hkv, SLIDING=window is not None,
-            BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(Dh)),
+            GROUP=H // Hkv, QUERIES=tiles.queries, SLIDING=window is not None,
+            BLOCK_M=tiles.rows, BLOCK_D=max(16, triton.next_power_of_2(Dh)),
             DOT_FP32=triton_interprets(), PRECISION=dot_precision(q.dtype),
         )  # fmt: skip
 
 
 @triton.autotune(
     configs=ATTENTION_CONFIGS,
-    key=["block_size", "head_dim", "GROUP", "SLIDING", "BLOCK_M", "BLOCK_D", "PRECISION"],
+    key=["block_size", "head_dim", "GROUP", "QUERIES", "SLIDING", "BLOCK_M", "BLOCK_D", "PRECISION"],
     prune_configs_by={"early_config_prune": prune_attention},
 )
 @triton.jit
@@ -197,11 +208,11 @@ def _paged_attention_kernel(
     prog_seq_ptr, prog_first_ptr,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh, stride_tb,
     scale, window, block_size, head_dim,
-    GROUP: tl.constexpr, SLIDING: tl.constexpr,
+    GROUP: tl.constexpr, QUERIES: tl.constexpr, SLIDING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """out[rows, h] for BLOCK_M queries of one sequence and one query head.
+    """out for QUERIES queries of one sequence and the GROUP query heads of one kv head, a tile row each.
 
     q_ptr, out_ptr      [T, H, Dh] (unit stride along Dh)
     k_ptr, v_ptr        [slots, Hkv, Dh] the layer's cache
@@ -212,22 +223,23 @@ def _paged_attention_kernel(
     b = tl.load(prog_seq_ptr + tl.program_id(0)).to(tl.int64)
     if b < 0:
         return
-    h = tl.program_id(1)
-    kvh = h // GROUP
+    kvh = tl.program_id(1)
     first = tl.load(prog_first_ptr + tl.program_id(0))
     row0 = tl.load(query_starts_ptr + b)
     n = tl.load(query_lens_ptr + b)
     start = tl.load(start_pos_ptr + b)
-    i = first + tl.arange(0, BLOCK_M)  # [BM] queries, counted within the sequence's
-    i_ok = i < n
+    r = tl.arange(0, BLOCK_M)  # [BM] tile rows
+    i = first + r // GROUP  # [BM] each row's query, counted within the sequence's
+    h = kvh * GROUP + r % GROUP  # [BM] its query head
+    i_ok = (r < QUERIES * GROUP) & (i < n)
     pos = start + i  # [BM] their positions
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     q_mask = i_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + (row0 + i)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=q_mask, other=0.0)  # [BM, BD]
+    q = tl.load(q_ptr + (row0 + i)[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :], mask=q_mask, other=0.0)  # [BM, BD]
     if DOT_FP32:
         q = q.to(tl.float32)
-    end = start + tl.minimum(first + BLOCK_M, n)  # one past the last key any of these queries sees
+    end = start + tl.minimum(first + QUERIES, n)  # one past the last key any of these queries sees
     lo = start * 0
     if SLIDING:
         lo = tl.maximum(start + first - window + 1, 0)  # the first key any of them sees
@@ -257,5 +269,5 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # [BM, BD]
         m_i = m_new
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_ptrs = out_ptr + (row0 + i)[:, None] * stride_ot + h * stride_oh + d[None, :]
+    o_ptrs = out_ptr + (row0 + i)[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=q_mask)

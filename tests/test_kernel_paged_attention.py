@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from moeshard.kernels import PagedLayout, paged_attention
-from moeshard.kernels.paged_attention import merge_attention, query_blocks
+from moeshard.kernels.paged_attention import merge_attention, query_blocks, query_tiles
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -107,12 +107,20 @@ CASES = [
     ("mixed-window-8", MIXED, 3, 4, 2, 8, 8, "consecutive", torch.float32),
     ("long-chunk", LONG_CHUNK, 8, 2, 1, 16, None, "shuffled", torch.float32),
     ("long-chunk-window", LONG_CHUNK, 8, 2, 1, 16, 20, "consecutive", torch.float32),
+    # query heads per kv head: 3 and 8 split a long chunk into several programs, 16 and 32 fill a tile alone
+    ("long-chunk-group3-window", LONG_CHUNK + MIXED, 4, 9, 3, 16, 12, "shuffled", torch.float32),
+    ("long-chunk-group8", LONG_CHUNK + MIXED, 8, 16, 2, 16, None, "shuffled", torch.float32),
+    ("decode-group16", DECODE, 4, 16, 1, 16, None, "shuffled", torch.float32),
+    ("mixed-group32", MIXED + LONG_CHUNK, 4, 32, 1, 8, None, "consecutive", torch.float32),
+    ("mixed-group8-bf16", MIXED, 4, 16, 2, 16, None, "shuffled", torch.bfloat16),
     ("mixed-bf16", MIXED, 4, 4, 2, 16, None, "shuffled", torch.bfloat16),
     ("mixed-window-bf16", MIXED, 4, 4, 2, 24, 6, "consecutive", torch.bfloat16),
 ]
 
 
-@pytest.mark.parametrize("name, seqs, block_size, heads, kv_heads, head_dim, window, tables, dtype", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    "name, seqs, block_size, heads, kv_heads, head_dim, window, tables, dtype", CASES, ids=[c[0] for c in CASES]
+)
 def test_paged_attention_matches_dense(name, seqs, block_size, heads, kv_heads, head_dim, window, tables, dtype):
     check(*make_case(seqs, block_size, heads, kv_heads, head_dim, dtype, window=window, tables=tables, seed=len(name)))
 
@@ -182,3 +190,12 @@ def test_merge_attention_equals_one_softmax():
     whole = torch.softmax(scores, -1) @ v
     parts = [(torch.softmax(scores[..., s], -1) @ v[:, s], scores[..., s].logsumexp(-1)) for s in (slice(0, 2), slice(2, 5))]
     torch.testing.assert_close(merge_attention(*parts[0], *parts[1]), whole)
+
+
+@pytest.mark.parametrize("longest, group", [(1, 1), (1, 4), (1, 16), (7, 3), (70, 2), (70, 8), (200, 1), (1, 128)])
+def test_a_tile_holds_whole_query_head_groups(longest, group):
+    tiles = query_tiles(longest, group)
+    assert tiles.queries >= 1 and tiles.rows >= max(16, tiles.queries * group)
+    assert tiles.rows & (tiles.rows - 1) == 0, "tl.arange needs a power of two"
+    assert tiles.queries * group <= 64 or tiles.queries == 1, "a tile stays within 64 rows unless one query's heads need more"
+    assert tiles.queries <= max(1, longest) * 2, "no more queries per program than the longest chunk needs"
