@@ -6,6 +6,10 @@
 2. The per-call time of each Triton kernel at a small size: on a GPU when there
    is one, else under Triton's CPU interpreter (re-executed with
    TRITON_INTERPRET=1 when it was not set), next to the torch path.
+3. On a GPU only: Mixtral 8x7B's shapes, the grouped SwiGLU of one MoE layer at
+   decode and prefill row counts and paged attention (decode of 32 sequences,
+   a prefill chunk with history), Triton (autotuned: the configuration it
+   chose is printed) against the torch path, in bfloat16 and float32.
 
 Dimensions: T tokens, D hidden, I expert hidden, E experts, K chosen per token, N = T*K rows.
 """
@@ -119,6 +123,81 @@ def kernel_rows(T: int, D: int, I: int, E: int, K: int, repeats: int) -> list[Ke
     return rows
 
 
+@dataclass
+class ModelShapeRow:
+    case: str
+    dtype: str
+    triton_ms: float
+    torch_ms: float
+    config: str  # the configuration the autotuner chose for the case's last kernel
+
+
+def _chosen(kernel) -> str:
+    config = kernel.best_config
+    tiles = ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
+    return f"{tiles}, warps={config.num_warps}, stages={config.num_stages}"
+
+
+def model_shape_rows(device: str, dims: dict, repeats: int) -> list[ModelShapeRow]:
+    """The grouped SwiGLU at dims' row counts and paged attention at its decode and chunk sizes, Triton against torch."""
+    from importlib import import_module
+
+    from moeshard.kernels.paged_attention import paged_attention
+    from moeshard.kernels.paged_layout import PagedLayout
+
+    ffn, attention = import_module("moeshard.kernels.expert_ffn"), import_module("moeshard.kernels.paged_attention")
+    D, I, E, K = dims["D"], dims["I"], dims["E"], dims["K"]
+    H, Hkv, Dh, block = dims["heads"], dims["kv_heads"], dims["head_dim"], dims["block_size"]
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        name = str(dtype).removeprefix("torch.")
+        g = torch.Generator().manual_seed(0)
+        w1, w3 = (torch.randn(E, I, D, generator=g).div(D**0.5).to(device, dtype) for _ in range(2))
+        w2 = torch.randn(E, D, I, generator=g).div(I**0.5).to(device, dtype)
+        for T in dims["tokens"]:
+            routing = route(torch.randn(T, E, generator=g).to(device), K, backend="torch")
+            perm = permute(torch.randn(T, D, generator=g).to(device, dtype), routing.expert_ids, E, backend="torch")
+            call = lambda b: expert_ffn(perm.rows, perm.expert_offsets, w1, w3, w2, backend=b)  # noqa: E731
+            call("triton")  # the autotuner times its configurations on the first call for these sizes
+            triton_s = median_seconds(lambda: call("triton"), warmup=2, repeats=repeats)
+            torch_s = median_seconds(lambda: call("torch"), warmup=2, repeats=repeats)
+            rows.append(ModelShapeRow(f"expert_ffn T={T}", name, triton_s * 1e3, torch_s * 1e3, _chosen(ffn._down_kernel)))
+        for label, seqs in (
+            (f"attention decode {dims['decode_seqs']} x {dims['history']} keys", [(dims["history"], 1)] * dims["decode_seqs"]),
+            (f"attention chunk {dims['chunk']} after {dims['history']}", [(dims["history"], dims["chunk"])]),
+        ):
+            needs = [-(-(start + n) // block) for start, n in seqs]
+            order = torch.randperm(sum(needs), generator=g).tolist()
+            tables = [tuple(order[sum(needs[:i]) : sum(needs[: i + 1])]) for i in range(len(needs))]
+            layout = PagedLayout(
+                query_lens=tuple(n for _, n in seqs), start_pos=tuple(s for s, _ in seqs),
+                block_tables=tuple(tables), block_size=block, device=torch.device(device),
+            )  # fmt: skip
+            keys, values = (torch.randn(sum(needs) * block, Hkv, Dh, generator=g).to(device, dtype) for _ in range(2))
+            q = torch.randn(layout.num_tokens, H, Dh, generator=g).to(device, dtype)
+            call = lambda b: paged_attention(q, keys, values, layout, backend=b)  # noqa: E731
+            call("triton")
+            triton_s = median_seconds(lambda: call("triton"), warmup=2, repeats=repeats)
+            torch_s = median_seconds(lambda: call("torch"), warmup=2, repeats=repeats)
+            rows.append(ModelShapeRow(label, name, triton_s * 1e3, torch_s * 1e3, _chosen(attention._paged_attention_kernel)))
+    return rows
+
+
+def format_model_shapes(rows: list[ModelShapeRow]) -> str:
+    lines = ["| case | dtype | Triton ms | torch ms | torch / Triton | chosen configuration |", "|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r.case} | {r.dtype} | {r.triton_ms:.3f} | {r.torch_ms:.3f} | {r.torch_ms / r.triton_ms:.2f} | {r.config} |"
+        )
+    return "\n".join(lines)
+
+
+MIXTRAL_SHAPES = dict(
+    D=4096, I=14336, E=8, K=2, tokens=[1, 32, 512, 4096],
+    heads=32, kv_heads=8, head_dim=128, block_size=16, decode_seqs=32, history=2048, chunk=2048,
+)  # fmt: skip
+
+
 def format_bandwidth(rows: list[BandwidthRow]) -> str:
     lines = [
         "| op | dtype | T | MB moved | op GB/s | op out= GB/s | memcpy GB/s | op out= / memcpy |",
@@ -162,6 +241,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"## Triton kernels, {where}, per call at T={small['T']}, D={small['D']}, I={small['I']}, E=8, K=2")
     print()
     print(format_kernels(kernel_rows(**small, repeats=3), where))
+    if torch.cuda.is_available():
+        print()
+        print(f"## Mixtral 8x7B's shapes on {torch.cuda.get_device_name()}, median of {args.repeats}")
+        print()
+        print(format_model_shapes(model_shape_rows("cuda", MIXTRAL_SHAPES, args.repeats)))
 
 
 if __name__ == "__main__":
