@@ -31,7 +31,7 @@ from moeshard.actors.wire import NO_WORK, ExpertBatch, ExpertReply
 from moeshard.cluster.model.checkpoint import CheckpointReader, ExpertKey, expert_weight_shapes
 from moeshard.cluster.model.config import ModelConfig
 from moeshard.cluster.model.device import resolve_device, resolve_dtype
-from moeshard.cluster.model.moe import ExpertStack, held_bytes, load_expert_stacks, stack_experts
+from moeshard.cluster.model.moe import ExpertStack, held_bytes, load_expert_stacks, stack_experts, warm_up_stacks
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class ExpertActor:
         self.versions: dict[int, dict[int, ExpertStack]] = {version: load_expert_stacks(self.reader, hosted, self.dtype, self.device)}
         # {version: {layer: {expert: share}}}: this actor's share of each replicated expert, per version held.
         self.shares: dict[int, dict[int, dict[int, float]]] = {version: shares or {}}
+        warm_up_stacks(self.stacks.values())  # on a GPU: the kernels compiled and tuned before the first batch
         self._delays: list[float] = []
         self._stage_lock = threading.Lock()
         self._sockets: dict[str, ExpertSocketServer] = {}  # listen address -> the socket transport's listener there

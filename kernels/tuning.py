@@ -48,10 +48,13 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def gemm_block_m(num_rows: int, num_experts: int) -> int:
-    """Rows per block of a grouped GEMM: about the rows an expert gets (16..64 on a GPU; 16 is ``tl.dot``'s
-    least), so a decode step's few rows per expert do not pad to 64. 64 under the interpreter."""
-    if triton_interprets():
-        return 64
+    """Rows per block of a grouped GEMM: ``rows_per_expert_block`` on a GPU, 64 under the interpreter."""
+    return 64 if triton_interprets() else rows_per_expert_block(num_rows, num_experts)
+
+
+def rows_per_expert_block(num_rows: int, num_experts: int) -> int:
+    """About the rows an expert gets, 16..64 (16 is ``tl.dot``'s least), so a decode step's few rows per
+    expert do not pad to 64."""
     rows_per_expert = triton.cdiv(max(num_rows, 1), max(1, min(num_experts, num_rows)))
     return max(16, min(64, triton.next_power_of_2(rows_per_expert)))
 

@@ -160,3 +160,58 @@ def test_every_gpu_attention_tile_computes_the_same_attention(monkeypatch, confi
     got = paged_attention(q, keys, values, layout, backend="triton")
     torch.testing.assert_close(got, paged_attention(q, keys, values, layout, backend="torch"), rtol=1e-5, atol=1e-5)
     assert attention_module._paged_attention_kernel.best_config is config
+
+
+def _keys(kernel) -> set:
+    return set(kernel.cache)
+
+
+def test_the_expert_warm_up_reaches_every_row_block_serving_picks(monkeypatch):
+    """With a GPU's row blocks: after the warm-up no call, whatever its rows, meets a key the autotuner has not seen."""
+    warmup_module = importlib.import_module("moeshard.kernels.warmup")
+    for module in (expert_ffn_module, warmup_module):
+        monkeypatch.setattr(module, "gemm_block_m", tuning.rows_per_expert_block)
+    kernels = (expert_ffn_module._gate_up_kernel, expert_ffn_module._down_kernel)
+    for kernel in kernels:
+        monkeypatch.setattr(kernel, "cache", {})
+    E, D, I = 4, 24, 40
+    g = torch.Generator().manual_seed(3)
+    w1, w3, w2 = torch.randn(E, I, D, generator=g), torch.randn(E, I, D, generator=g), torch.randn(E, D, I, generator=g)
+    assert warmup_module.warm_up_expert_ffn(w1, w3, w2, backend="triton") == 3  # row blocks of 16, 32 and 64
+    warmed = [_keys(kernel) for kernel in kernels]
+    for T in (1, 2, 5, 16, 33, 100, 300):
+        ids = torch.randint(0, E, (T, 2), generator=g, dtype=torch.int32)
+        perm = permute(torch.randn(T, D, generator=g), ids, E, backend="torch")
+        expert_ffn(perm.rows, perm.expert_offsets, w1, w3, w2, backend="triton")
+    assert [_keys(kernel) for kernel in kernels] == warmed
+
+
+def test_the_attention_warm_up_reaches_every_query_tile_serving_picks(monkeypatch):
+    from moeshard.kernels import PagedLayout
+    from moeshard.kernels.warmup import warm_up_paged_attention
+
+    kernel = attention_module._paged_attention_kernel
+    monkeypatch.setattr(kernel, "cache", {})
+    H, Hkv, Dh, block, longest = 8, 2, 16, 4, 100
+    assert warm_up_paged_attention(H, Hkv, Dh, block, None, longest, torch.float32, torch.device("cpu"), backend="triton") > 1
+    warmed = _keys(kernel)
+    g = torch.Generator().manual_seed(4)
+    for seqs in (((5, 1), (9, 1)), ((0, 3),), ((4, 17), (30, 1)), ((0, 100),), ((0, 64), (3, 36)), ((50, 9),)):
+        layout = PagedLayout(
+            query_lens=tuple(n for _, n in seqs),
+            start_pos=tuple(s for s, _ in seqs),
+            block_tables=tuple(tuple(range(40 * b, 40 * b + 38)) for b in range(len(seqs))),
+            block_size=block,
+        )
+        q = torch.randn(layout.num_tokens, H, Dh, generator=g)
+        keys = torch.randn(40 * block * len(seqs), Hkv, Dh, generator=g)
+        paged_attention(q, keys, torch.randn_like(keys), layout, backend="triton")
+    assert _keys(kernel) == warmed
+
+
+def test_nothing_is_warmed_where_the_kernels_run_on_torch():
+    from moeshard.kernels.warmup import warm_up_expert_ffn, warm_up_paged_attention
+
+    w = torch.zeros(2, 8, 8)
+    assert warm_up_expert_ffn(w, w, w) == 0
+    assert warm_up_paged_attention(4, 2, 16, 16, None, 64, torch.float32, torch.device("cpu")) == 0

@@ -20,10 +20,11 @@ from moeshard.cluster.model.config import ModelConfig
 from moeshard.cluster.model.device import resolve_device, resolve_dtype
 from moeshard.cluster.model.kv_cache import KVCache
 from moeshard.cluster.model.model import MoeModel
-from moeshard.cluster.model.moe import ExpertsFn, LocalExperts
+from moeshard.cluster.model.moe import ExpertsFn, LocalExperts, warm_up_stacks
 from moeshard.cluster.model.prepack import prepack_dense
 from moeshard.cluster.text.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from moeshard.kernels.linear import prepacks
+from moeshard.kernels.warmup import uses_triton, warm_up_paged_attention
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,13 @@ def build_engine(config: EngineConfig, files: ModelFiles, experts: ExpertsFn | N
         mc.num_layers, mc.num_kv_heads, mc.head_dim, config.kv_cache_bytes, config.kv_block_size, dtype,
         config.enable_prefix_caching, device,
     )  # fmt: skip
+    if uses_triton(device):
+        warm_up_paged_attention(
+            mc.num_heads, mc.num_kv_heads, mc.head_dim, config.kv_block_size, mc.sliding_window,
+            config.max_batch_tokens, dtype, device,
+        )  # fmt: skip
+        if isinstance(experts, LocalExperts):
+            warm_up_stacks(experts.stacks.values())
     eos = frozenset(mc.eos_token_ids) or (files.tokenizer.eos_token_ids if files.tokenizer else frozenset())
     model = MoeModel(mc, dense, experts, cache, ping_pong)
     return Engine(model, eos, config.max_batch_tokens, config.max_running, token_limit(mc, files.tokenizer))

@@ -26,6 +26,7 @@ from moeshard.kernels.backend import resolve_backend
 from moeshard.kernels.combine import weighted_row_sum
 from moeshard.kernels.expert_ffn import expert_ffn_torch, expert_rows_torch
 from moeshard.kernels.linear import packable, prepack, prepacks, unpack
+from moeshard.kernels.warmup import warm_up_expert_ffn
 
 
 class PendingExperts(Protocol):
@@ -147,6 +148,19 @@ def load_expert_stacks(
         if ids:
             stacks[layer] = stack_experts(ids, [weights.pop(ExpertKey(layer, e)) for e in ids])
     return stacks
+
+
+def warm_up_stacks(stacks: Iterable[ExpertStack]) -> None:
+    """Compile and tune the grouped SwiGLU for each distinct shape among ``stacks`` (kernels/warmup.py); a
+    no-op where it runs on torch (the CPU, prepacked stacks)."""
+    seen = set()
+    for stack in stacks:
+        if stack.packed:
+            continue
+        shape = (tuple(stack.w1.shape[1:]), stack.w1.dtype, stack.w1.device)
+        if shape not in seen:
+            seen.add(shape)
+            warm_up_expert_ffn(stack.w1, stack.w3, stack.w2)
 
 
 class LocalExperts:
