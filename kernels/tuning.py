@@ -18,6 +18,7 @@ with float32 accumulation, except under the interpreter (``DOT_FP32``, see ``exp
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -29,7 +30,8 @@ from moeshard.kernels.backend import triton_interprets
 
 logger = logging.getLogger(__name__)
 
-SHARED_MEMORY_BUDGET = 160 * 1024  # bytes a program's operand buffers may take: A100 has 164 KiB, H100 228 KiB
+A100_SHARED_MEMORY = 163 * 1024  # bytes of shared memory a block may take on an A100 (an H100: 227 KiB)
+SCRATCH = 4 * 1024  # what a kernel takes beyond its operand buffers (layout conversions, reductions), at most
 
 Pruner = Callable[..., list[triton.Config]]
 
@@ -82,6 +84,30 @@ def interpreter_gemm_tiles(out_dim: int, reduce_dim: int) -> dict[str, int]:
     }
 
 
+@functools.cache
+def shared_memory_budget(device_index: int = 0) -> int:
+    """Bytes of shared memory a block may take on this GPU, less the kernels' scratch (an A100's when the
+    driver cannot say)."""
+    try:
+        limit = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+    except Exception as exc:  # no driver to ask: assume the smaller of the parts the configurations are for
+        logger.debug("shared memory per block unknown (%s): assuming an A100's", exc)
+        limit = A100_SHARED_MEMORY
+    return limit - SCRATCH
+
+
+def gemm_fits(
+    config: triton.Config, block_m: int, out_dim: int, reduce_dim: int, itemsize: int, operands: int, budget: int
+) -> bool:
+    """Whether a grouped GEMM configuration is worth timing: its tiles no wider than the padded dimensions, and
+    ``num_stages`` buffers of a row tile and ``operands`` weight tiles within ``budget`` bytes (Hopper's
+    pipelines keep that many; Ampere's one fewer, so this errs on the safe side there)."""
+    n, k = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    if n > max(16, triton.next_power_of_2(out_dim)) or k > max(16, triton.next_power_of_2(reduce_dim)):
+        return False
+    return config.num_stages * (block_m * k + operands * k * n) * itemsize <= budget
+
+
 def gemm_pruner(out_arg: str, reduce_arg: str, rows_arg: str, weight_operands: int) -> Pruner:
     """The pruning for a grouped GEMM kernel whose output width, reduction length and rows tensor are the
     arguments named; ``weight_operands`` weight tiles are loaded per step (2 for gate and up)."""
@@ -90,16 +116,14 @@ def gemm_pruner(out_arg: str, reduce_arg: str, rows_arg: str, weight_operands: i
         out_dim, reduce_dim = named_args[out_arg], named_args[reduce_arg]
         if triton_interprets():
             return [triton.Config(interpreter_gemm_tiles(out_dim, reduce_dim))]
-        block_m, itemsize = kwargs["BLOCK_M"], named_args[rows_arg].element_size()
-        n_cap = max(16, triton.next_power_of_2(out_dim))
-        k_cap = max(16, triton.next_power_of_2(reduce_dim))
-
-        def fits(c: triton.Config) -> bool:
-            n, k = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-            buffers = c.num_stages * (block_m * k + weight_operands * k * n) * itemsize
-            return n <= n_cap and k <= k_cap and buffers <= SHARED_MEMORY_BUDGET
-
+        rows = named_args[rows_arg]
+        budget = shared_memory_budget(rows.device.index or 0)
+        fits = functools.partial(
+            gemm_fits, block_m=kwargs["BLOCK_M"], out_dim=out_dim, reduce_dim=reduce_dim, itemsize=rows.element_size(),
+            operands=weight_operands, budget=budget,
+        )  # fmt: skip
         kept = [c for c in configs if fits(c)]
+        n_cap, k_cap = max(16, triton.next_power_of_2(out_dim)), max(16, triton.next_power_of_2(reduce_dim))
         return kept or [triton.Config({"BLOCK_N": min(32, n_cap), "BLOCK_K": min(64, k_cap)}, num_warps=4, num_stages=2)]
 
     return prune
@@ -114,13 +138,16 @@ ATTENTION_CONFIGS = [
 INTERPRETER_ATTENTION_BLOCK_N = 64
 
 
+def attention_fits(config: triton.Config, block_m: int, block_d: int, itemsize: int, budget: int) -> bool:
+    """Whether a paged-attention configuration's query tile and ``num_stages`` key and value tiles fit ``budget``."""
+    return (block_m + config.num_stages * 2 * config.kwargs["BLOCK_N"]) * block_d * itemsize <= budget
+
+
 def prune_attention(configs: Sequence[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """One fixed key block under the interpreter; on a GPU the configurations whose key and value buffers fit."""
+    """One fixed key block under the interpreter; on a GPU the configurations whose tiles fit shared memory."""
     if triton_interprets():
         return [triton.Config({"BLOCK_N": INTERPRETER_ATTENTION_BLOCK_N})]
-    block_d, itemsize = kwargs["BLOCK_D"], named_args["k_ptr"].element_size()
-
-    def fits(c: triton.Config) -> bool:
-        return c.num_stages * 2 * c.kwargs["BLOCK_N"] * block_d * itemsize <= SHARED_MEMORY_BUDGET
-
-    return [c for c in configs if fits(c)] or [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)]
+    keys = named_args["k_ptr"]
+    budget = shared_memory_budget(keys.device.index or 0)
+    kept = [c for c in configs if attention_fits(c, kwargs["BLOCK_M"], kwargs["BLOCK_D"], keys.element_size(), budget)]
+    return kept or [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)]

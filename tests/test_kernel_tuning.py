@@ -16,7 +16,6 @@ from moeshard.kernels import expert_ffn, paged_attention, permute
 from moeshard.kernels.tuning import (
     ATTENTION_CONFIGS,
     GEMM_CONFIGS,
-    SHARED_MEMORY_BUDGET,
     dot_precision,
     gemm_block_m,
     gemm_pruner,
@@ -29,10 +28,14 @@ expert_ffn_module = importlib.import_module("moeshard.kernels.expert_ffn")
 attention_module = importlib.import_module("moeshard.kernels.paged_attention")
 
 
+BUDGET = tuning.A100_SHARED_MEMORY - tuning.SCRATCH
+
+
 @pytest.fixture
 def on_a_gpu(monkeypatch):
-    """The tuning rules as they apply to compiled kernels."""
+    """The tuning rules as they apply to compiled kernels, on an A100."""
     monkeypatch.setattr(tuning, "triton_interprets", lambda: False)
+    monkeypatch.setattr(tuning, "shared_memory_budget", lambda device_index=0: BUDGET)
 
 
 @pytest.fixture
@@ -84,7 +87,7 @@ def test_gpu_gemm_configurations_fit_the_dimensions_and_shared_memory(on_a_gpu, 
     for c in kept:
         n, k = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         assert n <= max(16, triton.next_power_of_2(out_dim)) and k <= max(16, triton.next_power_of_2(reduce_dim))
-        assert c.num_stages * (block_m * k + operands * k * n) * rows.element_size() <= SHARED_MEMORY_BUDGET
+        assert c.num_stages * (block_m * k + operands * k * n) * rows.element_size() <= BUDGET
     if min(out_dim, reduce_dim) >= 128 and dtype == torch.bfloat16:
         assert len(kept) > 1, "a large bfloat16 GEMM has a choice to time"
 
@@ -96,10 +99,11 @@ def test_a_tiny_gemm_keeps_a_tile_that_covers_it(on_a_gpu):
 
 def test_gpu_attention_configurations_fit_shared_memory(on_a_gpu):
     keys = torch.empty(0, dtype=torch.float32)
-    kept = prune_attention(ATTENTION_CONFIGS, {"k_ptr": keys}, BLOCK_D=256)
+    kept = prune_attention(ATTENTION_CONFIGS, {"k_ptr": keys}, BLOCK_M=64, BLOCK_D=128)
     assert kept and len(kept) < len(ATTENTION_CONFIGS)
-    assert all(c.num_stages * 2 * c.kwargs["BLOCK_N"] * 256 * 4 <= SHARED_MEMORY_BUDGET for c in kept)
-    assert len(prune_attention(ATTENTION_CONFIGS, {"k_ptr": keys.bfloat16()}, BLOCK_D=64)) == len(ATTENTION_CONFIGS)
+    assert all((64 + c.num_stages * 2 * c.kwargs["BLOCK_N"]) * 128 * 4 <= BUDGET for c in kept)
+    every = prune_attention(ATTENTION_CONFIGS, {"k_ptr": keys.bfloat16()}, BLOCK_M=16, BLOCK_D=64)
+    assert len(every) == len(ATTENTION_CONFIGS)
 
 
 @pytest.mark.parametrize(
