@@ -1,12 +1,13 @@
-"""Compile every GPU configuration of the autotuned kernels for A100 (sm_80) and H100 (sm_90), no GPU needed:
-``python -m moeshard.kernels.benchmarks.compile_configs``.
+"""Compile every Triton kernel, and every GPU configuration of the autotuned ones, for A100 (sm_80) and H100
+(sm_90), no GPU needed: ``python -m moeshard.kernels.benchmarks.compile_configs``.
 
 Triton compiles ahead of time for a target it is told (its wheel carries ``ptxas``), so whether each tile
 shape, warp count and pipeline depth of ``tuning.py`` compiles, and how much shared memory it takes, can
 be read on any machine. Prints, per kernel, dtype and dot precision, row block and configuration, the
 shared memory each target's binary needs, against the part's limit per block, and whether the pruning
-keeps the configuration at Mixtral 8x7B's sizes. What it cannot show is speed: that takes a GPU
-(``benchmarks.kernels``).
+keeps the configuration at Mixtral 8x7B's sizes. The kernels that are not autotuned (route, the permute
+gather, combine) compile once per part and dtype, with the tiles their wrappers pick at those sizes.
+What it cannot show is speed: that takes a GPU (``benchmarks.kernels``).
 
 Triton must not be in interpreter mode: the module re-executes itself with ``TRITON_INTERPRET=0``.
 """
@@ -31,12 +32,12 @@ TYPES = {"bfloat16": "bf16", "float32": "fp32"}
 
 @dataclass(frozen=True)
 class Case:
-    kernel: str  # gate_up, down, attention
+    kernel: str  # gate_up, down, attention (autotuned); route, gather, combine (fixed tiles)
     arch: int
     dtype: str  # bfloat16, float32
     precision: str  # ieee, tf32
-    block_m: int
-    config_index: int
+    block_m: int  # 0 for the kernels with fixed tiles
+    config_index: int  # 0 for the kernels with fixed tiles (one configuration)
 
 
 @dataclass(frozen=True)
@@ -48,17 +49,46 @@ class Compiled:
     error: str = ""
 
 
-# Integer arguments at Mixtral 8x7B's sizes, as a serving launch passes them (Triton specializes a 1 to a
-# constant and marks multiples of 16, which decides how wide its loads and whether its copies are pipelined).
-D, I, HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 4096, 14336, 32, 8, 128, 16
-INTEGERS = {
-    "gate_up": dict(D=D, I=I, stride_xn=D, stride_1e=I * D, stride_1i=D, stride_1d=1, stride_3e=I * D, stride_3i=D,
-                    stride_3d=1, stride_hn=I),
-    "down": dict(D=D, I=I, stride_hn=I, stride_2e=D * I, stride_2d=I, stride_2i=1, stride_on=D),
-    "attention": dict(stride_qt=HEADS * HEAD_DIM, stride_qh=HEAD_DIM, stride_ks=KV_HEADS * HEAD_DIM, stride_kh=HEAD_DIM,
-                      stride_vs=KV_HEADS * HEAD_DIM, stride_vh=HEAD_DIM, stride_ot=HEADS * HEAD_DIM, stride_oh=HEAD_DIM,
-                      stride_tb=129, window=0, block_size=BLOCK_SIZE, head_dim=HEAD_DIM),
+# Mixtral 8x7B's sizes; a step of T tokens sends N = T x K rows.
+D, I, HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, E, K, T = 4096, 14336, 32, 8, 128, 16, 8, 2, 256
+N = T * K
+
+
+@dataclass(frozen=True)
+class KernelArgs:
+    """A kernel and what a serving launch at Mixtral's sizes passes it, besides its tile constants."""
+
+    module: str
+    name: str
+    pointers: dict[str, str]  # pointer arguments not of the step's dtype -> Triton type
+    integers: dict[str, int]  # integer arguments (Triton makes a 1 a constant, and marks multiples of 16)
+    tiles: dict[str, object]  # the constexprs a kernel with fixed tiles is launched with (none for autotuned ones)
+
+
+KERNELS = {
+    "gate_up": KernelArgs("expert_ffn", "_gate_up_kernel",
+        {"block_expert_ptr": "*i32", "offsets_ptr": "*i64", "block_start_ptr": "*i64"},
+        dict(D=D, I=I, stride_xn=D, stride_1e=I * D, stride_1i=D, stride_1d=1, stride_3e=I * D, stride_3i=D, stride_3d=1,
+             stride_hn=I), {}),
+    "down": KernelArgs("expert_ffn", "_down_kernel",
+        {"block_expert_ptr": "*i32", "offsets_ptr": "*i64", "block_start_ptr": "*i64"},
+        dict(D=D, I=I, stride_hn=I, stride_2e=D * I, stride_2d=I, stride_2i=1, stride_on=D), {}),
+    "attention": KernelArgs("paged_attention", "_paged_attention_kernel",
+        {"tables_ptr": "*i32", "prog_seq_ptr": "*i32", "query_starts_ptr": "*i64", "query_lens_ptr": "*i64",
+         "start_pos_ptr": "*i64", "prog_first_ptr": "*i64"},
+        dict(stride_qt=HEADS * HEAD_DIM, stride_qh=HEAD_DIM, stride_ks=KV_HEADS * HEAD_DIM, stride_kh=HEAD_DIM,
+             stride_vs=KV_HEADS * HEAD_DIM, stride_vh=HEAD_DIM, stride_ot=HEADS * HEAD_DIM, stride_oh=HEAD_DIM,
+             stride_tb=129, window=0, block_size=BLOCK_SIZE, head_dim=HEAD_DIM), {}),
+    "route": KernelArgs("route", "_route_kernel", {"weights_ptr": "*fp32", "ids_ptr": "*i32"},
+        dict(T=T, E=E, K=K, stride_lt=E, stride_wt=K, stride_it=K, stride_wk=1, stride_ik=1),
+        dict(BLOCK_T=T, BLOCK_E=E, BLOCK_K=K, NORMALIZE=True)),
+    "gather": KernelArgs("permute", "_gather_rows_kernel", {"index_ptr": "*i64"},
+        dict(N=N, D=D, stride_src=D, stride_out=D), dict(BLOCK_N=16, BLOCK_D=256)),
+    "combine": KernelArgs("combine", "_combine_kernel", {"w_ptr": "*fp32", "slot_ptr": "*i64"},
+        dict(T=T, D=D, K=K, stride_x=D, stride_wt=K, stride_wk=1, stride_st=K, stride_sk=1, stride_out=D),
+        dict(BLOCK_T=16, BLOCK_D=256)),
 }  # fmt: skip
+AUTOTUNED = ("gate_up", "down", "attention")
 
 
 @dataclass(frozen=True)
@@ -71,44 +101,44 @@ class LaunchSpec:
 
 def launch_spec(kernel: str, dtype: str) -> LaunchSpec:
     """What Triton sees of a serving launch of ``kernel`` at Mixtral's sizes: argument types, constants, alignment."""
-    element = "*" + TYPES[dtype]
-    if kernel == "attention":
-        fn = importlib.import_module("moeshard.kernels.paged_attention")._paged_attention_kernel.fn
-        pointer_types = {"tables_ptr": "*i32", "prog_seq_ptr": "*i32"}
-        pointer_types.update(dict.fromkeys(("query_starts_ptr", "query_lens_ptr", "start_pos_ptr", "prog_first_ptr"), "*i64"))
-    else:
-        module = importlib.import_module("moeshard.kernels.expert_ffn")
-        fn = (module._gate_up_kernel if kernel == "gate_up" else module._down_kernel).fn
-        pointer_types = {"block_expert_ptr": "*i32", "offsets_ptr": "*i64", "block_start_ptr": "*i64"}
+    args = KERNELS[kernel]
+    fn = getattr(importlib.import_module(f"moeshard.kernels.{args.module}"), args.name)
+    if isinstance(fn, triton.runtime.Autotuner):
+        fn = fn.fn
     signature, constants, attrs = {}, {}, {}
     for index, param in enumerate(fn.params):
         name = param.name
         if param.is_constexpr:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = pointer_types.get(name, element)
+            signature[name] = args.pointers.get(name, "*" + TYPES[dtype])
             attrs[(index,)] = [["tt.divisibility", 16]]
         elif name == "scale":
             signature[name] = "fp32"
+        elif args.integers[name] == 1:
+            signature[name], constants[name] = "constexpr", 1
         else:
-            value = INTEGERS[kernel][name]
-            if value == 1:
-                signature[name], constants[name] = "constexpr", 1
-            else:
-                signature[name] = "i32"
-                if value % 16 == 0:
-                    attrs[(index,)] = [["tt.divisibility", 16]]
+            signature[name] = "i32"
+            if args.integers[name] % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
     return LaunchSpec(fn, signature, constants, attrs)
+
+
+FIXED_TILES = triton.Config({}, num_warps=4, num_stages=3)  # Triton's launch defaults
 
 
 def _configs(kernel: str) -> list[triton.Config]:
     tuning = importlib.import_module("moeshard.kernels.tuning")
+    if kernel not in AUTOTUNED:
+        return [FIXED_TILES]
     return tuning.ATTENTION_CONFIGS if kernel == "attention" else tuning.GEMM_CONFIGS
 
 
 def _kept(case: Case, config: triton.Config) -> bool:
     """Whether the pruning times this configuration at Mixtral's sizes on the case's part."""
     tuning = importlib.import_module("moeshard.kernels.tuning")
+    if case.kernel not in AUTOTUNED:
+        return True
     itemsize = 2 if case.dtype == "bfloat16" else 4
     budget = SHARED_LIMIT[case.arch] - tuning.SCRATCH
     if case.kernel == "attention":
@@ -124,13 +154,14 @@ def compile_case(case: Case) -> Compiled:
     config = _configs(case.kernel)[case.config_index]
     spec = launch_spec(case.kernel, case.dtype)
     fn = spec.fn
-    constants = {"BLOCK_M": case.block_m, "DOT_FP32": False, "PRECISION": case.precision, **config.kwargs, **spec.constants}
+    constants = {**KERNELS[case.kernel].tiles, **config.kwargs, **spec.constants}
+    if case.kernel in AUTOTUNED:
+        constants.update(BLOCK_M=case.block_m, DOT_FP32=False, PRECISION=case.precision)
     if case.kernel == "attention":
         group = HEADS // KV_HEADS
         constants.update(GROUP=group, QUERIES=max(1, case.block_m // group), SLIDING=False, BLOCK_D=HEAD_DIM)
-    described = (
-        ", ".join(f"{k}={v}" for k, v in config.kwargs.items()) + f", warps={config.num_warps}, stages={config.num_stages}"
-    )
+    tiles = config.kwargs or {k: v for k, v in KERNELS[case.kernel].tiles.items() if k.startswith("BLOCK")}
+    described = ", ".join(f"{k}={v}" for k, v in tiles.items()) + f", warps={config.num_warps}, stages={config.num_stages}"
     constexprs = {(fn.arg_names.index(k),): v for k, v in constants.items()}
     source = ASTSource(fn, spec.signature, constexprs=constexprs, attrs=spec.attrs)
     try:
@@ -149,9 +180,13 @@ DOTS = {"bfloat16": ("bfloat16", "ieee"), "float32": ("float32", "ieee"), "tf32"
 
 def all_cases(archs: list[int], block_ms: list[int], dots: list[str], kept_only: bool = False) -> list[Case]:
     cases = []
-    for kernel in ("gate_up", "down", "attention"):
+    for kernel in KERNELS:
         for arch in archs:
             for dtype, precision in (DOTS[d] for d in dots):
+                if kernel not in AUTOTUNED:
+                    if precision == "ieee":  # no dot in them: one build per dtype
+                        cases.append(Case(kernel, arch, dtype, precision, 0, 0))
+                    continue
                 for block_m in block_ms:
                     for index, config in enumerate(_configs(kernel)):
                         case = Case(kernel, arch, dtype, precision, block_m, index)
@@ -171,7 +206,7 @@ def format_results(results: list[Compiled]) -> str:
         fits = "yes" if r.shared is not None and r.shared <= limit else "no"
         lines.append(
             f"| {c.kernel} | {c.arch} | {c.dtype} | {c.precision} | {c.block_m} | {r.config} | {shared} "
-            f"| {limit // 1024} | {fits} | {'yes' if r.kept else 'no'} |"
+            f"| {limit // 1024} | {fits} | {('yes' if r.kept else 'no') if c.kernel in AUTOTUNED else 'fixed tiles'} |"
         )
     return "\n".join(lines)
 
@@ -181,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--archs", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--block-m", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--dots", nargs="+", choices=sorted(DOTS), default=["bfloat16", "float32", "tf32"])
+    parser.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=list(KERNELS))
     parser.add_argument("--kept-only", action="store_true", help="only the configurations the pruning keeps")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", help="also write the results here")
@@ -188,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         os.execve(sys.executable, [sys.executable, "-m", "moeshard.kernels.benchmarks.compile_configs", *(argv or sys.argv[1:])],
                   {**os.environ, "TRITON_INTERPRET": "0"})  # fmt: skip
-    cases = all_cases(args.archs, args.block_m, args.dots, args.kept_only)
+    cases = [c for c in all_cases(args.archs, args.block_m, args.dots, args.kept_only) if c.kernel in args.kernels]
     with ProcessPoolExecutor(args.workers) as pool:
         results = list(pool.map(compile_case, cases))
     print(f"triton {triton.__version__}: {len(results)} configurations compiled for sm_{', sm_'.join(map(str, args.archs))}")
