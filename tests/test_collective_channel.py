@@ -115,3 +115,26 @@ def test_a_silent_actor_times_out_and_a_vanished_one_fails_at_once():
     with pytest.raises(ChannelClosed) as raised:
         link.wait(2, started + 30)
     assert not isinstance(raised.value, ChannelTimeout) and time.monotonic() - started < 10
+
+
+def test_posting_after_the_peer_reset_the_channel_fails_as_a_closed_channel():
+    """A receive or send posted once the actor's end is gone fails at once, as ``ChannelClosed`` (what the dispatch
+    fails over on), not as gloo's own error."""
+
+    def dies_on_the_second(batch: ExpertBatch) -> ExpertReply:
+        if batch.tag == 2:
+            raise RuntimeError("the actor's end fails")
+        return ExpertReply(batch.tag, batch.rows.float())
+
+    link = _open(dies_on_the_second)
+    first = _batch(1, 4, torch.float32)
+    link.send(first)
+    link.send(_batch(2, 4, torch.float32))
+    assert torch.equal(link.wait(1, time.monotonic() + 30).rows, first.rows)
+    time.sleep(0.5)  # the actor's end closes: the connection is reset before the next receive is posted
+    started = time.monotonic()
+    with pytest.raises(ChannelClosed):
+        link.wait(2, started + 30)
+    assert time.monotonic() - started < 10
+    with pytest.raises(ChannelClosed):
+        link.channel.send_batch(_batch(3, 4, torch.float32))

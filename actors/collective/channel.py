@@ -23,6 +23,7 @@ Dimensions: n rows, D hidden, K chosen per token.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 from dataclasses import dataclass
@@ -81,6 +82,21 @@ def nccl_group(store: dist.Store, rank: int) -> dist.ProcessGroup:
     return dist.ProcessGroupNCCL(store, rank, 2)
 
 
+def _as_channel_errors(operation):
+    """gloo's errors as the channel's: posting on a pair the peer already reset fails at once, as does waiting on one
+    ("Connection closed by peer", "Read error ... Connection reset by peer", "Timed out waiting ...")."""
+
+    @functools.wraps(operation)
+    def guarded(*args, **kwargs):
+        try:
+            return operation(*args, **kwargs)
+        except RuntimeError as exc:
+            message = str(exc).splitlines()[0]
+            raise (ChannelTimeout if "Timed out" in message else ChannelClosed)(message) from exc
+
+    return guarded
+
+
 class TensorChannel:
     """Batches and replies as tensors over a pair of ranks; ``device`` is where ``data`` tensors must live."""
 
@@ -97,9 +113,11 @@ class TensorChannel:
         return cls(meta, meta, rank, torch.device("cpu"), store)
 
     # -- the handshake ------------------------------------------------------------------
+    @_as_channel_errors
     def send_secret(self, secret: bytes) -> None:
         self._wait(self.meta.send([torch.frombuffer(bytearray(secret), dtype=torch.uint8)], self.peer, META_TAG), None)
 
+    @_as_channel_errors
     def check_secret(self, secrets: list[bytes], timeout: timedelta) -> bool:
         got = torch.empty(SECRET_BYTES, dtype=torch.uint8)
         self._wait(self.meta.recv([got], self.peer, META_TAG), timeout)
@@ -107,6 +125,7 @@ class TensorChannel:
         return any(hmac.compare_digest(sent, known) for known in secrets)
 
     # -- coordinator -> actor -----------------------------------------------------------
+    @_as_channel_errors
     def send_batch(self, batch: ExpertBatch) -> list[dist.Work]:
         """Post the batch's sends; the caller keeps the returned works (and so the tensors) until they complete."""
         n, k = batch.local_ids.shape
@@ -118,6 +137,7 @@ class TensorChannel:
             works.append(self.data.send([tensor.to(self.device).contiguous()], self.peer, DATA_TAG))
         return works
 
+    @_as_channel_errors
     def recv_batch(self) -> ExpertBatch:
         """The next batch (blocks until one comes; raises ``ChannelClosed`` when the coordinator goes away)."""
         header = torch.empty(_BATCH_HEADER, dtype=torch.int64)
@@ -131,6 +151,7 @@ class TensorChannel:
         return ExpertBatch(layer, tag, rows, local_ids, weights, version)
 
     # -- actor -> coordinator -----------------------------------------------------------
+    @_as_channel_errors
     def send_reply(self, reply: ExpertReply, num_rows: int) -> None:
         """The reply to a batch of ``num_rows`` rows: always that many rows (zeros when stale), so the coordinator
         can post its receive for them before the header arrives."""
@@ -141,6 +162,7 @@ class TensorChannel:
         for work in works:
             self._wait(work, None)
 
+    @_as_channel_errors
     def recv_reply(self, num_rows: int, hidden: int, timeout: timedelta) -> ExpertReply:
         """The reply to the oldest batch still unanswered, of ``num_rows`` rows of ``hidden``; both receives posted
         at once (on a GPU the rows' receive is queued on the device before the header is read)."""
@@ -160,8 +182,4 @@ class TensorChannel:
 
     @staticmethod
     def _wait(work: dist.Work, timeout: timedelta | None) -> None:
-        try:
-            work.wait() if timeout is None else work.wait(max(timeout, timedelta(milliseconds=1)))
-        except RuntimeError as exc:  # gloo: "Connection closed by peer", "Timed out waiting ..."
-            message = str(exc).splitlines()[0]
-            raise (ChannelTimeout if "Timed out" in message else ChannelClosed)(message) from exc
+        work.wait() if timeout is None else work.wait(max(timeout, timedelta(milliseconds=1)))
