@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 
 A100_SHARED_MEMORY = 163 * 1024  # bytes of shared memory a block may take on an A100 (an H100: 227 KiB)
 SCRATCH = 4 * 1024  # what a kernel takes beyond its operand buffers (layout conversions, reductions), at most
+# The autotuner's choice per key goes to Triton's on-disk cache beside the compiled kernels (keyed by Triton's
+# version, the GPU architecture, the kernel's source and the configurations left after pruning), so a restarted
+# engine or expert actor times nothing it timed before. Triton turns it off under the interpreter.
+KEEP_TIMINGS = True
 
 Pruner = Callable[..., list[triton.Config]]
 

@@ -9,8 +9,8 @@ experts) call these, once per distinct shape, with inputs that reach every key s
     paged_attention   one call per query tile (``query_tiles``: queries per program, up to the longest chunk)
 
 Dtypes, the dot precision and the kernels' own integer tensors are those of serving, since the same entry
-points build them. Triton keeps compiled kernels in its on-disk cache, so a restart compiles nothing;
-with ``TRITON_CACHE_AUTOTUNING=1`` it keeps the timings there too, and a restart times nothing either.
+points build them. Triton keeps compiled kernels in its on-disk cache, and the autotuner's choices beside them
+(``tuning.KEEP_TIMINGS``), so a restart (an expert actor that Ray brings back) compiles and times nothing.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ GPU pruning and precision rules are checked here with the interpreter switched o
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -219,3 +222,16 @@ def test_nothing_is_warmed_where_the_kernels_run_on_torch():
     w = torch.zeros(2, 8, 8)
     assert warm_up_expert_ffn(w, w, w) == 0
     assert warm_up_paged_attention(4, 2, 16, 16, None, 64, torch.float32, torch.device("cpu")) == 0
+
+
+def test_compiled_kernels_keep_their_autotuned_choices_on_disk():
+    """The setting reaches Triton's autotuner when it compiles (the interpreter turns it off, so a fresh process)."""
+    probe = (
+        "from moeshard.kernels.expert_ffn import _gate_up_kernel, _down_kernel\n"
+        "from moeshard.kernels.paged_attention import _paged_attention_kernel\n"
+        "print([k.cache_results for k in (_gate_up_kernel, _down_kernel, _paged_attention_kernel)])"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-3:] == ["[True,", "True,", "True]"]
