@@ -14,7 +14,7 @@ from moeshard.cluster.engine import engine as engine_module
 from moeshard.cluster.engine.assembly import build_engine, read_model_files
 from moeshard.cluster.engine.async_engine import AsyncEngine, RequestFailed
 from moeshard.cluster.engine.config import EngineConfig
-from moeshard.cluster.engine.sampling import SamplingError, make_generator, sample_token
+from moeshard.cluster.engine.sampling import SamplingError, greedy_rows, make_generator, sample_token
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 temperatures = st.one_of(
@@ -88,6 +88,47 @@ def _fail_seed(monkeypatch, failing_seed: int) -> None:
         return real(row, params, generator, *history)
 
     monkeypatch.setattr(engine_module, "sample_token", sample)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_rows_together_equal_sample_token_row_by_row(dtype):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(10, 500, generator=g).mul(4).to(dtype)  # [R, V]
+    logits[2, 10] = logits[2, 400] = logits[2].max() + 1  # a tie: the first index wins in both
+    logits[5, :] = 7.0  # every token tied
+    logits[6, 3] = float("nan")
+    logits[7, 99] = float("inf")
+    logits[8, :] = float("-inf")
+    logits[9, :3] = torch.finfo(dtype).max  # finite, but its sum overflows: left to sample_token, which takes it
+    greedy = SamplingParams(max_tokens=1, temperature=0)
+    chosen = greedy_rows(logits).token_ids
+    assert chosen[9] is None and sample_token(logits[9], greedy, make_generator(greedy)) == 0
+    for i, row in enumerate(logits[:9]):
+        if i >= 6:
+            assert chosen[i] is None
+            with pytest.raises(SamplingError):
+                sample_token(row, greedy, make_generator(greedy))
+        else:
+            assert chosen[i] == sample_token(row, greedy, make_generator(greedy))
+    assert chosen[2] == 10 and chosen[5] == 0
+    assert greedy_rows(logits[:0]).token_ids == []
+
+
+def test_a_step_of_mixed_sampling_gives_each_sequence_its_tokens_alone(tiny_mixtral_dir):
+    """Plain greedy sequences take their tokens together; greedy with penalties or bias, and drawn ones, one by one."""
+    prompts = [[1, 5, 9, 33], [1, 100, 7], [1, 2, 3, 4, 5, 6], [1, 77, 78], [1, 5, 9, 33, 40]]
+    params = [
+        SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=7, temperature=0, repetition_penalty=1.3, ignore_eos=True),
+        SamplingParams(max_tokens=10, temperature=0.8, seed=4, ignore_eos=True),
+        SamplingParams(max_tokens=9, temperature=0, logit_bias={5: 3.0}, ignore_eos=True),
+        SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+    ]
+    with LLM(tiny_mixtral_dir) as llm:
+        alone = [llm.generate([p], [q])[0].token_ids for p, q in zip(prompts, params)]
+        together = [out.token_ids for out in llm.generate(prompts, params)]
+    assert together == alone
+    assert [len(t) for t in together] == [10, 7, 10, 9, 10]
 
 
 def test_one_failing_sequence_fails_alone_offline(tiny_mixtral_dir, monkeypatch):

@@ -21,7 +21,9 @@ prefill chunks (other chunks give only their last row).
 
 The model runs on its device (``model/device.py``); the step's logits come back to the host in one copy
 and sampling runs there, in float64 with a CPU generator per request, so a seeded request samples the
-same tokens on every device and in every batch. Sampling is per sequence: a sequence whose token cannot be sampled finishes
+same tokens on every device and in every batch. Greedy sequences without bias or penalties (what most load is)
+take their tokens in one argmax over their rows together; the others sample one by one. Sampling fails per
+sequence: a sequence whose token cannot be sampled finishes
 with ``FinishReason.ERROR`` (its event carries the error) and frees its cache;
 the others in the step go on.
 """
@@ -37,7 +39,7 @@ from enum import Enum
 import torch
 
 from moeshard.cluster.engine.logprobs import TokenLogprobs, token_logprobs
-from moeshard.cluster.engine.sampling import SamplingParams, make_generator, sample_token
+from moeshard.cluster.engine.sampling import SamplingParams, greedy_rows, make_generator, sample_token
 from moeshard.cluster.errors import one_line
 from moeshard.cluster.model.batch import SequenceChunk, StepBatch
 from moeshard.cluster.model.model import MoeModel
@@ -173,6 +175,7 @@ class Engine:
         rows, spans = self._logit_rows(scheduled)
         # [R, V]: per chunk its last row, or all its rows; brought to the host once per step (sampling runs there)
         logits = self.model.forward(batch, logits_rows=rows).cpu()
+        greedy = self._greedy_choices(scheduled, spans, logits)
         events = []
         for (seq, chunk), span in zip(scheduled, spans):
             self.cache.commit(seq.seq_id, seq.token_ids, chunk.end_pos)
@@ -181,8 +184,24 @@ class Engine:
             seq.num_computed = chunk.end_pos
             if seq.num_computed < len(seq.token_ids):
                 continue  # a prefill chunk that has not reached the end of the prompt
-            events.append(self._sample(seq, logits[span.stop - 1]))
+            events.append(self._sample(seq, logits[span.stop - 1], greedy.get(seq.seq_id)))
         return events
+
+    def _greedy_choices(
+        self, scheduled: list[tuple[Sequence, SequenceChunk]], spans: list[slice], logits: torch.Tensor
+    ) -> dict[int, int]:
+        """seq_id -> its token, for the sequences that sample this step under plain greedy parameters: one argmax
+        over their rows together (logits [R, V]). A row that is not finite is left to ``sample_token``."""
+        picked = [
+            (seq.seq_id, span.stop - 1)
+            for (seq, chunk), span in zip(scheduled, spans)
+            if chunk.end_pos == len(seq.token_ids) and seq.params.plain_greedy
+        ]
+        if not picked:
+            return {}
+        rows = torch.tensor([row for _, row in picked], dtype=torch.int64)  # [G]
+        choices = greedy_rows(logits.index_select(0, rows)[:, : self.token_limit]).token_ids
+        return {seq_id: choice for (seq_id, _), choice in zip(picked, choices) if choice is not None}
 
     @staticmethod
     def _logit_rows(scheduled: list[tuple[Sequence, SequenceChunk]]) -> tuple[torch.Tensor, list[slice]]:
@@ -206,12 +225,16 @@ class Engine:
                 token_id = seq.token_ids[target]
                 seq.prompt_entries.append(token_logprobs(logits[i, : self.token_limit], token_id, seq.params.prompt_logprobs))
 
-    def _sample(self, seq: Sequence, row: torch.Tensor) -> TokenEvent:
-        """The sequence's next token event; a sampling error fails this sequence alone."""
+    def _sample(self, seq: Sequence, row: torch.Tensor, chosen: int | None = None) -> TokenEvent:
+        """The sequence's next token event (``chosen``: its greedy token, already taken with others'); a sampling
+        error fails this sequence alone."""
         row = row[: self.token_limit]  # [V]
         try:
             output_ids = seq.token_ids[seq.prompt_len :]
-            token_id = sample_token(row, seq.params, seq.generator, seq.token_ids[: seq.prompt_len], output_ids)
+            if chosen is not None:
+                token_id = chosen
+            else:
+                token_id = sample_token(row, seq.params, seq.generator, seq.token_ids[: seq.prompt_len], output_ids)
         except Exception as exc:  # noqa: BLE001 - reported on this sequence's event
             logger.warning("sampling failed for %s: %s", seq.request_id, exc)
             self.running.remove(seq)

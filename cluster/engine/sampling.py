@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -63,6 +64,17 @@ class SamplingParams(BaseModel):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy on the raw logits: no bias and no penalty changes the scores the argmax is taken of."""
+        return (
+            self.greedy
+            and not self.logit_bias
+            and self.repetition_penalty == 1.0
+            and self.frequency_penalty == 0.0
+            and self.presence_penalty == 0.0
+        )
 
 
 SEED_SPACE = 2**64  # torch generators take seeds in [0, 2**64); a request's seed + choice wraps into it
@@ -123,6 +135,25 @@ def sample_token(
     logprobs = processed_logprobs(scores, params)  # [V]
     probs = (logprobs - logprobs.max()).exp()  # [V], max 1: multinomial normalises
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass(frozen=True)
+class GreedyRows:
+    """Each row's argmax, or None for a row left to ``sample_token`` (which raises its error on one not finite)."""
+
+    token_ids: list[int | None]
+
+
+def greedy_rows(logits: torch.Tensor) -> GreedyRows:
+    """logits [R, V] -> what ``sample_token`` returns for each row under ``plain_greedy`` parameters, in one pass
+    over the rows instead of one per row: widening to float64 keeps every value and their order, and both take
+    the first of equal maxima. A row whose sum is finite has only finite values; one whose sum is not (a NaN or
+    an infinity, or finite values that overflow it) is left to ``sample_token`` (None)."""
+    if logits.shape[0] == 0:
+        return GreedyRows([])
+    finite = logits.sum(dim=1).isfinite().tolist()  # [R]
+    choices = logits.max(dim=1).indices.tolist()  # [R], the first maximum of each row
+    return GreedyRows([choice if ok else None for choice, ok in zip(choices, finite)])
 
 
 def processed_logprobs(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
