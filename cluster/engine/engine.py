@@ -199,8 +199,12 @@ class Engine:
         ]
         if not picked:
             return {}
-        rows = torch.tensor([row for _, row in picked], dtype=torch.int64)  # [G]
-        choices = greedy_rows(logits.index_select(0, rows)[:, : self.token_limit]).token_ids
+        first, last = picked[0][1], picked[-1][1]
+        if last - first + 1 == len(picked):  # consecutive rows (a decode step's, usually all of them): a view, no copy
+            rows = logits[first : last + 1]  # [G, V]
+        else:
+            rows = logits.index_select(0, torch.tensor([row for _, row in picked], dtype=torch.int64))  # [G, V]
+        choices = greedy_rows(rows[:, : self.token_limit]).token_ids
         return {seq_id: choice for (seq_id, _), choice in zip(picked, choices) if choice is not None}
 
     @staticmethod
