@@ -22,6 +22,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -31,6 +32,7 @@ from moeshard.kernels.backend import triton_interprets
 logger = logging.getLogger(__name__)
 
 A100_SHARED_MEMORY = 163 * 1024  # bytes of shared memory a block may take on an A100 (an H100: 227 KiB)
+A100_ARCH = 80
 SCRATCH = 4 * 1024  # what a kernel takes beyond its operand buffers (layout conversions, reductions), at most
 # The autotuner's choice per key goes to Triton's on-disk cache beside the compiled kernels (keyed by Triton's
 # version, the GPU architecture, the kernel's source and the configurations left after pruning), so a restarted
@@ -88,28 +90,43 @@ def interpreter_gemm_tiles(out_dim: int, reduce_dim: int) -> dict[str, int]:
     }
 
 
+class GpuPart(NamedTuple):
+    """What the pruning needs to know of a GPU: its architecture (80 for sm_80) and the shared memory a block may
+    take, less the kernels' scratch."""
+
+    arch: int
+    shared_budget: int
+
+
 @functools.cache
-def shared_memory_budget(device_index: int = 0) -> int:
-    """Bytes of shared memory a block may take on this GPU, less the kernels' scratch (an A100's when the
-    driver cannot say)."""
+def gpu_part(device_index: int = 0) -> GpuPart:
+    """This GPU's part (an A100's when the driver cannot say)."""
     try:
         limit = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+        major, minor = torch.cuda.get_device_capability(device_index)
     except Exception as exc:  # no driver to ask: assume the smaller of the parts the configurations are for
-        logger.debug("shared memory per block unknown (%s): assuming an A100's", exc)
-        limit = A100_SHARED_MEMORY
-    return limit - SCRATCH
+        logger.debug("GPU part unknown (%s): assuming an A100", exc)
+        return GpuPart(A100_ARCH, A100_SHARED_MEMORY - SCRATCH)
+    return GpuPart(10 * major + minor, limit - SCRATCH)
+
+
+def pipeline_buffers(num_stages: int, arch: int) -> int:
+    """The operand buffers in shared memory that Triton's software pipeline keeps for a grouped GEMM of
+    ``num_stages``: one fewer than the stages before Hopper (exactly what every sm_80 binary of
+    ``benchmarks/compile_configs.py`` takes), as many from Hopper on (an upper bound for sm_90's)."""
+    return num_stages if arch >= 90 else max(1, num_stages - 1)
 
 
 def gemm_fits(
-    config: triton.Config, block_m: int, out_dim: int, reduce_dim: int, itemsize: int, operands: int, budget: int
+    config: triton.Config, block_m: int, out_dim: int, reduce_dim: int, itemsize: int, operands: int, part: GpuPart
 ) -> bool:
     """Whether a grouped GEMM configuration is worth timing: its tiles no wider than the padded dimensions, and
-    ``num_stages`` buffers of a row tile and ``operands`` weight tiles within ``budget`` bytes (Hopper's
-    pipelines keep that many; Ampere's one fewer, so this errs on the safe side there)."""
+    the pipeline's buffers of a row tile and ``operands`` weight tiles within the part's shared memory."""
     n, k = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
     if n > max(16, triton.next_power_of_2(out_dim)) or k > max(16, triton.next_power_of_2(reduce_dim)):
         return False
-    return config.num_stages * (block_m * k + operands * k * n) * itemsize <= budget
+    buffers = pipeline_buffers(config.num_stages, part.arch)
+    return buffers * (block_m * k + operands * k * n) * itemsize <= part.shared_budget
 
 
 def gemm_pruner(out_arg: str, reduce_arg: str, rows_arg: str, weight_operands: int) -> Pruner:
@@ -121,10 +138,9 @@ def gemm_pruner(out_arg: str, reduce_arg: str, rows_arg: str, weight_operands: i
         if triton_interprets():
             return [triton.Config(interpreter_gemm_tiles(out_dim, reduce_dim))]
         rows = named_args[rows_arg]
-        budget = shared_memory_budget(rows.device.index or 0)
         fits = functools.partial(
             gemm_fits, block_m=kwargs["BLOCK_M"], out_dim=out_dim, reduce_dim=reduce_dim, itemsize=rows.element_size(),
-            operands=weight_operands, budget=budget,
+            operands=weight_operands, part=gpu_part(rows.device.index or 0),
         )  # fmt: skip
         kept = [c for c in configs if fits(c)]
         n_cap, k_cap = max(16, triton.next_power_of_2(out_dim)), max(16, triton.next_power_of_2(reduce_dim))
@@ -142,9 +158,11 @@ ATTENTION_CONFIGS = [
 INTERPRETER_ATTENTION_BLOCK_N = 64
 
 
-def attention_fits(config: triton.Config, block_m: int, block_d: int, itemsize: int, budget: int) -> bool:
-    """Whether a paged-attention configuration's query tile and ``num_stages`` key and value tiles fit ``budget``."""
-    return (block_m + config.num_stages * 2 * config.kwargs["BLOCK_N"]) * block_d * itemsize <= budget
+def attention_fits(config: triton.Config, block_m: int, block_d: int, itemsize: int, part: GpuPart) -> bool:
+    """Whether a paged-attention configuration's query tile and ``num_stages`` key and value tiles fit the part's
+    shared memory. Unlike the GEMMs' this estimate does not follow the architecture: the binaries for sm_80 take
+    less than it says, those for sm_90 up to 1 KiB more (within ``SCRATCH``)."""
+    return (block_m + config.num_stages * 2 * config.kwargs["BLOCK_N"]) * block_d * itemsize <= part.shared_budget
 
 
 def prune_attention(configs: Sequence[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -152,6 +170,6 @@ def prune_attention(configs: Sequence[triton.Config], named_args: dict, **kwargs
     if triton_interprets():
         return [triton.Config({"BLOCK_N": INTERPRETER_ATTENTION_BLOCK_N})]
     keys = named_args["k_ptr"]
-    budget = shared_memory_budget(keys.device.index or 0)
-    kept = [c for c in configs if attention_fits(c, kwargs["BLOCK_M"], kwargs["BLOCK_D"], keys.element_size(), budget)]
+    part = gpu_part(keys.device.index or 0)
+    kept = [c for c in configs if attention_fits(c, kwargs["BLOCK_M"], kwargs["BLOCK_D"], keys.element_size(), part)]
     return kept or [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)]

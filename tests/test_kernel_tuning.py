@@ -31,14 +31,16 @@ expert_ffn_module = importlib.import_module("moeshard.kernels.expert_ffn")
 attention_module = importlib.import_module("moeshard.kernels.paged_attention")
 
 
-BUDGET = tuning.A100_SHARED_MEMORY - tuning.SCRATCH
+A100 = tuning.GpuPart(80, tuning.A100_SHARED_MEMORY - tuning.SCRATCH)
+H100 = tuning.GpuPart(90, 227 * 1024 - tuning.SCRATCH)
 
 
-@pytest.fixture
-def on_a_gpu(monkeypatch):
-    """The tuning rules as they apply to compiled kernels, on an A100."""
+@pytest.fixture(params=[A100, H100], ids=["sm80", "sm90"])
+def on_a_gpu(monkeypatch, request) -> tuning.GpuPart:
+    """The tuning rules as they apply to compiled kernels, on an A100 and on an H100."""
     monkeypatch.setattr(tuning, "triton_interprets", lambda: False)
-    monkeypatch.setattr(tuning, "shared_memory_budget", lambda device_index=0: BUDGET)
+    monkeypatch.setattr(tuning, "gpu_part", lambda device_index=0: request.param)
+    return request.param
 
 
 @pytest.fixture
@@ -90,9 +92,19 @@ def test_gpu_gemm_configurations_fit_the_dimensions_and_shared_memory(on_a_gpu, 
     for c in kept:
         n, k = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         assert n <= max(16, triton.next_power_of_2(out_dim)) and k <= max(16, triton.next_power_of_2(reduce_dim))
-        assert c.num_stages * (block_m * k + operands * k * n) * rows.element_size() <= BUDGET
+        buffers = c.num_stages - (on_a_gpu.arch < 90)  # one buffer fewer before Hopper
+        assert buffers * (block_m * k + operands * k * n) * rows.element_size() <= on_a_gpu.shared_budget
     if min(out_dim, reduce_dim) >= 128 and dtype == torch.bfloat16:
         assert len(kept) > 1, "a large bfloat16 GEMM has a choice to time"
+
+
+def test_an_a100_times_configurations_one_pipeline_buffer_would_not_fit_in():
+    """Before Hopper the pipeline keeps one buffer fewer: a configuration that fits only by that one is kept."""
+    big = triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3)
+    bytes_per_buffer = (64 * 128 + 2 * 128 * 128) * 2  # a 64-row tile and two weight tiles, bfloat16
+    part = tuning.GpuPart(80, 2 * bytes_per_buffer)
+    assert tuning.gemm_fits(big, 64, 14336, 4096, 2, 2, part)
+    assert not tuning.gemm_fits(big, 64, 14336, 4096, 2, 2, part._replace(arch=90))
 
 
 def test_a_tiny_gemm_keeps_a_tile_that_covers_it(on_a_gpu):
@@ -104,7 +116,7 @@ def test_gpu_attention_configurations_fit_shared_memory(on_a_gpu):
     keys = torch.empty(0, dtype=torch.float32)
     kept = prune_attention(ATTENTION_CONFIGS, {"k_ptr": keys}, BLOCK_M=64, BLOCK_D=128)
     assert kept and len(kept) < len(ATTENTION_CONFIGS)
-    assert all((64 + c.num_stages * 2 * c.kwargs["BLOCK_N"]) * 128 * 4 <= BUDGET for c in kept)
+    assert all((64 + c.num_stages * 2 * c.kwargs["BLOCK_N"]) * 128 * 4 <= on_a_gpu.shared_budget for c in kept)
     every = prune_attention(ATTENTION_CONFIGS, {"k_ptr": keys.bfloat16()}, BLOCK_M=16, BLOCK_D=64)
     assert len(every) == len(ATTENTION_CONFIGS)
 

@@ -140,11 +140,11 @@ def _kept(case: Case, config: triton.Config) -> bool:
     if case.kernel not in AUTOTUNED:
         return True
     itemsize = 2 if case.dtype == "bfloat16" else 4
-    budget = SHARED_LIMIT[case.arch] - tuning.SCRATCH
+    part = tuning.GpuPart(case.arch, SHARED_LIMIT[case.arch] - tuning.SCRATCH)
     if case.kernel == "attention":
-        return tuning.attention_fits(config, case.block_m, HEAD_DIM, itemsize, budget)
+        return tuning.attention_fits(config, case.block_m, HEAD_DIM, itemsize, part)
     out, reduce, operands = (I, D, 2) if case.kernel == "gate_up" else (D, I, 1)
-    return tuning.gemm_fits(config, case.block_m, out, reduce, itemsize, operands, budget)
+    return tuning.gemm_fits(config, case.block_m, out, reduce, itemsize, operands, part)
 
 
 def compile_case(case: Case) -> Compiled:
