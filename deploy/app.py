@@ -474,10 +474,12 @@ class ServingCoordinator:
 
 
 def build_app(args: dict) -> serve.Application:
-    """The Serve application for ``args`` (see ``ServeArgs``); the replica asks Ray for a GPU when it will use one."""
+    """The Serve application for ``args`` (see ``ServeArgs``); the replica asks Ray for a GPU when it will use one,
+    and for a CPU per expert thread."""
     validated = ServeArgs(**args)
-    resources = {"num_cpus": 1, "num_gpus": 1} if replica_wants_gpu(validated.device) else {"num_cpus": 1}
-    validated.engine_config()  # a bad combination fails here, before any replica starts
+    config = validated.engine_config()  # a bad combination fails here, before any replica starts
+    cpus = config.expert_threads  # 1, or the threads its in-process experts run on
+    resources = {"num_cpus": cpus, "num_gpus": 1} if replica_wants_gpu(validated.device) else {"num_cpus": cpus}
     return ServingCoordinator.options(
         num_replicas=validated.coordinators, max_ongoing_requests=validated.max_ongoing_requests, ray_actor_options=resources
     ).bind(validated.model_dump())

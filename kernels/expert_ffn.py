@@ -6,9 +6,10 @@
 Dimensions: N rows, D hidden, I expert hidden, E experts, B row blocks.
 
 Experts with no rows cost nothing. The torch reference loops over the experts
-that have rows. The Triton version is a grouped GEMM in two kernels, gate/up
-fused (-> activated intermediate [N, I] in rows' dtype) then down, over a table
-of (expert, first row) blocks of BLOCK_M rows built on the device, so no host
+that have rows, or shares them out over CPU threads (``expert_threads.py``).
+The Triton version is a grouped GEMM in two kernels, gate/up fused (->
+activated intermediate [N, I] in rows' dtype) then down, over a table of
+(expert, first row) blocks of BLOCK_M rows built on the device, so no host
 sync; the table is sized by the bound cdiv(N, BLOCK_M) + min(E, N) and its
 unused tail entries return at once. Accumulation is float32.
 
@@ -21,6 +22,7 @@ are exact in float32, so this is the same sum as the GPU's bf16 ``tl.dot``.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -29,6 +31,7 @@ import triton
 import triton.language as tl
 
 from moeshard.kernels.backend import resolve_backend, triton_interprets
+from moeshard.kernels.expert_threads import ExpertThreads
 from moeshard.kernels.linear import linear, linear_into
 from moeshard.kernels.tuning import AUTOTUNED_LAUNCH, GEMM_CONFIGS, KEEP_TIMINGS, dot_precision, gemm_block_m, gemm_pruner
 
@@ -44,8 +47,10 @@ def expert_ffn(
     *,
     backend: str = "auto",
     out: torch.Tensor | None = None,
+    threads: ExpertThreads | None = None,
 ) -> torch.Tensor:
-    """rows [N, D] grouped by expert, expert_offsets [E + 1], w1/w3 [E, I, D], w2 [E, D, I] -> [N, D]."""
+    """rows [N, D] grouped by expert, expert_offsets [E + 1], w1/w3 [E, I, D], w2 [E, D, I] -> [N, D].
+    ``threads``: the torch path shares the experts out over them (kernels/expert_threads.py)."""
     assert rows.dim() == 2 and w1.dim() == 3, (rows.shape, w1.shape)
     N, D = rows.shape
     E, I = w1.shape[0], w1.shape[1]
@@ -58,17 +63,21 @@ def expert_ffn(
     if resolve_backend(backend, rows.device) == "triton":
         expert_ffn_triton(rows, expert_offsets, w1, w3, w2, out)
     else:
-        expert_ffn_torch(rows, expert_offsets, w1, w3, w2, out)
+        expert_ffn_torch(rows, expert_offsets, w1, w3, w2, out, threads)
     return out
 
 
-def expert_ffn_torch(rows, expert_offsets, w1, w3, w2, out) -> None:
+def expert_ffn_torch(rows, expert_offsets, w1, w3, w2, out, threads: ExpertThreads | None = None) -> None:
+    """``expert_ffn`` on torch: each expert with rows through ``expert_rows_torch`` into its own rows of ``out``,
+    shared out over ``threads`` when given (the same values either way)."""
     offsets = expert_offsets.tolist()
     assert offsets[0] == 0 and offsets[-1] == rows.shape[0], (offsets[0], offsets[-1], rows.shape)
-    for e, (start, end) in enumerate(zip(offsets[:-1], offsets[1:])):
-        if end == start:
-            continue
-        expert_rows_torch(rows[start:end], w1[e], w3[e], w2[e], out=out[start:end])
+    segments = [(e, start, end) for e, (start, end) in enumerate(zip(offsets[:-1], offsets[1:])) if end > start]
+    if threads is None:
+        for e, start, end in segments:
+            expert_rows_torch(rows[start:end], w1[e], w3[e], w2[e], out=out[start:end])
+        return
+    threads.map([partial(expert_rows_torch, rows[start:end], w1[e], w3[e], w2[e], out[start:end]) for e, start, end in segments])
 
 
 def expert_rows_torch(

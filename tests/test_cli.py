@@ -151,11 +151,13 @@ def test_generate_uses_the_models_generation_config(tiny_checkpoint_factory):
     assert len(expected.token_ids) == 6 or expected.finish_reason == "stop"
 
 
-def test_serve_checks_redundant_experts_before_starting(tiny_checkpoint_factory):
+def test_serve_checks_its_engine_flags_before_starting(tiny_checkpoint_factory):
     model_dir = tiny_checkpoint_factory("tiny_cli_redundant", seed=6)
     cases = [
         (["--redundant-experts", "2"], "redundant_experts needs at least 2 expert actors, got 0"),
         (["--expert-actors", "2", "--redundant-experts", "-1"], "redundant_experts: Input should be greater than or equal to 0"),
+        (["--expert-actors", "2", "--expert-threads", "2"], "expert_threads share out experts in this process: it needs expert_actors = 0"),
+        (["--expert-threads", "0"], "expert_threads: Input should be greater than or equal to 1"),
     ]
     for flags, message in cases:
         out = moeshard("serve", str(model_dir), *flags)

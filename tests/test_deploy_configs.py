@@ -328,3 +328,13 @@ def test_serve_yaml_runs_under_serve_run(tmp_path, tmp_path_factory, tiny_checkp
     finally:
         _stop(proc, ray_tmp, pids_mentioning)
         log.close()
+
+
+def test_the_replica_asks_for_a_cpu_per_expert_thread(tiny_mixtral_dir):
+    def cpus(**args) -> float:
+        app = build_app({"model_dir": str(tiny_mixtral_dir), **args})
+        return app._bound_deployment.ray_actor_options["num_cpus"]
+
+    assert cpus() == 1
+    assert cpus(engine={"expert_threads": 3}) == 3
+    assert cpus(expert_actors=2) == 1

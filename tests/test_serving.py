@@ -34,8 +34,10 @@ def server(chat_model_dir, live_server):
             "max_waiting": 1,
             "engine": {"kv_cache_bytes": tight_cache, "kv_block_size": 64},
         },
+        # Experts in the replica on two threads: the replica asks Ray for two CPUs.
+        "/threads": {"model_dir": str(chat_model_dir), "model_name": MODEL, "engine": {"expert_threads": 2}},
     }
-    with live_server(apps, num_cpus=6) as base_url:
+    with live_server(apps, num_cpus=8) as base_url:
         yield base_url
 
 
@@ -166,6 +168,14 @@ def test_sixteen_concurrent_streams_equal_each_alone(server):
     assert together == alone
     assert all(text for text in alone)
     _wait_idle(server)
+
+
+def test_a_replica_with_expert_threads_serves_what_one_thread_computes(server, reference):
+    jobs = [(PROMPTS[i % 4] + " y" * (i % 3), 5 + 2 * i) for i in range(8)]
+    alone, together = asyncio.run(_stream_alone_and_together(f"{server}/threads", jobs))
+    offline = [reference.generate(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0].text for p, n in jobs]
+    assert alone == together == offline
+    assert all(offline)
 
 
 @pytest.mark.parametrize(

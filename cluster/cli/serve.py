@@ -65,6 +65,11 @@ def add_serve_command(commands) -> None:
         help="spare expert slots per MoE layer for replicas of experts (needs 2+ expert actors; E of them: every expert "
         "on two actors, so a decode step of one sequence runs one expert per actor)",
     )  # fmt: skip
+    serve.add_argument(
+        "--expert-threads", type=int, default=1, metavar="N",
+        help="with --expert-actors 0: CPU threads that share each layer's experts out, one torch thread each; the "
+        "server then asks Ray for N CPUs (default: 1)",
+    )  # fmt: skip
     serve.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
     serve.add_argument(
         "--no-prefix-caching", action="store_true", help="prefill every prompt in full (default: share computed prefixes)"
@@ -103,6 +108,7 @@ def run_serve(args: argparse.Namespace) -> None:
         engine={
             "cluster": {"transport": args.transport, "redundant_experts": args.redundant_experts},
             "enable_prefix_caching": not args.no_prefix_caching,
+            "expert_threads": args.expert_threads,
         },
     )
     config = serve_args.engine_config()  # validates everything before Ray starts

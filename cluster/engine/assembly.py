@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from moeshard.cluster.engine.config import EngineConfig
 from moeshard.cluster.engine.engine import Engine
 from moeshard.cluster.model.checkpoint import CheckpointReader
@@ -23,6 +25,7 @@ from moeshard.cluster.model.model import MoeModel
 from moeshard.cluster.model.moe import ExpertsFn, LocalExperts, warm_up_stacks
 from moeshard.cluster.model.prepack import prepack_dense
 from moeshard.cluster.text.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
+from moeshard.kernels.expert_threads import ExpertThreads
 from moeshard.kernels.linear import prepacks
 from moeshard.kernels.warmup import uses_triton, warm_up_paged_attention
 
@@ -64,7 +67,7 @@ def build_engine(config: EngineConfig, files: ModelFiles, experts: ExpertsFn | N
     overlaps = experts is not None and config.cluster.transport in ("actor_calls", "socket", "collective")
     ping_pong = (config.ping_pong_min_sequences or None) if overlaps else None
     if experts is None:
-        experts = LocalExperts.from_checkpoint(reader, dtype, device)
+        experts = LocalExperts.from_checkpoint(reader, dtype, device, expert_threads(config.expert_threads, device))
     cache = KVCache.with_budget(
         mc.num_layers, mc.num_kv_heads, mc.head_dim, config.kv_cache_bytes, config.kv_block_size, dtype,
         config.enable_prefix_caching, device,
@@ -79,6 +82,19 @@ def build_engine(config: EngineConfig, files: ModelFiles, experts: ExpertsFn | N
     eos = frozenset(mc.eos_token_ids) or (files.tokenizer.eos_token_ids if files.tokenizer else frozenset())
     model = MoeModel(mc, dense, experts, cache, ping_pong)
     return Engine(model, eos, config.max_batch_tokens, config.max_running, token_limit(mc, files.tokenizer))
+
+
+def expert_threads(count: int, device: torch.device) -> ExpertThreads | None:
+    """Threads for the in-process experts (``EngineConfig.expert_threads``); None for 1, or off the CPU. Each
+    runs its products on one torch thread, so torch's intra-op threads are set to 1 for the process."""
+    if count == 1:
+        return None
+    if device.type != "cpu":
+        logger.info("expert_threads=%d applies to experts on the CPU; the model runs on %s", count, device)
+        return None
+    torch.set_num_threads(1)
+    logger.info("the experts run on %d threads; torch's intra-op threads set to 1", count)
+    return ExpertThreads(count)
 
 
 def token_limit(model_config: ModelConfig, tokenizer: Tokenizer | None) -> int:

@@ -79,6 +79,10 @@ class EngineConfig(BaseModel):
     # coordinator and the actors have compute of their own (GPUs, nodes), not where they share a few cores.
     ping_pong_min_sequences: int = Field(default=0, ge=0)
     enable_prefix_caching: bool = True  # share computed KV blocks between requests whose tokens start the same
+    # Experts in this process on the CPU: threads that share each layer's experts out, each product on one torch
+    # thread (torch's intra-op threads are then set to 1). 1 (the default): torch's own threads run every product.
+    # It pays where torch runs on one thread beside idle cores, as in a server replica (docs/performance.md).
+    expert_threads: int = Field(default=1, ge=1, le=64)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     def pool_signature(self) -> dict:
@@ -103,4 +107,6 @@ class EngineConfig(BaseModel):
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         check_device_name(self.device)
+        if self.expert_threads > 1 and self.cluster.expert_actors > 0:
+            raise ValueError("expert_threads share out experts in this process: it needs expert_actors = 0")
         return self
