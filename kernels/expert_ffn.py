@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from moeshard.kernels.backend import resolve_backend, triton_interprets
-from moeshard.kernels.expert_threads import ExpertThreads
+from moeshard.kernels.expert_threads import ExpertThreads, run_tasks
 from moeshard.kernels.linear import linear, linear_into
 from moeshard.kernels.tuning import AUTOTUNED_LAUNCH, GEMM_CONFIGS, KEEP_TIMINGS, dot_precision, gemm_block_m, gemm_pruner
 
@@ -73,11 +73,7 @@ def expert_ffn_torch(rows, expert_offsets, w1, w3, w2, out, threads: ExpertThrea
     offsets = expert_offsets.tolist()
     assert offsets[0] == 0 and offsets[-1] == rows.shape[0], (offsets[0], offsets[-1], rows.shape)
     segments = [(e, start, end) for e, (start, end) in enumerate(zip(offsets[:-1], offsets[1:])) if end > start]
-    if threads is None:
-        for e, start, end in segments:
-            expert_rows_torch(rows[start:end], w1[e], w3[e], w2[e], out=out[start:end])
-        return
-    threads.map([partial(expert_rows_torch, rows[start:end], w1[e], w3[e], w2[e], out[start:end]) for e, start, end in segments])
+    run_tasks([partial(expert_rows_torch, rows[s:t], w1[e], w3[e], w2[e], out[s:t]) for e, s, t in segments], threads)
 
 
 def expert_rows_torch(

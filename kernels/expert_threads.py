@@ -61,6 +61,11 @@ class ExpertThreads:
         self._workers.shutdown(wait=True)
 
 
+def run_tasks(tasks: Sequence[Callable[[], Result]], threads: ExpertThreads | None) -> list[Result]:
+    """Every task's result in order: shared out over ``threads``, or one after another here when None."""
+    return threads.map(tasks) if threads is not None else [task() for task in tasks]
+
+
 def _shares(num_tasks: int, count: int) -> list[range]:
     """Tasks 0..num_tasks-1 cut into at most ``count`` contiguous ranges whose sizes differ by one at most."""
     parts = min(count, num_tasks)

@@ -26,7 +26,7 @@ from moeshard.kernels import RouterOutput, combine, expert_ffn, permute
 from moeshard.kernels.backend import resolve_backend
 from moeshard.kernels.combine import weighted_row_sum
 from moeshard.kernels.expert_ffn import expert_ffn_torch, expert_rows_torch
-from moeshard.kernels.expert_threads import ExpertThreads
+from moeshard.kernels.expert_threads import ExpertThreads, run_tasks
 from moeshard.kernels.linear import packable, prepack, prepacks, unpack
 from moeshard.kernels.warmup import warm_up_expert_ffn
 
@@ -114,7 +114,7 @@ class ExpertStack:
         combine on CPU."""
         chosen = [(j, e) for j, e in enumerate(local_ids[0].tolist()) if e >= 0]
         tasks = [partial(expert_rows_torch, hidden, self.w1[e], self.w3[e], self.w2[e]) for _, e in chosen]
-        rows = threads.map(tasks) if threads is not None else [task() for task in tasks]  # each [1, D]
+        rows = run_tasks(tasks, threads)  # each [1, D]
         return weighted_row_sum(zip((j for j, _ in chosen), rows), weights, hidden.shape[1], hidden.device)
 
     def matrices(self) -> tuple[torch.Tensor, ...]:
