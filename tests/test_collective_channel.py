@@ -15,17 +15,17 @@ import pytest
 import torch
 
 from moeshard.actors.collective.channel import SECRET_BYTES, ChannelClosed, ChannelTimeout
+from moeshard.actors.collective.link import ChannelLink, join_channel
 from moeshard.actors.collective.server import open_channel
-from moeshard.actors.collective.transport import _Link, join_channel
 from moeshard.actors.wire import ExpertBatch, ExpertReply
 
 SECRET = b"s" * SECRET_BYTES
 CPU = torch.device("cpu")
 
 
-def _open(handle, secret: bytes = SECRET) -> _Link:
+def _open(handle, secret: bytes = SECRET) -> ChannelLink:
     address = open_channel("127.0.0.1", SECRET, CPU, "cpu", handle)
-    return _Link(None, join_channel(address, secret, "127.0.0.1", CPU))
+    return ChannelLink(None, join_channel(address, secret, "127.0.0.1", CPU))
 
 
 def _batch(tag: int, n: int, dtype: torch.dtype, d: int = 24, k: int = 2) -> ExpertBatch:

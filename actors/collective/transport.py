@@ -16,84 +16,19 @@ dispatch marks the actor down; once Ray has it back the next send opens a new ch
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import deque
-from datetime import timedelta
 
 import ray
 import torch
-import torch.distributed as dist
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from moeshard.actors.collective.channel import (
-    COORDINATOR_RANK,
-    SECRET_BYTES,
-    ChannelAddress,
-    ChannelClosed,
-    ChannelTimeout,
-    TensorChannel,
-)
-from moeshard.actors.collective.server import JOIN_TIMEOUT
+from moeshard.actors.collective.channel import SECRET_BYTES, ChannelClosed
+from moeshard.actors.collective.link import ChannelLink, join_channel
 from moeshard.actors.expert_actor import CONTROL_GROUP
 from moeshard.actors.transport import ActorRef, LinkTransport
 from moeshard.actors.wire import ExpertBatch, ExpertReply
 
 logger = logging.getLogger(__name__)
-
-
-def join_channel(address: ChannelAddress, secret: bytes, node_ip: str, device: torch.device) -> TensorChannel:
-    """Join the channel an actor opened at ``address`` as the coordinator, and send it ``secret``."""
-    store = dist.TCPStore(address.host, address.port, 2, False, timeout=JOIN_TIMEOUT)
-    host = "127.0.0.1" if address.host == "127.0.0.1" else node_ip  # this end's interface
-    channel = TensorChannel.open(store, COORDINATOR_RANK, host, address, device)
-    channel.send_secret(secret)
-    return channel
-
-
-class _Link:
-    """One channel to one expert actor (the process behind ``handle`` when it was opened)."""
-
-    def __init__(self, handle: object, channel: TensorChannel):
-        self.handle = handle
-        self.channel = channel
-        self.sent: deque[tuple[int, int, int]] = deque()  # (tag, rows, hidden) of each batch not yet answered, in order
-        self.sends: dict[int, list[dist.Work]] = {}  # tag -> the batch's sends (they hold its tensors until done)
-        self.replies: dict[int, ExpertReply] = {}  # tag -> reply read but not yet taken
-        self.error: BaseException | None = None
-        self._lock = threading.Lock()
-
-    def send(self, batch: ExpertBatch) -> None:
-        with self._lock:
-            self.sends[batch.tag] = self.channel.send_batch(batch)
-            self.sent.append((batch.tag, *batch.rows.shape))
-
-    def wait(self, tag: int, deadline: float) -> ExpertReply:
-        """The reply to batch ``tag``, reading earlier replies first (they are filed for their own ``wait``)."""
-        with self._lock:
-            while tag not in self.replies:
-                if self.error is not None:
-                    raise ChannelClosed(f"the channel to the expert actor was lost: {self.error}") from self.error
-                if not self.sent:
-                    raise ChannelClosed(f"no batch tagged {tag} is waiting for a reply")
-                try:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise ChannelTimeout("no reply by the dispatch deadline")
-                    sent_tag, num_rows, hidden = self.sent[0]
-                    reply = self.channel.recv_reply(num_rows, hidden, timedelta(seconds=remaining))
-                except ChannelClosed as exc:
-                    self.error = exc
-                    raise
-                self.sent.popleft()
-                self.sends.pop(sent_tag, None)  # replied to: its sends are complete
-                self.replies[reply.tag] = reply
-            return self.replies.pop(tag)
-
-    def close(self) -> None:
-        self.error = self.error or ChannelClosed("closed by the coordinator")
-        self.sends.clear()
-        self.channel.close()
 
 
 class CollectiveTransport(LinkTransport):
@@ -104,15 +39,15 @@ class CollectiveTransport(LinkTransport):
         super().__init__(actors, timeout_s, SECRET_BYTES)
         self.device = device  # the coordinator's: NCCL carries the rows when it and the actor are on CUDA
 
-    def _open(self, actor: int, handle: object, deadline: float) -> _Link:
+    def _open(self, actor: int, handle: object, deadline: float) -> ChannelLink:
         opened = handle.open_channel.options(concurrency_group=CONTROL_GROUP).remote(self.secret, self.node_ip, self.device.type)
         address = ray.get(opened, timeout=max(0.0, deadline - time.monotonic()))
         logger.debug("collective transport: %s channel to %s", address.data_backend, self.actors[actor].description)
-        return _Link(handle, join_channel(address, self.secret, self.node_ip, self.device))
+        return ChannelLink(handle, join_channel(address, self.secret, self.node_ip, self.device))
 
-    def _post(self, link: _Link, batch: ExpertBatch) -> int:
+    def _post(self, link: ChannelLink, batch: ExpertBatch) -> int:
         link.send(batch)
         return batch.tag
 
-    def _take(self, link: _Link, tag: int, deadline: float) -> ExpertReply:
+    def _take(self, link: ChannelLink, tag: int, deadline: float) -> ExpertReply:
         return link.wait(tag, deadline)

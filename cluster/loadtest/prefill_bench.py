@@ -12,7 +12,9 @@
    ``N + 1`` new tokens minus that of 1 (the prefill) run right after, per decoded token; transformers'
    batched ``generate`` against ``LLM.generate`` (greedy, ``ignore_eos``).
 
-One run, every system on the same machine at the same time: read the ratios, not the absolute speeds.
+``--device cuda --dtype bfloat16`` runs both on a GPU (the weights cast on load; timings end with a device
+synchronisation). One run, every system on the same machine at the same time: read the ratios, not the
+absolute speeds.
 On a machine whose cores other work also uses, ``--threads 1`` keeps torch's threads from waiting on
 each other (an OpenMP thread descheduled mid-op stalls every op: decode ran 30x slower here so).
 
@@ -52,6 +54,8 @@ class Row(BaseModel):
 class BenchResult(BaseModel):
     torch_version: str
     threads: int
+    device: str = "cpu"
+    dtype: str = "float32"
     systems: list[str]  # the first is the baseline
     rows: list[Row]
 
@@ -67,9 +71,12 @@ def median_seconds(runs: dict[str, Callable[[], float]], repeats: int) -> dict[s
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def timed(fn: Callable[[], object]) -> float:
+def timed(fn: Callable[[], object], device: torch.device = torch.device("cpu")) -> float:
+    """Seconds ``fn`` takes, up to the end of the work it queued on ``device``."""
     start = time.perf_counter()
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -81,17 +88,19 @@ def prompt_ids(length: int, vocab: int, seed: int) -> list[int]:
 class Systems:
     """transformers and one moeshard engine per chunk size, on one checkpoint."""
 
-    def __init__(self, model_dir: Path, chunk_sizes: list[int], kv_cache_bytes: int):
+    def __init__(self, model_dir: Path, chunk_sizes: list[int], kv_cache_bytes: int, device: str = "cpu", dtype: str = "float32"):
         from transformers import MixtralForCausalLM
 
         from moeshard.cluster.engine.llm import LLM
 
-        self.hf = MixtralForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.device = torch.device(device)
+        self.hf = MixtralForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(self.device).eval()
         # Without the prefix cache: every round prefills the same prompt, which the cache would serve from
         # its first round on (transformers keeps nothing between calls).
         self.llms = {
             f"moeshard (chunks of {size})": LLM(
-                model_dir, max_batch_tokens=size, kv_cache_bytes=kv_cache_bytes, enable_prefix_caching=False
+                model_dir, dtype=dtype, device=device, max_batch_tokens=size, kv_cache_bytes=kv_cache_bytes,
+                enable_prefix_caching=False,
             )
             for size in chunk_sizes
         }
@@ -104,7 +113,7 @@ class Systems:
         from moeshard.cluster.engine.sampling import SamplingParams
 
         one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-        runs = {"transformers": lambda: timed(lambda: self._hf_forward(ids))}
+        runs = {"transformers": lambda: timed(lambda: self._hf_forward(ids), self.device)}
         for name, llm in self.llms.items():
             runs[name] = lambda llm=llm: timed(lambda: llm.generate([ids], one))
         return runs
@@ -117,8 +126,8 @@ class Systems:
             return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
         runs = {
-            "transformers": lambda: timed(lambda: self._hf_generate(prompts, new_tokens + 1))
-            - timed(lambda: self._hf_generate(prompts, 1))
+            "transformers": lambda: timed(lambda: self._hf_generate(prompts, new_tokens + 1), self.device)
+            - timed(lambda: self._hf_generate(prompts, 1), self.device)
         }
         for name, llm in self.llms.items():
             runs[name] = lambda llm=llm: timed(lambda: llm.generate(prompts, params(new_tokens + 1))) - timed(
@@ -128,11 +137,11 @@ class Systems:
 
     @torch.inference_mode()
     def _hf_forward(self, ids: list[int]) -> None:
-        self.hf(torch.tensor([ids]), logits_to_keep=1)
+        self.hf(torch.tensor([ids], device=self.device), logits_to_keep=1)
 
     @torch.inference_mode()
     def _hf_generate(self, prompts: list[list[int]], new_tokens: int) -> None:
-        input_ids = torch.tensor(prompts)  # [B, n], equal lengths: no padding
+        input_ids = torch.tensor(prompts, device=self.device)  # [B, n], equal lengths: no padding
         out = self.hf.generate(
             input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
@@ -145,7 +154,7 @@ class Systems:
 
 
 def run(args: argparse.Namespace, model_dir: Path) -> BenchResult:
-    systems = Systems(model_dir, args.max_batch_tokens, args.kv_cache_mb * 2**20)
+    systems = Systems(model_dir, args.max_batch_tokens, args.kv_cache_mb * 2**20, args.device, args.dtype)
     rows = []
     try:
         for length in args.lengths:
@@ -164,7 +173,10 @@ def run(args: argparse.Namespace, model_dir: Path) -> BenchResult:
         )
     finally:
         systems.close()
-    return BenchResult(torch_version=torch.__version__, threads=torch.get_num_threads(), systems=systems.names, rows=rows)
+    return BenchResult(
+        torch_version=torch.__version__, threads=torch.get_num_threads(), device=args.device, dtype=args.dtype,
+        systems=systems.names, rows=rows,
+    )
 
 
 def format_result(result: BenchResult) -> str:
@@ -192,6 +204,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode-tokens", type=int, default=32, help="tokens each decodes (default: 32)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds, after one warm-up round (default: 3)")
     parser.add_argument("--kv-cache-mb", type=int, default=1024, help="each engine's KV cache (default: 1024)")
+    parser.add_argument("--device", default="cpu", help="where both systems run: cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="both systems' weights (default: float32)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own, one per core)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results to FILE")
     return parser.parse_args(argv)
@@ -209,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         positions = max([*args.lengths, args.decode_prompt_len + args.decode_tokens]) + 1
         model_dir = write_synthetic_mixtral(Path(tmp) / "mixtral", max_position_embeddings=positions, dtype=torch.float32, **SIZES)
         result = run(args, model_dir)
-    print(f"torch {result.torch_version}, {result.threads} threads; median of {args.repeats} rounds")
+    print(f"torch {result.torch_version}, {result.device}, {result.dtype}, {result.threads} threads; median of {args.repeats} rounds")
     print(format_result(result))
     if args.json is not None:
         Path(args.json).write_text(result.model_dump_json(indent=2) + "\n")

@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
+from moeshard.actors.collective.link import ChannelLink, join_channel
 from moeshard.actors.collective.server import open_channel
-from moeshard.actors.collective.transport import _Link, join_channel
 from moeshard.actors.wire import ExpertBatch, ExpertReply
 
 SECRET = b"g" * 32
@@ -43,7 +43,7 @@ def test_rows_cross_between_gpus_over_nccl():
         assert address.data_backend == "nccl"
         device = torch.device("cuda:0")
         torch.cuda.set_device(device)
-        link = _Link(None, join_channel(address, SECRET, "127.0.0.1", device))
+        link = ChannelLink(None, join_channel(address, SECRET, "127.0.0.1", device))
         g = torch.Generator(device=device).manual_seed(0)
         rows = torch.randn(37, 256, generator=g, device=device).bfloat16()
         weights = torch.rand(37, 2, generator=g, device=device)
