@@ -33,7 +33,15 @@ import triton.language as tl
 from moeshard.kernels.backend import resolve_backend, triton_interprets
 from moeshard.kernels.expert_threads import ExpertThreads, run_tasks
 from moeshard.kernels.linear import linear, linear_into
-from moeshard.kernels.tuning import AUTOTUNED_LAUNCH, GEMM_CONFIGS, KEEP_TIMINGS, dot_precision, gemm_block_m, gemm_pruner
+from moeshard.kernels.tuning import (
+    AUTOTUNED_LAUNCH,
+    GEMM_CONFIGS,
+    KEEP_TIMINGS,
+    autotune_bench,
+    dot_precision,
+    gemm_block_m,
+    gemm_pruner,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +146,7 @@ def expert_ffn_triton(rows, expert_offsets, w1, w3, w2, out) -> None:
     key=["D", "I", "BLOCK_M", "PRECISION"],
     prune_configs_by={"early_config_prune": gemm_pruner("I", "D", "x_ptr", weight_operands=2)},
     cache_results=KEEP_TIMINGS,
+    do_bench=autotune_bench,
 )
 @triton.jit
 def _gate_up_kernel(
@@ -191,6 +200,7 @@ def _gate_up_kernel(
     key=["D", "I", "BLOCK_M", "PRECISION"],
     prune_configs_by={"early_config_prune": gemm_pruner("D", "I", "h_ptr", weight_operands=1)},
     cache_results=KEEP_TIMINGS,
+    do_bench=autotune_bench,
 )
 @triton.jit
 def _down_kernel(

@@ -39,7 +39,14 @@ import triton.language as tl
 from moeshard.kernels.backend import resolve_backend, triton_interprets
 from moeshard.kernels.paged_layout import PagedLayout
 from moeshard.kernels.paged_plan import ChunkPlan
-from moeshard.kernels.tuning import ATTENTION_CONFIGS, AUTOTUNED_LAUNCH, KEEP_TIMINGS, dot_precision, prune_attention
+from moeshard.kernels.tuning import (
+    ATTENTION_CONFIGS,
+    AUTOTUNED_LAUNCH,
+    KEEP_TIMINGS,
+    autotune_bench,
+    dot_precision,
+    prune_attention,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +208,7 @@ def paged_attention_triton(q, key_cache, value_cache, layout: PagedLayout, scale
     key=["block_size", "head_dim", "GROUP", "QUERIES", "SLIDING", "BLOCK_M", "BLOCK_D", "PRECISION"],
     prune_configs_by={"early_config_prune": prune_attention},
     cache_results=KEEP_TIMINGS,
+    do_bench=autotune_bench,
 )
 @triton.jit
 def _paged_attention_kernel(

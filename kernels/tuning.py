@@ -7,8 +7,10 @@ reuse it. The configurations are pruned first: a tile wider than the padded dime
 whose pipelined operand buffers would overflow shared memory, is never timed.
 
 Under Triton's CPU interpreter the same autotuner runs, but pruning hands back one fixed configuration,
-so nothing is timed (the autotuner times only when more than one configuration is left); the interpreter
-pays per operation more than per element, so its tiles are as wide as the dimensions allow.
+so nothing is timed: recent Triton (3.9) skips timing a lone configuration, and where an older one (3.6)
+still times it, the autotuner's benchmark (``autotune_bench``) returns at once under the interpreter, which
+has no GPU driver to time with. The interpreter pays per operation more than per element, so its tiles are as wide as the dimensions
+allow.
 
 Float32 operands multiply in TF32 on the tensor cores when torch's own matmul precision allows it
 (``torch.set_float32_matmul_precision("high")`` or ``"medium"``), so the kernels follow the same policy as
@@ -40,6 +42,15 @@ SCRATCH = 4 * 1024  # what a kernel takes beyond its operand buffers (layout con
 KEEP_TIMINGS = True
 
 Pruner = Callable[..., list[triton.Config]]
+
+
+def autotune_bench(kernel_call: Callable[[], None], quantiles: Sequence[float]) -> list[float]:
+    """The autotuner's benchmark (its ``do_bench``): the active GPU driver's on a GPU. Under the interpreter the
+    pruning leaves one configuration, which older Triton (3.6) still times; there it is not run (the launch that
+    follows runs it) and every quantile is 0."""
+    if triton_interprets():
+        return [0.0] * len(quantiles)
+    return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
 
 # Triton's autotuner keeps each call's arguments on the kernel object while it picks a configuration, so two
 # threads launching one autotuned kernel at once (an expert actor serving two coordinators) could read each
