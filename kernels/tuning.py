@@ -4,7 +4,8 @@ On a GPU each such kernel runs through ``triton.autotune`` over a small set of t
 and pipeline depths meant for A100/H100-class parts: the first call for a key (the sizes that decide the
 tiles, the row block, the dtypes) times every configuration that fits and keeps the fastest, later calls
 reuse it. The configurations are pruned first: a tile wider than the padded dimension it covers, or one
-whose pipelined operand buffers would overflow shared memory, is never timed.
+whose pipelined operand buffers would overflow shared memory, is never timed. ``MOESHARD_AUTOTUNE=0`` keeps
+the first configuration that fits instead of timing them (``autotuning``).
 
 Under Triton's CPU interpreter the same autotuner runs, but pruning hands back one fixed configuration,
 so nothing is timed: recent Triton (3.9) skips timing a lone configuration, and where an older one (3.6)
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -42,6 +44,15 @@ SCRATCH = 4 * 1024  # what a kernel takes beyond its operand buffers (layout con
 KEEP_TIMINGS = True
 
 Pruner = Callable[..., list[triton.Config]]
+
+AUTOTUNE_ENV_VAR = "MOESHARD_AUTOTUNE"
+
+
+def autotuning() -> bool:
+    """Whether a GPU times the configurations that fit a key: yes, unless ``MOESHARD_AUTOTUNE=0``, which keeps the
+    first that fits (a faster start, at that tile's speed: e.g. for the GPU tests, which check values, not speed).
+    This module is the only place that reads it."""
+    return os.environ.get(AUTOTUNE_ENV_VAR, "1").strip() != "0"
 
 
 def autotune_bench(kernel_call: Callable[[], None], quantiles: Sequence[float]) -> list[float]:
@@ -153,7 +164,7 @@ def gemm_pruner(out_arg: str, reduce_arg: str, rows_arg: str, weight_operands: i
             gemm_fits, block_m=kwargs["BLOCK_M"], out_dim=out_dim, reduce_dim=reduce_dim, itemsize=rows.element_size(),
             operands=weight_operands, part=gpu_part(rows.device.index or 0),
         )  # fmt: skip
-        kept = [c for c in configs if fits(c)]
+        kept = [c for c in configs if fits(c)][: None if autotuning() else 1]
         n_cap, k_cap = max(16, triton.next_power_of_2(out_dim)), max(16, triton.next_power_of_2(reduce_dim))
         return kept or [triton.Config({"BLOCK_N": min(32, n_cap), "BLOCK_K": min(64, k_cap)}, num_warps=4, num_stages=2)]
 
@@ -183,4 +194,5 @@ def prune_attention(configs: Sequence[triton.Config], named_args: dict, **kwargs
     keys = named_args["k_ptr"]
     part = gpu_part(keys.device.index or 0)
     kept = [c for c in configs if attention_fits(c, kwargs["BLOCK_M"], kwargs["BLOCK_D"], keys.element_size(), part)]
+    kept = kept[: None if autotuning() else 1]
     return kept or [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)]

@@ -125,6 +125,17 @@ def test_a_tiny_gemm_keeps_a_tile_that_covers_it(on_a_gpu):
     assert [c.kwargs for c in kept] == [{"BLOCK_N": 16, "BLOCK_K": 16}]
 
 
+def test_autotune_off_keeps_the_first_configuration_that_fits(on_a_gpu, monkeypatch):
+    gemm_args = {"out": 14336, "reduce": 4096, "rows": torch.empty(0, dtype=torch.bfloat16)}
+    attention_args = {"k_ptr": torch.empty(0, dtype=torch.bfloat16)}
+    every_gemm = gemm_pruner("out", "reduce", "rows", 2)(GEMM_CONFIGS, gemm_args, BLOCK_M=16)
+    every_attention = prune_attention(ATTENTION_CONFIGS, attention_args, BLOCK_M=16, BLOCK_D=64)
+    assert len(every_gemm) > 1 and len(every_attention) > 1
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV_VAR, "0")
+    assert gemm_pruner("out", "reduce", "rows", 2)(GEMM_CONFIGS, gemm_args, BLOCK_M=16) == every_gemm[:1]
+    assert prune_attention(ATTENTION_CONFIGS, attention_args, BLOCK_M=16, BLOCK_D=64) == every_attention[:1]
+
+
 def test_gpu_attention_configurations_fit_shared_memory(on_a_gpu):
     keys = torch.empty(0, dtype=torch.float32)
     kept = prune_attention(ATTENTION_CONFIGS, {"k_ptr": keys}, BLOCK_M=64, BLOCK_D=128)

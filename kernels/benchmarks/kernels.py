@@ -130,6 +130,13 @@ class ModelShapeRow:
     triton_ms: float
     torch_ms: float
     config: str  # the configuration the autotuner chose for the case's last kernel
+    error: float  # max |Triton - torch| over max(max |torch|, 1): the chosen configuration's values
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| over max(max |want|, 1), in float32."""
+    got, want = got.float(), want.float()
+    return (got - want).abs().max().item() / max(want.abs().max().item(), 1.0)
 
 
 def _chosen(kernel) -> str:
@@ -158,10 +165,10 @@ def model_shape_rows(device: str, dims: dict, repeats: int) -> list[ModelShapeRo
             routing = route(torch.randn(T, E, generator=g).to(device), K, backend="torch")
             perm = permute(torch.randn(T, D, generator=g).to(device, dtype), routing.expert_ids, E, backend="torch")
             call = lambda b: expert_ffn(perm.rows, perm.expert_offsets, w1, w3, w2, backend=b)  # noqa: E731
-            call("triton")  # the autotuner times its configurations on the first call for these sizes
+            error = relative_error(call("triton"), call("torch"))  # the first call for these sizes tunes
             triton_s = median_seconds(lambda: call("triton"), warmup=2, repeats=repeats)
             torch_s = median_seconds(lambda: call("torch"), warmup=2, repeats=repeats)
-            rows.append(ModelShapeRow(f"expert_ffn T={T}", name, triton_s * 1e3, torch_s * 1e3, _chosen(ffn._down_kernel)))
+            rows.append(ModelShapeRow(f"expert_ffn T={T}", name, triton_s * 1e3, torch_s * 1e3, _chosen(ffn._down_kernel), error))
         for label, seqs in (
             (f"attention decode {dims['decode_seqs']} x {dims['history']} keys", [(dims["history"], 1)] * dims["decode_seqs"]),
             (f"attention chunk {dims['chunk']} after {dims['history']}", [(dims["history"], dims["chunk"])]),
@@ -176,18 +183,23 @@ def model_shape_rows(device: str, dims: dict, repeats: int) -> list[ModelShapeRo
             keys, values = (torch.randn(sum(needs) * block, Hkv, Dh, generator=g).to(device, dtype) for _ in range(2))
             q = torch.randn(layout.num_tokens, H, Dh, generator=g).to(device, dtype)
             call = lambda b: paged_attention(q, keys, values, layout, backend=b)  # noqa: E731
-            call("triton")
+            error = relative_error(call("triton"), call("torch"))
             triton_s = median_seconds(lambda: call("triton"), warmup=2, repeats=repeats)
             torch_s = median_seconds(lambda: call("torch"), warmup=2, repeats=repeats)
-            rows.append(ModelShapeRow(label, name, triton_s * 1e3, torch_s * 1e3, _chosen(attention._paged_attention_kernel)))
+            chosen = _chosen(attention._paged_attention_kernel)
+            rows.append(ModelShapeRow(label, name, triton_s * 1e3, torch_s * 1e3, chosen, error))
     return rows
 
 
 def format_model_shapes(rows: list[ModelShapeRow]) -> str:
-    lines = ["| case | dtype | Triton ms | torch ms | torch / Triton | chosen configuration |", "|---|---|---:|---:|---:|---|"]
+    lines = [
+        "| case | dtype | Triton ms | torch ms | torch / Triton | chosen configuration | max error vs torch |",
+        "|---|---|---:|---:|---:|---|---:|",
+    ]
     for r in rows:
         lines.append(
-            f"| {r.case} | {r.dtype} | {r.triton_ms:.3f} | {r.torch_ms:.3f} | {r.torch_ms / r.triton_ms:.2f} | {r.config} |"
+            f"| {r.case} | {r.dtype} | {r.triton_ms:.3f} | {r.torch_ms:.3f} | {r.torch_ms / r.triton_ms:.2f} | {r.config} "
+            f"| {r.error:.1e} |"
         )
     return "\n".join(lines)
 

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a CUDA machine that may have no package index:
 #   1. the GPU tests (tests/gpu: compiled kernels against torch, the model on CUDA against the CPU and
-#      transformers, the collective channel over NCCL, the warm-up from Triton's cache);
-#   2. the kernel benchmark (Triton against torch at Mixtral 8x7B's shapes, with the configurations chosen);
+#      transformers, the collective channel over NCCL, the warm-up from Triton's cache), without timing
+#      configurations (MOESHARD_AUTOTUNE=0 unless set: each key compiles the first that fits), except the
+#      warm-up test, which tunes;
+#   2. the kernel benchmark (Triton, autotuned, against torch at Mixtral 8x7B's shapes: speed, the configuration
+#      chosen and its values' error);
 #   3. prefill and decode in one process against transformers, both on the GPU in bfloat16.
 # Each step runs under its own time limit and writes its log into REPORT_DIR; summary.txt holds one line per
 # step (exit status and seconds; 124 = out of time). A step that fails or runs out of time does not stop the
@@ -62,7 +65,7 @@ step() {
 }
 
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
-step tests "$tests_limit" "$python" -m pytest tests/gpu -m gpu -p no:cacheprovider -v -s -rA --durations=15
+MOESHARD_AUTOTUNE=${MOESHARD_AUTOTUNE:-0} step tests "$tests_limit" "$python" -m pytest tests/gpu -m gpu -p no:cacheprovider -v -s -rA --durations=15
 step kernels "$kernels_limit" "$python" -m moeshard.kernels.benchmarks.kernels --repeats 10
 step model "$model_limit" "$python" -m moeshard.cluster.loadtest.prefill_bench --device cuda --dtype bfloat16 \
     --lengths 512,4096 --json "$report/model.json"

@@ -38,7 +38,7 @@ print(json.dumps({"calls": calls, "keys": len(found), "from_cache": sum(found), 
 
 
 def _warm_up(cache_dir: str) -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=cache_dir)
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=cache_dir, MOESHARD_AUTOTUNE="1")  # tune, even in a quick run
     done = subprocess.run([sys.executable, "-c", WARM_UP], env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
