@@ -22,7 +22,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -145,8 +145,9 @@ def _chosen(kernel) -> str:
     return f"{tiles}, warps={config.num_warps}, stages={config.num_stages}"
 
 
-def model_shape_rows(device: str, dims: dict, repeats: int) -> list[ModelShapeRow]:
-    """The grouped SwiGLU at dims' row counts and paged attention at its decode and chunk sizes, Triton against torch."""
+def model_shape_rows(device: str, dims: dict, repeats: int) -> Iterator[ModelShapeRow]:
+    """The grouped SwiGLU at dims' row counts and paged attention at its decode and chunk sizes, Triton against torch,
+    a row at a time (each case tunes its kernels first: a run cut short still has the rows before)."""
     from importlib import import_module
 
     from moeshard.kernels.paged_attention import paged_attention
@@ -155,7 +156,6 @@ def model_shape_rows(device: str, dims: dict, repeats: int) -> list[ModelShapeRo
     ffn, attention = import_module("moeshard.kernels.expert_ffn"), import_module("moeshard.kernels.paged_attention")
     D, I, E, K = dims["D"], dims["I"], dims["E"], dims["K"]
     H, Hkv, Dh, block = dims["heads"], dims["kv_heads"], dims["head_dim"], dims["block_size"]
-    rows = []
     for dtype in (torch.bfloat16, torch.float32):
         name = str(dtype).removeprefix("torch.")
         g = torch.Generator().manual_seed(0)
@@ -168,7 +168,7 @@ def model_shape_rows(device: str, dims: dict, repeats: int) -> list[ModelShapeRo
             error = relative_error(call("triton"), call("torch"))  # the first call for these sizes tunes
             triton_s = median_seconds(lambda: call("triton"), warmup=2, repeats=repeats)
             torch_s = median_seconds(lambda: call("torch"), warmup=2, repeats=repeats)
-            rows.append(ModelShapeRow(f"expert_ffn T={T}", name, triton_s * 1e3, torch_s * 1e3, _chosen(ffn._down_kernel), error))
+            yield ModelShapeRow(f"expert_ffn T={T}", name, triton_s * 1e3, torch_s * 1e3, _chosen(ffn._down_kernel), error)
         for label, seqs in (
             (f"attention decode {dims['decode_seqs']} x {dims['history']} keys", [(dims["history"], 1)] * dims["decode_seqs"]),
             (f"attention chunk {dims['chunk']} after {dims['history']}", [(dims["history"], dims["chunk"])]),
@@ -187,21 +187,20 @@ def model_shape_rows(device: str, dims: dict, repeats: int) -> list[ModelShapeRo
             triton_s = median_seconds(lambda: call("triton"), warmup=2, repeats=repeats)
             torch_s = median_seconds(lambda: call("torch"), warmup=2, repeats=repeats)
             chosen = _chosen(attention._paged_attention_kernel)
-            rows.append(ModelShapeRow(label, name, triton_s * 1e3, torch_s * 1e3, chosen, error))
-    return rows
+            yield ModelShapeRow(label, name, triton_s * 1e3, torch_s * 1e3, chosen, error)
 
 
-def format_model_shapes(rows: list[ModelShapeRow]) -> str:
-    lines = [
-        "| case | dtype | Triton ms | torch ms | torch / Triton | chosen configuration | max error vs torch |",
-        "|---|---|---:|---:|---:|---|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.case} | {r.dtype} | {r.triton_ms:.3f} | {r.torch_ms:.3f} | {r.torch_ms / r.triton_ms:.2f} | {r.config} "
-            f"| {r.error:.1e} |"
-        )
-    return "\n".join(lines)
+MODEL_SHAPES_HEADER = (
+    "| case | dtype | Triton ms | torch ms | torch / Triton | chosen configuration | max error vs torch |\n"
+    "|---|---|---:|---:|---:|---|---:|"
+)
+
+
+def format_model_shape(r: ModelShapeRow) -> str:
+    return (
+        f"| {r.case} | {r.dtype} | {r.triton_ms:.3f} | {r.torch_ms:.3f} | {r.torch_ms / r.triton_ms:.2f} | {r.config} "
+        f"| {r.error:.1e} |"
+    )
 
 
 MIXTRAL_SHAPES = dict(
@@ -257,7 +256,9 @@ def main(argv: list[str] | None = None) -> None:
         print()
         print(f"## Mixtral 8x7B's shapes on {torch.cuda.get_device_name()}, median of {args.repeats}")
         print()
-        print(format_model_shapes(model_shape_rows("cuda", MIXTRAL_SHAPES, args.repeats)))
+        print(MODEL_SHAPES_HEADER)
+        for row in model_shape_rows("cuda", MIXTRAL_SHAPES, args.repeats):
+            print(format_model_shape(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@
 # WHEELS       a folder of wheels for what that interpreter lacks (pydantic and its own dependencies): they and
 #              moeshard itself (from this checkout) are installed into a scratch folder without an index
 #              when moeshard does not import yet
-# STEP_LIMITS  seconds for steps 1, 2 and 3 (default: "300 120 120")
+# STEP_LIMITS  seconds for steps 1, 2 and 3 (default: "210 150 180"; the model step tunes the kernels at load)
 set -uo pipefail
 
 if [ $# -ne 1 ]; then
@@ -28,7 +28,7 @@ fi
 report=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "cannot write to $1" >&2; exit 2; }
 cd "$(dirname "$0")/../.."
 python=${PYTHON:-python3}
-read -r tests_limit kernels_limit model_limit <<<"${STEP_LIMITS:-300 120 120}"
+read -r tests_limit kernels_limit model_limit <<<"${STEP_LIMITS:-210 150 180}"
 summary="$report/summary.txt"
 : >"$summary"
 
