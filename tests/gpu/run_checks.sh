@@ -35,7 +35,11 @@ summary="$report/summary.txt"
 if ! "$python" -c "import moeshard.cluster.engine" 2>/dev/null; then
     site=$(mktemp -d)
     wheels=()
-    [ -n "${WHEELS:-}" ] && wheels=("$WHEELS"/*.whl)
+    if [ -n "${WHEELS:-}" ]; then
+        shopt -s nullglob
+        wheels=("$WHEELS"/*.whl)
+        shopt -u nullglob
+    fi
     if ! "$python" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$site" "${wheels[@]}" . \
         >"$report/install.log" 2>&1; then
         echo "install: failed (install.log)" | tee -a "$summary"
@@ -67,5 +71,9 @@ step() {
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 MOESHARD_AUTOTUNE=${MOESHARD_AUTOTUNE:-0} step tests "$tests_limit" "$python" -m pytest tests/gpu -m gpu -p no:cacheprovider -v -s -rA --durations=15
 step kernels "$kernels_limit" "$python" -m moeshard.kernels.benchmarks.kernels --repeats 10
-step model "$model_limit" "$python" -m moeshard.cluster.loadtest.prefill_bench --device cuda --dtype bfloat16 \
-    --lengths 512,4096 --json "$report/model.json"
+if "$python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    step model "$model_limit" "$python" -m moeshard.cluster.loadtest.prefill_bench --device cuda --dtype bfloat16 \
+        --lengths 512,4096 --json "$report/model.json"
+else
+    echo "model: skipped, no CUDA GPU" | tee -a "$summary"
+fi
