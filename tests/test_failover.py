@@ -115,8 +115,10 @@ def test_sigkilled_expert_actor_loses_no_request(case, ray_cluster, tiny_mixtral
         pids = [expert_actor_pid(llm, v) for v in victims]
         tokens = _generate_while(llm, lambda: _once_decoding(llm, lambda: [_kill(pid) for pid in pids]))
         assert tokens == reference
-        health = llm.expert_health()
-        assert sum(health.failures) >= len(victims)
+        # At least one kill was seen failing. Not necessarily every one: an actor killed while none of its
+        # calls was in flight, that Ray restarts before the dispatch next picks it, answers that call from the
+        # new process (once with two victims whose experts have replicas: failures (1, 0, 0, 0)).
+        assert sum(llm.expert_health().failures) >= 1
         assert [expert_actor_pid(llm, v) for v in victims] != pids  # Ray restarted them; they serve again
         assert [o.token_ids for o in llm.generate(PROMPTS, LONG)] == reference
 
