@@ -10,8 +10,8 @@ the first configuration that fits instead of timing them (``autotuning``).
 Under Triton's CPU interpreter the same autotuner runs, but pruning hands back one fixed configuration,
 so nothing is timed: recent Triton (3.9) skips timing a lone configuration, and where an older one (3.6)
 still times it, the autotuner's benchmark (``autotune_bench``) returns at once under the interpreter, which
-has no GPU driver to time with. The interpreter pays per operation more than per element, so its tiles are as wide as the dimensions
-allow.
+has no GPU driver to time with. The interpreter pays per operation more than per element, so its tiles are
+as wide as the dimensions allow.
 
 Float32 operands multiply in TF32 on the tensor cores when torch's own matmul precision allows it
 (``torch.set_float32_matmul_precision("high")`` or ``"medium"``), so the kernels follow the same policy as
@@ -55,6 +55,11 @@ def autotuning() -> bool:
     return os.environ.get(AUTOTUNE_ENV_VAR, "1").strip() != "0"
 
 
+def to_time(fitting: list[triton.Config]) -> list[triton.Config]:
+    """Of the configurations that fit a key, those the autotuner is to time: all, or the first (``autotuning``)."""
+    return fitting if autotuning() else fitting[:1]
+
+
 def autotune_bench(kernel_call: Callable[[], None], quantiles: Sequence[float]) -> list[float]:
     """The autotuner's benchmark (its ``do_bench``): the active GPU driver's on a GPU. Under the interpreter the
     pruning leaves one configuration, which older Triton (3.6) still times; there it is not run (the launch that
@@ -62,6 +67,7 @@ def autotune_bench(kernel_call: Callable[[], None], quantiles: Sequence[float]) 
     if triton_interprets():
         return [0.0] * len(quantiles)
     return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
 
 # Triton's autotuner keeps each call's arguments on the kernel object while it picks a configuration, so two
 # threads launching one autotuned kernel at once (an expert actor serving two coordinators) could read each
@@ -164,7 +170,7 @@ def gemm_pruner(out_arg: str, reduce_arg: str, rows_arg: str, weight_operands: i
             gemm_fits, block_m=kwargs["BLOCK_M"], out_dim=out_dim, reduce_dim=reduce_dim, itemsize=rows.element_size(),
             operands=weight_operands, part=gpu_part(rows.device.index or 0),
         )  # fmt: skip
-        kept = [c for c in configs if fits(c)][: None if autotuning() else 1]
+        kept = to_time([c for c in configs if fits(c)])
         n_cap, k_cap = max(16, triton.next_power_of_2(out_dim)), max(16, triton.next_power_of_2(reduce_dim))
         return kept or [triton.Config({"BLOCK_N": min(32, n_cap), "BLOCK_K": min(64, k_cap)}, num_warps=4, num_stages=2)]
 
@@ -193,6 +199,5 @@ def prune_attention(configs: Sequence[triton.Config], named_args: dict, **kwargs
         return [triton.Config({"BLOCK_N": INTERPRETER_ATTENTION_BLOCK_N})]
     keys = named_args["k_ptr"]
     part = gpu_part(keys.device.index or 0)
-    kept = [c for c in configs if attention_fits(c, kwargs["BLOCK_M"], kwargs["BLOCK_D"], keys.element_size(), part)]
-    kept = kept[: None if autotuning() else 1]
+    kept = to_time([c for c in configs if attention_fits(c, kwargs["BLOCK_M"], kwargs["BLOCK_D"], keys.element_size(), part)])
     return kept or [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)]
