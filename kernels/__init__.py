@@ -7,8 +7,10 @@ Every op takes ``backend="auto"|"triton"|"torch"`` (see ``backend.py``) and an o
 
 This folder is also the repository's top-level ``kernels/``. Reached under that bare name (a Python
 started in the repository root has it on ``sys.path``), it must not pass for Hugging Face's ``kernels``
-package, which ``transformers`` probes for by name: it then defines nothing, runs no moeshard code and,
-like a stray namespace folder, reports no file, so such probes see no package.
+package, which ``transformers`` imports by name (from 5.25 on it depends on it). It runs no moeshard code:
+where a ``kernels`` is installed elsewhere on ``sys.path``, that package takes the name, as in a Python
+started anywhere else; where none is, it defines nothing and, like a stray namespace folder, reports no
+file, so transformers' probe sees no package.
 """
 
 if __name__ == "moeshard.kernels":
@@ -39,5 +41,25 @@ if __name__ == "moeshard.kernels":
         "triton_interprets",
     ]
 else:
-    __all__ = []
-    __file__ = None  # noqa: F811 - not a package of its own: transformers' probe reads a file-less module as none
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.realpath(__file__)))
+    _elsewhere = [entry for entry in _sys.path if _os.path.realpath(entry or ".") != _root]
+    _installed = _machinery.PathFinder.find_spec(__name__, _elsewhere)
+    if _installed is not None:
+        # A ``kernels`` installed elsewhere (Hugging Face's, which transformers imports): it takes the name,
+        # as it would in a Python started anywhere else. The import returns what sys.modules then holds.
+        _module = _util.module_from_spec(_installed)
+        _sys.modules[__name__] = _module
+        try:
+            _installed.loader.exec_module(_module)
+        except BaseException:
+            del _sys.modules[__name__]
+            raise
+    else:
+        __all__ = []
+        __file__ = None  # noqa: F811 - not a package of its own: transformers' probe reads a file-less module as none
+    del _machinery, _util, _os, _sys, _root, _elsewhere, _installed

@@ -1,8 +1,9 @@
 """The repository's top-level ``kernels/`` is harmless under its bare name (Hugging Face ships a ``kernels`` package).
 
 A Python started in the repository root has the root on ``sys.path``: there, ``import kernels`` must run no
-moeshard code and transformers' probe for its ``kernels`` package must find none, whether moeshard is installed
-or not. Ray workers of a driver started in such a directory must not get it on their paths at all.
+moeshard code and give what it gives anywhere else (the installed ``kernels``, which transformers imports
+from 5.25 on, or nothing), whether moeshard is installed or not. Ray workers of a driver started in such a
+directory must not get it on their paths at all.
 """
 
 from __future__ import annotations
@@ -30,43 +31,71 @@ sys.path_importer_cache.clear()
 assert importlib.util.find_spec("moeshard") is None, "moeshard is still importable"
 """
 
+# Leaves only the standard library beside the working directory: no installed ``kernels`` to be found.
+HIDE_SITE_PACKAGES = """
+import sys
+sys.path[:] = [p for p in sys.path if "-packages" not in p]
+sys.path_importer_cache.clear()
+"""
+
 TRANSFORMERS_PROBE = """
 import json, sys
 from transformers.utils import import_utils
 available = import_utils.is_kernels_available()
 exists, version = import_utils._is_package_available("kernels", return_version=True)
+from transformers import MixtralForCausalLM  # its modeling code imports ``kernels`` where that is available
 print(json.dumps({"available": available, "exists": exists, "version": version,
                   "moeshard_modules": sorted(m for m in sys.modules if m.startswith("moeshard"))}))
 """
 
 BARE_IMPORT = """
 import json, sys
-import kernels
-print(json.dumps({"names": sorted(n for n in vars(kernels) if not n.startswith("__")),
+try:
+    import kernels
+except ModuleNotFoundError:
+    print(json.dumps({"found": False}))
+    raise SystemExit
+print(json.dumps({"found": True, "names": sorted(n for n in vars(kernels) if not n.startswith("__")),
                   "file": kernels.__file__, "path": list(kernels.__path__),
                   "moeshard_modules": sorted(m for m in sys.modules if m.startswith("moeshard"))}))
 """
 
 
-def _run_in_repo_root(code: str) -> dict:
-    """A fresh interpreter started with ``-c`` in the repository root (so the root is on its sys.path)."""
+def _run(code: str, cwd: Path) -> dict:
+    """A fresh interpreter started with ``-c`` in ``cwd`` (so ``cwd`` is on its sys.path)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("installed", [True, False], ids=["moeshard_installed", "moeshard_not_installed"])
-def test_transformers_probe_finds_no_kernels_package(installed):
-    result = _run_in_repo_root(("" if installed else HIDE_MOESHARD) + TRANSFORMERS_PROBE)
-    assert result["available"] is False
-    assert result["exists"] is False and result["version"] == "N/A"
-    assert result["moeshard_modules"] == []
+def test_transformers_sees_in_the_root_what_it_sees_elsewhere(installed, tmp_path):
+    code = ("" if installed else HIDE_MOESHARD) + TRANSFORMERS_PROBE
+    in_root, elsewhere = _run(code, REPO_ROOT), _run(code, tmp_path)
+    assert in_root == elsewhere
+    assert in_root["moeshard_modules"] == []
 
 
 @pytest.mark.parametrize("installed", [True, False], ids=["moeshard_installed", "moeshard_not_installed"])
-def test_bare_import_of_kernels_runs_no_moeshard_code(installed):
-    result = _run_in_repo_root(("" if installed else HIDE_MOESHARD) + BARE_IMPORT)
+def test_bare_import_of_kernels_in_the_root_gets_what_it_gets_elsewhere(installed, tmp_path):
+    code = ("" if installed else HIDE_MOESHARD) + BARE_IMPORT
+    in_root, elsewhere = _run(code, REPO_ROOT), _run(code, tmp_path)
+    if elsewhere["found"]:  # an installed ``kernels`` (transformers 5.25 on depends on it): the same package
+        assert in_root == elsewhere
+        assert Path(in_root["file"]).parent != REPO_ROOT / "kernels"
+    else:
+        _assert_empty_stub(in_root)
+    assert in_root["moeshard_modules"] == []
+
+
+@pytest.mark.parametrize("installed", [True, False], ids=["moeshard_installed", "moeshard_not_installed"])
+def test_bare_import_of_kernels_without_an_installed_one_is_an_empty_stub(installed):
+    _assert_empty_stub(_run(HIDE_SITE_PACKAGES + ("" if installed else HIDE_MOESHARD) + BARE_IMPORT, REPO_ROOT))
+
+
+def _assert_empty_stub(result: dict) -> None:
+    assert result["found"]
     assert result["path"] == [str(REPO_ROOT / "kernels")]  # it really is the repository's folder
     assert result["names"] == []
     assert result["file"] is None
@@ -89,7 +118,8 @@ from moeshard.cluster.engine.config import EngineConfig
 
 @ray.remote
 def probe():
-    return {"kernels_found": importlib.util.find_spec("kernels") is not None, "sys_path": sys.path}
+    spec = importlib.util.find_spec("kernels")  # the checkout's folder, an installed ``kernels``, or none
+    return {"kernels_at": None if spec is None else list(spec.submodule_search_locations or []), "sys_path": sys.path}
 
 here = os.getcwd()
 results = {}
@@ -116,7 +146,8 @@ def test_ray_workers_do_not_get_the_drivers_directory(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["plain"]["kernels_found"] and str(root) in result["plain"]["sys_path"]  # the hazard is real
-    assert not result["moeshard"]["kernels_found"]
+    checkout_kernels = str(root / "kernels")
+    assert result["plain"]["kernels_at"] == [checkout_kernels] and str(root) in result["plain"]["sys_path"]  # the hazard
+    assert checkout_kernels not in (result["moeshard"]["kernels_at"] or [])  # an installed ``kernels`` or none
     assert str(root) not in result["moeshard"]["sys_path"]
     assert result["driver_cwd_kept"]
