@@ -36,6 +36,12 @@ backend, in float32, and in bfloat16 where the CPU multiplies bfloat16 natively 
 ``PACKED_DTYPES``); unless ``MOESHARD_PREPACK=0`` (for A/B measurements; this module is the only place
 that reads it).
 
+Row counts. oneDNN builds a kernel (a primitive) for each row count it meets and keeps 1024 in a cache;
+building one costs 5-8x the product (prefill chunks and expert groups bring new counts almost every call).
+Above EXACT_ROWS rows (a decode step's counts stay exact) the input is padded with zero rows to one of 8
+counts per doubling (``padded_rows``), at most 12.5% more rows: prefill of 48 prompts in bfloat16 ran 1.9x
+faster (docs/performance.md, "oneDNN kernels per row count").
+
 bfloat16. oneDNN's linear on a packed bfloat16 weight multiplies in bfloat16 and accumulates in float32,
 as ``F.linear`` does; it reads half the bytes of float32, and a whole decode step of 1-64 sequences ran
 1.3-1.4x faster than packed float32 on the demo model (docs/performance.md, "bfloat16 on CPU").
@@ -56,6 +62,8 @@ SMALL_ROWS = 4  # from 5 rows on, oneDNN's linear is as fast as weight @ x^T or 
 LARGE_WEIGHT = 1 << 18  # elements (1 MiB in float32): below it the call's fixed cost dominates
 PACK_MIN_WEIGHT = 1 << 16  # elements: smaller weights (a router) stay plain, oneDNN's call costs more than it saves
 PREPACK_ENV_VAR = "MOESHARD_PREPACK"
+EXACT_ROWS = 64  # up to this many rows (a decode step's) oneDNN sees the row count as it is
+ROW_STEPS_PER_OCTAVE = 8  # above it, row counts are padded up to one of 8 steps per doubling (<= 12.5% more rows)
 
 # oneDNN's linear, on plain or prepacked weights; a private op: None where this torch lacks it.
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -134,8 +142,40 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, r
     if route == "plain":
         return F.linear(x, weight, bias)
     if route == "onednn":
-        return _ONEDNN_LINEAR(x.contiguous(), weight, bias, "none", [], "")
+        return _onednn_linear(x, weight, bias)
     n = x.shape[0]
     columns = (x if n > 1 else x.expand(2, -1).contiguous()).T  # [K, n'], n' >= 2
     out = (weight @ columns)[:, :n].T.contiguous()  # [O, n'] -> [N, O]
     return out if bias is None else out.add_(bias)
+
+
+def padded_rows(rows: int) -> int:
+    """The row count oneDNN's linear is called with for ``rows`` rows: ``rows`` itself up to EXACT_ROWS, then
+    rounded up to one of ROW_STEPS_PER_OCTAVE steps per doubling (65 -> 72, 100 -> 104, 1000 -> 1024).
+
+    oneDNN builds a new primitive (a JIT kernel) for each row count it has not seen, at 5-8x the cost of the
+    product itself (1.4 against 0.19 ms at 100 rows on a 1536x576 bfloat16 weight), and its cache keeps
+    1024 of them; prefill chunks and expert groups bring a new row count almost every call. With the
+    steps, a weight shape meets at most EXACT_ROWS + 8 row counts per doubling, built once each.
+    """
+    if rows <= EXACT_ROWS:
+        return rows
+    step = 1 << max(0, (rows - 1).bit_length() - ROW_STEPS_PER_OCTAVE.bit_length())  # rows in (2^b, 2^(b+1)]: 2^b / 8
+    return -(-rows // step) * step
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] -> [..., O] through oneDNN's linear, called on padded_rows(N) rows (zeros past N)."""
+    leading, in_features = x.shape[:-1], x.shape[-1]
+    rows_in = x.reshape(-1, in_features)  # [N, K]
+    n = rows_in.shape[0]
+    rows = padded_rows(n)
+    if rows == n:
+        rows_in = rows_in.contiguous()
+    else:
+        padded = rows_in.new_empty(rows, in_features)  # [rows, K]
+        padded[:n].copy_(rows_in)
+        padded[n:].zero_()
+        rows_in = padded
+    out = _ONEDNN_LINEAR(rows_in, weight, bias, "none", [], "")  # [rows, O]
+    return out[:n].reshape(*leading, out.shape[-1])  # the leading rows of a contiguous result: contiguous

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from typing import NamedTuple
 
 import pytest
@@ -11,12 +15,15 @@ import torch.nn.functional as F
 from moeshard.kernels.backend import ENV_VAR as BACKEND_ENV_VAR
 from moeshard.kernels.linear import (
     _ONEDNN_LINEAR,
+    EXACT_ROWS,
     PACK_MIN_WEIGHT,
     PACKED_DTYPES,
     PREPACK_ENV_VAR,
+    ROW_STEPS_PER_OCTAVE,
     SMALL_ROWS,
     linear,
     linear_into,
+    padded_rows,
     prepack,
     prepacks,
     route_for,
@@ -137,3 +144,48 @@ def test_prepacks_on_cpu_with_the_torch_backend_only(monkeypatch):
     monkeypatch.delenv(PREPACK_ENV_VAR)
     monkeypatch.setenv(BACKEND_ENV_VAR, "triton")  # the Triton kernels index stacked weights: keep them plain
     assert not prepacks(cpu, torch.float32)
+
+
+def test_padded_rows_are_few_and_close_above_the_exact_range():
+    assert [padded_rows(rows) for rows in range(EXACT_ROWS + 1)] == list(range(EXACT_ROWS + 1))
+    padded = [padded_rows(rows) for rows in range(1, 8193)]
+    assert all(rows <= got <= rows * (1 + 1 / ROW_STEPS_PER_OCTAVE) for rows, got in enumerate(padded, start=1))
+    assert padded == sorted(padded)  # more rows never pad to fewer
+    assert all(padded_rows(got) == got for got in padded)  # a padded count is its own padding
+    doublings = (8192 // EXACT_ROWS).bit_length() - 1  # 16 -> 8192
+    assert len(set(padded)) == EXACT_ROWS + ROW_STEPS_PER_OCTAVE * doublings
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_packed_bfloat16)])
+def test_padded_call_gives_the_rows_of_the_padded_batch(dtype):
+    """A call on 100 rows is oneDNN's call on 104: its rows are those of any 104-row batch that starts with them."""
+    generator = torch.Generator().manual_seed(11)
+    weight = prepack(torch.randn(1536, 576, generator=generator).to(dtype))
+    x = torch.randn(104, 576, generator=generator).to(dtype)
+    assert padded_rows(100) == 104
+    assert torch.equal(linear(x[:100], weight), linear(x, weight)[:100])
+    three_dims = linear(x[:100].reshape(4, 25, 576), weight)  # leading dimensions kept
+    assert three_dims.shape == (4, 25, 1536) and torch.equal(three_dims.reshape(100, 1536), linear(x, weight)[:100])
+
+
+@needs_onednn
+def test_onednn_builds_one_kernel_per_padded_row_count():
+    """oneDNN's own log (ONEDNN_VERBOSE) of a run over 300 row counts: one kernel built per padded count."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from moeshard.kernels.linear import linear, prepack
+        torch.set_num_threads(1)
+        weight = prepack(torch.randn(1536, 576))
+        x = torch.randn(400, 576)
+        for rows in range(100, 400):
+            linear(x[:rows], weight)
+        """
+    )
+    environment = {**os.environ, "ONEDNN_VERBOSE": "all"}
+    log = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, check=True)
+    built = [line for line in log.stdout.splitlines() if "create:cache_miss" in line and "matmul" in line]
+    if not any("onednn_verbose" in line for line in log.stdout.splitlines()):
+        pytest.skip("this oneDNN build logs nothing")
+    assert 0 < len(built) <= len({padded_rows(rows) for rows in range(100, 400)}) < 300 / 4
