@@ -10,6 +10,8 @@
    process.
 3. ``--routes``: every route forced at every shape and row count (what the bounds of ``route_for`` come
    from), and oneDNN on the prepacked weight.
+4. ``--gate-up``: an expert's SwiGLU with gate and up as two products (``expert_rows_torch``) against one
+   product on the two stacked into one [2I, D] weight, prepacked where this machine packs ``--dtype``.
 
 Prints figures only; read the ratios, these machines are shared.
 
@@ -31,11 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from moeshard.kernels import linear as linear_module
+from moeshard.kernels.expert_ffn import expert_rows_torch
 
 logger = logging.getLogger(__name__)
 
 SHAPES = {"lm_head": (49152, 576), "q/o_proj": (576, 576), "expert gate/up": (1536, 576), "expert down": (576, 1536)}
-CACHE_BYTES = 256 << 20  # more weights than any CPU cache holds
+CACHE_BYTES = 1 << 30  # more weights than a CPU's cache holds (this project's Xeons have 480 MiB of L3)
 
 
 def seconds_per_call(fn: Callable[[torch.Tensor], object], weights: list[torch.Tensor], repeats: int) -> float:
@@ -97,6 +100,49 @@ def route_table(rows: list[int], repeats: int) -> None:
             print(f"| {name} [{o}, {k}] | {n} | {' | '.join(cells)} | {linear_module.route_for(x, weights[0])} |")
 
 
+class StackedExpert(NamedTuple):
+    w1: torch.Tensor  # [I, D] gate
+    w3: torch.Tensor  # [I, D] up
+    w2: torch.Tensor  # [D, I] down
+    w13: torch.Tensor  # [2I, D] gate over up
+
+
+def stacked_swiglu(x: torch.Tensor, expert: StackedExpert) -> torch.Tensor:
+    """x [n, D] through the expert with gate and up in one product -> [n, D]."""
+    gate_up = linear_module.linear(x, expert.w13)  # [n, 2I]
+    half = gate_up.shape[1] // 2
+    return linear_module.linear(F.silu(gate_up[:, :half]).mul_(gate_up[:, half:]), expert.w2)
+
+
+def gate_up_table(rows: list[int], repeats: int, dtype: torch.dtype) -> None:
+    """Two products against one stacked, over enough experts that none stays in the cache, taking turns sweep by
+    sweep; the weights' bytes over the time is the read rate."""
+    i, d = SHAPES["expert gate/up"]
+    experts = []
+    for _ in range(max(2, CACHE_BYTES // (3 * i * d * dtype.itemsize))):
+        w1, w3, w2 = torch.randn(i, d).to(dtype), torch.randn(i, d).to(dtype), torch.randn(d, i).to(dtype)
+        packed = [linear_module.prepack(w) for w in (w1, w3, w2, torch.cat([w1, w3]))]
+        experts.append(StackedExpert(*packed))
+    expert_bytes = 3 * i * d * dtype.itemsize
+    print(f"{len(experts)} experts [{i}, {d}], {dtype}, prepacked: {experts[0].w1.is_mkldnn}\n")
+    print("| rows | two products (us) | one stacked (us) | speed-up | read GB/s, two | read GB/s, stacked | same output |")
+    print("|---:|---:|---:|---:|---:|---:|---|")
+    for n in rows:
+        x = torch.randn(n, d).to(dtype)
+        two = lambda ex: expert_rows_torch(x, ex.w1, ex.w3, ex.w2)  # noqa: E731
+        stacked = lambda ex: stacked_swiglu(x, ex)  # noqa: E731
+        sweeps: dict[str, list[float]] = {"two": [], "stacked": []}
+        for _ in range(repeats):
+            sweeps["two"].append(seconds_per_call(two, experts, 1))
+            sweeps["stacked"].append(seconds_per_call(stacked, experts, 1))
+        t2, t1 = statistics.median(sweeps["two"]), statistics.median(sweeps["stacked"])
+        same = torch.equal(two(experts[0]), stacked(experts[0]))
+        print(
+            f"| {n} | {t2 * 1e6:.0f} | {t1 * 1e6:.0f} | {t2 / t1:.2f}x | {expert_bytes / t2 / 1e9:.1f} "
+            f"| {expert_bytes / t1 / 1e9:.1f} | {same} |"
+        )
+
+
 class EngineVariant(NamedTuple):
     name: str
     dtype: str
@@ -150,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch threads (Ray's workers run with 1)")
     parser.add_argument("--routes", action="store_true", help="time every route at every shape and row count instead")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of the per-call table")
+    parser.add_argument("--gate-up", action="store_true", help="time an expert's gate and up as one stacked product instead")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of the per-call tables")
     parser.add_argument("--decode-dtypes", default="float32", help="comma-separated, e.g. float32,bfloat16")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -160,6 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = [int(r) for r in args.rows.split(",")]
     if args.routes:
         route_table(rows, args.repeats)
+        return
+    if args.gate_up:
+        gate_up_table(rows, args.repeats, getattr(torch, args.dtype))
         return
     op_table(rows, args.repeats, getattr(torch, args.dtype))
     if args.model_dir:
