@@ -189,3 +189,16 @@ def test_onednn_builds_one_kernel_per_padded_row_count():
     if not any("onednn_verbose" in line for line in log.stdout.splitlines()):
         pytest.skip("this oneDNN build logs nothing")
     assert 0 < len(built) <= len({padded_rows(rows) for rows in range(100, 400)}) < 300 / 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_up_benchmark_stacks_the_same_swiglu(dtype, monkeypatch, capsys):
+    """The stacked gate/up the benchmark times is the expert's SwiGLU, bit for bit, at every row count it reports."""
+    from moeshard.kernels.benchmarks import linear as bench
+
+    monkeypatch.setattr(bench, "SHAPES", {**bench.SHAPES, "expert gate/up": (512, 128)})  # large enough to pack
+    monkeypatch.setattr(bench, "CACHE_BYTES", 4 * 3 * 512 * 128 * dtype.itemsize)  # 4 experts
+    bench.gate_up_table([1, 3, 70], repeats=1, dtype=dtype)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [line.split("|")[1].strip() for line in lines] == ["1", "3", "70"]
+    assert all(line.split("|")[-2].strip() == "True" for line in lines), lines
