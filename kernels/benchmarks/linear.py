@@ -118,12 +118,12 @@ def gate_up_table(rows: list[int], repeats: int, dtype: torch.dtype) -> None:
     """Two products against one stacked, over enough experts that none stays in the cache, taking turns sweep by
     sweep; the weights' bytes over the time is the read rate."""
     i, d = SHAPES["expert gate/up"]
+    expert_bytes = 3 * i * d * dtype.itemsize  # w1, w3 and w2
     experts = []
-    for _ in range(max(2, CACHE_BYTES // (3 * i * d * dtype.itemsize))):
+    for _ in range(max(2, CACHE_BYTES // expert_bytes)):
         w1, w3, w2 = torch.randn(i, d).to(dtype), torch.randn(i, d).to(dtype), torch.randn(d, i).to(dtype)
         packed = [linear_module.prepack(w) for w in (w1, w3, w2, torch.cat([w1, w3]))]
         experts.append(StackedExpert(*packed))
-    expert_bytes = 3 * i * d * dtype.itemsize
     print(f"{len(experts)} experts [{i}, {d}], {dtype}, prepacked: {experts[0].w1.is_mkldnn}\n")
     print("| rows | two products (us) | one stacked (us) | speed-up | read GB/s, two | read GB/s, stacked | same output |")
     print("|---:|---:|---:|---:|---:|---:|---|")
