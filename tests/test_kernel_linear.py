@@ -202,3 +202,19 @@ def test_gate_up_benchmark_stacks_the_same_swiglu(dtype, monkeypatch, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [line.split("|")[1].strip() for line in lines] == ["1", "3", "70"]
     assert all(line.split("|")[-2].strip() == "True" for line in lines), lines
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_benchmark_batches_the_same_experts(dtype, monkeypatch, capsys):
+    """The batched products the benchmark times are the layer's experts run one by one, to rounding."""
+    from moeshard.kernels.benchmarks import linear as bench
+
+    monkeypatch.setattr(bench, "SHAPES", {**bench.SHAPES, "expert gate/up": (512, 128)})  # large enough to pack
+    monkeypatch.setattr(bench, "CACHE_BYTES", 2 * 4 * 3 * 512 * 128 * dtype.itemsize)  # 2 layers of 4 experts
+    bench.grouped_table([1, 3, 70], repeats=1, dtype=dtype, experts_per_layer=4)
+    out = capsys.readouterr().out
+    assert "2 layers of 4 experts [512, 128]" in out
+    lines = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [line.split("|")[1].strip() for line in lines] == ["1", "3", "70"]
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert all(float(line.split("|")[-2]) <= tolerance for line in lines), lines

@@ -12,6 +12,10 @@
    from), and oneDNN on the prepacked weight.
 4. ``--gate-up``: an expert's SwiGLU with gate and up as two products (``expert_rows_torch``) against one
    product on the two stacked into one [2I, D] weight, prepacked where this machine packs ``--dtype``.
+5. ``--grouped``: a layer's experts (8, each on ``--rows`` rows of its own) one by one as ``ExpertStack``
+   runs them (three products each, prepacked where this machine packs ``--dtype``) against one batched
+   product per matrix over all of them (``torch.bmm`` on the [E, I, D] and [E, D, I] weights); with
+   ``--threads`` 1 and 2 it also gives what a second core adds to the read rate.
 
 Prints figures only; read the ratios, these machines are shared.
 
@@ -143,6 +147,56 @@ def gate_up_table(rows: list[int], repeats: int, dtype: torch.dtype) -> None:
         )
 
 
+class GroupedLayer(NamedTuple):
+    experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per expert: w1, w3 [I, D] and w2 [D, I], as served
+    w1: torch.Tensor  # [E, I, D] gate, the same values, plain
+    w3: torch.Tensor  # [E, I, D] up
+    w2: torch.Tensor  # [E, D, I] down
+
+
+def one_by_one(x: torch.Tensor, layer: GroupedLayer) -> torch.Tensor:
+    """x [E, n, D] (expert e's rows at e) -> [E, n, D], one expert after another."""
+    return torch.stack([expert_rows_torch(x[e], *weights) for e, weights in enumerate(layer.experts)])
+
+
+def batched(x: torch.Tensor, layer: GroupedLayer) -> torch.Tensor:
+    """x [E, n, D] -> [E, n, D], each matrix one product over all the layer's experts."""
+    h = F.silu(torch.bmm(x, layer.w1.transpose(1, 2))).mul_(torch.bmm(x, layer.w3.transpose(1, 2)))  # [E, n, I]
+    return torch.bmm(h, layer.w2.transpose(1, 2))  # [E, n, D]
+
+
+def grouped_table(rows: list[int], repeats: int, dtype: torch.dtype, experts_per_layer: int = 8) -> None:
+    """A layer's experts one by one against batched, over enough layers that none stays in the cache, taking turns
+    sweep by sweep; the layer's weight bytes over the time is the read rate."""
+    i, d = SHAPES["expert gate/up"]
+    layer_bytes = experts_per_layer * 3 * i * d * dtype.itemsize
+    layers = []
+    for _ in range(max(2, CACHE_BYTES // layer_bytes)):
+        w1 = (torch.randn(experts_per_layer, i, d) * d**-0.5).to(dtype)  # unit-scale outputs, as a trained model's
+        w3 = (torch.randn(experts_per_layer, i, d) * d**-0.5).to(dtype)
+        w2 = (torch.randn(experts_per_layer, d, i) * i**-0.5).to(dtype)
+        served = [tuple(linear_module.prepack(w[e]) for w in (w1, w3, w2)) for e in range(experts_per_layer)]
+        layers.append(GroupedLayer(served, w1, w3, w2))
+    prepacked = layers[0].experts[0][0].is_mkldnn
+    print(f"{len(layers)} layers of {experts_per_layer} experts [{i}, {d}], {dtype}, prepacked: {prepacked}\n")
+    print("| rows per expert | one by one (ms a layer) | batched (ms a layer) | speed-up | read GB/s, one by one "
+          "| read GB/s, batched | max difference / max output |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n in rows:
+        x = torch.randn(experts_per_layer, n, d).to(dtype)
+        sweeps: dict[str, list[float]] = {"one by one": [], "batched": []}
+        for _ in range(repeats):
+            sweeps["one by one"].append(seconds_per_call(lambda layer: one_by_one(x, layer), layers, 1))
+            sweeps["batched"].append(seconds_per_call(lambda layer: batched(x, layer), layers, 1))
+        t1, tb = statistics.median(sweeps["one by one"]), statistics.median(sweeps["batched"])
+        reference = one_by_one(x, layers[0]).float()  # [E, n, D]
+        difference = ((reference - batched(x, layers[0]).float()).abs().max() / reference.abs().max()).item()
+        print(
+            f"| {n} | {t1 * 1e3:.2f} | {tb * 1e3:.2f} | {t1 / tb:.2f}x | {layer_bytes / t1 / 1e9:.1f} "
+            f"| {layer_bytes / tb / 1e9:.1f} | {difference:.2g} |"
+        )
+
+
 class EngineVariant(NamedTuple):
     name: str
     dtype: str
@@ -197,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="torch threads (Ray's workers run with 1)")
     parser.add_argument("--routes", action="store_true", help="time every route at every shape and row count instead")
     parser.add_argument("--gate-up", action="store_true", help="time an expert's gate and up as one stacked product instead")
+    parser.add_argument("--grouped", action="store_true", help="time a layer's experts one by one against batched instead")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of the per-call tables")
     parser.add_argument("--decode-dtypes", default="float32", help="comma-separated, e.g. float32,bfloat16")
     args = parser.parse_args(argv)
@@ -210,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.gate_up:
         gate_up_table(rows, args.repeats, getattr(torch, args.dtype))
+        return
+    if args.grouped:
+        grouped_table(rows, args.repeats, getattr(torch, args.dtype))
         return
     op_table(rows, args.repeats, getattr(torch, args.dtype))
     if args.model_dir:
