@@ -32,7 +32,7 @@ import httpx2 as httpx
 from pydantic import BaseModel
 
 from moeshard.cluster.loadtest.loadgen import synthetic_prompt
-from moeshard.cluster.loadtest.serving_bench import _free_port, write_synthetic_mixtral
+from moeshard.cluster.loadtest.serving_bench import free_port, write_synthetic_mixtral
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,11 @@ class SoakResult(BaseModel):
         self.lost += 1
         if len(self.lost_examples) < 10:
             self.lost_examples.append(what[:300])
+
+
+# Run by runpy beside another __main__ (python -m cProfile -m ...), pydantic would look up the postponed
+# annotations there: resolve them here, in this module's namespace.
+SoakResult.model_rebuild()
 
 
 async def metrics(client: httpx.AsyncClient) -> dict[str, float]:
@@ -215,7 +220,7 @@ def run_server(model_dir: Path, args: argparse.Namespace) -> SoakResult:
     from moeshard.deploy.app import build_app
 
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray"))
-    port = _free_port()
+    port = free_port()
     init_ray(num_cpus=args.expert_actors + 2, include_dashboard=False, logging_level="WARNING")
     try:
         quiet = {"log_level": "WARNING", "enable_access_log": False}
