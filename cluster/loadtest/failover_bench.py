@@ -61,6 +61,12 @@ class ScenarioResult(BaseModel):
     first_error: str | None
 
 
+# Run by runpy beside another __main__ (python -m cProfile -m ...), pydantic would look up the postponed
+# annotations there: resolve them here, in this module's namespace.
+TimedRecord.model_rebuild()
+ScenarioResult.model_rebuild()
+
+
 def expert_actor_pids() -> list[int]:
     """This process's expert actors (the local Ray started here runs them as its descendants), by process title."""
     pids = []

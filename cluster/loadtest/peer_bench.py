@@ -65,6 +65,12 @@ class PeerBenchResult(BaseModel):
     servers: list[ServerResult]
 
 
+# Run by runpy beside another __main__ (python -m cProfile -m ...), pydantic would look up the postponed
+# annotations there: resolve them here, in this module's namespace.
+ServerResult.model_rebuild()
+PeerBenchResult.model_rebuild()
+
+
 class ServerFailed(RuntimeError):
     """A server exited or did not answer in time; the message has the end of its log."""
 

@@ -60,6 +60,11 @@ class BenchResult(BaseModel):
     rows: list[Row]
 
 
+# Run by runpy beside another __main__ (python -m cProfile -m ...), pydantic would look up the postponed
+# annotations there: resolve them here, in this module's namespace.
+BenchResult.model_rebuild()
+
+
 def median_seconds(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
     """Each system runs once per round, in turn (a warm-up round first); the median of the seconds each run reports."""
     times: dict[str, list[float]] = {name: [] for name in runs}

@@ -52,6 +52,11 @@ class PrefixRun(BaseModel):
         return statistics.median(self.warm_ttft_s) / statistics.median(self.cold_ttft_s)
 
 
+# Run by runpy beside another __main__ (python -m cProfile -m ...), pydantic would look up the postponed
+# annotations there: resolve them here, in this module's namespace.
+PrefixRun.model_rebuild()
+
+
 async def _measure(url: str, args: argparse.Namespace, prefix_caching: bool, seed: int = 1) -> PrefixRun:
     rng = random.Random(seed)
     cold, warm = [], []

@@ -70,6 +70,11 @@ class ServeBenchResult(BaseModel):
     baseline: BaselineResult
 
 
+# Run by runpy beside another __main__ (python -m cProfile -m ...), pydantic would look up the postponed
+# annotations there: resolve them here, in this module's namespace.
+ServeBenchResult.model_rebuild()
+
+
 def write_synthetic_mixtral(out_dir: Path, seed: int = 0, **overrides) -> Path:
     """A random Mixtral (``SYNTHETIC`` sizes, or ``overrides``) with the real Mixtral SentencePiece tokenizer (from mistral-common)."""
     import importlib.resources
