@@ -21,15 +21,20 @@ PACKAGE_DIRS = {  # pyproject.toml's package-dir
 }
 
 
-def module_names() -> list[str]:
-    names = []
+def module_paths() -> dict[str, Path]:
+    """Every module of the package by its dotted name -> its file."""
+    modules = {}
     for package, folder in PACKAGE_DIRS.items():
         for path in sorted((ROOT / folder).rglob("*.py")):
             parts = path.relative_to(ROOT / folder).with_suffix("").parts
             if parts[-1] == "__init__":
                 parts = parts[:-1]
-            names.append(".".join((package, *parts)))
-    return names
+            modules[".".join((package, *parts))] = path
+    return modules
+
+
+def module_names() -> list[str]:
+    return list(module_paths())
 
 
 def test_the_walk_finds_the_modules():
@@ -45,13 +50,7 @@ def test_module_imports(name):
 
 def script_names() -> list[str]:
     """The modules that run as scripts (``python -m``), which tools such as ``python -m cProfile -m`` run through runpy."""
-    return [name for name in module_names() if "__main__" in module_source(name)]
-
-
-def module_source(name: str) -> str:
-    package = next(p for p in sorted(PACKAGE_DIRS, key=len, reverse=True) if name == p or name.startswith(p + "."))
-    path = ROOT / PACKAGE_DIRS[package] / Path(*name[len(package) + 1 :].split("."))
-    return (path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).read_text()
+    return [name for name, path in module_paths().items() if "__main__" in path.read_text()]
 
 
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules after import of package:RuntimeWarning")  # runpy's, expected

@@ -57,6 +57,16 @@ def seconds_per_call(fn: Callable[[torch.Tensor], object], weights: list[torch.T
     return statistics.median(times)
 
 
+def medians_taking_turns(ways: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Each way's median seconds over ``repeats`` sweeps, the ways taking turns sweep by sweep (so that the machine's
+    drift falls on all of them)."""
+    sweeps: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(repeats):
+        for name, sweep in ways.items():
+            sweeps[name].append(sweep())
+    return {name: statistics.median(times) for name, times in sweeps.items()}
+
+
 def uncached_weights(o: int, k: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """Enough [O, K] weights that, called in turn, none is still in the CPU's cache."""
     return [torch.randn(o, k).to(dtype) for _ in range(max(2, CACHE_BYTES // (o * k * dtype.itemsize)))]
@@ -93,13 +103,11 @@ def route_table(rows: list[int], repeats: int) -> None:
         packed = [linear_module.prepack(w) for w in weights] if "prepacked" in columns else []
         for n in rows:
             x = torch.randn(n, k)
-            sweeps: dict[str, list[float]] = {r: [] for r in columns}
-            for _ in range(repeats):
-                for r in routes:
-                    sweeps[r].append(seconds_per_call(lambda w, r=r: linear_module._product(x, w, None, r), weights, 1))
-                if packed:
-                    sweeps["prepacked"].append(seconds_per_call(lambda w: linear_module.linear(x, w), packed, 1))
-            us = [statistics.median(sweeps[r]) * 1e6 for r in columns]
+            ways = {r: lambda r=r: seconds_per_call(lambda w: linear_module._product(x, w, None, r), weights, 1) for r in routes}
+            if packed:
+                ways["prepacked"] = lambda: seconds_per_call(lambda w: linear_module.linear(x, w), packed, 1)
+            medians = medians_taking_turns(ways, repeats)
+            us = [medians[r] * 1e6 for r in columns]
             cells = [f"**{t:.0f}**" if t == min(us) else f"{t:.0f}" for t in us]
             print(f"| {name} [{o}, {k}] | {n} | {' | '.join(cells)} | {linear_module.route_for(x, weights[0])} |")
 
@@ -135,11 +143,10 @@ def gate_up_table(rows: list[int], repeats: int, dtype: torch.dtype) -> None:
         x = torch.randn(n, d).to(dtype)
         two = lambda ex: expert_rows_torch(x, ex.w1, ex.w3, ex.w2)  # noqa: E731
         stacked = lambda ex: stacked_swiglu(x, ex)  # noqa: E731
-        sweeps: dict[str, list[float]] = {"two": [], "stacked": []}
-        for _ in range(repeats):
-            sweeps["two"].append(seconds_per_call(two, experts, 1))
-            sweeps["stacked"].append(seconds_per_call(stacked, experts, 1))
-        t2, t1 = statistics.median(sweeps["two"]), statistics.median(sweeps["stacked"])
+        medians = medians_taking_turns(
+            {"two": lambda: seconds_per_call(two, experts, 1), "stacked": lambda: seconds_per_call(stacked, experts, 1)}, repeats
+        )
+        t2, t1 = medians["two"], medians["stacked"]
         same = torch.equal(two(experts[0]), stacked(experts[0]))
         print(
             f"| {n} | {t2 * 1e6:.0f} | {t1 * 1e6:.0f} | {t2 / t1:.2f}x | {expert_bytes / t2 / 1e9:.1f} "
@@ -184,11 +191,12 @@ def grouped_table(rows: list[int], repeats: int, dtype: torch.dtype, experts_per
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for n in rows:
         x = torch.randn(experts_per_layer, n, d).to(dtype)
-        sweeps: dict[str, list[float]] = {"one by one": [], "batched": []}
-        for _ in range(repeats):
-            sweeps["one by one"].append(seconds_per_call(lambda layer: one_by_one(x, layer), layers, 1))
-            sweeps["batched"].append(seconds_per_call(lambda layer: batched(x, layer), layers, 1))
-        t1, tb = statistics.median(sweeps["one by one"]), statistics.median(sweeps["batched"])
+        ways = {
+            "one by one": lambda: seconds_per_call(lambda layer: one_by_one(x, layer), layers, 1),
+            "batched": lambda: seconds_per_call(lambda layer: batched(x, layer), layers, 1),
+        }
+        medians = medians_taking_turns(ways, repeats)
+        t1, tb = medians["one by one"], medians["batched"]
         reference = one_by_one(x, layers[0]).float()  # [E, n, D]
         difference = ((reference - batched(x, layers[0]).float()).abs().max() / reference.abs().max()).item()
         print(
