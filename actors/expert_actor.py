@@ -56,13 +56,17 @@ class ExpertActor:
         hosted: dict[int, list[int]],
         version: int = 0,
         shares: dict[int, dict[int, float]] | None = None,
+        quantization: str = "none",
     ):
         self.actor_index = actor_index
+        self.quantization = quantization
         self.model_config = ModelConfig.from_model_dir(model_dir)
         self.reader = CheckpointReader(model_dir, self.model_config)
         self.device = resolve_device("auto")  # the GPU Ray gave this actor, if any
         self.dtype = resolve_dtype(dtype, self.device)
-        self.versions: dict[int, dict[int, ExpertStack]] = {version: load_expert_stacks(self.reader, hosted, self.dtype, self.device)}
+        self.versions: dict[int, dict[int, ExpertStack]] = {
+            version: load_expert_stacks(self.reader, hosted, self.dtype, self.device, quantization)
+        }
         # {version: {layer: {expert: share}}}: this actor's share of each replicated expert, per version held.
         self.shares: dict[int, dict[int, dict[int, float]]] = {version: shares or {}}
         warm_up_stacks(self.stacks.values())  # on a GPU: the kernels compiled and tuned before the first batch
@@ -113,13 +117,15 @@ class ExpertActor:
                 stacks[layer] = current[layer]  # unchanged: shared, no copy
             elif ids:
                 missing[layer] = [e for e in ids if (layer, e) not in have]
-        read = load_expert_stacks(self.reader, {layer: es for layer, es in missing.items() if es}, self.dtype, self.device)
+        read = load_expert_stacks(
+            self.reader, {layer: es for layer, es in missing.items() if es}, self.dtype, self.device, self.quantization
+        )
         loaded = sum(stack.nbytes() for stack in read.values())
         for layer, es in missing.items():
             for i, e in enumerate(read[layer].expert_ids if layer in read else ()):
                 have[(layer, e)] = (read[layer], i)
             ids = tuple(sorted(set(hosted[layer])))
-            stacks[layer] = stack_experts(ids, [stack.expert(i) for stack, i in (have[(layer, e)] for e in ids)])
+            stacks[layer] = stack_experts(ids, [stack.expert(i) for stack, i in (have[(layer, e)] for e in ids)], self.quantization)
         return stacks, loaded
 
     def retire(self, keep: int) -> int:

@@ -9,6 +9,11 @@ from __future__ import annotations
 # tensors over a torch.distributed pair per actor (gloo on the CPU, NCCL between GPUs).
 TRANSPORTS = ("socket", "actor_calls", "compiled_graph", "collective")
 
+# Expert weights as stored: "none" (the model's dtype) or int8 per output channel with int8 activations per row
+# (kernels/int8_linear.py), quantized from the checkpoint at load: vLLM's name for online int8 experts.
+QUANTIZATIONS = ("none", "experts_int8")
+QUANTIZATION_HELP = "experts_int8: expert weights int8, quantized at load (half bfloat16's bytes; CPU only); default none"
+
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DTYPE_CHOICES = ("auto", *DTYPE_NAMES)  # auto: bfloat16 on a GPU, float32 on the CPU
 

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from moeshard.kernels.backend import resolve_backend, triton_interprets
 from moeshard.kernels.expert_threads import ExpertThreads, run_tasks
+from moeshard.kernels.int8_linear import Int8Weight, int8_expert_rows
 from moeshard.kernels.linear import linear, linear_into
 from moeshard.kernels.tuning import (
     AUTOTUNED_LAUNCH,
@@ -88,6 +89,8 @@ def expert_rows_torch(
     x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x [n, D] through one expert (w1/w3 [I, D], w2 [D, I]) -> [n, D], into ``out`` when given."""
+    if isinstance(w1, Int8Weight):
+        return int8_expert_rows(x, w1, w3, w2, out)
     h = F.silu(linear(x, w1), inplace=True).mul_(linear(x, w3))  # [n, I]; in place: no more [n, I] buffers
     if out is None:
         return linear(h, w2)  # [n, D]

@@ -151,6 +151,20 @@ def test_generate_uses_the_models_generation_config(tiny_checkpoint_factory):
     assert len(expected.token_ids) == 6 or expected.finish_reason == "stop"
 
 
+def test_generate_with_int8_experts(tiny_checkpoint_factory):
+    from moeshard.cluster import LLM, SamplingParams
+
+    model_dir = tiny_checkpoint_factory("tiny_cli_int8", seed=7, with_tokenizer=True, max_position_embeddings=512)
+    out = moeshard("generate", str(model_dir), "--prompt", "The capital of France is", "--quantization", "experts_int8",
+                   "--max-tokens", "8", "--temperature", "0")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    with LLM(model_dir, quantization="experts_int8") as llm:
+        expected = llm.generate("The capital of France is", SamplingParams(max_tokens=8, temperature=0))[0]
+    assert out.stdout == expected.text + "\n"
+    bad = moeshard("generate", str(model_dir), "--prompt", "x", "--quantization", "fp8")
+    assert bad.returncode == 2 and "invalid choice: 'fp8'" in bad.stderr
+
+
 def test_serve_checks_its_engine_flags_before_starting(tiny_checkpoint_factory):
     model_dir = tiny_checkpoint_factory("tiny_cli_redundant", seed=6)
     cases = [
@@ -158,6 +172,7 @@ def test_serve_checks_its_engine_flags_before_starting(tiny_checkpoint_factory):
         (["--expert-actors", "2", "--redundant-experts", "-1"], "redundant_experts: Input should be greater than or equal to 0"),
         (["--expert-actors", "2", "--expert-threads", "2"], "expert_threads share out experts in this process: it needs expert_actors = 0"),
         (["--expert-threads", "0"], "expert_threads: Input should be greater than or equal to 1"),
+        (["--quantization", "experts_int8", "--device", "cuda"], "quantization 'experts_int8' runs the experts on the CPU"),
     ]
     for flags, message in cases:
         out = moeshard("serve", str(model_dir), *flags)

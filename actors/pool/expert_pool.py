@@ -286,6 +286,7 @@ def _start_actor(config: EngineConfig, placement: ExpertPlacement, index: int, g
         max_concurrency=config.cluster.actor_concurrency or 1,  # run_experts calls at once (control calls have their own thread)
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=bundle_index),
     ).remote(
-        index, config.model_dir, config.dtype, placement.hosted_by(index), placement.version, placement.shares_held_by(index)
+        index, config.model_dir, config.dtype, placement.hosted_by(index), placement.version, placement.shares_held_by(index),
+        config.quantization,
     )
     return ActorRef(index, handle, describe_actor(placement, index))

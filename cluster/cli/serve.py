@@ -9,7 +9,7 @@ import signal
 import threading
 from pathlib import Path
 
-from moeshard.cluster.choices import DTYPE_CHOICES, TRANSPORTS
+from moeshard.cluster.choices import DTYPE_CHOICES, QUANTIZATION_HELP, QUANTIZATIONS, TRANSPORTS
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
     serve.add_argument("--device", default="auto", help="the coordinator's: auto (a GPU when the cluster has one), cpu, cuda or cuda:N")
     serve.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: bfloat16 on a GPU, float32 on the CPU")
+    serve.add_argument("--quantization", default="none", choices=QUANTIZATIONS, help=QUANTIZATION_HELP)
     serve.add_argument(
         "--transport", default="socket", choices=TRANSPORTS,
         help="the dispatch data path: a TCP connection per expert actor (default), Ray actor calls, a compiled graph, "
@@ -109,6 +110,7 @@ def run_serve(args: argparse.Namespace) -> None:
             "cluster": {"transport": args.transport, "redundant_experts": args.redundant_experts},
             "enable_prefix_caching": not args.no_prefix_caching,
             "expert_threads": args.expert_threads,
+            "quantization": args.quantization,
         },
     )
     config = serve_args.engine_config()  # validates everything before Ray starts

@@ -67,7 +67,9 @@ def build_engine(config: EngineConfig, files: ModelFiles, experts: ExpertsFn | N
     overlaps = experts is not None and config.cluster.transport in ("actor_calls", "socket", "collective")
     ping_pong = (config.ping_pong_min_sequences or None) if overlaps else None
     if experts is None:
-        experts = LocalExperts.from_checkpoint(reader, dtype, device, expert_threads(config.expert_threads, device))
+        experts = LocalExperts.from_checkpoint(
+            reader, dtype, device, expert_threads(config.expert_threads, device), config.quantization
+        )
     cache = KVCache.with_budget(
         mc.num_layers, mc.num_kv_heads, mc.head_dim, config.kv_cache_bytes, config.kv_block_size, dtype,
         config.enable_prefix_caching, device,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from moeshard.cluster.choices import DTYPE_CHOICES, TRANSPORTS, check_device_name
+from moeshard.cluster.choices import DTYPE_CHOICES, QUANTIZATIONS, TRANSPORTS, check_device_name
 
 
 class ClusterConfig(BaseModel):
@@ -83,6 +83,10 @@ class EngineConfig(BaseModel):
     # thread (torch's intra-op threads are then set to 1). 1 (the default): torch's own threads run every product.
     # It pays where torch runs on one thread beside idle cores, as in a server replica (docs/performance.md).
     expert_threads: int = Field(default=1, ge=1, le=64)
+    # "experts_int8": every expert's weights int8 per output channel, quantized from the checkpoint at load, with
+    # activations int8 per row at each product (kernels/int8_linear.py): half the bytes of bfloat16 to read per
+    # step, outputs within quantization error of the model's own. On the CPU only. "none": the model's dtype.
+    quantization: str = "none"
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     def pool_signature(self) -> dict:
@@ -91,6 +95,7 @@ class EngineConfig(BaseModel):
         return {
             "model_dir": self.model_dir,
             "dtype": self.dtype,
+            "quantization": self.quantization,
             "expert_actors": cluster.expert_actors,
             "expert_map": cluster.expert_map,
             "actor_resources": cluster.actor_resources,
@@ -107,6 +112,10 @@ class EngineConfig(BaseModel):
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         check_device_name(self.device)
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.quantization == "experts_int8" and (self.device.startswith("cuda") or self.cluster.use_gpus):
+            raise ValueError("quantization 'experts_int8' runs the experts on the CPU: it needs device cpu and no GPU actors")
         if self.expert_threads > 1 and self.cluster.expert_actors > 0:
             raise ValueError("expert_threads share out experts in this process: it needs expert_actors = 0")
         return self

@@ -27,6 +27,7 @@ from moeshard.kernels.backend import resolve_backend
 from moeshard.kernels.combine import weighted_row_sum
 from moeshard.kernels.expert_ffn import expert_ffn_torch, expert_rows_torch
 from moeshard.kernels.expert_threads import ExpertThreads, run_tasks
+from moeshard.kernels.int8_linear import Int8Weight, quantize_weight
 from moeshard.kernels.linear import packable, prepack, prepacks, unpack
 from moeshard.kernels.warmup import warm_up_expert_ffn
 
@@ -57,8 +58,9 @@ class Done:
         return self.output
 
 
-# One matrix of every hosted expert: stacked [El, O, K], or El prepacked [O, K] (CPU, kernels/linear.py).
-ExpertMatrices = torch.Tensor | tuple[torch.Tensor, ...]
+# One matrix of every hosted expert: stacked [El, O, K], or El prepacked [O, K] (CPU, kernels/linear.py), or El
+# int8 [O, K] (``quantization="experts_int8"``, kernels/int8_linear.py).
+ExpertMatrices = torch.Tensor | tuple[torch.Tensor, ...] | tuple[Int8Weight, ...]
 
 
 @dataclass
@@ -67,7 +69,8 @@ class ExpertStack:
 
     On CPU (float32, and bfloat16 where the CPU has it natively) each expert's matrices are prepacked for
     oneDNN where they are large enough (``stack_experts``): then they are tuples of [I, D] / [D, I] tensors,
-    indexed per expert like the stacked tensors, and run on the torch path."""
+    indexed per expert like the stacked tensors, and run on the torch path. Quantized experts are tuples too,
+    of ``Int8Weight``."""
 
     expert_ids: tuple[int, ...]  # global ids of the hosted experts, in stack order
     w1: ExpertMatrices  # [El, I, D]
@@ -128,13 +131,17 @@ class ExpertStack:
 def held_bytes(stacks: Iterable[ExpertStack]) -> int:
     """The bytes of weights these stacks hold, each tensor counted once."""
     tensors = {id(w): w for stack in stacks for w in stack.matrices()}
-    return sum(w.numel() * w.element_size() for w in tensors.values())
+    return sum(w.nbytes if isinstance(w, Int8Weight) else w.numel() * w.element_size() for w in tensors.values())
 
 
-def stack_experts(expert_ids: tuple[int, ...], experts: list[ExpertWeights]) -> ExpertStack:
-    """The experts ``expert_ids`` (their weights in that order, plain or prepacked) as one stack: prepacked
-    where ``prepacks`` says so for their device and dtype and every matrix is large enough to pack, else
-    stacked [El, ...] (copies either way, except of matrices prepacked already, which are shared)."""
+def stack_experts(expert_ids: tuple[int, ...], experts: list[ExpertWeights], quantization: str = "none") -> ExpertStack:
+    """The experts ``expert_ids`` (their weights in that order, plain, prepacked or int8) as one stack: with
+    ``quantization="experts_int8"``, int8 (quantized here unless they are already); else prepacked where
+    ``prepacks`` says so for their device and dtype and every matrix is large enough to pack, else stacked
+    [El, ...] (copies either way, except of matrices prepacked or quantized already, which are shared)."""
+    if quantization == "experts_int8":
+        matrices = {name: tuple(as_int8(getattr(x, name)) for x in experts) for name in ("w1", "w3", "w2")}
+        return ExpertStack(expert_ids=expert_ids, **matrices)
     first = experts[0].w1
     every = [getattr(x, name) for x in experts for name in ("w1", "w3", "w2")]
     if prepacks(first.device, first.dtype) and all(packable(w) for w in every):
@@ -144,17 +151,26 @@ def stack_experts(expert_ids: tuple[int, ...], experts: list[ExpertWeights]) -> 
     return ExpertStack(expert_ids=expert_ids, **matrices)
 
 
+def as_int8(weight: torch.Tensor | Int8Weight) -> Int8Weight:
+    return weight if isinstance(weight, Int8Weight) else quantize_weight(unpack(weight))
+
+
 def load_expert_stacks(
-    reader: CheckpointReader, hosted: dict[int, Iterable[int]], dtype: torch.dtype, device: torch.device | str = "cpu"
+    reader: CheckpointReader,
+    hosted: dict[int, Iterable[int]],
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    quantization: str = "none",
 ) -> dict[int, ExpertStack]:
-    """Read the experts hosted per layer ({layer: expert ids}) onto ``device``, one stack per layer."""
+    """Read the experts hosted per layer ({layer: expert ids}) onto ``device``, one stack per layer. Quantized
+    experts are read in float32 and quantized from the checkpoint's own values, whatever ``dtype`` is."""
     wanted = [ExpertKey(layer, e) for layer, experts in hosted.items() for e in experts]
-    weights = reader.read_experts(wanted, dtype, device)
+    weights = reader.read_experts(wanted, torch.float32 if quantization == "experts_int8" else dtype, device)
     stacks = {}
     for layer, experts in hosted.items():
         ids = tuple(sorted(set(experts)))
         if ids:
-            stacks[layer] = stack_experts(ids, [weights.pop(ExpertKey(layer, e)) for e in ids])
+            stacks[layer] = stack_experts(ids, [weights.pop(ExpertKey(layer, e)) for e in ids], quantization)
     return stacks
 
 
@@ -186,10 +202,11 @@ class LocalExperts:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         threads: ExpertThreads | None = None,
+        quantization: str = "none",
     ) -> "LocalExperts":
         config = reader.config
         hosted = {layer: range(config.num_experts) for layer in config.moe_layers}
-        return cls(load_expert_stacks(reader, hosted, dtype, device), threads)
+        return cls(load_expert_stacks(reader, hosted, dtype, device, quantization), threads)
 
     def __call__(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         stack = self.stacks[layer]

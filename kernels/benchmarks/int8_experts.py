@@ -2,14 +2,16 @@
 
 A decode step of 16 or more sequences reads every expert's weights, and on a few cores that read is most of the
 step (docs/performance.md). Half the bytes per weight would halve it if a product read int8 as fast as bfloat16.
-This times an expert's SwiGLU (gate, up, down) three ways, over enough experts of the demo model's shape that none
+This times an expert's SwiGLU (gate, up, down) four ways, over enough experts of the demo model's shape that none
 stays in the cache, the ways taking turns sweep by sweep:
 
 - ``bfloat16``: as served now, each weight prepacked for oneDNN where this machine packs bfloat16;
 - ``int8 weight-only``: int8 weights with a bfloat16 scale per output channel (``aten._weight_int8pack_mm``),
   activations in bfloat16;
 - ``int8 dynamic``: the same int8 weights prepacked for the ``x86`` quantized engine
-  (``quantized.linear_dynamic``), which quantizes its float32 input to uint8 at each call.
+  (``quantized.linear_dynamic``), which quantizes its float32 input to uint8 at each call;
+- ``int8 per row``: moeshard's ``experts_int8`` (kernels/int8_linear.py), the same int8 weights prepacked for
+  oneDNN's int8 linear, each row quantized with a scale of its own.
 
 Beside the times: each way's error against float32 on the unquantized weights, and whether a row's output depends
 on the rows beside it (one row alone against the same row next to one 20x larger): a serving system needs the
@@ -33,20 +35,16 @@ import torch.nn.functional as F
 from moeshard.kernels import linear as linear_module
 from moeshard.kernels.benchmarks.linear import CACHE_BYTES, SHAPES, medians_taking_turns, seconds_per_call
 from moeshard.kernels.expert_ffn import expert_rows_torch
+from moeshard.kernels.int8_linear import Int8Weight, int8_expert_rows, onednn_int8_available, quantize_weight
 
 _WEIGHT_ONLY = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
 _QUANTIZED = "x86" in torch.backends.quantized.supported_engines
 
 
-class QuantizedWeight(NamedTuple):
-    values: torch.Tensor  # [O, K] int8
-    scales: torch.Tensor  # [O] float32, one per output channel: weight ~ values * scales[:, None]
-
-
 class Expert(NamedTuple):
     exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # float32 w1, w3 [I, D] and w2 [D, I]: the reference
     bf16: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # bfloat16, prepacked where this machine packs it
-    int8: tuple[QuantizedWeight, QuantizedWeight, QuantizedWeight]  # the same, symmetric per output channel
+    int8: tuple[Int8Weight, Int8Weight, Int8Weight]  # the same, symmetric per output channel, plain int8
 
 
 class Way(NamedTuple):
@@ -55,22 +53,12 @@ class Way(NamedTuple):
     run: Callable[[torch.Tensor, Expert], torch.Tensor]  # x [n, D] float32 -> [n, D] float32
 
 
-def quantize(weight: torch.Tensor) -> QuantizedWeight:
-    """Symmetric int8 per output channel: the largest magnitude of each row maps to 127."""
-    scales = weight.abs().amax(dim=1).clamp_min(1e-12) / 127  # [O]
-    return QuantizedWeight(torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8), scales)
-
-
-def dequantize(weight: QuantizedWeight) -> torch.Tensor:
-    return weight.values.float() * weight.scales[:, None]
-
-
 def make_expert(d: int, i: int) -> Expert:
     w1, w3 = torch.randn(i, d) * d**-0.5, torch.randn(i, d) * d**-0.5  # unit-scale outputs, as a trained model's
     w2 = torch.randn(d, i) * i**-0.5
     exact = (w1, w3, w2)
     bf16 = tuple(linear_module.prepack(w.to(torch.bfloat16)) for w in exact)
-    return Expert(exact, bf16, tuple(quantize(w) for w in exact))
+    return Expert(exact, bf16, tuple(quantize_weight(w, pack=False) for w in exact))
 
 
 def swiglu(x: torch.Tensor, product: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
@@ -102,6 +90,9 @@ def available_ways(experts: list[Expert]) -> list[Way]:
     if _WEIGHT_ONLY is not None:
         weight_only = {id(e): [(q.values, q.scales.to(torch.bfloat16)) for q in e.int8] for e in experts}
         ways.append(Way("int8 weight-only", 1, lambda x, e: weight_only_rows(x, e, weight_only[id(e)])))
+    if onednn_int8_available():
+        per_row = {id(e): [quantize_weight(w) for w in e.exact] for e in experts}  # the same int8 values, packed
+        ways.append(Way("int8 per row", 1, lambda x, e: int8_expert_rows(x, *per_row[id(e)]).float()))
     if _QUANTIZED:
         torch.backends.quantized.engine = "x86"
         dynamic = {id(e): [dynamic_pack(q) for q in e.int8] for e in experts}
@@ -109,7 +100,7 @@ def available_ways(experts: list[Expert]) -> list[Way]:
     return ways
 
 
-def dynamic_pack(weight: QuantizedWeight):
+def dynamic_pack(weight: Int8Weight):
     channels = weight.values.shape[0]
     zero_points = torch.zeros(channels, dtype=torch.long)
     with warnings.catch_warnings():  # quantized tensors are deprecated in torch; this is the one way to pack for the op
