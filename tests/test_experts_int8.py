@@ -10,12 +10,13 @@ import torch
 import transformers
 
 from moeshard.actors.expert_actor import ExpertActor
+from moeshard.actors.pool.expert_pool import actors_use_gpus
 from moeshard.actors.wire import ExpertBatch, ExpertReply
 from moeshard.cluster import LLM, SamplingParams
 from moeshard.cluster.engine.config import EngineConfig
 from moeshard.cluster.model.checkpoint import CheckpointReader
 from moeshard.cluster.model.config import ModelConfig
-from moeshard.cluster.model.moe import LocalExperts, held_bytes
+from moeshard.cluster.model.moe import LocalExperts, held_bytes, load_expert_stacks
 from moeshard.kernels import RouterOutput
 from moeshard.kernels.int8_linear import (
     Int8Weight,
@@ -166,3 +167,9 @@ def test_quantization_is_checked_at_the_edge(mixtral_dir):
         EngineConfig(model_dir=str(mixtral_dir), quantization="fp8")
     with pytest.raises(ValueError, match="runs the experts on the CPU"):
         EngineConfig(model_dir=str(mixtral_dir), quantization="experts_int8", device="cuda")
+    with pytest.raises(ValueError, match="runs the experts on the CPU"):
+        EngineConfig(model_dir=str(mixtral_dir), quantization="experts_int8", cluster={"expert_actors": 2, "use_gpus": True})
+    config = ModelConfig.from_model_dir(mixtral_dir)
+    with pytest.raises(ValueError, match="runs the experts on the CPU, not on meta"):  # as on a GPU ``auto`` picked
+        load_expert_stacks(CheckpointReader(mixtral_dir, config), {0: [0]}, torch.float32, "meta", "experts_int8")
+    assert not actors_use_gpus(EngineConfig(model_dir=str(mixtral_dir), quantization="experts_int8"))

@@ -176,6 +176,15 @@ class ExpertPool:
             remove_placement_group(group)
 
 
+def actors_use_gpus(config: EngineConfig) -> bool:
+    """``cluster.use_gpus``, or where unset whether the Ray cluster has GPUs; never for int8 experts (CPU only)."""
+    if config.quantization == "experts_int8":
+        return False
+    if config.cluster.use_gpus is not None:
+        return config.cluster.use_gpus
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
 def _actor_bundle(config: EngineConfig, use_gpus: bool, actor: int) -> dict[str, float]:
     """Actor ``actor``'s resources; one beyond the configured ``actor_resources`` (scaled up) takes the plain ones."""
     cluster = config.cluster
@@ -199,7 +208,7 @@ def start_expert_pool(config: EngineConfig, model_config: ModelConfig, with_coor
     """Place and start the expert actors; waits until every one has loaded its experts."""
     cluster = config.cluster
     placement = make_placement(config, model_config)
-    use_gpus = cluster.use_gpus if cluster.use_gpus is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    use_gpus = actors_use_gpus(config)
     bundles = _bundles(config, use_gpus, with_coordinator)
     group = _placed_group(config, bundles, list(range(cluster.expert_actors)))
     actors = [_start_actor(config, placement, index, group, index, bundles[index]) for index in range(cluster.expert_actors)]

@@ -26,7 +26,7 @@ import ray
 from ray.util.placement_group import get_placement_group, placement_group_table
 
 from moeshard.actors.placement import ExpertPlacement
-from moeshard.actors.pool.expert_pool import POOL_NAMESPACE, ExpertPool, actor_name, describe_actor
+from moeshard.actors.pool.expert_pool import POOL_NAMESPACE, ExpertPool, actor_name, actors_use_gpus, describe_actor
 from moeshard.actors.transport import ActorRef
 from moeshard.cluster.engine.config import EngineConfig
 from moeshard.cluster.model.config import ModelConfig
@@ -59,7 +59,7 @@ def recover_expert_pool(config: EngineConfig, model_config: ModelConfig) -> Reco
         placement = with_held_shares(placement, [shares.get(placement.version, {}) for shares in held])
     actors = [ActorRef(i, h, describe_actor(placement, i)) for i, h in enumerate(handles)]
     first, added = _groups(name)
-    use_gpus = config.cluster.use_gpus if config.cluster.use_gpus is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    use_gpus = actors_use_gpus(config)
     pool = ExpertPool(config, placement, actors, first, use_gpus, added)
     logger.warning(
         "took back expert pool %r: %d actors at placement version %d%s",

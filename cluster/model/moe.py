@@ -164,6 +164,8 @@ def load_expert_stacks(
 ) -> dict[int, ExpertStack]:
     """Read the experts hosted per layer ({layer: expert ids}) onto ``device``, one stack per layer. Quantized
     experts are read in float32 and quantized from the checkpoint's own values, whatever ``dtype`` is."""
+    if quantization == "experts_int8" and torch.device(device).type != "cpu":
+        raise ValueError(f"quantization 'experts_int8' runs the experts on the CPU, not on {device}: set device='cpu'")
     wanted = [ExpertKey(layer, e) for layer, experts in hosted.items() for e in experts]
     weights = reader.read_experts(wanted, torch.float32 if quantization == "experts_int8" else dtype, device)
     stacks = {}
