@@ -173,3 +173,11 @@ def test_quantization_is_checked_at_the_edge(mixtral_dir):
     with pytest.raises(ValueError, match="runs the experts on the CPU, not on meta"):  # as on a GPU ``auto`` picked
         load_expert_stacks(CheckpointReader(mixtral_dir, config), {0: [0]}, torch.float32, "meta", "experts_int8")
     assert not actors_use_gpus(EngineConfig(model_dir=str(mixtral_dir), quantization="experts_int8"))
+
+
+def test_int8_experts_on_threads_give_the_same_logits(mixtral_dir):
+    threads = torch.get_num_threads()  # an engine with expert threads sets torch's to 1 for the process
+    with LLM(mixtral_dir, quantization="experts_int8") as one, LLM(mixtral_dir, quantization="experts_int8", expert_threads=2) as two:
+        for prompt in PROMPTS:
+            assert torch.equal(one.logits(prompt), two.logits(prompt))
+    torch.set_num_threads(threads)
