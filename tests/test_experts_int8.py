@@ -177,7 +177,9 @@ def test_quantization_is_checked_at_the_edge(mixtral_dir):
 
 def test_int8_experts_on_threads_give_the_same_logits(mixtral_dir):
     threads = torch.get_num_threads()  # an engine with expert threads sets torch's to 1 for the process
-    with LLM(mixtral_dir, quantization="experts_int8") as one, LLM(mixtral_dir, quantization="experts_int8", expert_threads=2) as two:
-        for prompt in PROMPTS:
-            assert torch.equal(one.logits(prompt), two.logits(prompt))
-    torch.set_num_threads(threads)
+    try:
+        with LLM(mixtral_dir, quantization="experts_int8") as one, LLM(mixtral_dir, quantization="experts_int8", expert_threads=2) as two:
+            for prompt in PROMPTS:
+                assert torch.equal(one.logits(prompt), two.logits(prompt))
+    finally:
+        torch.set_num_threads(threads)
