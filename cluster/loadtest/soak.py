@@ -1,6 +1,7 @@
 """Soak test: many clients for many minutes with random disconnects; nothing lost, nothing leaked.
 
     python -m moeshard.cluster.loadtest.soak [--clients 32] [--minutes 10] [--disconnect 0.25] [--model-dir DIR]
+        [--quantization experts_int8]
 
 1. Start Ray and Serve with ``build_app`` (a small synthetic Mixtral unless ``--model-dir``, experts on
    ``--expert-actors`` actors, an API key).
@@ -31,6 +32,7 @@ from pathlib import Path
 import httpx2 as httpx
 from pydantic import BaseModel
 
+from moeshard.cluster.choices import QUANTIZATIONS
 from moeshard.cluster.loadtest.loadgen import synthetic_prompt
 from moeshard.cluster.loadtest.serving_bench import free_port, write_synthetic_mixtral
 
@@ -225,7 +227,8 @@ def run_server(model_dir: Path, args: argparse.Namespace) -> SoakResult:
     try:
         quiet = {"log_level": "WARNING", "enable_access_log": False}
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
-        app = {"model_dir": str(model_dir), "model_name": MODEL_NAME, "api_key": API_KEY, "expert_actors": args.expert_actors}
+        app = {"model_dir": str(model_dir), "model_name": MODEL_NAME, "api_key": API_KEY, "expert_actors": args.expert_actors,
+               "engine": {"quantization": args.quantization}}  # fmt: skip
         serve.run(build_app(app), name="soak", route_prefix="/", logging_config=quiet)
         return asyncio.run(soak(f"http://127.0.0.1:{port}", args))
     finally:
@@ -263,6 +266,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m moeshard.cluster.loadtest.soak", description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default=None, help="a Mixtral checkpoint with a tokenizer (default: a small synthetic one)")
     parser.add_argument("--expert-actors", type=int, default=2)
+    parser.add_argument("--quantization", default="none", choices=QUANTIZATIONS, help="of the experts (experts_int8: int8)")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--disconnect", type=float, default=0.25, help="probability a client goes away mid-request")
