@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx2 as httpx
 from pydantic import BaseModel
 
-from moeshard.cluster.choices import QUANTIZATIONS
+from moeshard.cluster.choices import QUANTIZATION_HELP, QUANTIZATIONS
 from moeshard.cluster.loadtest.loadgen import synthetic_prompt
 from moeshard.cluster.loadtest.serving_bench import free_port, write_synthetic_mixtral
 
@@ -266,7 +266,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m moeshard.cluster.loadtest.soak", description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default=None, help="a Mixtral checkpoint with a tokenizer (default: a small synthetic one)")
     parser.add_argument("--expert-actors", type=int, default=2)
-    parser.add_argument("--quantization", default="none", choices=QUANTIZATIONS, help="of the experts (experts_int8: int8)")
+    parser.add_argument("--quantization", default="none", choices=QUANTIZATIONS, help=QUANTIZATION_HELP)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--disconnect", type=float, default=0.25, help="probability a client goes away mid-request")
