@@ -114,8 +114,8 @@ class RemoteExperts:
 
     # -- switching placements between steps --------------------------------------------
     def switch(self, placement: ExpertPlacement, timeout_s: float, actors: list[ActorRef] | None = None) -> bool:
-        """Dispatch with ``placement`` from the next step on (at once if no step is running); True once it is in
-        use. ``actors``: the pool was scaled, these actors (index i at position i) serve the new placement."""
+        """Dispatch with ``placement`` from the end of the running step on (at once if no step is running); True
+        once it is in use. ``actors``: the pool was scaled, these actors (index i at position i) serve the new placement."""
         with self._switch:
             self._next = (placement, actors)
             if self._passes == 0:  # between steps
@@ -153,6 +153,8 @@ class RemoteExperts:
         if layer == self._last_layer or failed:  # a failed layer ends its pass
             with self._switch:
                 self._passes = max(0, self._passes - 1)
+                if self._next is not None and self._passes == 0:  # asked for during the pass: the engine may go idle
+                    self._use_next()
 
     def __call__(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         return self.submit(layer, hidden, routing).wait()

@@ -1,4 +1,5 @@
-"""Dispatch, experts and combine over expert actors: many small experts (E = 64, 128; K = 8), and a token alone.
+"""Dispatch, experts and combine over expert actors: many small experts (E = 64, 128; K = 8), a token alone,
+and a new placement taken between two forward passes.
 
 The actors are in-process stand-ins that decode the wire message and run their
 stack of experts exactly as ``ExpertActor`` does, so this needs no Ray. The
@@ -197,3 +198,37 @@ def test_a_token_alone_whose_actor_fails_is_resent_to_replicas(how):
     torch.testing.assert_close(got, local(0, hidden, routing), rtol=1e-5, atol=1e-5)
     assert transport.failed and remote.health.down == {1} and remote.health.retries == 1
     assert 1 not in transport.sent[-1]  # the resend went to the replicas
+
+
+def test_a_switch_asked_for_during_a_pass_is_taken_when_the_pass_ends():
+    """A new placement asked for while a forward pass runs is not used by that pass's later layers, and is in
+    use as soon as the pass's last MoE layer comes back: the engine may go idle right after, with no next step
+    to take it (the pool's manager then waited its whole switch timeout for this coordinator)."""
+    E, actors, T = 8, 2, 5
+    torch.manual_seed(1)
+    w1, w3 = torch.randn(E, I, D) * D**-0.5, torch.randn(E, I, D) * D**-0.5  # [E, I, D]
+    w2 = torch.randn(E, D, I) * I**-0.5  # [E, D, I]
+    placement = ExpertPlacement.even(2, E, actors)  # MoE layers 0 (a pass's first) and 1 (its last)
+    stacks = [{layer: _stack(placement.hosted_by(a)[layer], w1, w3, w2) for layer in (0, 1)} for a in range(actors)]
+    transport = InProcessTransport(stacks)
+    remote = RemoteExperts(placement, transport, [ActorRef(a, None, f"in-process actor {a}") for a in range(actors)], 120.0)
+    local = LocalExperts({layer: _stack(list(range(E)), w1, w3, w2) for layer in (0, 1)})
+    hidden = torch.randn(T, D)  # [T, D]
+    routing = route(hidden @ torch.randn(E, D).T, 2, normalize=True)  # [T, 2] each
+
+    def versions_sent() -> set[int]:
+        return {m.version for m in transport.messages[-1] if m is not None}
+
+    torch.testing.assert_close(remote.submit(0, hidden, routing).wait(), local(0, hidden, routing), rtol=1e-5, atol=1e-5)
+    assert not remote.switch(placement.model_copy(update={"version": 1}), timeout_s=0.0)  # inside a pass
+    assert remote.placement.version == 0
+    torch.testing.assert_close(remote.submit(1, hidden, routing).wait(), local(1, hidden, routing), rtol=1e-5, atol=1e-5)
+    assert versions_sent() == {0}  # the pass's last layer kept the placement it started with
+    assert remote.placement.version == 1  # and the pass's end took the new one
+    remote(0, hidden, routing)
+    assert versions_sent() == {1}
+    remote(1, hidden, routing)
+
+    assert remote.switch(placement.model_copy(update={"version": 2}), timeout_s=0.0)  # between passes: at once
+    remote(0, hidden, routing)
+    assert versions_sent() == {2}

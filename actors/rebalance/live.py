@@ -97,6 +97,7 @@ class Rebalancer:
             logger.info("rebalance: no load measured since the last one; placement %d stays", current.version)
             return self._report(current, False, started, 0, 0, plan.before, plan.before, [], measured)
         staged, failed = self._stage(plan.placement)  # 3. stage
+        logger.info("rebalance: placement %d staged after %.2fs; switching", plan.placement.version, time.monotonic() - started)
         switched = self.experts.switch(plan.placement, self.timeout_s)  # 4. switch
         if not switched:
             logger.warning("rebalance: placement %d staged but not switched within %.0fs", plan.placement.version, self.timeout_s)
