@@ -23,9 +23,9 @@ are not recomputed): on live replicas of its experts at once, or, where it
 was the only host, after Ray has restarted it (bounded by the recovery
 timeout; only then does the request fail, naming the actor and its experts).
 
-Rebalancing: the placement (and its tables) can be replaced by a new version between two steps
-(``switch``): never inside a step, so every layer of a forward pass, and every resend of a
-layer, uses one placement. Each message names its version; an actor that does not hold it (it
+Rebalancing: the placement (and its tables) can be replaced by a new version between two forward
+passes (``switch``; the model marks each pass with ``forward_pass``): never inside one, so every layer
+of a pass, and every resend of a layer, uses one placement. Each message names its version; an actor that does not hold it (it
 restarted since) answers ``stale`` and is treated as down until its probe (``adopt``) loads it.
 
 Dimensions: T tokens, K chosen per token, E experts, A actors, R max replicas, N rows sent, D hidden.
@@ -37,6 +37,8 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -89,12 +91,12 @@ class RemoteExperts:
         self.recovery_timeout_s = recovery_timeout_s
         self.meter = LoadMeter(placement.num_layers, placement.num_experts, placement.num_actors, time.monotonic)
         moe_layers = [layer for layer, experts in enumerate(placement.hosts) if experts]
-        self._first_layer, self._last_layer = min(moe_layers, default=0), max(moe_layers, default=0)
+        self._first_layer = min(moe_layers, default=0)
         self._tables: dict[tuple[frozenset[int], torch.device], list[LayerTable | None]] = {}
         self._tags = itertools.count()
         self._switch = threading.Condition()  # guards placement, _next and _passes
         self._next: tuple[ExpertPlacement, list[ActorRef] | None] | None = None
-        self._passes = 0  # forward passes between their first and last MoE layer (two with ping-pong micro-batches)
+        self._passes = 0  # forward passes running (``forward_pass``)
 
     def tables(self, down: frozenset[int] = frozenset(), device: torch.device = torch.device("cpu")) -> list[LayerTable | None]:
         """The placement's tables routing around ``down``, with their tensors on ``device`` (built once for each)."""
@@ -114,11 +116,11 @@ class RemoteExperts:
 
     # -- switching placements between steps --------------------------------------------
     def switch(self, placement: ExpertPlacement, timeout_s: float, actors: list[ActorRef] | None = None) -> bool:
-        """Dispatch with ``placement`` from the end of the running step on (at once if no step is running); True
-        once it is in use. ``actors``: the pool was scaled, these actors (index i at position i) serve the new placement."""
+        """Dispatch with ``placement`` once no forward pass runs (at once if none does); True once it is in use.
+        ``actors``: the pool was scaled, these actors (index i at position i) serve the new placement."""
         with self._switch:
             self._next = (placement, actors)
-            if self._passes == 0:  # between steps
+            if self._passes == 0:  # between passes
                 self._use_next()
             return self._switch.wait_for(lambda: self.placement.version >= placement.version, timeout=timeout_s)
 
@@ -141,19 +143,19 @@ class RemoteExperts:
         with self._switch:
             return self.placement, list(self.actors)
 
-    def _layer_started(self, layer: int) -> None:
-        if layer != self._first_layer:
-            return
+    @contextmanager
+    def forward_pass(self) -> Iterator[None]:
+        """Around one forward pass (both micro-batches of a ping-pong step): every MoE layer in it dispatches with
+        one placement. A switch asked for meanwhile is taken as the last pass running ends, however it ends (an
+        error between layers too): the engine may go idle right after, with no next pass to take it."""
         with self._switch:
-            if self._next is not None and self._passes == 0:  # no pass runs on the old placement
-                self._use_next()
             self._passes += 1
-
-    def _layer_finished(self, layer: int, failed: bool) -> None:
-        if layer == self._last_layer or failed:  # a failed layer ends its pass
+        try:
+            yield
+        finally:
             with self._switch:
-                self._passes = max(0, self._passes - 1)
-                if self._next is not None and self._passes == 0:  # asked for during the pass: the engine may go idle
+                self._passes -= 1
+                if self._next is not None and self._passes == 0:
                     self._use_next()
 
     def __call__(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
@@ -165,12 +167,7 @@ class RemoteExperts:
         if home.type != "cpu" and not self.transport.carries_device_tensors:
             # rows cross to the actors as host bytes: plan and pack them on the host (docs/gpu.md)
             hidden, routing = hidden.cpu(), RouterOutput(routing.weights.cpu(), routing.expert_ids.cpu())
-        self._layer_started(layer)
-        try:
-            dispatch = self._send(LayerWork(layer, hidden, routing, pending=None), deadline=None)
-        except BaseException:
-            self._layer_finished(layer, failed=True)
-            raise
+        dispatch = self._send(LayerWork(layer, hidden, routing, pending=None), deadline=None)
         self.meter.record(layer, routing.expert_ids.long(), dispatch.plan.send_to, layer == self._first_layer)
         dispatch.home = home
         return dispatch
@@ -270,13 +267,7 @@ class PendingDispatch:
     home: torch.device = torch.device("cpu")  # where the caller's hidden states live; the output goes back there
 
     def wait(self) -> torch.Tensor:
-        failed = True
-        try:
-            output = self._wait()
-            failed = False
-            return output.to(self.home)
-        finally:
-            self.experts._layer_finished(self.work.layer, failed)
+        return self._wait().to(self.home)
 
     def _wait(self) -> torch.Tensor:
         dispatch, output = self, None

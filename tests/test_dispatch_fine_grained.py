@@ -202,13 +202,13 @@ def test_a_token_alone_whose_actor_fails_is_resent_to_replicas(how):
 
 def test_a_switch_asked_for_during_a_pass_is_taken_when_the_pass_ends():
     """A new placement asked for while a forward pass runs is not used by that pass's later layers, and is in
-    use as soon as the pass's last MoE layer comes back: the engine may go idle right after, with no next step
-    to take it (the pool's manager then waited its whole switch timeout for this coordinator)."""
+    use as soon as the pass ends, also when it ends in an error between layers: the engine may go idle right
+    after, with no next pass to take it (the pool's manager then waited its whole switch timeout)."""
     E, actors, T = 8, 2, 5
     torch.manual_seed(1)
     w1, w3 = torch.randn(E, I, D) * D**-0.5, torch.randn(E, I, D) * D**-0.5  # [E, I, D]
     w2 = torch.randn(E, D, I) * I**-0.5  # [E, D, I]
-    placement = ExpertPlacement.even(2, E, actors)  # MoE layers 0 (a pass's first) and 1 (its last)
+    placement = ExpertPlacement.even(2, E, actors)  # MoE layers 0 and 1
     stacks = [{layer: _stack(placement.hosted_by(a)[layer], w1, w3, w2) for layer in (0, 1)} for a in range(actors)]
     transport = InProcessTransport(stacks)
     remote = RemoteExperts(placement, transport, [ActorRef(a, None, f"in-process actor {a}") for a in range(actors)], 120.0)
@@ -219,16 +219,31 @@ def test_a_switch_asked_for_during_a_pass_is_taken_when_the_pass_ends():
     def versions_sent() -> set[int]:
         return {m.version for m in transport.messages[-1] if m is not None}
 
-    torch.testing.assert_close(remote.submit(0, hidden, routing).wait(), local(0, hidden, routing), rtol=1e-5, atol=1e-5)
-    assert not remote.switch(placement.model_copy(update={"version": 1}), timeout_s=0.0)  # inside a pass
-    assert remote.placement.version == 0
-    torch.testing.assert_close(remote.submit(1, hidden, routing).wait(), local(1, hidden, routing), rtol=1e-5, atol=1e-5)
-    assert versions_sent() == {0}  # the pass's last layer kept the placement it started with
-    assert remote.placement.version == 1  # and the pass's end took the new one
-    remote(0, hidden, routing)
-    assert versions_sent() == {1}
-    remote(1, hidden, routing)
+    def version(v: int) -> ExpertPlacement:
+        return placement.model_copy(update={"version": v})
 
-    assert remote.switch(placement.model_copy(update={"version": 2}), timeout_s=0.0)  # between passes: at once
+    with remote.forward_pass():
+        torch.testing.assert_close(remote(0, hidden, routing), local(0, hidden, routing), rtol=1e-5, atol=1e-5)
+        assert not remote.switch(version(1), timeout_s=0.0)  # inside a pass: not yet
+        torch.testing.assert_close(remote(1, hidden, routing), local(1, hidden, routing), rtol=1e-5, atol=1e-5)
+        assert versions_sent() == {0} and remote.placement.version == 0  # the whole pass on the placement it began with
+    assert remote.placement.version == 1  # taken as the pass ended
+    with remote.forward_pass():
+        remote(0, hidden, routing)
+    assert versions_sent() == {1}
+
+    with pytest.raises(RuntimeError, match="between layers"):
+        with remote.forward_pass():
+            remote(0, hidden, routing)
+            assert not remote.switch(version(2), timeout_s=0.0)
+            raise RuntimeError("a pass cut short between layers")
+    assert remote.placement.version == 2  # an error ends the pass too: the next switch is not left waiting
+
+    with remote.forward_pass():  # two passes at once (ping-pong): the switch waits for both
+        with remote.forward_pass():
+            assert not remote.switch(version(3), timeout_s=0.0)
+        assert remote.placement.version == 2
+    assert remote.placement.version == 3
+    assert remote.switch(version(4), timeout_s=0.0)  # between passes: at once
     remote(0, hidden, routing)
-    assert versions_sent() == {2}
+    assert versions_sent() == {4}

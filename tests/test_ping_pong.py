@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -22,6 +24,7 @@ class RecordingExperts:
     def __init__(self, local: LocalExperts):
         self.local = local
         self.log: list[tuple[str, int, int]] = []  # (event, layer, tokens)
+        self.passes: list[tuple[int, int]] = []  # (first, last + 1) entry of the log inside each forward pass
 
     def submit(self, layer, hidden, routing):
         self.log.append(("submit", layer, hidden.shape[0]))
@@ -37,6 +40,12 @@ class RecordingExperts:
 
     def __call__(self, layer, hidden, routing):
         return self.submit(layer, hidden, routing).wait()
+
+    @contextmanager
+    def forward_pass(self):
+        start = len(self.log)
+        yield
+        self.passes.append((start, len(self.log)))
 
 
 def _engine(model_dir, min_sequences: int):
@@ -71,3 +80,10 @@ def test_two_interleaved_micro_batches_change_no_output(tiny_mixtral_dir, params
     assert between and len(split_log) > len(whole_log)
     layers = [(event, layer) for event, layer, _ in split_log[:6]]
     assert layers == [("submit", 0), ("submit", 0), ("wait", 0), ("submit", 1), ("wait", 0), ("submit", 1)]
+    # One forward pass per step, both halves inside it: every submit and its wait fall in the same pass.
+    for experts in (whole_experts, split_experts):
+        starts, ends = [a for a, _ in experts.passes], [b for _, b in experts.passes]
+        assert starts[0] == 0 and starts[1:] == ends[:-1] and ends[-1] == len(experts.log)
+        for a, b in experts.passes:
+            events = [event for event, _, _ in experts.log[a:b]]
+            assert events.count("submit") == events.count("wait") > 0

@@ -15,6 +15,7 @@ E experts of a layer, El experts hosted here, K chosen per token.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
@@ -45,6 +46,11 @@ class ExpertsFn(Protocol):
 
     def __call__(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         """hidden [T, D], routing ([T, K] weights and expert ids) -> sum_j w[t, j] * Expert_{ids[t, j]}(x_t) [T, D]."""
+        ...
+
+    def forward_pass(self) -> AbstractContextManager[None]:
+        """Entered around each forward pass of the model, its MoE layers inside (remote experts change their
+        placement only between passes)."""
         ...
 
 
@@ -216,3 +222,6 @@ class LocalExperts:
 
     def submit(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> Done:
         return Done(self(layer, hidden, routing))
+
+    def forward_pass(self) -> AbstractContextManager[None]:
+        return nullcontext()
