@@ -5,6 +5,11 @@ its expert weights rounded to int8 the same way, the logits agree to the activat
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+
 import pytest
 import torch
 import transformers
@@ -140,6 +145,41 @@ def test_int8_cluster_equals_single_process(ray_cluster, mixtral_dir):
         for prompt, expected in zip(PROMPTS, expected_logits):
             assert (llm.logits(prompt) - expected).abs().max().item() < 1e-5
         assert [o.token_ids for o in llm.generate(PROMPTS, greedy)] == expected_tokens
+
+
+@pytest.mark.slow
+def test_sigkilled_int8_actor_comes_back_quantized_and_loses_no_request(ray_cluster, mixtral_dir, expert_actor_pid):
+    """Ray restarts a killed actor with its constructor's arguments, ``quantization`` among them: the restarted
+    process quantizes its experts again, and every token equals the single process's."""
+    long = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
+    with LLM(mixtral_dir, quantization="experts_int8") as llm:
+        expected = [o.token_ids for o in llm.generate(PROMPTS, long)]
+    cluster = dict(actor_resources=[{"node_a": 1}, {"node_b": 1}], coordinator_resources={"head": 1}, dispatch_timeout_s=20)
+    with LLM(mixtral_dir, expert_actors=2, quantization="experts_int8", cluster=cluster) as llm:
+        llm.generate(PROMPTS[:1], SamplingParams(max_tokens=1))  # the transport up before the kill
+        victim = expert_actor_pid(llm, 1)
+        outcome: dict = {}
+
+        def run():
+            try:
+                outcome["tokens"] = [o.token_ids for o in llm.generate(PROMPTS, long)]
+            except Exception as exc:  # noqa: BLE001 - reported below
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=run)
+        start = llm.expert_balance()["window"]["steps"]
+        worker.start()
+        deadline = time.monotonic() + 120
+        while llm.expert_balance()["window"]["steps"] < start + 8:  # in the middle of the generation
+            assert time.monotonic() < deadline, "the generation did not get going"
+            time.sleep(0.01)
+        os.kill(victim, signal.SIGKILL)
+        worker.join(timeout=240)
+        assert not worker.is_alive(), "generation hung"
+        assert "error" not in outcome, outcome.get("error")
+        assert outcome["tokens"] == expected
+        assert sum(llm.expert_health().failures) >= 1 and expert_actor_pid(llm, 1) != victim
+        assert [o.token_ids for o in llm.generate(PROMPTS, long)] == expected  # the restarted actor's int8 experts
 
 
 def test_actor_restages_int8_experts_without_quantizing_again(mixtral_dir):
