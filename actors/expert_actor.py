@@ -32,6 +32,7 @@ from moeshard.cluster.model.checkpoint import CheckpointReader, ExpertKey, exper
 from moeshard.cluster.model.config import ModelConfig
 from moeshard.cluster.model.device import resolve_device, resolve_dtype
 from moeshard.cluster.model.moe import ExpertStack, held_bytes, load_expert_stacks, stack_experts, warm_up_stacks
+from moeshard.kernels.batch_invariance import batch_invariant
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +58,11 @@ class ExpertActor:
         version: int = 0,
         shares: dict[int, dict[int, float]] | None = None,
         quantization: str = "none",
+        batch_invariant: bool = False,
     ):
         self.actor_index = actor_index
         self.quantization = quantization
+        self.batch_invariant = batch_invariant  # products on fixed row tiles (kernels/batch_invariance.py)
         self.model_config = ModelConfig.from_model_dir(model_dir)
         self.reader = CheckpointReader(model_dir, self.model_config)
         self.device = resolve_device("auto")  # the GPU Ray gave this actor, if any
@@ -170,7 +173,8 @@ class ExpertActor:
             return ExpertReply(batch.tag, batch.rows[:0], stale=True)
         stack = stacks[batch.layer]
         rows = batch.rows.to(self.device, self.dtype)  # the coordinator's precision may differ from this actor's
-        out = stack.run(rows, batch.local_ids.to(self.device).long(), batch.weights.to(self.device), torch.float32)
+        with batch_invariant(self.batch_invariant):
+            out = stack.run(rows, batch.local_ids.to(self.device).long(), batch.weights.to(self.device), torch.float32)
         return ExpertReply(batch.tag, out)
 
     def open_socket(self, secret: bytes, coordinator_ip: str) -> tuple[str, int]:

@@ -23,3 +23,8 @@ def check_device_name(name: str) -> str:
     if name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit()):
         return name
     raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+
+BATCH_INVARIANT_HELP = (
+    "every request's output the same bit for bit whatever else is batched with it, however its prompt is chunked "
+    "and whether its prefix is cached (slower; CPU only)"
+)

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from moeshard.kernels.backend import resolve_backend
+from moeshard.kernels.batch_invariance import ROW_TILE, batch_invariant_now, tiles_of
 
 SMALL_ROWS = 4  # from 5 rows on, oneDNN's linear is as fast as weight @ x^T or faster
 LARGE_WEIGHT = 1 << 18  # elements (1 MiB in float32): below it the call's fixed cost dominates
@@ -127,15 +128,30 @@ def route_for(x: torch.Tensor, weight: torch.Tensor) -> Route:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [N, K], weight [O, K], bias [O] or None -> [N, O] (contiguous)."""
+    if batch_invariant_now() and x.dim() == 2 and x.shape[0] > 0:
+        return _tiled_product(x, weight, bias)
     return _product(x, weight, bias, route_for(x, weight))
 
 
 def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """x [N, K], weight [O, K] -> ``out`` [N, O] (may be a view of a larger buffer)."""
+    if batch_invariant_now() and x.shape[0] > 0:
+        return out.copy_(_tiled_product(x, weight, None))
     route = route_for(x, weight)
     if route == "plain":
         return torch.mm(x, weight.t(), out=out)
     return out.copy_(_product(x, weight, None, route))
+
+
+def _tiled_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``linear`` in batch-invariant mode (kernels/batch_invariance.py): on tiles of exactly ROW_TILE rows,
+    zeros past row N, each through the route and kernel of that row count."""
+    n, k = x.shape
+    padded = x.new_zeros(tiles_of(n) * ROW_TILE, k)  # [N', K]
+    padded[:n] = x
+    tiles = padded.split(ROW_TILE)  # [ROW_TILE, K] each
+    route = route_for(tiles[0], weight)
+    return torch.cat([_product(tile, weight, bias, route) for tile in tiles])[:n]  # [N, O]
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, route: Route) -> torch.Tensor:

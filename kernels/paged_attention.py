@@ -37,8 +37,9 @@ import triton
 import triton.language as tl
 
 from moeshard.kernels.backend import resolve_backend, triton_interprets
+from moeshard.kernels.batch_invariance import batch_invariant_now, padded_keys
 from moeshard.kernels.paged_layout import PagedLayout
-from moeshard.kernels.paged_plan import ChunkPlan
+from moeshard.kernels.paged_plan import ChunkPlan, TorchPlan
 from moeshard.kernels.tuning import (
     ATTENTION_CONFIGS,
     AUTOTUNED_LAUNCH,
@@ -88,6 +89,9 @@ _FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_f
 def paged_attention_torch(q, key_cache, value_cache, layout: PagedLayout, scale: float, out) -> None:
     plan = layout.torch_plan
     gqa = q.shape[1] != key_cache.shape[1]
+    if batch_invariant_now():
+        _attention_query_by_query(q, key_cache, value_cache, plan, scale, gqa, out)
+        return
     for chunk in plan.chunks:
         queries = q[chunk.rows].transpose(0, 1)[None]  # [1, H, n, Dh]
         keys = _cache_rows(key_cache, chunk.keys).transpose(0, 1)[None]  # [1, Hkv, S, Dh]
@@ -104,6 +108,53 @@ def paged_attention_torch(q, key_cache, value_cache, layout: PagedLayout, scale:
         out.index_copy_(0, group.rows, attended[:, :, 0])
 
 
+QUERIES_PER_CALL = 32  # a prefill chunk's queries go to SDPA this many at a time in batch-invariant mode
+
+
+def _attention_query_by_query(q, key_cache, value_cache, plan: TorchPlan, scale: float, gqa: bool, out) -> None:
+    """Batch-invariant attention (kernels/batch_invariance.py): every query, decode or prefill, as a query of its
+    own over its sequence's keys from position 0, padded with masked zero keys to a multiple of KEY_MULTIPLE.
+    The padded length does not change a query's result, so neither do the other sequences of the step, the
+    chunk it is in, or whether its history came from the prefix cache. No sliding window (the engine refuses)."""
+    for chunk in plan.chunks:
+        assert chunk.mask is None, "batch-invariant attention has no sliding window"
+        rows = q[chunk.rows]  # [n, H, Dh]
+        n, S = rows.shape[0], chunk.history + rows.shape[0]
+        keys, values = (_padded_to(_cache_rows(cache, chunk.keys), 0, padded_keys(S)) for cache in (key_cache, value_cache))
+        keys, values = (x.to(_compute_dtype(q)).transpose(0, 1)[None] for x in (keys, values))  # [1, Hkv, S', Dh]
+        for start in range(0, n, QUERIES_PER_CALL):
+            queries = rows[start : start + QUERIES_PER_CALL, :, None, :]  # [g, H, 1, Dh]
+            g = queries.shape[0]
+            seen = chunk.history + torch.arange(start + 1, start + g + 1, device=q.device)  # [g] keys each query sees
+            visible = (torch.arange(keys.shape[2], device=q.device)[None, :] < seen[:, None])[:, None, None, :]  # [g, 1, 1, S']
+            attended = _masked_attention(queries, keys.expand(g, -1, -1, -1), values.expand(g, -1, -1, -1), visible, scale, gqa)
+            out[chunk.rows][start : start + g] = attended[:, :, 0]
+    if plan.decode is not None:
+        group = plan.decode
+        Bd, Smax = group.slots.shape
+        flat = group.slots.reshape(-1)  # [Bd * Smax]
+        width = padded_keys(Smax)
+        keys, values = (_padded_to(_cache_rows(cache, flat).unflatten(0, (Bd, Smax)), 1, width) for cache in (key_cache, value_cache))  # [Bd, S', Hkv, Dh]
+        visible = _padded_to(group.visible, 3, width)  # [Bd, 1, 1, S'], False past Smax
+        queries = q.index_select(0, group.rows)[:, :, None, :]  # [Bd, H, 1, Dh]
+        attended = _masked_attention(queries, keys.transpose(1, 2), values.transpose(1, 2), visible, scale, gqa)
+        out.index_copy_(0, group.rows, attended[:, :, 0])
+
+
+def _padded_to(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """x padded along ``dim`` to ``length`` with zeros (False)."""
+    if x.shape[dim] == length:
+        return x
+    shape = list(x.shape)
+    shape[dim] = length - x.shape[dim]
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype ``_masked_attention`` computes in for q."""
+    return torch.float32 if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) else q.dtype
+
+
 def _cache_rows(cache: torch.Tensor, keys: slice | torch.Tensor) -> torch.Tensor:
     """cache [slots, Hkv, Dh] at ``keys`` (a slice: a view; an index [S]: ``index_select``, several times
     faster on CPU than advanced indexing) -> [S, Hkv, Dh]."""
@@ -114,8 +165,7 @@ def _masked_attention(q, keys, values, mask: torch.Tensor, scale: float, gqa: bo
     """SDPA with a boolean mask, in q's dtype. On the CPU in bfloat16 or float16 it computes on float32 copies of
     its inputs and rounds the output once: there a masked call measured 1.2-4.9x slower than the same call in
     float32 at the demo model's decode shapes (1-64 sequences, 20-100 keys); the copies are small."""
-    half = q.dtype in (torch.bfloat16, torch.float16)
-    compute = torch.float32 if q.device.type == "cpu" and half else q.dtype  # .to() is a no-op for q's own dtype
+    compute = _compute_dtype(q)  # .to() is a no-op for q's own dtype
     attended = F.scaled_dot_product_attention(
         q.to(compute), keys.to(compute), values.to(compute), attn_mask=mask, scale=scale, enable_gqa=gqa
     )

@@ -296,6 +296,6 @@ def _start_actor(config: EngineConfig, placement: ExpertPlacement, index: int, g
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=bundle_index),
     ).remote(
         index, config.model_dir, config.dtype, placement.hosted_by(index), placement.version, placement.shares_held_by(index),
-        config.quantization,
+        config.quantization, config.batch_invariant,
     )
     return ActorRef(index, handle, describe_actor(placement, index))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from moeshard.cluster.choices import DTYPE_CHOICES, QUANTIZATION_HELP, QUANTIZATIONS
+from moeshard.cluster.choices import BATCH_INVARIANT_HELP, DTYPE_CHOICES, QUANTIZATION_HELP, QUANTIZATIONS
 from moeshard.cluster.errors import first_field_error
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     max_tokens = args.max_tokens if args.max_tokens is not None else defaults.max_new_tokens or DEFAULT_GENERATE_MAX_TOKENS
     params = SamplingParams(max_tokens=max_tokens, **{**defaults.sampling_fields(), **given}, seed=args.seed)
     with LLM(
-        args.model_dir, expert_actors=args.expert_actors, dtype=args.dtype, device=args.device, quantization=args.quantization
+        args.model_dir, expert_actors=args.expert_actors, dtype=args.dtype, device=args.device, quantization=args.quantization,
+        batch_invariant=args.batch_invariant,
     ) as llm:
         prompt = args.prompt
         if args.chat:
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     generate.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: bfloat16 on a GPU, float32 on the CPU")
     generate.add_argument("--quantization", default="none", choices=QUANTIZATIONS, help=QUANTIZATION_HELP)
+    generate.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
     generate.set_defaults(run=_cmd_generate)
 
     from moeshard.cluster.cli.serve import add_serve_command

@@ -9,7 +9,7 @@ import signal
 import threading
 from pathlib import Path
 
-from moeshard.cluster.choices import DTYPE_CHOICES, QUANTIZATION_HELP, QUANTIZATIONS, TRANSPORTS
+from moeshard.cluster.choices import BATCH_INVARIANT_HELP, DTYPE_CHOICES, QUANTIZATION_HELP, QUANTIZATIONS, TRANSPORTS
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ def add_serve_command(commands) -> None:
         help="with --expert-actors 0: CPU threads that share each layer's experts out, one torch thread each; the "
         "server then asks Ray for N CPUs (default: 1)",
     )  # fmt: skip
+    serve.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
     serve.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
     serve.add_argument(
         "--no-prefix-caching", action="store_true", help="prefill every prompt in full (default: share computed prefixes)"
@@ -111,6 +112,7 @@ def run_serve(args: argparse.Namespace) -> None:
             "enable_prefix_caching": not args.no_prefix_caching,
             "expert_threads": args.expert_threads,
             "quantization": args.quantization,
+            "batch_invariant": args.batch_invariant,
         },
     )
     config = serve_args.engine_config()  # validates everything before Ray starts

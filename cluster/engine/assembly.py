@@ -82,7 +82,10 @@ def build_engine(config: EngineConfig, files: ModelFiles, experts: ExpertsFn | N
         if isinstance(experts, LocalExperts):
             warm_up_stacks(experts.stacks.values())
     eos = frozenset(mc.eos_token_ids) or (files.tokenizer.eos_token_ids if files.tokenizer else frozenset())
-    model = MoeModel(mc, dense, experts, cache, ping_pong)
+    if config.batch_invariant and (device.type != "cpu" or mc.sliding_window is not None):
+        where = f"on {device}" if device.type != "cpu" else f"with a sliding window ({mc.sliding_window})"
+        raise ValueError(f"batch_invariant runs on the CPU, for models without a sliding window: not {where}")
+    model = MoeModel(mc, dense, experts, cache, ping_pong, config.batch_invariant)
     return Engine(model, eos, config.max_batch_tokens, config.max_running, token_limit(mc, files.tokenizer))
 
 

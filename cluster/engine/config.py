@@ -87,6 +87,10 @@ class EngineConfig(BaseModel):
     # activations int8 per row at each product (kernels/int8_linear.py): half the bytes of bfloat16 to read per
     # step, outputs within quantization error of the model's own. On the CPU only. "none": the model's dtype.
     quantization: str = "none"
+    # A request's outputs the same bit for bit whatever else is batched with it, however its prompt is
+    # chunked and whether or not it comes from the prefix cache (kernels/batch_invariance.py): products on
+    # fixed row tiles, every query's attention on its own. Slower; on the CPU only.
+    batch_invariant: bool = False
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     def pool_signature(self) -> dict:
@@ -96,6 +100,7 @@ class EngineConfig(BaseModel):
             "model_dir": self.model_dir,
             "dtype": self.dtype,
             "quantization": self.quantization,
+            "batch_invariant": self.batch_invariant,
             "expert_actors": cluster.expert_actors,
             "expert_map": cluster.expert_map,
             "actor_resources": cluster.actor_resources,
@@ -116,6 +121,8 @@ class EngineConfig(BaseModel):
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.quantization == "experts_int8" and (self.device.startswith("cuda") or self.cluster.use_gpus):
             raise ValueError("quantization 'experts_int8' runs the experts on the CPU: it needs device cpu and no GPU actors")
+        if self.batch_invariant and (self.device.startswith("cuda") or self.cluster.use_gpus):
+            raise ValueError("batch_invariant runs on the CPU: it needs device cpu and no GPU actors")
         if self.expert_threads > 1 and self.cluster.expert_actors > 0:
             raise ValueError("expert_threads share out experts in this process: it needs expert_actors = 0")
         return self

@@ -1,7 +1,7 @@
 """Soak test: many clients for many minutes with random disconnects; nothing lost, nothing leaked.
 
     python -m moeshard.cluster.loadtest.soak [--clients 32] [--minutes 10] [--disconnect 0.25] [--model-dir DIR]
-        [--quantization experts_int8]
+        [--quantization experts_int8] [--batch-invariant]
 
 1. Start Ray and Serve with ``build_app`` (a small synthetic Mixtral unless ``--model-dir``, experts on
    ``--expert-actors`` actors, an API key).
@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx2 as httpx
 from pydantic import BaseModel
 
-from moeshard.cluster.choices import QUANTIZATION_HELP, QUANTIZATIONS
+from moeshard.cluster.choices import BATCH_INVARIANT_HELP, QUANTIZATION_HELP, QUANTIZATIONS
 from moeshard.cluster.loadtest.loadgen import synthetic_prompt
 from moeshard.cluster.loadtest.serving_bench import free_port, write_synthetic_mixtral
 
@@ -228,7 +228,7 @@ def run_server(model_dir: Path, args: argparse.Namespace) -> SoakResult:
         quiet = {"log_level": "WARNING", "enable_access_log": False}
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
         app = {"model_dir": str(model_dir), "model_name": MODEL_NAME, "api_key": API_KEY, "expert_actors": args.expert_actors,
-               "engine": {"quantization": args.quantization}}  # fmt: skip
+               "engine": {"quantization": args.quantization, "batch_invariant": args.batch_invariant}}  # fmt: skip
         serve.run(build_app(app), name="soak", route_prefix="/", logging_config=quiet)
         return asyncio.run(soak(f"http://127.0.0.1:{port}", args))
     finally:
@@ -267,6 +267,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model-dir", default=None, help="a Mixtral checkpoint with a tokenizer (default: a small synthetic one)")
     parser.add_argument("--expert-actors", type=int, default=2)
     parser.add_argument("--quantization", default="none", choices=QUANTIZATIONS, help=QUANTIZATION_HELP)
+    parser.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--disconnect", type=float, default=0.25, help="probability a client goes away mid-request")

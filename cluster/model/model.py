@@ -38,6 +38,7 @@ from moeshard.cluster.model.kv_cache import KVCache
 from moeshard.cluster.model.layers import RotaryEmbedding, rms_norm, swiglu
 from moeshard.cluster.model.moe import Done, ExpertsFn, PendingExperts
 from moeshard.kernels import route
+from moeshard.kernels.batch_invariance import batch_invariant
 from moeshard.kernels.linear import linear
 
 # Sees each step's routing once, after its forward pass: (the step's batch, expert ids [L_moe, T, K] of every MoE
@@ -55,8 +56,12 @@ class MoeModel:
         experts: ExpertsFn,
         cache: KVCache,
         ping_pong_min_sequences: int | None = None,
+        batch_invariant: bool = False,
     ):
         self.config = config
+        # Every forward pass batch invariant (kernels/batch_invariance.py): a request's numbers do not depend
+        # on the other requests of its steps, its prefill chunks or the prefix cache.
+        self.batch_invariant = batch_invariant
         # Steps of at least this many sequences run as two micro-batches (None: never; for remote experts).
         self.ping_pong_min_sequences = ping_pong_min_sequences
         self.weights = weights
@@ -90,7 +95,7 @@ class MoeModel:
         layouts = [step_layout(part, self.cache, config.sliding_window) for part in parts]
         pending: list[PendingFeedForward | None] = [None] * len(parts)
         routed: list[list[torch.Tensor]] = [[] for _ in parts]  # per micro-batch, each MoE layer's expert ids [t, K]
-        with self.experts.forward_pass():
+        with self.experts.forward_pass(), batch_invariant(self.batch_invariant):
             for layer, lw in enumerate(w.layers):
                 for i, part in enumerate(parts):  # micro-batch i's attention runs while the other's experts work
                     if pending[i] is not None:
@@ -102,7 +107,8 @@ class MoeModel:
         if self.routing_observer is not None and config.moe_layers:
             self.routing_observer(batch, torch.cat([torch.stack(ids) for ids in routed], dim=1))  # [L_moe, T, K]
         x = rms_norm(x[rows], w.final_norm, config.rms_norm_eps)  # [R, D]
-        return linear(x, w.lm_head).float()  # [R, V]
+        with batch_invariant(self.batch_invariant):
+            return linear(x, w.lm_head).float()  # [R, V]
 
     def start_feed_forward(self, layer: int, lw: LayerWeights, h: torch.Tensor, routed: list[torch.Tensor]) -> "PendingFeedForward":
         """h [T, D] (the residual stream after attention) -> its FFN started: experts submitted (+ shared expert run).
@@ -111,7 +117,7 @@ class MoeModel:
         r = rms_norm(h, lw.post_attention_norm, config.rms_norm_eps)  # [T, D]
         if lw.router is None:
             return PendingFeedForward(h, Done(swiglu(r, lw.mlp.w1, lw.mlp.w3, lw.mlp.w2)), None)
-        routing = route(r @ lw.router.T, config.experts_per_token, normalize=config.norm_topk_prob)  # [T, K] each
+        routing = route(linear(r, lw.router), config.experts_per_token, normalize=config.norm_topk_prob)  # [T, K] each
         chosen = routing.expert_ids.reshape(-1).long()  # [T*K]
         self._load[layer].index_add_(0, chosen, torch.ones_like(chosen))
         if self.routing_observer is not None:
@@ -120,7 +126,7 @@ class MoeModel:
         if lw.shared_expert is None:
             return PendingFeedForward(h, experts, None)
         shared = swiglu(r, lw.shared_expert.w1, lw.shared_expert.w3, lw.shared_expert.w2)  # [T, D], while the experts work
-        return PendingFeedForward(h, experts, torch.sigmoid(r @ lw.shared_expert_gate.T) * shared)  # [T, 1] * [T, D]
+        return PendingFeedForward(h, experts, torch.sigmoid(linear(r, lw.shared_expert_gate)) * shared)  # [T, 1] * [T, D]
 
 
 @dataclass
