@@ -126,8 +126,10 @@ def _attention_query_by_query(q, key_cache, value_cache, plan: TorchPlan, scale:
             queries = rows[start : start + QUERIES_PER_CALL, :, None, :]  # [g, H, 1, Dh]
             g = queries.shape[0]
             seen = chunk.history + torch.arange(start + 1, start + g + 1, device=q.device)  # [g] keys each query sees
-            visible = (torch.arange(keys.shape[2], device=q.device)[None, :] < seen[:, None])[:, None, None, :]  # [g, 1, 1, S']
-            attended = _masked_attention(queries, keys.expand(g, -1, -1, -1), values.expand(g, -1, -1, -1), visible, scale, gqa)
+            width = padded_keys(chunk.history + start + g)  # no key past the group's last query, padded: causal half only
+            visible = (torch.arange(width, device=q.device)[None, :] < seen[:, None])[:, None, None, :]  # [g, 1, 1, width]
+            group_keys, group_values = (x[:, :, :width].expand(g, -1, -1, -1) for x in (keys, values))  # [g, Hkv, width, Dh]
+            attended = _masked_attention(queries, group_keys, group_values, visible, scale, gqa)
             out[chunk.rows][start : start + g] = attended[:, :, 0]
     if plan.decode is not None:
         group = plan.decode

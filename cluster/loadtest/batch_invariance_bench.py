@@ -3,8 +3,8 @@
     python -m moeshard.cluster.loadtest.batch_invariance_bench MODEL_DIR [--dtype bfloat16] [--sequences 1,16,64]
         [--prompt-len 1024] [--rounds 3]
 
-Two engines on the same checkpoint, the experts in process, taking turns for ``--rounds`` rounds after one to
-warm up (median):
+Two engines on the same checkpoint, the experts in process, without prefix caching (every prefill in full),
+taking turns for ``--rounds`` rounds after one to warm up (median):
 
 - **decode, n sequences**: n prompts of 32 tokens, greedy with ``ignore_eos``: the time of 34 new tokens minus
   that of 2, over 32 steps;
@@ -59,7 +59,10 @@ def same_alone_and_together(llm: LLM, prompts: list[list[int]]) -> bool:
 
 def run(model_dir: str, dtype: str, sequences: list[int], prompt_len: int, rounds: int) -> list[str]:
     """The report's markdown lines."""
-    engines = {name: LLM(model_dir, dtype=dtype, batch_invariant=on) for name, on in (("default", False), ("batch invariant", True))}
+    engines = {
+        name: LLM(model_dir, dtype=dtype, batch_invariant=on, enable_prefix_caching=False)  # each prefill in full
+        for name, on in (("default", False), ("batch invariant", True))
+    }
     try:
         vocab = next(iter(engines.values())).model_config.vocab_size
         rng = random.Random(0)
