@@ -25,8 +25,9 @@ timeout; only then does the request fail, naming the actor and its experts).
 
 Rebalancing: the placement (and its tables) can be replaced by a new version between two forward
 passes (``switch``; the model marks each pass with ``forward_pass``): never inside one, so every layer
-of a pass, and every resend of a layer, uses one placement. Each message names its version; an actor that does not hold it (it
-restarted since) answers ``stale`` and is treated as down until its probe (``adopt``) loads it.
+of a pass, and every resend of a layer, uses one placement. Each message names its version; an actor
+that does not hold it (it restarted since) answers ``stale`` and is treated as down until its probe
+(``adopt``) loads it.
 
 Dimensions: T tokens, K chosen per token, E experts, A actors, R max replicas, N rows sent, D hidden.
 """
