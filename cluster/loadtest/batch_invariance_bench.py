@@ -4,7 +4,7 @@
         [--prompt-len 1024] [--rounds 3]
 
 Two engines on the same checkpoint, the experts in process, without prefix caching (every prefill in full),
-taking turns for ``--rounds`` rounds after one to warm up (median):
+taking turns for ``--rounds`` rounds of each case after one to warm up (median):
 
 - **decode, n sequences**: n prompts of 32 tokens, greedy with ``ignore_eos``: the time of 34 new tokens minus
   that of 2, over 32 steps;
@@ -17,37 +17,25 @@ that prompt alone (the mode's promise; the other engine's are whatever its batch
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
-import time
 from collections.abc import Callable
 
 from moeshard.cluster import LLM, SamplingParams
 from moeshard.cluster.choices import DTYPE_CHOICES
+from moeshard.cluster.loadtest.prefill_bench import median_seconds, prompt_ids, timed
 from moeshard.cluster.loadtest.table import ms
 
 DECODE_TOKENS = 32
-
-
-def _prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
-    return [1] + [rng.randrange(3, vocab) for _ in range(length - 1)]
-
-
-def _seconds(run: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
 
 
 def decode_step_s(llm: LLM, prompts: list[list[int]]) -> float:
     def tokens(n: int) -> Callable[[], object]:
         return lambda: llm.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
 
-    return (_seconds(tokens(DECODE_TOKENS + 2)) - _seconds(tokens(2))) / DECODE_TOKENS
+    return (timed(tokens(DECODE_TOKENS + 2)) - timed(tokens(2))) / DECODE_TOKENS
 
 
 def prefill_s(llm: LLM, prompt: list[int]) -> float:
-    return _seconds(lambda: llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0)))
+    return timed(lambda: llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0)))
 
 
 def same_alone_and_together(llm: LLM, prompts: list[list[int]]) -> bool:
@@ -65,21 +53,13 @@ def run(model_dir: str, dtype: str, sequences: list[int], prompt_len: int, round
     }
     try:
         vocab = next(iter(engines.values())).model_config.vocab_size
-        rng = random.Random(0)
-        decode_prompts = {n: [_prompt(rng, 32, vocab) for _ in range(n)] for n in sequences}
-        long_prompt = _prompt(rng, prompt_len, vocab)
+        decode_prompts = {n: [[1, *prompt_ids(31, vocab, seed=1000 * n + i)] for i in range(n)] for n in sequences}
+        long_prompt = [1, *prompt_ids(prompt_len - 1, vocab, seed=0)]
         cases: dict[str, Callable[[LLM], float]] = {f"decode, {n} sequences (ms a step)": (lambda llm, n=n: decode_step_s(llm, decode_prompts[n])) for n in sequences}  # fmt: skip
         cases[f"prefill, {prompt_len} tokens (ms)"] = lambda llm: prefill_s(llm, long_prompt)
-        times: dict[tuple[str, str], list[float]] = {(case, name): [] for case in cases for name in engines}
-        for round_ in range(rounds + 1):
-            for case, measure in cases.items():
-                for name, llm in engines.items():
-                    seconds = measure(llm)
-                    if round_ > 0:  # the first round warms up
-                        times[(case, name)].append(seconds)
         lines = ["| case | default | batch invariant | cost |", "|---|---:|---:|---:|"]
-        for case in cases:
-            plain, invariant = (statistics.median(times[(case, name)]) for name in engines)
+        for case, measure in cases.items():
+            plain, invariant = median_seconds({name: lambda llm=llm: measure(llm) for name, llm in engines.items()}, rounds).values()
             lines.append(f"| {case} | {ms(plain, 1)} | {ms(invariant, 1)} | {invariant / plain:.2f}x |")
         largest = decode_prompts[max(sequences)][:8]
         lines.append("")
