@@ -95,19 +95,19 @@ class MoeModel:
         layouts = [step_layout(part, self.cache, config.sliding_window) for part in parts]
         pending: list[PendingFeedForward | None] = [None] * len(parts)
         routed: list[list[torch.Tensor]] = [[] for _ in parts]  # per micro-batch, each MoE layer's expert ids [t, K]
-        with self.experts.forward_pass(), batch_invariant(self.batch_invariant):
-            for layer, lw in enumerate(w.layers):
-                for i, part in enumerate(parts):  # micro-batch i's attention runs while the other's experts work
-                    if pending[i] is not None:
-                        xs[i] = pending[i].finish()  # [t, D]
-                    normed = rms_norm(xs[i], lw.input_norm, config.rms_norm_eps)
-                    h = xs[i] + attention(config, lw, layer, normed, layouts[i], rotaries[i], self.cache)
-                    pending[i] = self.start_feed_forward(layer, lw, h, routed[i])
-            x = torch.cat([p.finish() for p in pending]) if len(parts) > 1 else pending[0].finish()  # [T, D]
-        if self.routing_observer is not None and config.moe_layers:
-            self.routing_observer(batch, torch.cat([torch.stack(ids) for ids in routed], dim=1))  # [L_moe, T, K]
-        x = rms_norm(x[rows], w.final_norm, config.rms_norm_eps)  # [R, D]
         with batch_invariant(self.batch_invariant):
+            with self.experts.forward_pass():
+                for layer, lw in enumerate(w.layers):
+                    for i, part in enumerate(parts):  # micro-batch i's attention runs while the other's experts work
+                        if pending[i] is not None:
+                            xs[i] = pending[i].finish()  # [t, D]
+                        normed = rms_norm(xs[i], lw.input_norm, config.rms_norm_eps)
+                        h = xs[i] + attention(config, lw, layer, normed, layouts[i], rotaries[i], self.cache)
+                        pending[i] = self.start_feed_forward(layer, lw, h, routed[i])
+                x = torch.cat([p.finish() for p in pending]) if len(parts) > 1 else pending[0].finish()  # [T, D]
+            if self.routing_observer is not None and config.moe_layers:
+                self.routing_observer(batch, torch.cat([torch.stack(ids) for ids in routed], dim=1))  # [L_moe, T, K]
+            x = rms_norm(x[rows], w.final_norm, config.rms_norm_eps)  # [R, D]
             return linear(x, w.lm_head).float()  # [R, V]
 
     def start_feed_forward(self, layer: int, lw: LayerWeights, h: torch.Tensor, routed: list[torch.Tensor]) -> "PendingFeedForward":
