@@ -119,9 +119,10 @@ class EngineConfig(BaseModel):
         check_device_name(self.device)
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
-        if self.quantization == "experts_int8" and (self.device.startswith("cuda") or self.cluster.use_gpus):
+        asks_for_gpus = self.device.startswith("cuda") or self.cluster.use_gpus
+        if asks_for_gpus and self.quantization == "experts_int8":
             raise ValueError("quantization 'experts_int8' runs the experts on the CPU: it needs device cpu and no GPU actors")
-        if self.batch_invariant and (self.device.startswith("cuda") or self.cluster.use_gpus):
+        if asks_for_gpus and self.batch_invariant:
             raise ValueError("batch_invariant runs on the CPU: it needs device cpu and no GPU actors")
         if self.expert_threads > 1 and self.cluster.expert_actors > 0:
             raise ValueError("expert_threads share out experts in this process: it needs expert_actors = 0")
