@@ -22,8 +22,8 @@ key and value block is loaded once for all of them (a decode token's heads fill
 the tile rows one query alone would leave empty). It walks the sequence's keys
 from the first any of its queries sees (sliding window) to the last (causal),
 BLOCK_N positions at a time through the block table, with an online softmax in
-float32. Its program table is built on the device, sized by the bound
-cdiv(T, queries per program) + B; unused entries return at once.
+float32. Its program table (``PagedLayout.query_blocks``) is built on the host
+once per step and shared by every layer.
 """
 
 from __future__ import annotations
@@ -203,23 +203,6 @@ def merge_attention(a: torch.Tensor, a_lse: torch.Tensor, b: torch.Tensor, b_lse
     return (a.float() * weight_a + b.float() * weight_b).div_(weight_a + weight_b)
 
 
-class QueryBlocks(NamedTuple):
-    seq: torch.Tensor  # [P] int32 sequence of each program's query block, -1 = unused
-    first_query: torch.Tensor  # [P] int64 its first query, counted within the sequence's queries
-
-
-def query_blocks(query_lens: torch.Tensor, num_rows: int, block_m: int) -> QueryBlocks:
-    """Cut each sequence's queries into blocks of block_m, as a table indexed by program id."""
-    B = query_lens.shape[0]
-    blocks = (query_lens + block_m - 1) // block_m  # [B]
-    ends = torch.cumsum(blocks, 0)  # [B] one past each sequence's last block id
-    p = torch.arange(triton.cdiv(num_rows, block_m) + B, device=query_lens.device)  # [P]
-    b = torch.searchsorted(ends, p, right=True)  # [P] owning sequence; B = past the last
-    owner = b.clamp(max=B - 1)
-    first_query = (p - (ends - blocks)[owner]) * block_m
-    return QueryBlocks(torch.where(b < B, b, -1).to(torch.int32), first_query)
-
-
 class QueryTiles(NamedTuple):
     queries: int  # queries per program
     rows: int  # BLOCK_M: the tile's rows, one per (query, query head of the kv head), padded
@@ -239,7 +222,7 @@ def paged_attention_triton(q, key_cache, value_cache, layout: PagedLayout, scale
     assert q.stride(2) == key_cache.stride(2) == value_cache.stride(2) == out.stride(2) == 1, "unit stride along Dh"
     tables = layout.device_tables
     tiles = query_tiles(max(layout.query_lens), H // Hkv)
-    programs = query_blocks(tables.query_lens, T, tiles.queries)
+    programs = layout.query_blocks(tiles.queries)
     window = layout.sliding_window
     with AUTOTUNED_LAUNCH:
         _paged_attention_kernel[(programs.seq.shape[0], Hkv)](
@@ -279,11 +262,9 @@ def _paged_attention_kernel(
     k_ptr, v_ptr        [slots, Hkv, Dh] the layer's cache
     tables_ptr          [B, MB] int32 block tables
     query_starts_ptr    [B] int64 first row of each sequence in T; query_lens_ptr [B] int64; start_pos_ptr [B] int64
-    prog_seq_ptr        [P] int32 sequence of each program, -1 = unused; prog_first_ptr [P] int64 its first query
+    prog_seq_ptr        [P] int32 sequence of each program; prog_first_ptr [P] int64 its first query
     """
     b = tl.load(prog_seq_ptr + tl.program_id(0)).to(tl.int64)
-    if b < 0:
-        return
     kvh = tl.program_id(1)
     first = tl.load(prog_first_ptr + tl.program_id(0))
     row0 = tl.load(query_starts_ptr + b)

@@ -10,8 +10,8 @@ Query p of a sequence sees key j of the same sequence iff j <= p, and, with a
 sliding window W, p - j < W.
 
 One ``PagedLayout`` is built per step and read by every layer: the slots the
-step writes, the device tables of the Triton kernel and the torch path's plan
-(``paged_plan.py``) are computed once, on first use.
+step writes, the device tables and program table of the Triton kernel and the
+torch path's plan (``paged_plan.py``) are computed once, on first use.
 
 Dimensions: T query rows, B sequences, MB blocks of the longest table.
 """
@@ -19,7 +19,7 @@ Dimensions: T query rows, B sequences, MB blocks of the longest table.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -36,6 +36,13 @@ class DeviceTables(NamedTuple):
     start_pos: torch.Tensor  # [B] int64 position of each sequence's first query
 
 
+class QueryBlocks(NamedTuple):
+    """The Triton kernel's program table: one entry per block of queries of one sequence."""
+
+    seq: torch.Tensor  # [P] int32 sequence of each program's query block
+    first_query: torch.Tensor  # [P] int64 its first query, counted within the sequence's queries
+
+
 @dataclass(frozen=True)
 class PagedLayout:
     query_lens: tuple[int, ...]  # [B] queries of each sequence in this step, laid end to end in T
@@ -44,6 +51,7 @@ class PagedLayout:
     block_size: int
     sliding_window: int | None = None
     device: torch.device = torch.device("cpu")
+    _query_blocks: dict[int, QueryBlocks] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self):
         assert len(self.query_lens) == len(self.start_pos) == len(self.block_tables), "one entry per sequence"
@@ -111,6 +119,16 @@ class PagedLayout:
             query_lens=as_long(self.query_lens),
             start_pos=as_long(self.start_pos),
         )
+
+    def query_blocks(self, block_m: int) -> QueryBlocks:
+        """Each sequence's queries cut into blocks of ``block_m``, one kernel program each: built on the host
+        from the query lengths (no device ops), copied to the device once per step and block size."""
+        blocks = self._query_blocks.get(block_m)
+        if blocks is None:
+            table = [(b, first) for b, n in enumerate(self.query_lens) for first in range(0, n, block_m)]
+            both = torch.tensor(table, dtype=torch.int64).reshape(-1, 2).to(self.device)  # [P, 2]
+            blocks = self._query_blocks[block_m] = QueryBlocks(both[:, 0].to(torch.int32), both[:, 1].contiguous())
+        return blocks
 
     @functools.cached_property
     def torch_plan(self) -> TorchPlan:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from moeshard.kernels import PagedLayout, paged_attention
-from moeshard.kernels.paged_attention import merge_attention, query_blocks, query_tiles
+from moeshard.kernels.paged_attention import merge_attention, query_tiles
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -153,13 +153,16 @@ def test_a_custom_scale_is_applied():
 
 
 def test_query_blocks_cover_every_query_once():
-    lens = torch.tensor([1, 16, 17, 40, 1])
-    blocks = query_blocks(lens, int(lens.sum()), 16)
+    lens = (1, 16, 17, 40, 1)
+    layout = PagedLayout(query_lens=lens, start_pos=(0,) * 5, block_tables=((0, 1, 2),) * 5, block_size=16)
+    blocks = layout.query_blocks(16)
+    assert blocks.seq.dtype == torch.int32 and blocks.first_query.dtype == torch.int64
     covered = []
     for b, first in zip(blocks.seq.tolist(), blocks.first_query.tolist()):
-        if b >= 0:
-            covered += [(b, i) for i in range(first, min(first + 16, int(lens[b])))]
-    assert sorted(covered) == [(b, i) for b, n in enumerate(lens.tolist()) for i in range(n)]
+        assert first < lens[b], "every program has queries"
+        covered += [(b, i) for i in range(first, min(first + 16, lens[b]))]
+    assert sorted(covered) == [(b, i) for b, n in enumerate(lens) for i in range(n)]
+    assert layout.query_blocks(16) is blocks, "built once per step"
 
 
 def test_layout_slots_and_views():
