@@ -66,18 +66,19 @@ def plan_permutation(dest_ids: torch.Tensor, num_dest: int) -> PermutationPlan:
 
 
 def _plan_permutation_torch(dest_ids: torch.Tensor, num_dest: int) -> PermutationPlan:
-    """``plan_permutation`` in torch ops, on the ids' device."""
+    """``plan_permutation`` in torch ops, on the ids' device, with one host sync: the id range and the number of
+    rows sent come back together (``bincount`` would add its own sync on CUDA; the offsets are searched instead)."""
     T, K = dest_ids.shape
     flat = dest_ids.reshape(-1).long()  # [T*K]
+    keys = torch.where(flat >= 0, flat, num_dest)  # [T*K] "not sent" sorts last
+    sorted_keys, order = torch.sort(keys, stable=True)  # [T*K] (dest, token, j) order
+    dests = torch.arange(num_dest + 1, device=flat.device)  # [num_dest + 1]
+    offsets = torch.searchsorted(sorted_keys, dests)  # [num_dest + 1] first row of each destination; last = N
+    n = 0
     if flat.numel():
         lo, hi = torch.aminmax(flat)
-        assert lo >= -1 and hi < num_dest, f"dest ids must be in [-1, {num_dest}), got [{int(lo)}, {int(hi)}]"
-    keys = torch.where(flat >= 0, flat, num_dest)  # [T*K] "not sent" sorts last
-    order = torch.argsort(keys, stable=True)  # [T*K] (dest, token, j) order
-    counts = torch.bincount(keys, minlength=num_dest + 1)[:num_dest]  # [num_dest]
-    offsets = torch.zeros(num_dest + 1, dtype=torch.int64, device=flat.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    n = int(offsets[-1])
+        lo, hi, n = torch.stack((lo, hi, offsets[-1])).tolist()  # the step's one sync here
+        assert lo >= -1 and hi < num_dest, f"dest ids must be in [-1, {num_dest}), got [{lo}, {hi}]"
     order = order[:n]  # [N]
     slot = torch.full((T * K,), -1, dtype=torch.int64, device=flat.device)
     slot[order] = torch.arange(n, device=flat.device)

@@ -127,8 +127,10 @@ def test_plan_on_cpu_equals_the_torch_steps(T, K, num_dest, id_dtype):
     for got, want in zip(fast, steps):
         assert got.dtype == want.dtype == torch.int64 and torch.equal(got, want)
     assert torch.equal(ids, before)  # the caller's ids are not touched
-    with pytest.raises(AssertionError):
-        plan_permutation(torch.tensor([[0], [num_dest]]), num_dest)
+    for plan in (plan_permutation, _plan_permutation_torch):
+        for bad in (num_dest, -2):
+            with pytest.raises(AssertionError):
+                plan(torch.tensor([[0], [bad]]), num_dest)
 
 
 def naive_dedupe(dest_ids: torch.Tensor) -> torch.Tensor:
