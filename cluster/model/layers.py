@@ -14,8 +14,9 @@ from moeshard.kernels.expert_ffn import expert_rows_torch
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D] -> [..., D] over the last dim; normalised in float32, scaled in x's dtype."""
-    variance = x.float().pow(2).mean(-1, keepdim=True)  # [..., 1]
-    normed = x.float() * torch.rsqrt(variance + eps)
+    wide = x.float()  # one cast, read twice
+    variance = wide.pow(2).mean(-1, keepdim=True)  # [..., 1]
+    normed = wide * torch.rsqrt(variance + eps)
     return weight * normed.to(x.dtype)
 
 
