@@ -87,9 +87,20 @@ class PagedLayout:
 
     def slots_of(self, b: int, start: int, end: int) -> torch.Tensor:
         """Cache slots [end - start] int64 of positions start .. end - 1 of sequence b."""
-        table = torch.tensor(self.block_tables[b], dtype=torch.int64)
-        positions = torch.arange(start, end)
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+        return self.slots_at(torch.full((end - start,), b), torch.arange(start, end))
+
+    @functools.cached_property
+    def host_block_tables(self) -> torch.Tensor:
+        """[B, MB] int64 on the host, 0 past a sequence's blocks: every sequence's table in one tensor."""
+        width = max(1, max((len(t) for t in self.block_tables), default=0))
+        padded = [table + (0,) * (width - len(table)) for table in self.block_tables]
+        return torch.tensor(padded, dtype=torch.int64).reshape(self.num_seqs, width)
+
+    def slots_at(self, seqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Cache slots (host int64) of ``positions`` of sequences ``seqs`` (host int64, the same shape): a few
+        tensor ops for the whole step, however many sequences it holds."""
+        bs = self.block_size
+        return self.host_block_tables[seqs, positions // bs] * bs + positions % bs
 
     def contiguous_span(self, b: int, start: int, end: int) -> slice | None:
         """The slots of positions start .. end - 1 of sequence b as one slice, when its blocks there are consecutive."""
@@ -103,15 +114,15 @@ class PagedLayout:
     @functools.cached_property
     def slot_mapping(self) -> torch.Tensor:
         """[T] int64 cache slot of each query row's own key and value (where the step writes them)."""
-        parts = [self.slots_of(b, s, e) for b, (s, e) in enumerate(zip(self.start_pos, self.end_pos))]
-        return torch.cat(parts).to(self.device) if parts else torch.empty(0, dtype=torch.int64, device=self.device)
+        lens = torch.tensor(self.query_lens, dtype=torch.int64)  # [B]
+        seqs = torch.repeat_interleave(torch.arange(self.num_seqs), lens)  # [T] each row's sequence
+        first_pos = torch.tensor(self.start_pos, dtype=torch.int64) - torch.tensor(self.query_starts[:-1], dtype=torch.int64)
+        positions = torch.arange(self.num_tokens) + first_pos[seqs]  # [T] each row's position
+        return self.slots_at(seqs, positions).to(self.device)
 
     @functools.cached_property
     def device_tables(self) -> DeviceTables:
-        width = max((len(t) for t in self.block_tables), default=0)
-        tables = torch.zeros(self.num_seqs, max(width, 1), dtype=torch.int32)
-        for b, table in enumerate(self.block_tables):
-            tables[b, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        tables = self.host_block_tables.to(torch.int32)  # [B, MB]
         as_long = functools.partial(torch.tensor, dtype=torch.int64, device=self.device)
         return DeviceTables(
             block_tables=tables.to(self.device),

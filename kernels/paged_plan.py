@@ -68,14 +68,14 @@ def _plan_chunk(layout: PagedLayout, b: int, rows: slice) -> ChunkPlan:
 
 def _plan_decode(layout: PagedLayout, members: list[int], starts: tuple[int, ...]) -> DecodeGroup:
     """Each member's one query sees positions first_visible(p) .. p; padded to the longest."""
-    spans = [(layout.first_visible(layout.start_pos[b]), layout.start_pos[b] + 1) for b in members]
-    width = max(end - first for first, end in spans)
-    slots = torch.empty(len(members), width, dtype=torch.int64)
-    for i, (b, (first, end)) in enumerate(zip(members, spans)):
-        slots[i, : end - first] = layout.slots_of(b, first, end)
-        slots[i, end - first :] = slots[i, end - first - 1]  # padding reads a key of its own (masked out)
-    lengths = torch.tensor([end - first for first, end in spans])  # [Bd]
-    visible = torch.arange(width)[None, :] < lengths[:, None]  # [Bd, Smax]
+    firsts = torch.tensor([layout.first_visible(layout.start_pos[b]) for b in members])  # [Bd]
+    ends = torch.tensor([layout.start_pos[b] + 1 for b in members])  # [Bd]
+    lengths = ends - firsts  # [Bd]
+    offsets = torch.arange(int(lengths.max()))[None, :]  # [1, Smax]
+    # padding reads a key of its own (its last; masked out)
+    positions = torch.minimum(firsts[:, None] + offsets, ends[:, None] - 1)  # [Bd, Smax]
+    slots = layout.slots_at(torch.tensor(members)[:, None].expand_as(positions), positions)  # [Bd, Smax]
+    visible = offsets < lengths[:, None]  # [Bd, Smax]
     rows = torch.tensor([starts[b] for b in members], dtype=torch.int64)
     device = layout.device
     return DecodeGroup(rows.to(device), slots.to(device), visible[:, None, None, :].to(device))
