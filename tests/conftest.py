@@ -361,3 +361,52 @@ async def streams_while_acting(
 def stream_while():
     """await stream_while(client, model, prompts, max_tokens, after_chunks, action) -> StreamsAndAction."""
     return streams_while_acting
+
+
+class MidGeneration:
+    """Faults in the middle of an offline cluster's generation: the SIGKILL and stuck-actor tests."""
+
+    @staticmethod
+    def steps(llm) -> int:
+        return llm.expert_balance()["window"]["steps"]  # steps counted since the last rebalance
+
+    @staticmethod
+    def once_decoding(llm, action: Callable[[], object], steps: int = 8, timeout_s: float = 120) -> None:
+        """Run ``action`` once the coordinator has dispatched ``steps`` more steps than when this was called: the
+        fault lands in the middle of the generation however fast the machine is (not after it, nor in the warm-up)."""
+        start = MidGeneration.steps(llm)
+        deadline = time.monotonic() + timeout_s
+        while MidGeneration.steps(llm) < start + steps:
+            assert time.monotonic() < deadline, "the generation did not get going"
+            time.sleep(0.01)
+        action()
+
+    @staticmethod
+    def generate_while(llm, prompts: list[list[int]], params, faults: Callable[[], object]) -> list[list[int]]:
+        """Generate ``prompts`` on a thread while ``faults()`` runs here; the outputs' token ids. Fails on a hang or
+        an error."""
+        from moeshard.cluster import SamplingParams
+
+        outcome: dict = {}
+        # Bring the transport up first (a compiled graph compiles on first use), so that the faults land while
+        # layers are dispatched: a kill during Ray's graph compile can crash the coordinator's own Ray worker.
+        llm.generate(prompts[:1], SamplingParams(max_tokens=1, temperature=0))
+
+        def run():
+            try:
+                outcome["tokens"] = [o.token_ids for o in llm.generate(prompts, params)]
+            except Exception as exc:  # noqa: BLE001 - reported below
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        faults()
+        worker.join(timeout=240)
+        assert not worker.is_alive(), "generation hung"
+        assert "error" not in outcome, outcome.get("error")
+        return outcome["tokens"]
+
+
+@pytest.fixture(scope="session")
+def mid_generation() -> type[MidGeneration]:
+    return MidGeneration

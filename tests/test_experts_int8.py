@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
 
 import pytest
 import torch
@@ -148,7 +146,7 @@ def test_int8_cluster_equals_single_process(ray_cluster, mixtral_dir):
 
 
 @pytest.mark.slow
-def test_sigkilled_int8_actor_comes_back_quantized_and_loses_no_request(ray_cluster, mixtral_dir, expert_actor_pid):
+def test_sigkilled_int8_actor_comes_back_quantized_and_loses_no_request(ray_cluster, mixtral_dir, expert_actor_pid, mid_generation):
     """Ray restarts a killed actor with its constructor's arguments, ``quantization`` among them: the restarted
     process quantizes its experts again, and every token equals the single process's."""
     long = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
@@ -156,28 +154,13 @@ def test_sigkilled_int8_actor_comes_back_quantized_and_loses_no_request(ray_clus
         expected = [o.token_ids for o in llm.generate(PROMPTS, long)]
     cluster = dict(actor_resources=[{"node_a": 1}, {"node_b": 1}], coordinator_resources={"head": 1}, dispatch_timeout_s=20)
     with LLM(mixtral_dir, expert_actors=2, quantization="experts_int8", cluster=cluster) as llm:
-        llm.generate(PROMPTS[:1], SamplingParams(max_tokens=1))  # the transport up before the kill
         victim = expert_actor_pid(llm, 1)
-        outcome: dict = {}
 
-        def run():
-            try:
-                outcome["tokens"] = [o.token_ids for o in llm.generate(PROMPTS, long)]
-            except Exception as exc:  # noqa: BLE001 - reported below
-                outcome["error"] = exc
+        def kill_victim():
+            os.kill(victim, signal.SIGKILL)
 
-        worker = threading.Thread(target=run)
-        start = llm.expert_balance()["window"]["steps"]
-        worker.start()
-        deadline = time.monotonic() + 120
-        while llm.expert_balance()["window"]["steps"] < start + 8:  # in the middle of the generation
-            assert time.monotonic() < deadline, "the generation did not get going"
-            time.sleep(0.01)
-        os.kill(victim, signal.SIGKILL)
-        worker.join(timeout=240)
-        assert not worker.is_alive(), "generation hung"
-        assert "error" not in outcome, outcome.get("error")
-        assert outcome["tokens"] == expected
+        tokens = mid_generation.generate_while(llm, PROMPTS, long, lambda: mid_generation.once_decoding(llm, kill_victim))
+        assert tokens == expected
         assert sum(llm.expert_health().failures) >= 1 and expert_actor_pid(llm, 1) != victim
         assert [o.token_ids for o in llm.generate(PROMPTS, long)] == expected  # the restarted actor's int8 experts
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import pytest
@@ -53,43 +52,6 @@ def _kill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def _generate_while(llm: LLM, faults) -> list[list[int]]:
-    """Generate LONG for PROMPTS on a thread while ``faults()`` runs here; the outputs (or the error)."""
-    outcome: dict = {}
-    # Bring the transport up first (a compiled graph compiles on first use), so that the faults land while
-    # layers are dispatched: a kill during Ray's graph compile can crash the coordinator's own Ray worker.
-    llm.generate(PROMPTS[:1], SamplingParams(max_tokens=1, temperature=0))
-
-    def run():
-        try:
-            outcome["tokens"] = [o.token_ids for o in llm.generate(PROMPTS, LONG)]
-        except Exception as exc:  # noqa: BLE001 - reported below
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    faults()
-    worker.join(timeout=240)
-    assert not worker.is_alive(), "generation hung"
-    assert "error" not in outcome, outcome.get("error")
-    return outcome["tokens"]
-
-
-def _once_decoding(llm: LLM, action, steps: int = 8, timeout_s: float = 120) -> None:
-    """Run ``action`` once the coordinator has dispatched ``steps`` more steps than when this was called: the
-    fault lands in the middle of the generation however fast the machine is (not after it, nor in the warm-up)."""
-    start = _steps(llm)
-    deadline = time.monotonic() + timeout_s
-    while _steps(llm) < start + steps:
-        assert time.monotonic() < deadline, "the generation did not get going"
-        time.sleep(0.01)
-    action()
-
-
-def _steps(llm: LLM) -> int:
-    return llm.expert_balance()["window"]["steps"]  # steps counted since the last rebalance (none here)
-
-
 CASES = {
     "sole_host_socket": dict(actors=2, victims=[1], transport="socket"),
     "sole_host_actor_calls": dict(actors=2, victims=[1], transport="actor_calls"),
@@ -107,13 +69,18 @@ CASES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_sigkilled_expert_actor_loses_no_request(case, ray_cluster, tiny_mixtral_dir, reference, expert_actor_pid):
+def test_sigkilled_expert_actor_loses_no_request(case, ray_cluster, tiny_mixtral_dir, reference, expert_actor_pid, mid_generation):
     spec = dict(CASES[case])
     num_actors, victims = spec.pop("actors"), spec.pop("victims")
     options = _cluster_options(num_actors, dispatch_timeout_s=20, **spec)
     with LLM(tiny_mixtral_dir, expert_actors=num_actors, cluster=options) as llm:
         pids = [expert_actor_pid(llm, v) for v in victims]
-        tokens = _generate_while(llm, lambda: _once_decoding(llm, lambda: [_kill(pid) for pid in pids]))
+
+        def kill_victims():
+            for pid in pids:
+                _kill(pid)
+
+        tokens = mid_generation.generate_while(llm, PROMPTS, LONG, lambda: mid_generation.once_decoding(llm, kill_victims))
         assert tokens == reference
         # At least one kill was seen failing. Not necessarily every one: an actor killed while none of its
         # calls was in flight, that Ray restarts before the dispatch next picks it, answers that call from the
@@ -124,7 +91,7 @@ def test_sigkilled_expert_actor_loses_no_request(case, ray_cluster, tiny_mixtral
 
 
 @pytest.mark.slow
-def test_same_actor_killed_twice_in_a_row(ray_cluster, tiny_mixtral_dir, reference, expert_actor_pid):
+def test_same_actor_killed_twice_in_a_row(ray_cluster, tiny_mixtral_dir, reference, expert_actor_pid, mid_generation):
     with LLM(tiny_mixtral_dir, expert_actors=2, cluster=_cluster_options(2, dispatch_timeout_s=20)) as llm:
         killed: list[int] = []
 
@@ -134,22 +101,26 @@ def test_same_actor_killed_twice_in_a_row(ray_cluster, tiny_mixtral_dir, referen
             killed.append(pid)
 
         def twice():
-            _once_decoding(llm, kill_actor_0)
-            _once_decoding(llm, kill_actor_0, steps=2)  # once the generation goes on after the first restart
+            mid_generation.once_decoding(llm, kill_actor_0)
+            mid_generation.once_decoding(llm, kill_actor_0, steps=2)  # once the generation goes on after the first restart
 
-        assert _generate_while(llm, twice) == reference
+        assert mid_generation.generate_while(llm, PROMPTS, LONG, twice) == reference
         assert killed[0] != killed[1] and expert_actor_pid(llm, 0) not in killed  # two real deaths, two restarts
         assert llm.expert_health().failures[0] >= 1
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("transport", ["socket", "collective"])
-def test_actor_that_stops_answering_is_routed_around(transport, ray_cluster, tiny_mixtral_dir, reference):
+def test_actor_that_stops_answering_is_routed_around(transport, ray_cluster, tiny_mixtral_dir, reference, mid_generation):
     """A stuck actor past the dispatch timeout takes the failover path; its late reply is never used."""
     options = _cluster_options(3, dispatch_timeout_s=2, expert_map=REPLICATED_3, transport=transport)
     with LLM(tiny_mixtral_dir, expert_actors=3, cluster=options) as llm:
         stuck = llm._cluster.expert_actors[1]
-        tokens = _generate_while(llm, lambda: _once_decoding(llm, lambda: ray.get(stuck.delay_next_calls.remote(6.0, 1))))
+
+        def delay_one_call():
+            ray.get(stuck.delay_next_calls.remote(6.0, 1))
+
+        tokens = mid_generation.generate_while(llm, PROMPTS, LONG, lambda: mid_generation.once_decoding(llm, delay_one_call))
         assert tokens == reference
         assert llm.expert_health().failures[1] >= 1
 
