@@ -77,7 +77,7 @@ def _plan_permutation_torch(dest_ids: torch.Tensor, num_dest: int) -> Permutatio
     n = 0
     if flat.numel():
         lo, hi = torch.aminmax(flat)
-        lo, hi, n = torch.stack((lo, hi, offsets[-1])).tolist()  # the step's one sync here
+        lo, hi, n = torch.stack((lo, hi, offsets[-1])).tolist()  # the layer's one sync here
         assert lo >= -1 and hi < num_dest, f"dest ids must be in [-1, {num_dest}), got [{lo}, {hi}]"
     order = order[:n]  # [N]
     slot = torch.full((T * K,), -1, dtype=torch.int64, device=flat.device)
