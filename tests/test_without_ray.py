@@ -45,3 +45,12 @@ def test_the_gpu_tests_collect_without_ray():
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert "error" not in done.stdout.lower(), done.stdout[-3000:]
     assert "test_rows_cross_between_gpus_over_nccl" in done.stdout  # the collective channel's test, Ray-free
+
+
+def test_the_gpu_benchmarks_import_without_ray():
+    """What a GPU machine without Ray runs: tests/gpu/run_checks.sh's benchmarks and the step profiler."""
+    done = _run(
+        "import moeshard.cluster.loadtest.prefill_bench, moeshard.cluster.loadtest.step_profile\n"
+        "import moeshard.kernels.benchmarks.kernels\n"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
