@@ -217,7 +217,7 @@ def query_tiles(longest_chunk: int, group: int) -> QueryTiles:
 
 
 def paged_attention_triton(q, key_cache, value_cache, layout: PagedLayout, scale: float, out) -> None:
-    T, H, Dh = q.shape
+    H, Dh = q.shape[1:]
     Hkv = key_cache.shape[1]
     assert q.stride(2) == key_cache.stride(2) == value_cache.stride(2) == out.stride(2) == 1, "unit stride along Dh"
     tables = layout.device_tables

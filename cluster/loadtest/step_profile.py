@@ -31,8 +31,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from moeshard.cluster.loadtest.prefill_bench import SIZES, prompt_ids, timed
 
-logger = logging.getLogger(__name__)
-
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize")
 
@@ -70,7 +68,7 @@ def run(model_dir: Path, args: argparse.Namespace) -> list[StepProfile]:
     from moeshard.cluster.engine.llm import LLM
     from moeshard.cluster.engine.sampling import SamplingParams
 
-    device = torch.device("cuda" if args.device == "cuda" else args.device)
+    device = torch.device(args.device)
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_batch_tokens=max(4096, args.prefill_len),
               kv_cache_bytes=args.kv_cache_mb * 2**20, enable_prefix_caching=False)  # fmt: skip
     try:
