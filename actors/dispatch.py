@@ -193,23 +193,22 @@ class RemoteExperts:
             self._wait_for(needed, deadline)
         num_actors, tag = self.placement.num_actors, next(self._tags)
         if lone_token:
-            perm, offsets, messages = None, None, self._lone_token_messages(work, table, lone, tag)
+            perm, messages = None, self._lone_token_messages(work, table, lone, tag)
         else:
             perm = permute(work.hidden, plan.send_to, num_actors)  # rows [N, D] grouped by actor
-            offsets = perm.expert_offsets.tolist()  # [A + 1] (a host sync off the CPU: docs/gpu.md)
-            messages = self._messages(work, table, plan, perm, offsets, tag)
+            messages = self._messages(work, table, plan, perm, tag)
         ticket = self.transport.send(messages, frozenset(range(num_actors)) - down)
         has_rows = [m is not None for m in messages]
         lone = lone if lone_token else None
-        return PendingDispatch(self, work, plan, perm, offsets, tag, has_rows, ticket, deadline, lone)
+        return PendingDispatch(self, work, plan, perm, tag, has_rows, ticket, deadline, lone)
 
     def _messages(
-        self, work: "LayerWork", table: LayerTable, plan: DispatchPlan, perm: Permutation, offsets: list[int], tag: int
+        self, work: "LayerWork", table: LayerTable, plan: DispatchPlan, perm: Permutation, tag: int
     ) -> list[ExpertBatch | None]:
         expert_ids = work.routing.expert_ids.long()  # [T, K]
         messages: list[ExpertBatch | None] = []
         for actor in range(self.placement.num_actors):
-            start, end = offsets[actor], offsets[actor + 1]
+            start, end = perm.host_offsets[actor], perm.host_offsets[actor + 1]
             if start == end:
                 messages.append(None)
                 continue
@@ -259,7 +258,6 @@ class PendingDispatch:
     work: LayerWork
     plan: DispatchPlan
     perm: Permutation | None  # None for a token alone: made only if a reply is missing
-    offsets: list[int] | None  # [A + 1] perm.expert_offsets as Python ints (None with perm)
     tag: int
     has_rows: list[bool]  # [A] actors sent rows
     ticket: object
@@ -296,8 +294,7 @@ class PendingDispatch:
         failed = dict(exchange.failures)
         if self.perm is None:
             self.perm = permute_lone_token(self.work.hidden, self.lone, len(self.has_rows))
-            self.offsets = self.perm.expert_offsets.tolist()
-        hidden, offsets = self.work.hidden, self.offsets
+        hidden, offsets = self.work.hidden, self.perm.host_offsets
         answered = torch.ones(len(self.has_rows) + 1, dtype=torch.bool)  # [A + 1]; the last entry stands for -1
         complete = True  # every actor sent rows answered
         rows = []  # [n, D] per actor with work, in actor order; zeros where no usable reply came back

@@ -180,4 +180,5 @@ def permute_lone_token(hidden: torch.Tensor, lone: LoneTokenPlan, num_actors: in
         expert_offsets=torch.tensor(offsets, dtype=torch.int64, device=device),  # [A + 1]
         source_token=torch.zeros(len(actors), dtype=torch.int64, device=device),  # [N]
         slot=torch.tensor([[row_of.get(a, -1) for a in lone.send_to]], dtype=torch.int64, device=device),  # [1, K]
+        host_offsets=tuple(offsets),
     )

@@ -9,9 +9,11 @@ Experts with no rows cost nothing. The torch reference loops over the experts
 that have rows, or shares them out over CPU threads (``expert_threads.py``).
 The Triton version is a grouped GEMM in two kernels, gate/up fused (->
 activated intermediate [N, I] in rows' dtype) then down, over a table of
-(expert, first row) blocks of BLOCK_M rows built on the device, so no host
-sync; the table is sized by the bound cdiv(N, BLOCK_M) + min(E, N) and its
-unused tail entries return at once. Accumulation is float32.
+(expert, first row) blocks of BLOCK_M rows, one program each. The table is
+built on the host from the offsets as Python ints, which the permutation's one
+host sync already brought back (``Permutation.host_offsets``), and copied to
+the device at once: a dozen small device ops a layer fewer than building it
+there. Accumulation is float32.
 
 Triton's interpreter has no bfloat16 arithmetic (its ``tl.dot`` multiplies the
 raw bit patterns: triton-lang/triton#11584), so under the interpreter the
@@ -22,6 +24,7 @@ are exact in float32, so this is the same sum as the GPU's bf16 ``tl.dot``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from functools import partial
 from typing import NamedTuple
 
@@ -57,9 +60,13 @@ def expert_ffn(
     backend: str = "auto",
     out: torch.Tensor | None = None,
     threads: ExpertThreads | None = None,
+    host_offsets: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """rows [N, D] grouped by expert, expert_offsets [E + 1], w1/w3 [E, I, D], w2 [E, D, I] -> [N, D].
-    ``threads``: the torch path shares the experts out over them (kernels/expert_threads.py)."""
+    ``threads``: the torch path shares the experts out over them (kernels/expert_threads.py).
+    ``host_offsets``: expert_offsets as Python ints where the caller has them (``Permutation.host_offsets``);
+    both backends read the segments on the host, so without them the offsets are copied there (a host sync
+    off the CPU)."""
     assert rows.dim() == 2 and w1.dim() == 3, (rows.shape, w1.shape)
     N, D = rows.shape
     E, I = w1.shape[0], w1.shape[1]
@@ -70,17 +77,19 @@ def expert_ffn(
         out = torch.empty(N, D, dtype=rows.dtype, device=rows.device)
     assert out.shape == (N, D) and out.dtype == rows.dtype, (out.shape, out.dtype)
     if resolve_backend(backend, rows.device) == "triton":
-        expert_ffn_triton(rows, expert_offsets, w1, w3, w2, out)
+        expert_ffn_triton(rows, expert_offsets, w1, w3, w2, out, host_offsets)
     else:
-        expert_ffn_torch(rows, expert_offsets, w1, w3, w2, out, threads)
+        expert_ffn_torch(rows, expert_offsets, w1, w3, w2, out, threads, host_offsets)
     return out
 
 
-def expert_ffn_torch(rows, expert_offsets, w1, w3, w2, out, threads: ExpertThreads | None = None) -> None:
+def expert_ffn_torch(
+    rows, expert_offsets, w1, w3, w2, out, threads: ExpertThreads | None = None, host_offsets: Sequence[int] | None = None
+) -> None:
     """``expert_ffn`` on torch: each expert with rows through ``expert_rows_torch`` into its own rows of ``out``,
     shared out over ``threads`` when given (the same values either way)."""
-    offsets = expert_offsets.tolist()
-    assert offsets[0] == 0 and offsets[-1] == rows.shape[0], (offsets[0], offsets[-1], rows.shape)
+    offsets = expert_offsets.tolist() if host_offsets is None else host_offsets
+    assert len(offsets) == expert_offsets.shape[0] and offsets[0] == 0 and offsets[-1] == rows.shape[0], (offsets[0], offsets[-1], rows.shape)
     segments = [(e, start, end) for e, (start, end) in enumerate(zip(offsets[:-1], offsets[1:])) if end > start]
     run_tasks([partial(expert_rows_torch, rows[s:t], w1[e], w3[e], w2[e], out[s:t]) for e, s, t in segments], threads)
 
@@ -98,25 +107,23 @@ def expert_rows_torch(
 
 
 class ExpertBlocks(NamedTuple):
-    expert: torch.Tensor  # [B] int32 expert of each row block, -1 = unused
+    expert: torch.Tensor  # [B] int32 expert of each row block
     row_start: torch.Tensor  # [B] int64 first row of each block
 
 
-def expert_blocks(expert_offsets: torch.Tensor, num_rows: int, block_m: int) -> ExpertBlocks:
-    """Cut each expert's segment into blocks of block_m rows, as a table indexed by block id."""
-    E = expert_offsets.shape[0] - 1
-    offsets = expert_offsets.long()  # [E + 1]
-    blocks = (offsets.diff() + block_m - 1) // block_m  # [E] blocks per expert
-    ends = torch.cumsum(blocks, 0)  # [E] one past each expert's last block id
-    bound = triton.cdiv(num_rows, block_m) + min(E, num_rows)
-    b = torch.arange(bound, device=offsets.device)  # [B]
-    e = torch.searchsorted(ends, b, right=True)  # [B] expert owning block b; E = past the last
-    owner = e.clamp(max=E - 1)
-    row_start = offsets[owner] + (b - (ends - blocks)[owner]) * block_m  # [B]
-    return ExpertBlocks(torch.where(e < E, e, -1).to(torch.int32), row_start)
+def expert_blocks(host_offsets: Sequence[int], block_m: int, device: torch.device) -> ExpertBlocks:
+    """Each expert's segment cut into blocks of block_m rows, one kernel program each: built on the host from
+    the offsets (no device ops) and copied to ``device`` at once."""
+    table = [
+        (e, first)
+        for e, (start, end) in enumerate(zip(host_offsets[:-1], host_offsets[1:]))
+        for first in range(start, end, block_m)
+    ]
+    both = torch.tensor(table, dtype=torch.int64).reshape(-1, 2).to(device)  # [B, 2]
+    return ExpertBlocks(both[:, 0].to(torch.int32), both[:, 1].contiguous())
 
 
-def expert_ffn_triton(rows, expert_offsets, w1, w3, w2, out) -> None:
+def expert_ffn_triton(rows, expert_offsets, w1, w3, w2, out, host_offsets: Sequence[int] | None = None) -> None:
     N, D = rows.shape
     E, I = w1.shape[0], w1.shape[1]
     if N == 0 or D == 0:
@@ -124,8 +131,10 @@ def expert_ffn_triton(rows, expert_offsets, w1, w3, w2, out) -> None:
     rows = rows if rows.stride(1) == 1 else rows.contiguous()
     assert out.stride(1) == 1, "out must have unit stride along D"
     offsets = expert_offsets.long().contiguous()
+    host_offsets = expert_offsets.tolist() if host_offsets is None else host_offsets
+    assert len(host_offsets) == E + 1 and host_offsets[0] == 0 and host_offsets[-1] == N, (host_offsets, N)
     block_m = gemm_block_m(N, E)
-    table = expert_blocks(offsets, N, block_m)
+    table = expert_blocks(host_offsets, block_m, rows.device)
     B = table.expert.shape[0]
     h = torch.empty(N, I, dtype=rows.dtype, device=rows.device)  # [N, I] activated intermediate
     precision = dot_precision(rows.dtype)
@@ -165,12 +174,10 @@ def _gate_up_kernel(
     w1_ptr, w3_ptr   [E, I, D] x's dtype
     h_ptr            [N, I] x's dtype out (unit stride along I)
     offsets_ptr      [E + 1] int64 expert segment offsets
-    block_expert_ptr [B] int32 expert of each row block, -1 = unused
+    block_expert_ptr [B] int32 expert of each row block
     block_start_ptr  [B] int64 first row of each block
     """
     e = tl.load(block_expert_ptr + tl.program_id(0)).to(tl.int64)
-    if e < 0:
-        return
     m = tl.load(block_start_ptr + tl.program_id(0)) + tl.arange(0, BLOCK_M)  # [BM] rows
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] columns of I
     k = tl.arange(0, BLOCK_K)  # [BK] columns of D
@@ -219,12 +226,10 @@ def _down_kernel(
     w2_ptr           [E, D, I] h's dtype
     out_ptr          [N, D] h's dtype out (unit stride along D)
     offsets_ptr      [E + 1] int64 expert segment offsets
-    block_expert_ptr [B] int32 expert of each row block, -1 = unused
+    block_expert_ptr [B] int32 expert of each row block
     block_start_ptr  [B] int64 first row of each block
     """
     e = tl.load(block_expert_ptr + tl.program_id(0)).to(tl.int64)
-    if e < 0:
-        return
     m = tl.load(block_start_ptr + tl.program_id(0)) + tl.arange(0, BLOCK_M)  # [BM] rows
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] columns of D
     k = tl.arange(0, BLOCK_K)  # [BK] columns of I

@@ -35,6 +35,7 @@ class Permutation:
     expert_offsets: torch.Tensor  # [num_dest + 1] int64: destination d owns rows[off[d]:off[d + 1]]
     source_token: torch.Tensor  # [N] int64: the token each row came from
     slot: torch.Tensor  # [T, K] int64: the row of token t's j-th choice, -1 where not sent
+    host_offsets: tuple[int, ...]  # [num_dest + 1] expert_offsets as Python ints (copied in the plan's one sync)
 
     @property
     def dest_offsets(self) -> torch.Tensor:
@@ -54,6 +55,7 @@ class PermutationPlan(NamedTuple):
     expert_offsets: torch.Tensor  # [num_dest + 1] int64
     source_token: torch.Tensor  # [N] int64
     slot: torch.Tensor  # [T, K] int64
+    host_offsets: tuple[int, ...]  # [num_dest + 1] expert_offsets as Python ints
 
 
 def plan_permutation(dest_ids: torch.Tensor, num_dest: int) -> PermutationPlan:
@@ -66,23 +68,26 @@ def plan_permutation(dest_ids: torch.Tensor, num_dest: int) -> PermutationPlan:
 
 
 def _plan_permutation_torch(dest_ids: torch.Tensor, num_dest: int) -> PermutationPlan:
-    """``plan_permutation`` in torch ops, on the ids' device, with one host sync: the id range and the number of
-    rows sent come back together (``bincount`` would add its own sync on CUDA; the offsets are searched instead)."""
+    """``plan_permutation`` in torch ops, on the ids' device, with one host sync: the id range and the offsets
+    (whose last is the number of rows sent) come back together (``bincount`` would add its own sync on CUDA; the
+    offsets are searched instead). The host's copy of the offsets spares its users (dispatch, the grouped
+    kernel's block table) syncs of their own."""
     T, K = dest_ids.shape
     flat = dest_ids.reshape(-1).long()  # [T*K]
     keys = torch.where(flat >= 0, flat, num_dest)  # [T*K] "not sent" sorts last
     sorted_keys, order = torch.sort(keys, stable=True)  # [T*K] (dest, token, j) order
     dests = torch.arange(num_dest + 1, device=flat.device)  # [num_dest + 1]
     offsets = torch.searchsorted(sorted_keys, dests)  # [num_dest + 1] first row of each destination; last = N
-    n = 0
+    host_offsets = (0,) * (num_dest + 1)
     if flat.numel():
         lo, hi = torch.aminmax(flat)
-        lo, hi, n = torch.stack((lo, hi, offsets[-1])).tolist()  # the layer's one sync here
+        lo, hi, *host_offsets = torch.cat((torch.stack((lo, hi)), offsets)).tolist()  # the layer's one sync here
         assert lo >= -1 and hi < num_dest, f"dest ids must be in [-1, {num_dest}), got [{lo}, {hi}]"
+    n = host_offsets[-1]
     order = order[:n]  # [N]
     slot = torch.full((T * K,), -1, dtype=torch.int64, device=flat.device)
     slot[order] = torch.arange(n, device=flat.device)
-    return PermutationPlan(offsets, torch.div(order, K, rounding_mode="floor"), slot.view(T, K))
+    return PermutationPlan(offsets, torch.div(order, K, rounding_mode="floor"), slot.view(T, K), tuple(host_offsets))
 
 
 def _plan_permutation_numpy(dest_ids: torch.Tensor, num_dest: int) -> PermutationPlan:
@@ -103,7 +108,9 @@ def _plan_permutation_numpy(dest_ids: torch.Tensor, num_dest: int) -> Permutatio
     slot = np.full(T * K, -1, dtype=np.int64)
     slot[order] = np.arange(n)
     source = order // K  # [N]
-    return PermutationPlan(torch.from_numpy(offsets), torch.from_numpy(source), torch.from_numpy(slot).view(T, K))
+    return PermutationPlan(
+        torch.from_numpy(offsets), torch.from_numpy(source), torch.from_numpy(slot).view(T, K), tuple(offsets.tolist())
+    )
 
 
 def permute(
@@ -127,7 +134,7 @@ def permute(
         gather_rows_triton(hidden, plan.source_token, out)
     else:
         torch.index_select(hidden, 0, plan.source_token, out=out)
-    return Permutation(out, plan.expert_offsets, plan.source_token, plan.slot)
+    return Permutation(out, plan.expert_offsets, plan.source_token, plan.slot, plan.host_offsets)
 
 
 def gather_rows_triton(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:

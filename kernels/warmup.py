@@ -50,8 +50,10 @@ def warm_up_expert_ffn(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, *, 
         if block in seen:
             continue
         seen.add(block)
-        offsets = torch.arange(E + 1, device=w1.device) * per_expert  # [E + 1] the rows split evenly
-        expert_ffn(torch.zeros(rows, D, dtype=w1.dtype, device=w1.device), offsets, w1, w3, w2, backend=backend)
+        host_offsets = [e * per_expert for e in range(E + 1)]  # [E + 1] the rows split evenly
+        offsets = torch.tensor(host_offsets, device=w1.device)
+        rows_in = torch.zeros(rows, D, dtype=w1.dtype, device=w1.device)
+        expert_ffn(rows_in, offsets, w1, w3, w2, backend=backend, host_offsets=host_offsets)
         calls += 1
     logger.info("grouped SwiGLU [%d x %d] warmed up: %d row blocks in %.1f s", I, D, calls, time.perf_counter() - started)
     return calls

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from moeshard.kernels import combine, expert_ffn, permute, route
+from moeshard.kernels.expert_ffn import expert_blocks
 
 DIMS = (1, 33, 100, 257)
 HIDDEN = (1, 40, 100)  # I
@@ -73,6 +74,9 @@ def check_ffn(rows, offsets, w1, w3, w2) -> None:
         out = torch.full((N, D), float("nan"), dtype=rows.dtype)
         got[backend] = expert_ffn(rows, offsets, w1, w3, w2, backend=backend, out=out)
         assert got[backend] is out
+        # the offsets as Python ints (a permutation's host copy): the same segments, the same values
+        with_host = expert_ffn(rows, offsets, w1, w3, w2, backend=backend, host_offsets=tuple(offsets.tolist()))
+        assert torch.equal(with_host, out), backend
     if N:
         want = naive_ffn(rows, offsets, w1, w3, w2, sample)
         for out in got.values():
@@ -95,6 +99,20 @@ def test_expert_ffn_empty_and_full_experts(dtype):
     check_ffn(rows, torch.tensor([0, 0, 0, 70, 70, 70, 70, 70, 70]), *w)  # all rows on expert 2
     check_ffn(rows, torch.tensor([0, 0, 1, 1, 33, 33, 34, 70, 70], dtype=torch.int32), *w)  # gaps, tiny segments
     check_ffn(torch.empty(0, 100, dtype=dtype), torch.zeros(9, dtype=torch.int64), *w)  # no rows at all
+
+
+@pytest.mark.parametrize("block_m", [1, 16, 64])
+def test_expert_blocks_cover_each_expert_segment_once(block_m):
+    """The block table the kernels read: every row in exactly one block, of its own expert, in order."""
+    offsets = [0, 0, 1, 1, 33, 33, 34, 130, 130]  # empty experts, one row, segments across block bounds
+    table = expert_blocks(offsets, block_m, torch.device("cpu"))
+    assert table.expert.dtype == torch.int32 and table.row_start.dtype == torch.int64
+    owner = []
+    for e, start in zip(table.expert.tolist(), table.row_start.tolist()):
+        end = min(start + block_m, offsets[e + 1])  # the kernels mask rows past the expert's segment
+        assert offsets[e] <= start < end
+        owner += [(n, e) for n in range(start, end)]
+    assert owner == [(n, e) for e in range(8) for n in range(offsets[e], offsets[e + 1])]
 
 
 def test_expert_ffn_strided_weights():

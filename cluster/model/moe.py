@@ -110,9 +110,11 @@ class ExpertStack:
         perm = permute(hidden, local_ids, len(self.expert_ids))  # rows [N, D] grouped by hosted expert
         if self.packed:
             out = torch.empty_like(perm.rows)  # [N, D]
-            expert_ffn_torch(perm.rows, perm.expert_offsets, self.w1, self.w3, self.w2, out, threads)
+            expert_ffn_torch(perm.rows, perm.expert_offsets, self.w1, self.w3, self.w2, out, threads, perm.host_offsets)
         else:
-            out = expert_ffn(perm.rows, perm.expert_offsets, self.w1, self.w3, self.w2, threads=threads)  # [N, D]
+            out = expert_ffn(
+                perm.rows, perm.expert_offsets, self.w1, self.w3, self.w2, threads=threads, host_offsets=perm.host_offsets
+            )  # [N, D]
         return combine(out, weights, perm, dtype=sum_dtype)  # [T, D]
 
     def _run_one_token(

@@ -113,7 +113,9 @@ def kernel_rows(T: int, D: int, I: int, E: int, K: int, repeats: int) -> list[Ke
         cases = {
             "route": lambda b: route(logits, K, backend=b),
             "permute": lambda b: permute(hidden, routing.expert_ids, E, backend=b),
-            "expert_ffn": lambda b: expert_ffn(perm.rows, perm.expert_offsets, w1, w3, w2, backend=b),
+            "expert_ffn": lambda b: expert_ffn(
+                perm.rows, perm.expert_offsets, w1, w3, w2, backend=b, host_offsets=perm.host_offsets
+            ),
             "combine": lambda b: combine(perm.rows, routing.weights, perm, backend=b),
         }
         for name, fn in cases.items():
@@ -164,7 +166,7 @@ def model_shape_rows(device: str, dims: dict, repeats: int) -> Iterator[ModelSha
         for T in dims["tokens"]:
             routing = route(torch.randn(T, E, generator=g).to(device), K, backend="torch")
             perm = permute(torch.randn(T, D, generator=g).to(device, dtype), routing.expert_ids, E, backend="torch")
-            call = lambda b: expert_ffn(perm.rows, perm.expert_offsets, w1, w3, w2, backend=b)  # noqa: E731
+            call = lambda b: expert_ffn(perm.rows, perm.expert_offsets, w1, w3, w2, backend=b, host_offsets=perm.host_offsets)  # noqa: E731
             error = relative_error(call("triton"), call("torch"))  # the first call for these sizes tunes
             triton_s = median_seconds(lambda: call("triton"), warmup=2, repeats=repeats)
             torch_s = median_seconds(lambda: call("torch"), warmup=2, repeats=repeats)
