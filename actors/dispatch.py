@@ -98,6 +98,8 @@ class RemoteExperts:
         self._switch = threading.Condition()  # guards placement, _next and _passes
         self._next: tuple[ExpertPlacement, list[ActorRef] | None] | None = None
         self._passes = 0  # forward passes running (``forward_pass``)
+        self._unreceived: dict[int, object] = {}  # tag -> ticket of each dispatch a pass sent and has not received
+        self._pass_tags = threading.local()  # .passes: per thread (``_passes_here``)
 
     def tables(self, down: frozenset[int] = frozenset(), device: torch.device = torch.device("cpu")) -> list[LayerTable | None]:
         """The placement's tables routing around ``down``, with their tensors on ``device`` (built once for each)."""
@@ -148,16 +150,31 @@ class RemoteExperts:
     def forward_pass(self) -> Iterator[None]:
         """Around one forward pass (both micro-batches of a ping-pong step): every MoE layer in it dispatches with
         one placement. A switch asked for meanwhile is taken as the last pass running ends, however it ends (an
-        error between layers too): the engine may go idle right after, with no next pass to take it."""
+        error between layers too): the engine may go idle right after, with no next pass to take it. A pass that
+        fails with the other micro-batch's dispatch in flight abandons it: its replies are dropped as they come
+        instead of being kept for a wait that will not come."""
         with self._switch:
             self._passes += 1
+        passes, sent = self._passes_here(), []
+        passes.append(sent)
         try:
             yield
         finally:
+            passes.pop()
+            for tag in sent:
+                ticket = self._unreceived.pop(tag, None)
+                if ticket is not None:
+                    self.transport.abandon(ticket)
             with self._switch:
                 self._passes -= 1
                 if self._next is not None and self._passes == 0:
                     self._use_next()
+
+    def _passes_here(self) -> list[list[int]]:
+        """This thread's running passes, innermost last: the tags of the dispatches each has sent."""
+        if not hasattr(self._pass_tags, "passes"):
+            self._pass_tags.passes = []
+        return self._pass_tags.passes
 
     def __call__(self, layer: int, hidden: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         return self.submit(layer, hidden, routing).wait()
@@ -198,6 +215,10 @@ class RemoteExperts:
             perm = permute(work.hidden, plan.send_to, num_actors)  # rows [N, D] grouped by actor
             messages = self._messages(work, table, plan, perm, tag)
         ticket = self.transport.send(messages, frozenset(range(num_actors)) - down)
+        passes = self._passes_here()
+        if passes:  # within a pass: abandoned when it ends, unless received by then
+            passes[-1].append(tag)
+            self._unreceived[tag] = ticket
         has_rows = [m is not None for m in messages]
         lone = lone if lone_token else None
         return PendingDispatch(self, work, plan, perm, tag, has_rows, ticket, deadline, lone)
@@ -286,7 +307,10 @@ class PendingDispatch:
 
     def _collect(self) -> LayerResult:
         """Steps 4-5 for this dispatch: the partials of actors that failed (or whose reply was lost) are left out."""
-        exchange = self.experts.transport.receive(self.ticket)
+        try:
+            exchange = self.experts.transport.receive(self.ticket)
+        finally:
+            self.experts._unreceived.pop(self.tag, None)
         if self.lone is not None and not exchange.failures:
             output = self._lone_token_output(exchange.replies)
             if output is not None:

@@ -69,6 +69,11 @@ class Transport(Protocol):
         """send, then receive."""
         ...
 
+    def abandon(self, ticket: object) -> None:
+        """A ticket that will never be received (the pass it belonged to failed): its replies are dropped as
+        they arrive instead of being kept for a ``receive`` that will not come."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -114,6 +119,9 @@ class ActorCallTransport:
                 failures[i] = exc
         return Exchange(replies, failures)
 
+    def abandon(self, ticket: _Sent) -> None:
+        pass  # the ticket's object refs are dropped with it, and Ray frees what they hold
+
     def close(self) -> None:
         pass
 
@@ -123,6 +131,10 @@ class Link(Protocol):
 
     handle: object  # the actor it was opened to (a restarted actor at the same index is another handle)
     error: BaseException | None  # set once it is unusable
+
+    def forget(self, posted: object) -> None:
+        """The reply to what ``_post`` returned as ``posted`` will not be taken: drop it now or as it arrives."""
+        ...
 
     def close(self) -> None: ...
 
@@ -188,6 +200,10 @@ class LinkTransport:
                 self._drop(actor, link)
                 failures[actor] = exc
         return Exchange(replies, failures)
+
+    def abandon(self, ticket: _LinkSent) -> None:
+        for link, posted in ticket.posted.values():
+            link.forget(posted)
 
     def _link(self, actor: int, deadline: float) -> Link:
         """The open link to ``actor``, or a new one."""
@@ -264,6 +280,9 @@ class CompiledGraphTransport:
         for pos, a in enumerate(ticket.members):
             replies[a] = ExpertReply.decode(answers[pos]) if a in ticket.sent else None
         return Exchange(replies, {})
+
+    def abandon(self, ticket: _Sent) -> None:
+        pass  # a compiled graph's refs dropped unread have their execution's results deleted by Ray
 
     def _failed_members(self, exc: BaseException, members: tuple[int, ...]) -> list[int]:
         """The members named in ``exc`` or not answering a ping (a dead one fails at once, a restarting one times out)."""

@@ -65,6 +65,22 @@ def test_batches_and_replies_cross_bit_for_bit(dtype):
         assert torch.equal(reply.rows, batch.rows.float() * 2 + batch.weights.sum(1, keepdim=True))
 
 
+def test_forgotten_replies_are_dropped_whether_read_before_or_after():
+    """The replies of an abandoned dispatch (a ping-pong pass that failed) are not kept for a wait that will not come."""
+    link = _open(lambda batch: ExpertReply(batch.tag, batch.rows.float() + 1))
+    for tag in (3, 4, 5, 6):
+        link.send(_batch(tag, 2, torch.float32))
+    deadline = time.monotonic() + 30
+    torch.testing.assert_close(link.wait(5, deadline).rows, _batch(5, 2, torch.float32).rows + 1)  # reads 3 and 4 first
+    assert set(link.replies) == {3, 4}
+    link.forget(3)  # read: dropped now
+    link.forget(6)  # not read yet: dropped when a later wait reads through it
+    link.send(_batch(7, 2, torch.float32))
+    torch.testing.assert_close(link.wait(7, deadline).rows, _batch(7, 2, torch.float32).rows + 1)
+    assert set(link.replies) == {4} and link._forgotten == set()
+    torch.testing.assert_close(link.wait(4, deadline).rows, _batch(4, 2, torch.float32).rows + 1)
+
+
 def test_a_stale_reply_carries_no_rows_and_the_next_reply_is_intact():
     def handle(batch: ExpertBatch) -> ExpertReply:
         if batch.tag == 9:

@@ -38,6 +38,7 @@ class InProcessTransport:
         self.stacks = stacks
         self.sent: list[list[int]] = []  # per exchange: actors that got a message
         self.messages: list[list[ExpertBatch | None]] = []  # per exchange: what each actor was sent
+        self.abandoned: list[list[ExpertReply | None]] = []  # tickets abandoned, in order
 
     def send(self, messages: list[ExpertBatch | None], live: frozenset[int]) -> list[ExpertReply | None]:
         self.sent.append([a for a, m in enumerate(messages) if m is not None])
@@ -57,6 +58,9 @@ class InProcessTransport:
 
     def exchange(self, messages: list[ExpertBatch | None], live: frozenset[int]) -> Exchange:
         return self.receive(self.send(messages, live))
+
+    def abandon(self, ticket: list[ExpertReply | None]) -> None:
+        self.abandoned.append(ticket)
 
     def close(self) -> None:
         pass
@@ -247,3 +251,40 @@ def test_a_switch_asked_for_during_a_pass_is_taken_when_the_pass_ends():
     assert remote.switch(version(4), timeout_s=0.0)  # between passes: at once
     remote(0, hidden, routing)
     assert versions_sent() == {4}
+
+
+def test_a_pass_that_fails_abandons_the_dispatches_it_sent_and_did_not_receive():
+    """Ping-pong: micro-batch A's wait fails with B's dispatch in flight. B's ticket is abandoned as the pass
+    ends (its replies are dropped as they come, not kept for a wait that will not come); a received one never
+    is, nor one sent outside a pass, nor an outer pass's by a pass nested in it."""
+    E, actors, T = 8, 2, 6
+    torch.manual_seed(2)
+    w1, w3 = torch.randn(E, I, D) * D**-0.5, torch.randn(E, I, D) * D**-0.5  # [E, I, D]
+    w2 = torch.randn(E, D, I) * I**-0.5  # [E, D, I]
+    placement = ExpertPlacement.even(1, E, actors)
+    transport = InProcessTransport([{0: _stack(placement.hosted_by(a)[0], w1, w3, w2)} for a in range(actors)])
+    remote = RemoteExperts(placement, transport, [ActorRef(a, None, f"in-process actor {a}") for a in range(actors)], 120.0)
+    local = LocalExperts({0: _stack(list(range(E)), w1, w3, w2)})
+    hidden = torch.randn(T, D)  # [T, D]
+    routing = route(hidden @ torch.randn(E, D).T, 2, normalize=True)  # [T, 2] each
+    a_rows, b_rows = slice(0, 3), slice(3, 6)
+
+    def half(rows: slice):
+        return hidden[rows], type(routing)(routing.weights[rows], routing.expert_ids[rows])
+
+    with pytest.raises(RuntimeError, match="micro-batch A"):
+        with remote.forward_pass():
+            a, b = remote.submit(0, *half(a_rows)), remote.submit(0, *half(b_rows))
+            a.wait()
+            raise RuntimeError("micro-batch A failed")
+    assert transport.abandoned == [b.ticket] and remote._unreceived == {}
+
+    outside = remote.submit(0, *half(a_rows))  # not in a pass: nothing to abandon it
+    with remote.forward_pass():
+        outer = remote.submit(0, *half(b_rows))
+        with remote.forward_pass():
+            inner = remote.submit(0, *half(a_rows))
+        assert transport.abandoned[1:] == [inner.ticket]
+        torch.testing.assert_close(outer.wait(), local(0, *half(b_rows)), rtol=1e-5, atol=1e-5)
+    assert transport.abandoned[1:] == [inner.ticket] and remote._unreceived == {}
+    torch.testing.assert_close(outside.wait(), local(0, *half(a_rows)), rtol=1e-5, atol=1e-5)

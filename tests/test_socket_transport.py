@@ -62,6 +62,25 @@ def test_frames_are_answered_by_sequence_number_and_large_ones_do_not_deadlock()
     connection.close()
 
 
+def test_a_forgotten_reply_is_dropped_whether_it_came_before_or_after():
+    """The replies of an abandoned dispatch (a ping-pong pass that failed) are not kept for a wait that will not come."""
+    release = threading.Event()
+    server = _server(lambda payload: (release.wait(30) if payload == b"held" else True) and payload[::-1])
+    connection = _Connection(handle=None, sock=_connect(server))
+    arrived = connection.send(b"first")
+    deadline = time.monotonic() + 30
+    while arrived not in connection.replies and time.monotonic() < deadline:
+        time.sleep(0.01)
+    connection.forget(arrived)  # its reply is here: dropped now
+    held = connection.send(b"held")
+    connection.forget(held)  # its reply is not here yet: dropped as it comes
+    release.set()
+    last = connection.send(b"last")  # answered after "held" (one connection, one thread, in order)
+    assert connection.wait(last, deadline) == b"tsal"
+    assert connection.replies == {} and connection._forgotten == set()
+    connection.close()
+
+
 def test_a_silent_actor_times_out_and_a_dead_one_fails_at_once():
     release = threading.Event()
     server = _server(lambda payload: release.wait(30) and payload)

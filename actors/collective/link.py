@@ -36,6 +36,7 @@ class ChannelLink:
         self.sent: deque[tuple[int, int, int]] = deque()  # (tag, rows, hidden) of each batch not yet answered, in order
         self.sends: dict[int, list[dist.Work]] = {}  # tag -> the batch's sends (they hold its tensors until done)
         self.replies: dict[int, ExpertReply] = {}  # tag -> reply read but not yet taken
+        self._forgotten: set[int] = set()  # tags whose replies no one will take: read and dropped
         self.error: BaseException | None = None
         self._lock = threading.Lock()
 
@@ -63,8 +64,18 @@ class ChannelLink:
                     raise
                 self.sent.popleft()
                 self.sends.pop(sent_tag, None)  # replied to: its sends are complete
-                self.replies[reply.tag] = reply
+                if sent_tag in self._forgotten:
+                    self._forgotten.discard(sent_tag)
+                else:
+                    self.replies[reply.tag] = reply
             return self.replies.pop(tag)
+
+    def forget(self, tag: int) -> None:
+        """No one will wait for the reply to batch ``tag``: dropped if it was read, else when a later wait reads
+        through it (replies come back in order)."""
+        with self._lock:
+            if self.replies.pop(tag, None) is None:
+                self._forgotten.add(tag)
 
     def close(self) -> None:
         self.error = self.error or ChannelClosed("closed by the coordinator")

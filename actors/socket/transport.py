@@ -40,6 +40,7 @@ class _Connection:
         self.handle = handle
         self.sock = sock
         self.replies: dict[int, bytes] = {}  # sequence number -> reply not yet taken
+        self._forgotten: set[int] = set()  # sequence numbers whose replies no one will take
         self.error: BaseException | None = None  # set once the connection is unusable
         self._changed = threading.Condition()
         self._next_seq = 1  # 0 is the secret's frame
@@ -59,11 +60,20 @@ class _Connection:
                 raise ConnectionError(f"the connection to the expert actor was lost: {self.error}") from self.error
         raise DispatchTimeout("no reply by the dispatch deadline")
 
+    def forget(self, seq: int) -> None:
+        """No one will wait for the reply to ``seq``: dropped if it is here, else as it arrives."""
+        with self._changed:
+            if self.replies.pop(seq, None) is None:
+                self._forgotten.add(seq)
+
     def _read_replies(self) -> None:
         try:
             while True:
                 seq, payload = read_frame(self.sock)
                 with self._changed:
+                    if seq in self._forgotten:
+                        self._forgotten.discard(seq)
+                        continue
                     self.replies[seq] = payload
                     self._changed.notify_all()
         except (FrameError, OSError) as exc:
