@@ -2,8 +2,11 @@
 
     route -> permute (dispatch gather) -> expert_ffn (grouped SwiGLU) -> combine (weighted un-permute)
 
+and the decoder's paged attention, RMSNorm and rotary embedding, the same way.
+
 Dimensions: T tokens, D hidden, I expert hidden, E experts, K chosen per token, N rows.
-Every op takes ``backend="auto"|"triton"|"torch"`` (see ``backend.py``) and an optional ``out=``.
+Every op takes ``backend="auto"|"triton"|"torch"`` (see ``backend.py``); the MoE layer's take an optional
+``out=``.
 
 This folder is also the repository's top-level ``kernels/``. Reached under that bare name (a Python
 started in the repository root has it on ``sys.path``), it must not pass for Hugging Face's ``kernels``
@@ -21,6 +24,8 @@ if __name__ == "moeshard.kernels":
     from moeshard.kernels.paged_attention import paged_attention
     from moeshard.kernels.paged_layout import PagedLayout
     from moeshard.kernels.permute import Permutation, PermutationPlan, permute, plan_permutation
+    from moeshard.kernels.rms_norm import rms_norm
+    from moeshard.kernels.rotary import rotary
     from moeshard.kernels.route import RouterOutput, route
 
     __all__ = [
@@ -37,6 +42,8 @@ if __name__ == "moeshard.kernels":
         "permute",
         "plan_permutation",
         "resolve_backend",
+        "rms_norm",
+        "rotary",
         "route",
         "triton_interprets",
     ]

@@ -1,5 +1,8 @@
 """Small stateless layers of the decoder: RMSNorm, rotary position embedding, the SwiGLU FFN.
 
+RMSNorm and the rotation are kernels (``kernels/rms_norm.py``, ``kernels/rotary.py``): torch ops on the CPU,
+one Triton launch each on a GPU.
+
 Dimensions: T tokens, D hidden, Dh head dim, H heads, I FFN hidden.
 """
 
@@ -10,14 +13,10 @@ from typing import NamedTuple
 import torch
 
 from moeshard.kernels.expert_ffn import expert_rows_torch
+from moeshard.kernels.rms_norm import rms_norm
+from moeshard.kernels.rotary import rotary
 
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [..., D] -> [..., D] over the last dim; normalised in float32, scaled in x's dtype."""
-    wide = x.float()  # one cast, read twice
-    variance = wide.pow(2).mean(-1, keepdim=True)  # [..., 1]
-    normed = wide * torch.rsqrt(variance + eps)
-    return weight * normed.to(x.dtype)
+__all__ = ["RotaryEmbedding", "RotaryTables", "apply_rotary", "rms_norm", "swiglu"]
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -45,15 +44,6 @@ class RotaryEmbedding:
 
 
 def apply_rotary(x: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
-    """x [T, H, Dh] -> [T, H, Dh] rotated by each token's position: x * cos + rotate_half(x) * sin.
-
-    Written per half, without materialising rotate_half(x) = cat(-x2, x1); each element is rounded as in
-    that expression (x1 * cos - x2 * sin == x1 * cos + (-x2) * sin exactly). cos and sin repeat their halves.
-    """
-    half = x.shape[-1] // 2
-    cos, sin = tables.cos[:, None, :half], tables.sin[:, None, :half]  # [T, 1, Dh/2]
-    x1, x2 = x[..., :half], x[..., half:]  # [T, H, Dh/2]
-    out = torch.empty_like(x)
-    torch.mul(x1, cos, out=out[..., :half]).sub_(x2 * sin)
-    torch.mul(x2, cos, out=out[..., half:]).add_(x1 * sin)
-    return out
+    """x [T, H, Dh] -> [T, H, Dh] rotated by each token's position: x * cos + rotate_half(x) * sin, each element
+    rounded as in that expression (``kernels/rotary.py``)."""
+    return rotary(x, tables.cos, tables.sin)

@@ -6,7 +6,8 @@ shape, warp count and pipeline depth of ``tuning.py`` compiles, and how much sha
 be read on any machine. Prints, per kernel, dtype and dot precision, row block and configuration, the
 shared memory each target's binary needs, against the part's limit per block, and whether the pruning
 keeps the configuration at Mixtral 8x7B's sizes. The kernels that are not autotuned (route, the permute
-gather, combine) compile once per part and dtype, with the tiles their wrappers pick at those sizes.
+gather, combine, RMSNorm, rotary) compile once per part and dtype, with the tiles their wrappers pick at
+those sizes.
 What it cannot show is speed: that takes a GPU (``benchmarks.kernels``).
 
 Triton must not be in interpreter mode: the module re-executes itself with ``TRITON_INTERPRET=0``.
@@ -23,6 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 import triton
 
 # Shared memory a block may take: A100 163 KiB, H100 227 KiB.
@@ -32,7 +34,7 @@ TYPES = {"bfloat16": "bf16", "float32": "fp32"}
 
 @dataclass(frozen=True)
 class Case:
-    kernel: str  # gate_up, down, attention (autotuned); route, gather, combine (fixed tiles)
+    kernel: str  # gate_up, down, attention (autotuned); route, gather, combine, rms_norm, rotary (fixed tiles)
     arch: int
     dtype: str  # bfloat16, float32
     precision: str  # ieee, tf32
@@ -87,6 +89,12 @@ KERNELS = {
     "combine": KernelArgs("combine", "_combine_kernel", {"w_ptr": "*fp32", "slot_ptr": "*i64"},
         dict(T=T, D=D, K=K, stride_x=D, stride_wt=K, stride_wk=1, stride_st=K, stride_sk=1, stride_out=D),
         dict(BLOCK_T=16, BLOCK_D=256)),
+    "rms_norm": KernelArgs("rms_norm", "_rms_norm_kernel", {},
+        dict(R=T, D=D, stride_xr=D, stride_w=1, stride_or=D), dict(BLOCK_R=1, BLOCK_D=D)),
+    "rotary": KernelArgs("rotary", "_rotary_kernel", {},
+        dict(H=HEADS, HALF=HEAD_DIM // 2, stride_xt=(HEADS + 2 * KV_HEADS) * HEAD_DIM, stride_xh=HEAD_DIM,
+             stride_ct=HEAD_DIM, stride_st=HEAD_DIM, stride_ot=HEADS * HEAD_DIM, stride_oh=HEAD_DIM),
+        dict(BLOCK_H=HEADS, BLOCK_HALF=HEAD_DIM // 2)),
 }  # fmt: skip
 AUTOTUNED = ("gate_up", "down", "attention")
 
@@ -113,7 +121,7 @@ def launch_spec(kernel: str, dtype: str) -> LaunchSpec:
         elif name.endswith("_ptr"):
             signature[name] = args.pointers.get(name, "*" + TYPES[dtype])
             attrs[(index,)] = [["tt.divisibility", 16]]
-        elif name == "scale":
+        elif name in ("scale", "eps"):
             signature[name] = "fp32"
         elif args.integers[name] == 1:
             signature[name], constants[name] = "constexpr", 1
@@ -157,6 +165,8 @@ def compile_case(case: Case) -> Compiled:
     constants = {**KERNELS[case.kernel].tiles, **config.kwargs, **spec.constants}
     if case.kernel in AUTOTUNED:
         constants.update(BLOCK_M=case.block_m, DOT_FP32=False, PRECISION=case.precision)
+    rounding = importlib.import_module("moeshard.kernels.rounding").rounding_code(getattr(torch, case.dtype))
+    constants.update({name: rounding for name in ("ROUND", "ROUND_X", "ROUND_OUT") if name in fn.arg_names})
     if case.kernel == "attention":
         group = HEADS // KV_HEADS
         constants.update(GROUP=group, QUERIES=max(1, case.block_m // group), SLIDING=False, BLOCK_D=HEAD_DIM)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeshard.kernels import PagedLayout, combine, expert_ffn, paged_attention, permute, route
+from moeshard.kernels import PagedLayout, combine, expert_ffn, paged_attention, permute, rms_norm, rotary, route
 
 SHAPES = [(1, 8, 2, 64, 96), (33, 8, 2, 512, 1024), (257, 64, 8, 256, 128), (1024, 128, 8, 512, 256)]  # T, E, K, D, I
 PRECISIONS = [(torch.float32, "highest"), (torch.float32, "high"), (torch.bfloat16, "highest")]
@@ -38,7 +38,7 @@ def test_one_moe_layer_compiled_equals_torch(compiled_triton, matmul_precision, 
     for backend in ("triton", "torch"):
         routing = route(logits, K, backend=backend)
         perm = permute(hidden, routing.expert_ids, E, backend=backend)
-        rows = expert_ffn(perm.rows, perm.expert_offsets, w1, w3, w2, backend=backend)
+        rows = expert_ffn(perm.rows, perm.expert_offsets, w1, w3, w2, backend=backend, host_offsets=perm.host_offsets)
         outputs[backend] = (routing, perm, combine(rows, routing.weights, perm, backend=backend))
     (r_t, p_t, out_t), (r_ref, p_ref, out_ref) = outputs["triton"], outputs["torch"]
     assert torch.equal(r_t.expert_ids.long(), r_ref.expert_ids.long())
@@ -77,3 +77,24 @@ def test_paged_attention_compiled_equals_torch(
     want = paged_attention(q, keys, values, layout, backend="torch")
     tolerance = {"highest": {torch.float32: 1e-4, torch.bfloat16: 2e-2}, "high": {torch.float32: 5e-3}}[precision][dtype]
     torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d).removeprefix("torch."))
+def test_rms_norm_and_rotary_compiled_equal_torch(compiled_triton, dtype):
+    """Both round where torch's ops round: rotary bit for bit (no fused multiply-add), RMSNorm but for the
+    mean's summation order (then at most one unit in the last place, in few elements)."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for shape in ((1, 4096), (37, 576), (64, 5120), (9, 32, 128)):
+        x = torch.randn(*shape, device="cuda", generator=g).mul(3).to(dtype)
+        weight = torch.rand(shape[-1], device="cuda", generator=g).add(0.5).to(dtype)
+        got, want = rms_norm(x, weight, 1e-5, backend="triton"), rms_norm(x, weight, 1e-5, backend="torch")
+        assert got.dtype == want.dtype
+        ulp = torch.finfo(dtype).eps * want.float().abs().clamp(min=1)
+        assert ((got.float() - want.float()).abs() <= 2 * ulp).all(), shape
+        assert (got != want).sum().item() <= 0.01 * got.numel() + 1, shape
+    for T, H, Dh in ((1, 32, 128), (300, 8, 64), (17, 9, 80)):
+        qkv = torch.randn(T, (H + 2) * Dh, device="cuda", generator=g).to(dtype)
+        x = qkv[:, : H * Dh].view(T, H, Dh)  # a view, as attention's q is
+        angles = torch.rand(T, Dh // 2, device="cuda", generator=g).mul(100).repeat(1, 2)  # [T, Dh]
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        assert torch.equal(rotary(x, cos, sin, backend="triton"), rotary(x, cos, sin, backend="torch")), (T, H, Dh)
