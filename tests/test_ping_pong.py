@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -87,3 +89,18 @@ def test_two_interleaved_micro_batches_change_no_output(tiny_mixtral_dir, params
         for a, b in experts.passes:
             events = [event for event, _, _ in experts.log[a:b]]
             assert events.count("submit") == events.count("wait") > 0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="the benchmark reads /proc")
+def test_the_benchmarks_cpu_accounting_sees_this_process_work():
+    """``ping_pong``'s second table: the CPU seconds of the process running the model, and the idle share."""
+    from moeshard.actors.benchmarks.ping_pong import _cpu_by_role, _idle_ticks
+
+    cpu_before, ticks_before = _cpu_by_role(), _idle_ticks()
+    started = time.process_time()
+    while time.process_time() - started < 0.3:  # busy in this process
+        pass
+    cpu_after, ticks_after = _cpu_by_role(), _idle_ticks()
+    assert 0.15 <= cpu_after["model"] - cpu_before["model"] <= 5.0
+    assert cpu_after["experts"] >= cpu_before["experts"] >= 0.0
+    assert 0 <= ticks_after[0] - ticks_before[0] <= ticks_after[1] - ticks_before[1]

@@ -8,6 +8,11 @@ greedy sequences of ``--new-tokens`` tokens each: in one process (the reference)
 attention and experts overlap (``ping_pong_min_sequences``). The three run in turn, ``--repeats`` times,
 on the same prompts; the table gives the median output tokens/s and the ratios. One run, one machine:
 read the ratios. Every configuration's tokens are checked equal to the reference.
+
+A second table says where the time went (Linux: from /proc): per run, the CPU seconds of the process that
+runs the model (this one, or the coordinator actor) and of the expert actors, and the share of the machine's
+cores left idle. On a machine with fewer cores than processes, idle cores beside a slower run mean the work
+waited on itself (the coordinator's part of a layer, then the actors' part), not that the cores were short.
 """
 
 from __future__ import annotations
@@ -34,12 +39,52 @@ logger = logging.getLogger(__name__)
 class Timed(NamedTuple):
     seconds: float
     token_ids: list[list[int]]
+    cpu: dict[str, float]  # role -> CPU seconds during the run ("model": this process or the coordinator actor)
+    idle: float | None  # share of the machine's cores idle during the run (None without /proc)
+
+
+def _cpu_by_role() -> dict[str, float]:
+    """CPU seconds so far of this process ("model") and of the Ray workers running a coordinator or expert actor
+    ({} without /proc). Idle actors of another cluster count too, at next to nothing."""
+    if not os.path.exists("/proc/stat"):
+        return {}
+    roles = {b"OfflineCoordinator": "model", b"ExpertActor": "experts"}
+    totals, tick = {"model": 0.0, "experts": 0.0}, os.sysconf("SC_CLK_TCK")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read()
+            role = "model" if int(pid) == os.getpid() else next((r for key, r in roles.items() if key in command), None)
+            if role is None:
+                continue
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            totals[role] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        except (OSError, ValueError):  # a process that ended meanwhile
+            continue
+    return totals
+
+
+def _idle_ticks() -> tuple[int, int] | None:
+    """(idle, all) clock ticks of every core so far, from /proc/stat."""
+    if not os.path.exists("/proc/stat"):
+        return None
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return ticks[3] + ticks[4], sum(ticks)  # idle + iowait
 
 
 def _time_generate(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> Timed:
+    cpu_before, idle_before = _cpu_by_role(), _idle_ticks()
     started = time.perf_counter()
     outputs = llm.generate(prompts, params)
-    return Timed(time.perf_counter() - started, [o.token_ids for o in outputs])
+    seconds = time.perf_counter() - started
+    cpu_after, idle_after = _cpu_by_role(), _idle_ticks()
+    cpu = {role: cpu_after[role] - cpu_before[role] for role in cpu_after}
+    idle = None
+    if idle_before and idle_after and idle_after[1] > idle_before[1]:
+        idle = (idle_after[0] - idle_before[0]) / (idle_after[1] - idle_before[1])
+    return Timed(seconds, [o.token_ids for o in outputs], cpu, idle)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,19 +117,30 @@ def main(argv: list[str] | None = None) -> int:
                 expected = None
                 for _ in range(args.repeats):
                     for name, llm in zip(runs, (single, plain, overlapped)):
-                        seconds, out = _time_generate(llm, prompts, params)
-                        expected = expected or out
-                        if out != expected:
+                        timed = _time_generate(llm, prompts, params)
+                        expected = expected or timed.token_ids
+                        if timed.token_ids != expected:
                             raise AssertionError(f"{name}: tokens differ from the one-process run")
-                        runs[name].append(tokens / seconds)
+                        runs[name].append(timed)
     ray.shutdown()
-    base = statistics.median(runs["one process"])
+    base = statistics.median(tokens / t.seconds for t in runs["one process"])
     print(f"{args.sequences} sequences x {args.new_tokens} new tokens, {args.layers} layers, {args.expert_actors} expert actors:")
     print()
     print("| configuration | output tok/s (median) | vs one process |")
     print("|---|---:|---:|")
-    for name, rates in runs.items():
-        print(f"| {name} | {statistics.median(rates):.1f} | {statistics.median(rates) / base:.2f}x |")
+    for name, timed in runs.items():
+        rate = statistics.median(tokens / t.seconds for t in timed)
+        print(f"| {name} | {rate:.1f} | {rate / base:.2f}x |")
+    if all(t.cpu and t.idle is not None for timed in runs.values() for t in timed):
+        print()
+        print("Where a run's time went (medians; CPU seconds summed over each role's processes):")
+        print()
+        print("| configuration | wall s | model CPU s | expert actors CPU s | cores idle |")
+        print("|---|---:|---:|---:|---:|")
+        for name, timed in runs.items():
+            wall, idle = statistics.median(t.seconds for t in timed), statistics.median(t.idle for t in timed)
+            model, experts = (statistics.median(t.cpu[role] for t in timed) for role in ("model", "experts"))
+            print(f"| {name} | {wall:.2f} | {model:.2f} | {experts:.2f} | {idle:.0%} |")
     return 0
 
 
