@@ -27,9 +27,11 @@ class RecordingExperts:
         self.local = local
         self.log: list[tuple[str, int, int]] = []  # (event, layer, tokens)
         self.passes: list[tuple[int, int]] = []  # (first, last + 1) entry of the log inside each forward pass
+        self.chosen: list[tuple[int, torch.Tensor]] = []  # (layer, expert ids [t, K]) of every submit
 
     def submit(self, layer, hidden, routing):
         self.log.append(("submit", layer, hidden.shape[0]))
+        self.chosen.append((layer, routing.expert_ids.clone()))
         out = self.local(layer, hidden, routing)
         log = self.log
 
@@ -89,6 +91,22 @@ def test_two_interleaved_micro_batches_change_no_output(tiny_mixtral_dir, params
         for a, b in experts.passes:
             events = [event for event, _, _ in experts.log[a:b]]
             assert events.count("submit") == events.count("wait") > 0
+
+
+@pytest.mark.parametrize("min_sequences", [0, 2], ids=["one-batch", "ping-pong"])
+def test_the_load_counters_count_every_choice_the_experts_were_sent(tiny_mixtral_dir, min_sequences):
+    """The model counts a pass's routed choices once its layers are done (a few ops a pass): the [L, E] counters
+    metrics and rebalancing read equal the choices the experts saw, with or without micro-batches."""
+    engine, experts = _engine(tiny_mixtral_dir, min_sequences)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    generate_to_completion(engine, None, PROMPTS, [params] * len(PROMPTS))
+    load = engine.model.expert_load  # [L, E]
+    want = torch.zeros_like(load)
+    for layer, ids in experts.chosen:
+        want[layer] += torch.bincount(ids.reshape(-1).long(), minlength=load.shape[1])
+    assert torch.equal(load, want)
+    tokens = sum(len(p) for p in PROMPTS) + len(PROMPTS) * (params.max_tokens - 1)  # every prompt token, every fed token
+    assert load.sum(dim=1).tolist() == [tokens * engine.model.config.experts_per_token] * load.shape[0]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="the benchmark reads /proc")

@@ -73,6 +73,9 @@ class MoeModel:
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, self.device)
         # Tokens routed to each expert since start, counted on the device without a host sync.
         self._load = torch.zeros(config.num_layers, config.num_experts, dtype=torch.int64, device=self.device)  # [L, E]
+        # Each MoE layer's first entry in the flattened counters, to count a whole pass's choices at once.
+        moe_layers = torch.tensor(config.moe_layers, dtype=torch.int64, device=self.device)  # [L_moe]
+        self._load_rows = (moe_layers * config.num_experts)[:, None, None]  # [L_moe, 1, 1]
 
     @property
     def expert_load(self) -> torch.Tensor:
@@ -105,23 +108,26 @@ class MoeModel:
                         h = xs[i] + attention(config, lw, layer, normed, layouts[i], rotaries[i], self.cache)
                         pending[i] = self.start_feed_forward(layer, lw, h, routed[i])
                 x = torch.cat([p.finish() for p in pending]) if len(parts) > 1 else pending[0].finish()  # [T, D]
-            if self.routing_observer is not None and config.moe_layers:
-                self.routing_observer(batch, torch.cat([torch.stack(ids) for ids in routed], dim=1))  # [L_moe, T, K]
+            if config.moe_layers:
+                stacked = [torch.stack(ids) for ids in routed]  # [L_moe, t, K] per micro-batch
+                chosen = stacked[0] if len(stacked) == 1 else torch.cat(stacked, dim=1)  # [L_moe, T, K]
+                keys = (chosen.long() + self._load_rows).reshape(-1)  # [L_moe*T*K] (layer, expert) in the counters
+                self._load.view(-1).index_add_(0, keys, torch.ones_like(keys))  # a few ops a pass, not three a layer
+                if self.routing_observer is not None:
+                    self.routing_observer(batch, chosen)
             x = rms_norm(x[rows], w.final_norm, config.rms_norm_eps)  # [R, D]
             return linear(x, w.lm_head).float()  # [R, V]
 
     def start_feed_forward(self, layer: int, lw: LayerWeights, h: torch.Tensor, routed: list[torch.Tensor]) -> "PendingFeedForward":
         """h [T, D] (the residual stream after attention) -> its FFN started: experts submitted (+ shared expert run).
-        An MoE layer appends its expert ids [T, K] to ``routed`` while a routing observer is set."""
+        An MoE layer appends its expert ids [T, K] to ``routed`` (the pass counts them and shows them to a routing
+        observer once its layers are done)."""
         config = self.config
         r = rms_norm(h, lw.post_attention_norm, config.rms_norm_eps)  # [T, D]
         if lw.router is None:
             return PendingFeedForward(h, Done(swiglu(r, lw.mlp.w1, lw.mlp.w3, lw.mlp.w2)), None)
         routing = route(linear(r, lw.router), config.experts_per_token, normalize=config.norm_topk_prob)  # [T, K] each
-        chosen = routing.expert_ids.reshape(-1).long()  # [T*K]
-        self._load[layer].index_add_(0, chosen, torch.ones_like(chosen))
-        if self.routing_observer is not None:
-            routed.append(routing.expert_ids)  # [T, K]
+        routed.append(routing.expert_ids)  # [T, K]
         experts = self.experts.submit(layer, r, routing)
         if lw.shared_expert is None:
             return PendingFeedForward(h, experts, None)
