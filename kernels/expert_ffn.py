@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from functools import partial
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -106,21 +105,15 @@ def expert_rows_torch(
     return linear_into(h, w2, out)  # [n, D]
 
 
-class ExpertBlocks(NamedTuple):
-    expert: torch.Tensor  # [B] int32 expert of each row block
-    row_start: torch.Tensor  # [B] int64 first row of each block
-
-
-def expert_blocks(host_offsets: Sequence[int], block_m: int, device: torch.device) -> ExpertBlocks:
-    """Each expert's segment cut into blocks of block_m rows, one kernel program each: built on the host from
-    the offsets (no device ops) and copied to ``device`` at once."""
+def expert_blocks(host_offsets: Sequence[int], block_m: int, device: torch.device) -> torch.Tensor:
+    """[B, 2] int64 (expert, first row) of each block of block_m rows of each expert's segment, one kernel
+    program each: built on the host from the offsets and copied to ``device`` at once (one device op)."""
     table = [
         (e, first)
         for e, (start, end) in enumerate(zip(host_offsets[:-1], host_offsets[1:]))
         for first in range(start, end, block_m)
     ]
-    both = torch.tensor(table, dtype=torch.int64).reshape(-1, 2).to(device)  # [B, 2]
-    return ExpertBlocks(both[:, 0].to(torch.int32), both[:, 1].contiguous())
+    return torch.tensor(table, dtype=torch.int64).reshape(-1, 2).to(device)  # [B, 2]
 
 
 def expert_ffn_triton(rows, expert_offsets, w1, w3, w2, out, host_offsets: Sequence[int] | None = None) -> None:
@@ -134,19 +127,19 @@ def expert_ffn_triton(rows, expert_offsets, w1, w3, w2, out, host_offsets: Seque
     host_offsets = expert_offsets.tolist() if host_offsets is None else host_offsets
     assert len(host_offsets) == E + 1 and host_offsets[0] == 0 and host_offsets[-1] == N, (host_offsets, N)
     block_m = gemm_block_m(N, E)
-    table = expert_blocks(host_offsets, block_m, rows.device)
-    B = table.expert.shape[0]
+    blocks = expert_blocks(host_offsets, block_m, rows.device)  # [B, 2]
+    B = blocks.shape[0]
     h = torch.empty(N, I, dtype=rows.dtype, device=rows.device)  # [N, I] activated intermediate
     precision = dot_precision(rows.dtype)
     with AUTOTUNED_LAUNCH:
         _gate_up_kernel[lambda meta: (B, triton.cdiv(I, meta["BLOCK_N"]))](
-            rows, w1, w3, h, offsets, table.expert, table.row_start,
+            rows, w1, w3, h, offsets, blocks,
             D, I,
             rows.stride(0), w1.stride(0), w1.stride(1), w1.stride(2), w3.stride(0), w3.stride(1), w3.stride(2), h.stride(0),
             BLOCK_M=block_m, DOT_FP32=triton_interprets(), PRECISION=precision,
         )  # fmt: skip
         _down_kernel[lambda meta: (B, triton.cdiv(D, meta["BLOCK_N"]))](
-            h, w2, out, offsets, table.expert, table.row_start,
+            h, w2, out, offsets, blocks,
             D, I,
             h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0),
             BLOCK_M=block_m, DOT_FP32=triton_interprets(), PRECISION=precision,
@@ -162,7 +155,7 @@ def expert_ffn_triton(rows, expert_offsets, w1, w3, w2, out, host_offsets: Seque
 )
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w1_ptr, w3_ptr, h_ptr, offsets_ptr, block_expert_ptr, block_start_ptr,
+    x_ptr, w1_ptr, w3_ptr, h_ptr, offsets_ptr, blocks_ptr,
     D, I,
     stride_xn, stride_1e, stride_1i, stride_1d, stride_3e, stride_3i, stride_3d, stride_hn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -174,11 +167,10 @@ def _gate_up_kernel(
     w1_ptr, w3_ptr   [E, I, D] x's dtype
     h_ptr            [N, I] x's dtype out (unit stride along I)
     offsets_ptr      [E + 1] int64 expert segment offsets
-    block_expert_ptr [B] int32 expert of each row block
-    block_start_ptr  [B] int64 first row of each block
+    blocks_ptr       [B, 2] int64 (expert, first row) of each row block
     """
-    e = tl.load(block_expert_ptr + tl.program_id(0)).to(tl.int64)
-    m = tl.load(block_start_ptr + tl.program_id(0)) + tl.arange(0, BLOCK_M)  # [BM] rows
+    e = tl.load(blocks_ptr + 2 * tl.program_id(0))
+    m = tl.load(blocks_ptr + 2 * tl.program_id(0) + 1) + tl.arange(0, BLOCK_M)  # [BM] rows
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] columns of I
     k = tl.arange(0, BLOCK_K)  # [BK] columns of D
     m_ok = m < tl.load(offsets_ptr + e + 1)
@@ -214,7 +206,7 @@ def _gate_up_kernel(
 )
 @triton.jit
 def _down_kernel(
-    h_ptr, w2_ptr, out_ptr, offsets_ptr, block_expert_ptr, block_start_ptr,
+    h_ptr, w2_ptr, out_ptr, offsets_ptr, blocks_ptr,
     D, I,
     stride_hn, stride_2e, stride_2d, stride_2i, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -226,11 +218,10 @@ def _down_kernel(
     w2_ptr           [E, D, I] h's dtype
     out_ptr          [N, D] h's dtype out (unit stride along D)
     offsets_ptr      [E + 1] int64 expert segment offsets
-    block_expert_ptr [B] int32 expert of each row block
-    block_start_ptr  [B] int64 first row of each block
+    blocks_ptr       [B, 2] int64 (expert, first row) of each row block
     """
-    e = tl.load(block_expert_ptr + tl.program_id(0)).to(tl.int64)
-    m = tl.load(block_start_ptr + tl.program_id(0)) + tl.arange(0, BLOCK_M)  # [BM] rows
+    e = tl.load(blocks_ptr + 2 * tl.program_id(0))
+    m = tl.load(blocks_ptr + 2 * tl.program_id(0) + 1) + tl.arange(0, BLOCK_M)  # [BM] rows
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] columns of D
     k = tl.arange(0, BLOCK_K)  # [BK] columns of I
     m_ok = m < tl.load(offsets_ptr + e + 1)

@@ -105,10 +105,10 @@ def test_expert_ffn_empty_and_full_experts(dtype):
 def test_expert_blocks_cover_each_expert_segment_once(block_m):
     """The block table the kernels read: every row in exactly one block, of its own expert, in order."""
     offsets = [0, 0, 1, 1, 33, 33, 34, 130, 130]  # empty experts, one row, segments across block bounds
-    table = expert_blocks(offsets, block_m, torch.device("cpu"))
-    assert table.expert.dtype == torch.int32 and table.row_start.dtype == torch.int64
+    blocks = expert_blocks(offsets, block_m, torch.device("cpu"))  # [B, 2]
+    assert blocks.dtype == torch.int64 and blocks.shape[1] == 2
     owner = []
-    for e, start in zip(table.expert.tolist(), table.row_start.tolist()):
+    for e, start in blocks.tolist():
         end = min(start + block_m, offsets[e + 1])  # the kernels mask rows past the expert's segment
         assert offsets[e] <= start < end
         owner += [(n, e) for n in range(start, end)]

@@ -69,11 +69,11 @@ class KernelArgs:
 
 KERNELS = {
     "gate_up": KernelArgs("expert_ffn", "_gate_up_kernel",
-        {"block_expert_ptr": "*i32", "offsets_ptr": "*i64", "block_start_ptr": "*i64"},
+        {"blocks_ptr": "*i64", "offsets_ptr": "*i64"},
         dict(D=D, I=I, stride_xn=D, stride_1e=I * D, stride_1i=D, stride_1d=1, stride_3e=I * D, stride_3i=D, stride_3d=1,
              stride_hn=I), {}),
     "down": KernelArgs("expert_ffn", "_down_kernel",
-        {"block_expert_ptr": "*i32", "offsets_ptr": "*i64", "block_start_ptr": "*i64"},
+        {"blocks_ptr": "*i64", "offsets_ptr": "*i64"},
         dict(D=D, I=I, stride_hn=I, stride_2e=D * I, stride_2d=I, stride_2i=1, stride_on=D), {}),
     "attention": KernelArgs("paged_attention", "_paged_attention_kernel",
         {"tables_ptr": "*i32", "prog_seq_ptr": "*i32", "query_starts_ptr": "*i64", "query_lens_ptr": "*i64",
