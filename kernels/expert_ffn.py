@@ -34,6 +34,7 @@ import triton.language as tl
 
 from moeshard.kernels.backend import resolve_backend, triton_interprets
 from moeshard.kernels.expert_threads import ExpertThreads, run_tasks
+from moeshard.kernels.host_copy import from_host
 from moeshard.kernels.int8_linear import Int8Weight, int8_expert_rows
 from moeshard.kernels.linear import linear, linear_into
 from moeshard.kernels.tuning import (
@@ -88,7 +89,8 @@ def expert_ffn_torch(
     """``expert_ffn`` on torch: each expert with rows through ``expert_rows_torch`` into its own rows of ``out``,
     shared out over ``threads`` when given (the same values either way)."""
     offsets = expert_offsets.tolist() if host_offsets is None else host_offsets
-    assert len(offsets) == expert_offsets.shape[0] and offsets[0] == 0 and offsets[-1] == rows.shape[0], (offsets[0], offsets[-1], rows.shape)
+    assert len(offsets) == expert_offsets.shape[0], (len(offsets), expert_offsets.shape)
+    assert offsets[0] == 0 and offsets[-1] == rows.shape[0], (offsets[0], offsets[-1], rows.shape)
     segments = [(e, start, end) for e, (start, end) in enumerate(zip(offsets[:-1], offsets[1:])) if end > start]
     run_tasks([partial(expert_rows_torch, rows[s:t], w1[e], w3[e], w2[e], out[s:t]) for e, s, t in segments], threads)
 
@@ -107,13 +109,13 @@ def expert_rows_torch(
 
 def expert_blocks(host_offsets: Sequence[int], block_m: int, device: torch.device) -> torch.Tensor:
     """[B, 2] int64 (expert, first row) of each block of block_m rows of each expert's segment, one kernel
-    program each: built on the host from the offsets and copied to ``device`` at once (one device op)."""
+    program each: built on the host from the offsets and copied to ``device`` at once (one device op, no wait)."""
     table = [
         (e, first)
         for e, (start, end) in enumerate(zip(host_offsets[:-1], host_offsets[1:]))
         for first in range(start, end, block_m)
     ]
-    return torch.tensor(table, dtype=torch.int64).reshape(-1, 2).to(device)  # [B, 2]
+    return from_host(torch.tensor(table, dtype=torch.int64).reshape(-1, 2), device)  # [B, 2]
 
 
 def expert_ffn_triton(rows, expert_offsets, w1, w3, w2, out, host_offsets: Sequence[int] | None = None) -> None:

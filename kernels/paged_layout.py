@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import torch
 
+from moeshard.kernels.host_copy import from_host
 from moeshard.kernels.paged_plan import TorchPlan, plan_torch
 
 
@@ -118,17 +119,18 @@ class PagedLayout:
         seqs = torch.repeat_interleave(torch.arange(self.num_seqs), lens)  # [T] each row's sequence
         first_pos = torch.tensor(self.start_pos, dtype=torch.int64) - torch.tensor(self.query_starts[:-1], dtype=torch.int64)
         positions = torch.arange(self.num_tokens) + first_pos[seqs]  # [T] each row's position
-        return self.slots_at(seqs, positions).to(self.device)
+        return from_host(self.slots_at(seqs, positions), self.device)
 
     @functools.cached_property
     def device_tables(self) -> DeviceTables:
         tables = self.host_block_tables.to(torch.int32)  # [B, MB]
-        as_long = functools.partial(torch.tensor, dtype=torch.int64, device=self.device)
+        per_seq = torch.tensor([self.query_starts[:-1], self.query_lens, self.start_pos], dtype=torch.int64)  # [3, B]
+        per_seq = from_host(per_seq, self.device)
         return DeviceTables(
-            block_tables=tables.to(self.device),
-            query_starts=as_long(self.query_starts[:-1]),
-            query_lens=as_long(self.query_lens),
-            start_pos=as_long(self.start_pos),
+            block_tables=from_host(tables, self.device),
+            query_starts=per_seq[0],
+            query_lens=per_seq[1],
+            start_pos=per_seq[2],
         )
 
     def query_blocks(self, block_m: int) -> QueryBlocks:
@@ -137,7 +139,7 @@ class PagedLayout:
         blocks = self._query_blocks.get(block_m)
         if blocks is None:
             table = [(b, first) for b, n in enumerate(self.query_lens) for first in range(0, n, block_m)]
-            both = torch.tensor(table, dtype=torch.int64).reshape(-1, 2).to(self.device)  # [P, 2]
+            both = from_host(torch.tensor(table, dtype=torch.int64).reshape(-1, 2), self.device)  # [P, 2]
             blocks = self._query_blocks[block_m] = QueryBlocks(both[:, 0].to(torch.int32), both[:, 1].contiguous())
         return blocks
 

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from moeshard.kernels.host_copy import from_host
+
 if TYPE_CHECKING:
     from moeshard.kernels.paged_layout import PagedLayout
 
@@ -78,4 +80,4 @@ def _plan_decode(layout: PagedLayout, members: list[int], starts: tuple[int, ...
     visible = offsets < lengths[:, None]  # [Bd, Smax]
     rows = torch.tensor([starts[b] for b in members], dtype=torch.int64)
     device = layout.device
-    return DecodeGroup(rows.to(device), slots.to(device), visible[:, None, None, :].to(device))
+    return DecodeGroup(from_host(rows, device), from_host(slots, device), from_host(visible[:, None, None, :], device))

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moeshard.kernels.host_copy import from_host
+
 
 @dataclass(frozen=True)
 class SequenceChunk:
@@ -50,7 +52,7 @@ class StepBatch:
         """The same batch with its id and position tensors on ``device`` (itself when they are there)."""
         if self.token_ids.device == device:
             return self
-        return StepBatch(self.token_ids.to(device), self.positions.to(device), self.chunks)
+        return StepBatch(from_host(self.token_ids, device), from_host(self.positions, device), self.chunks)
 
     def split_in_two(self) -> tuple["StepBatch", "StepBatch"]:
         """Two batches of whole chunks, in order, about half the tokens each (each non-empty; needs 2+ chunks)."""

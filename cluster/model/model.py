@@ -39,6 +39,7 @@ from moeshard.cluster.model.layers import RotaryEmbedding, rms_norm, swiglu
 from moeshard.cluster.model.moe import Done, ExpertsFn, PendingExperts
 from moeshard.kernels import route
 from moeshard.kernels.batch_invariance import batch_invariant
+from moeshard.kernels.host_copy import from_host
 from moeshard.kernels.linear import linear
 
 # Sees each step's routing once, after its forward pass: (the step's batch, expert ids [L_moe, T, K] of every MoE
@@ -89,7 +90,7 @@ class MoeModel:
         The cache must already hold room for every chunk (``KVCache.reserve``).
         """
         config, w = self.config, self.weights
-        rows = (batch.last_token_rows() if logits_rows is None else logits_rows).to(self.device)
+        rows = from_host(batch.last_token_rows() if logits_rows is None else logits_rows, self.device)
         batch = batch.to(self.device)
         parts = batch.split_in_two() if len(batch.chunks) >= max(2, self.ping_pong_min_sequences or 2**62) else (batch,)
         # Each micro-batch: its tokens' hidden states [t, D] and its pending FFN (None before the first layer).

@@ -54,3 +54,19 @@ def test_bfloat16_on_cuda_stays_close_to_transformers(checkpoint):
                 theirs = reference(torch.tensor([prompt])).logits[0].float()
             ours = gpu.logits(prompt)
             assert (ours - theirs).abs().max().item() < 0.1 * max(theirs.abs().max().item(), 1.0)
+
+
+
+def test_a_host_table_copied_behind_queued_work_keeps_its_values():
+    """``from_host``: a step's host-built tables are copied behind the queued work (no stream sync), from a pinned
+    copy, so the host tensor may change at once without changing what the kernels read."""
+    from moeshard.kernels.host_copy import from_host
+
+    cuda = torch.device("cuda")
+    a = torch.randn(4096, 4096, device=cuda)
+    busy = a @ a  # queued work ahead of the copy
+    table = torch.arange(10_000)
+    copied = from_host(table, cuda)
+    table.add_(1)
+    assert copied.device.type == "cuda" and torch.equal(copied.cpu(), torch.arange(10_000))
+    torch.testing.assert_close(busy[0, :4], (a[0] @ a[:, :4]), rtol=1e-2, atol=1e-2)
