@@ -31,8 +31,9 @@ demo: demo-model
 serve: demo-model
 	$(BIN)/moeshard serve $(DEMO_DIR) --expert-actors $(EXPERT_ACTORS) --port $(PORT) --model-name demo
 
+# PYTHONFAULTHANDLER: a crash, even as the interpreter exits after the last test, prints every thread's stack.
 test: setup
-	$(BIN)/pytest
+	PYTHONFAULTHANDLER=1 $(BIN)/pytest
 
 # The GPU tests (compiled Triton kernels, the model and the cluster on CUDA); skipped where there is no GPU.
 test-gpu: setup

@@ -23,9 +23,23 @@ SECRET = b"s" * SECRET_BYTES
 CPU = torch.device("cpu")
 
 
+_OPENED: list[ChannelLink] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_links():
+    """Each test's links closed as it ends: the actor's thread, blocked in gloo's recv, ends before the process
+    does (a gloo group torn down at exit under a thread still in it can crash the interpreter)."""
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
+
+
 def _open(handle, secret: bytes = SECRET) -> ChannelLink:
     address = open_channel("127.0.0.1", SECRET, CPU, "cpu", handle)
-    return ChannelLink(None, join_channel(address, secret, "127.0.0.1", CPU))
+    link = ChannelLink(None, join_channel(address, secret, "127.0.0.1", CPU))
+    _OPENED.append(link)
+    return link
 
 
 def _batch(tag: int, n: int, dtype: torch.dtype, d: int = 24, k: int = 2) -> ExpertBatch:
