@@ -86,12 +86,12 @@ def test_forgotten_replies_are_dropped_whether_read_before_or_after():
         link.send(_batch(tag, 2, torch.float32))
     deadline = time.monotonic() + 30
     torch.testing.assert_close(link.wait(5, deadline).rows, _batch(5, 2, torch.float32).rows + 1)  # reads 3 and 4 first
-    assert set(link.replies) == {3, 4}
+    assert link.replies.filed == {3, 4}
     link.forget(3)  # read: dropped now
     link.forget(6)  # not read yet: dropped when a later wait reads through it
     link.send(_batch(7, 2, torch.float32))
     torch.testing.assert_close(link.wait(7, deadline).rows, _batch(7, 2, torch.float32).rows + 1)
-    assert set(link.replies) == {4} and link._forgotten == set()
+    assert link.replies.filed == {4} and link.replies.forgotten == frozenset()
     torch.testing.assert_close(link.wait(4, deadline).rows, _batch(4, 2, torch.float32).rows + 1)
 
 
@@ -108,6 +108,16 @@ def test_a_stale_reply_carries_no_rows_and_the_next_reply_is_intact():
     reply = link.wait(9, time.monotonic() + 30)
     assert reply.stale and reply.tag == 9 and reply.rows.shape == (0, 24)
     assert torch.equal(link.wait(10, time.monotonic() + 30).rows, later.rows + 1)
+
+
+def test_a_reply_out_of_order_closes_the_link():
+    """Replies come back in the order the batches were sent; a peer that breaks it is not trusted further."""
+    link = _open(lambda batch: ExpertReply(batch.tag + 100, batch.rows.float()))
+    link.send(_batch(1, 4, torch.float32))
+    with pytest.raises(ChannelClosed, match="tagged 101 where batch 1 was next"):
+        link.wait(1, time.monotonic() + 30)
+    with pytest.raises(ChannelClosed):
+        link.wait(1, time.monotonic() + 30)
 
 
 def test_a_peer_without_the_secret_runs_nothing():

@@ -77,7 +77,7 @@ def test_a_forgotten_reply_is_dropped_whether_it_came_before_or_after():
     release.set()
     last = connection.send(b"last")  # answered after "held" (one connection, one thread, in order)
     assert connection.wait(last, deadline) == b"tsal"
-    assert connection.replies == {} and connection._forgotten == set()
+    assert connection.replies.filed == frozenset() and connection.replies.forgotten == frozenset()
     connection.close()
 
 

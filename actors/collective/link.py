@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from moeshard.actors.collective.channel import COORDINATOR_RANK, ChannelAddress, ChannelClosed, ChannelTimeout, TensorChannel
 from moeshard.actors.collective.server import JOIN_TIMEOUT
+from moeshard.actors.filed_replies import FiledReplies
 from moeshard.actors.wire import ExpertBatch, ExpertReply
 
 
@@ -35,8 +36,7 @@ class ChannelLink:
         self.channel = channel
         self.sent: deque[tuple[int, int, int]] = deque()  # (tag, rows, hidden) of each batch not yet answered, in order
         self.sends: dict[int, list[dist.Work]] = {}  # tag -> the batch's sends (they hold its tensors until done)
-        self.replies: dict[int, ExpertReply] = {}  # tag -> reply read but not yet taken
-        self._forgotten: set[int] = set()  # tags whose replies no one will take: read and dropped
+        self.replies: FiledReplies[ExpertReply] = FiledReplies()  # by tag
         self.error: BaseException | None = None
         self._lock = threading.Lock()
 
@@ -59,23 +59,21 @@ class ChannelLink:
                         raise ChannelTimeout("no reply by the dispatch deadline")
                     sent_tag, num_rows, hidden = self.sent[0]
                     reply = self.channel.recv_reply(num_rows, hidden, timedelta(seconds=remaining))
+                    if reply.tag != sent_tag:  # replies come back in the order sent: anything else is a broken peer
+                        raise ChannelClosed(f"a reply tagged {reply.tag} where batch {sent_tag} was next")
                 except ChannelClosed as exc:
                     self.error = exc
                     raise
                 self.sent.popleft()
                 self.sends.pop(sent_tag, None)  # replied to: its sends are complete
-                if sent_tag in self._forgotten:
-                    self._forgotten.discard(sent_tag)
-                else:
-                    self.replies[reply.tag] = reply
-            return self.replies.pop(tag)
+                self.replies.file(sent_tag, reply)
+            return self.replies.take(tag)
 
     def forget(self, tag: int) -> None:
         """No one will wait for the reply to batch ``tag``: dropped if it was read, else when a later wait reads
         through it (replies come back in order)."""
         with self._lock:
-            if self.replies.pop(tag, None) is None:
-                self._forgotten.add(tag)
+            self.replies.forget(tag)
 
     def close(self) -> None:
         self.error = self.error or ChannelClosed("closed by the coordinator")

@@ -22,6 +22,7 @@ import time
 import ray
 
 from moeshard.actors.expert_actor import CONTROL_GROUP
+from moeshard.actors.filed_replies import FiledReplies
 from moeshard.actors.socket.server import SECRET_BYTES, FrameError, read_frame, tuned, write_frame
 from moeshard.actors.transport import ActorRef, LinkTransport
 from moeshard.actors.wire import ExpertBatch, ExpertReply
@@ -39,8 +40,7 @@ class _Connection:
     def __init__(self, handle: object, sock: socket.socket):
         self.handle = handle
         self.sock = sock
-        self.replies: dict[int, bytes] = {}  # sequence number -> reply not yet taken
-        self._forgotten: set[int] = set()  # sequence numbers whose replies no one will take
+        self.replies: FiledReplies[bytes] = FiledReplies()  # by sequence number
         self.error: BaseException | None = None  # set once the connection is unusable
         self._changed = threading.Condition()
         self._next_seq = 1  # 0 is the secret's frame
@@ -55,7 +55,7 @@ class _Connection:
         with self._changed:
             self._changed.wait_for(lambda: seq in self.replies or self.error is not None, max(0.0, deadline - time.monotonic()))
             if seq in self.replies:
-                return self.replies.pop(seq)
+                return self.replies.take(seq)
             if self.error is not None:
                 raise ConnectionError(f"the connection to the expert actor was lost: {self.error}") from self.error
         raise DispatchTimeout("no reply by the dispatch deadline")
@@ -63,19 +63,15 @@ class _Connection:
     def forget(self, seq: int) -> None:
         """No one will wait for the reply to ``seq``: dropped if it is here, else as it arrives."""
         with self._changed:
-            if self.replies.pop(seq, None) is None:
-                self._forgotten.add(seq)
+            self.replies.forget(seq)
 
     def _read_replies(self) -> None:
         try:
             while True:
                 seq, payload = read_frame(self.sock)
                 with self._changed:
-                    if seq in self._forgotten:
-                        self._forgotten.discard(seq)
-                        continue
-                    self.replies[seq] = payload
-                    self._changed.notify_all()
+                    if self.replies.file(seq, payload):
+                        self._changed.notify_all()
         except (FrameError, OSError) as exc:
             self._fail(exc)
 
