@@ -135,3 +135,33 @@ def test_request_fails_only_when_recovery_fails(ray_cluster, tiny_mixtral_dir):
         with pytest.raises(ExpertActorFailed, match=r"expert actor 1 .*experts \[4, 5, 6, 7\]"):
             llm.generate(PROMPTS, LONG)
         assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["socket", "collective", "actor_calls"])
+def test_sigkill_under_ping_pong_loses_no_request(transport, ray_cluster, tiny_mixtral_dir, reference, expert_actor_pid, mid_generation):
+    """Two micro-batches in flight per step (ping-pong): the kill fails one pass while the other's dispatch is out;
+    the step is retried whole and every output equals the single process's."""
+    options = _cluster_options(2, dispatch_timeout_s=20, transport=transport)
+    with LLM(tiny_mixtral_dir, expert_actors=2, cluster=options, ping_pong_min_sequences=2) as llm:
+        pid = expert_actor_pid(llm, 1)
+        tokens = mid_generation.generate_while(llm, PROMPTS, LONG, lambda: mid_generation.once_decoding(llm, lambda: _kill(pid)))
+        assert tokens == reference
+        assert llm.expert_health().failures[1] >= 1
+        assert expert_actor_pid(llm, 1) != pid
+        assert [o.token_ids for o in llm.generate(PROMPTS, LONG)] == reference
+
+
+@pytest.mark.slow
+def test_request_fails_cleanly_under_ping_pong_when_recovery_fails(ray_cluster, tiny_mixtral_dir):
+    """A sole host gone for good while both micro-batches are dispatched: the request fails naming it, no hang, and
+    the coordinator still answers (the other micro-batch's dispatch was abandoned, not left waiting)."""
+    options = _cluster_options(2, dispatch_timeout_s=5, recovery_timeout_s=3, transport="socket")
+    with LLM(tiny_mixtral_dir, expert_actors=2, cluster=options, ping_pong_min_sequences=2) as llm:
+        llm.generate(PROMPTS, SamplingParams(max_tokens=2, temperature=0))  # links open, both micro-batches run
+        started = time.monotonic()
+        ray.kill(llm._cluster.expert_actors[1], no_restart=True)
+        with pytest.raises(ExpertActorFailed, match=r"expert actor 1 .*experts \[4, 5, 6, 7\]"):
+            llm.generate(PROMPTS, LONG)
+        assert time.monotonic() - started < 60
+        assert llm.expert_health().failures[1] >= 1
