@@ -225,10 +225,10 @@ def paged_attention_triton(q, key_cache, value_cache, layout: PagedLayout, scale
     programs = layout.query_blocks(tiles.queries)
     window = layout.sliding_window
     with AUTOTUNED_LAUNCH:
-        _paged_attention_kernel[(programs.seq.shape[0], Hkv)](
+        _paged_attention_kernel[(programs.shape[0], Hkv)](
             q, key_cache, value_cache, out,
             tables.block_tables, tables.query_starts, tables.query_lens, tables.start_pos,
-            programs.seq, programs.first_query,
+            programs,
             q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1),
             value_cache.stride(0), value_cache.stride(1), out.stride(0), out.stride(1), tables.block_tables.stride(0),
             scale, window or 0, layout.block_size, Dh,
@@ -249,7 +249,7 @@ def paged_attention_triton(q, key_cache, value_cache, layout: PagedLayout, scale
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     tables_ptr, query_starts_ptr, query_lens_ptr, start_pos_ptr,
-    prog_seq_ptr, prog_first_ptr,
+    programs_ptr,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh, stride_tb,
     scale, window, block_size, head_dim,
     GROUP: tl.constexpr, QUERIES: tl.constexpr, SLIDING: tl.constexpr,
@@ -262,11 +262,11 @@ def _paged_attention_kernel(
     k_ptr, v_ptr        [slots, Hkv, Dh] the layer's cache
     tables_ptr          [B, MB] int32 block tables
     query_starts_ptr    [B] int64 first row of each sequence in T; query_lens_ptr [B] int64; start_pos_ptr [B] int64
-    prog_seq_ptr        [P] int32 sequence of each program; prog_first_ptr [P] int64 its first query
+    programs_ptr        [P, 2] int64 (sequence, first query within it) of each program
     """
-    b = tl.load(prog_seq_ptr + tl.program_id(0)).to(tl.int64)
+    b = tl.load(programs_ptr + 2 * tl.program_id(0))
     kvh = tl.program_id(1)
-    first = tl.load(prog_first_ptr + tl.program_id(0))
+    first = tl.load(programs_ptr + 2 * tl.program_id(0) + 1)
     row0 = tl.load(query_starts_ptr + b)
     n = tl.load(query_lens_ptr + b)
     start = tl.load(start_pos_ptr + b)

@@ -37,13 +37,6 @@ class DeviceTables(NamedTuple):
     start_pos: torch.Tensor  # [B] int64 position of each sequence's first query
 
 
-class QueryBlocks(NamedTuple):
-    """The Triton kernel's program table: one entry per block of queries of one sequence."""
-
-    seq: torch.Tensor  # [P] int32 sequence of each program's query block
-    first_query: torch.Tensor  # [P] int64 its first query, counted within the sequence's queries
-
-
 @dataclass(frozen=True)
 class PagedLayout:
     query_lens: tuple[int, ...]  # [B] queries of each sequence in this step, laid end to end in T
@@ -52,7 +45,7 @@ class PagedLayout:
     block_size: int
     sliding_window: int | None = None
     device: torch.device = torch.device("cpu")
-    _query_blocks: dict[int, QueryBlocks] = field(default_factory=dict, init=False, compare=False, repr=False)
+    _query_blocks: dict[int, torch.Tensor] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self):
         assert len(self.query_lens) == len(self.start_pos) == len(self.block_tables), "one entry per sequence"
@@ -133,14 +126,15 @@ class PagedLayout:
             start_pos=per_seq[2],
         )
 
-    def query_blocks(self, block_m: int) -> QueryBlocks:
-        """Each sequence's queries cut into blocks of ``block_m``, one kernel program each: built on the host
-        from the query lengths (no device ops), copied to the device once per step and block size."""
+    def query_blocks(self, block_m: int) -> torch.Tensor:
+        """The Triton kernel's program table, [P, 2] int64: each sequence's queries cut into blocks of ``block_m``,
+        one program each, as (sequence, first query counted within the sequence's queries). Built on the host from
+        the query lengths and copied to the device once per step and block size: one device op."""
         blocks = self._query_blocks.get(block_m)
         if blocks is None:
             table = [(b, first) for b, n in enumerate(self.query_lens) for first in range(0, n, block_m)]
-            both = from_host(torch.tensor(table, dtype=torch.int64).reshape(-1, 2), self.device)  # [P, 2]
-            blocks = self._query_blocks[block_m] = QueryBlocks(both[:, 0].to(torch.int32), both[:, 1].contiguous())
+            blocks = from_host(torch.tensor(table, dtype=torch.int64).reshape(-1, 2), self.device)  # [P, 2]
+            self._query_blocks[block_m] = blocks
         return blocks
 
     @functools.cached_property

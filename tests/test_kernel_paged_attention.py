@@ -156,9 +156,9 @@ def test_query_blocks_cover_every_query_once():
     lens = (1, 16, 17, 40, 1)
     layout = PagedLayout(query_lens=lens, start_pos=(0,) * 5, block_tables=((0, 1, 2),) * 5, block_size=16)
     blocks = layout.query_blocks(16)
-    assert blocks.seq.dtype == torch.int32 and blocks.first_query.dtype == torch.int64
+    assert blocks.dtype == torch.int64 and blocks.shape[1] == 2 and blocks.is_contiguous()
     covered = []
-    for b, first in zip(blocks.seq.tolist(), blocks.first_query.tolist()):
+    for b, first in blocks.tolist():
         assert first < lens[b], "every program has queries"
         covered += [(b, i) for i in range(first, min(first + 16, lens[b]))]
     assert sorted(covered) == [(b, i) for b, n in enumerate(lens) for i in range(n)]
