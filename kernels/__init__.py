@@ -26,6 +26,7 @@ if __name__ == "moeshard.kernels":
     from moeshard.kernels.permute import Permutation, PermutationPlan, permute, plan_permutation
     from moeshard.kernels.rms_norm import rms_norm
     from moeshard.kernels.rotary import rotary
+    from moeshard.kernels.rotary_store import rotary_store
     from moeshard.kernels.route import RouterOutput, route
 
     __all__ = [
@@ -44,6 +45,7 @@ if __name__ == "moeshard.kernels":
         "resolve_backend",
         "rms_norm",
         "rotary",
+        "rotary_store",
         "route",
         "triton_interprets",
     ]

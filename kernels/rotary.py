@@ -24,6 +24,8 @@ from moeshard.kernels.rounding import round_as, rounding_code
 
 logger = logging.getLogger(__name__)
 
+MAX_TILE = 4096  # elements of one half-head tile a program holds at once
+
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """x [T, H, Dh], cos/sin [T, Dh] in x's dtype -> [T, H, Dh] rotated by each token's position."""
@@ -54,14 +56,18 @@ def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     if out.numel() == 0:
         return out
     block_half = triton.next_power_of_2(Dh // 2)
-    block_h = max(1, min(triton.next_power_of_2(H), 4096 // block_half))
-    _rotary_kernel[(T, triton.cdiv(H, block_h))](
+    _rotary_kernel[(T,)](
         x, cos, sin, out,
         H, Dh // 2, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0), out.stride(0), out.stride(1),
-        BLOCK_H=block_h, BLOCK_HALF=block_half, ROUND=rounding_code(x.dtype),
+        BLOCK_H=heads_per_tile(H, block_half), BLOCK_HALF=block_half, ROUND=rounding_code(x.dtype),
         enable_fp_fusion=False,  # no fused multiply-add: each product rounded, as torch's separate ops round it
     )  # fmt: skip
     return out
+
+
+def heads_per_tile(heads: int, block_half: int) -> int:
+    """Heads a program rotates at once: all of them, up to ``MAX_TILE`` elements of a half."""
+    return max(1, min(triton.next_power_of_2(heads), MAX_TILE // block_half))
 
 
 @triton.jit
@@ -70,25 +76,43 @@ def _rotary_kernel(
     H, HALF, stride_xt, stride_xh, stride_ct, stride_st, stride_ot, stride_oh,
     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, ROUND: tl.constexpr,
 ):  # fmt: skip
-    """Token t = program 0's id, BLOCK_H of its heads: both halves of each head rotated.
+    """Token t = program 0's id: both halves of each of its heads rotated.
 
     x_ptr            [T, H, Dh] any float dtype (unit stride along Dh)
     cos_ptr, sin_ptr [T, Dh] x's dtype, the first half read (the second repeats it)
     out_ptr          [T, H, Dh] x's dtype
     """
     t = tl.program_id(0).to(tl.int64)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
+    c, s = load_cos_sin(cos_ptr + t * stride_ct, sin_ptr + t * stride_st, HALF, BLOCK_HALF)
+    rotate_heads(x_ptr + t * stride_xt, out_ptr + t * stride_ot, c, s, H, HALF, stride_xh, stride_oh, BLOCK_H, BLOCK_HALF, ROUND)
+
+
+@triton.jit
+def load_cos_sin(cos_ptr, sin_ptr, HALF, BLOCK_HALF: tl.constexpr):
+    """One token's cos and sin, the first half of each, as [1, BHALF] float32."""
     d = tl.arange(0, BLOCK_HALF)  # [BHALF]
-    d_ok = d < HALF
-    ok = (heads[:, None] < H) & d_ok[None, :]
-    c = tl.load(cos_ptr + t * stride_ct + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]  # [1, BHALF]
-    s = tl.load(sin_ptr + t * stride_st + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-    x1_ptrs = x_ptr + t * stride_xt + heads[:, None] * stride_xh + d[None, :]  # [BH, BHALF]
-    x1 = tl.load(x1_ptrs, mask=ok, other=0.0).to(tl.float32)
-    x2 = tl.load(x1_ptrs + HALF, mask=ok, other=0.0).to(tl.float32)
-    # each product and each sum rounded to x's dtype, as the reference's ops round them
-    out1 = round_as(round_as(x1 * c, ROUND) - round_as(x2 * s, ROUND), ROUND)
-    out2 = round_as(round_as(x2 * c, ROUND) + round_as(x1 * s, ROUND), ROUND)
-    out1_ptrs = out_ptr + t * stride_ot + heads[:, None] * stride_oh + d[None, :]
-    tl.store(out1_ptrs, out1.to(out_ptr.dtype.element_ty), mask=ok)
-    tl.store(out1_ptrs + HALF, out2.to(out_ptr.dtype.element_ty), mask=ok)
+    c = tl.load(cos_ptr + d, mask=d < HALF, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + d, mask=d < HALF, other=0.0).to(tl.float32)[None, :]
+    return c, s
+
+
+@triton.jit
+def rotate_heads(
+    src, dst, c, s, heads, HALF, stride_src_h, stride_dst_h,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, ROUND: tl.constexpr,
+):  # fmt: skip
+    """One token's ``heads`` heads at ``src`` (unit stride along Dh) rotated into ``dst``, ``BLOCK_H`` at a time;
+    c, s [1, BHALF] float32 from ``load_cos_sin``."""
+    d = tl.arange(0, BLOCK_HALF)  # [BHALF]
+    for h0 in range(0, heads, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)  # [BH]
+        ok = (h[:, None] < heads) & (d[None, :] < HALF)
+        x1_ptrs = src + h[:, None] * stride_src_h + d[None, :]  # [BH, BHALF]
+        x1 = tl.load(x1_ptrs, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(x1_ptrs + HALF, mask=ok, other=0.0).to(tl.float32)
+        # each product and each sum rounded to the dtype, as the reference's ops round them
+        out1 = round_as(round_as(x1 * c, ROUND) - round_as(x2 * s, ROUND), ROUND)
+        out2 = round_as(round_as(x2 * c, ROUND) + round_as(x1 * s, ROUND), ROUND)
+        out1_ptrs = dst + h[:, None] * stride_dst_h + d[None, :]
+        tl.store(out1_ptrs, out1.to(dst.dtype.element_ty), mask=ok)
+        tl.store(out1_ptrs + HALF, out2.to(dst.dtype.element_ty), mask=ok)

@@ -1,7 +1,8 @@
-"""RMSNorm and the rotary embedding: Triton kernels (under the interpreter) against the torch references, the
-references against transformers' own modules, and whole models with every kernel on the Triton path.
+"""RMSNorm and the rotary embedding (alone, and with the step's k/v stored into the paged cache): Triton kernels
+(under the interpreter) against the torch references, the references against transformers' own modules, and
+whole models with every kernel on the Triton path.
 
-Dimensions: T tokens, H heads, Dh head dim, D normalised dim.
+Dimensions: T tokens, H heads, Hkv kv heads, Dh head dim, D normalised dim, S cache slots.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm, apply_r
 
 from moeshard.cluster import LLM
 from moeshard.cluster.model.layers import RotaryEmbedding
-from moeshard.kernels import ENV_VAR, rms_norm, rotary
+from moeshard.kernels import ENV_VAR, rms_norm, rotary, rotary_store
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -91,6 +92,32 @@ def test_rotary_reference_is_transformers_apply_rotary_pos_emb(dtype):
     assert torch.equal(rotary(x, cos, sin, backend="torch"), theirs[0].transpose(0, 1))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, H, Hkv, Dh", [(1, 8, 2, 64), (33, 9, 3, 64), (5, 4, 4, 80), (6, 80, 8, 128), (0, 4, 2, 64)])
+def test_rotary_store_kernel_equals_rotary_and_index_copy_bit_for_bit(T, H, Hkv, Dh, dtype):
+    """q, k, v as attention has them (views of one projection's output); the step's slots scattered over a cache
+    that already holds other keys, which must be left as they were. 80 heads take two tiles of a program."""
+    g = torch.Generator().manual_seed(T + H + Hkv + Dh)
+    qkv = torch.randn(T, (H + 2 * Hkv) * Dh, generator=g).to(dtype)
+    q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=1)
+    q, k, v = q.view(T, H, Dh), k.view(T, Hkv, Dh), v.view(T, Hkv, Dh)  # [T, H|Hkv, Dh], rows strided
+    tables = RotaryEmbedding(Dh, 10000.0).tables(torch.arange(T) * 37 + 5, dtype)  # [T, Dh] each
+    slots = torch.randperm(3 * T + 4, generator=g)[:T]  # [T] distinct, out of order
+    caches = {}
+    for backend in ("torch", "triton"):
+        g_cache = torch.Generator().manual_seed(1)
+        keys, values = (torch.randn(3 * T + 4, Hkv, Dh, generator=g_cache).to(dtype) for _ in range(2))  # [S, Hkv, Dh]
+        q_out = rotary_store(q, k, v, tables.cos, tables.sin, slots, keys, values, backend=backend)
+        caches[backend] = (q_out, keys, values)
+    (q_want, keys_want, values_want), (q_got, keys_got, values_got) = caches["torch"], caches["triton"]
+    assert q_got.shape == (T, H, Dh) and q_got.dtype == dtype
+    assert torch.equal(q_got, q_want) and torch.equal(keys_got, keys_want) and torch.equal(values_got, values_want)
+    # the reference is the attention layer's former ops: each rotation alone, then the two index copies
+    assert torch.equal(q_want, rotary(q, tables.cos, tables.sin, backend="torch"))
+    assert torch.equal(keys_want[slots], rotary(k, tables.cos, tables.sin, backend="torch"))
+    assert torch.equal(values_want[slots], v)
+
+
 @pytest.mark.parametrize(
     "architecture, overrides",
     [(None, {}), ("Qwen3MoeForCausalLM", {}), ("OlmoeForCausalLM", {"clip_qkv": 0.8})],
@@ -108,13 +135,13 @@ def test_a_model_on_the_triton_path_equals_the_torch_path(
     with LLM(path) as llm:
         want = llm.logits(prompt)
     calls = []
-    for name in ("rms_norm_triton", "rotary_triton"):
+    for name in ("rms_norm_triton", "rotary_store_triton"):
         module = importlib.import_module(f"moeshard.kernels.{name.removesuffix('_triton')}")
         kernel = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *args, kernel=kernel, name=name: calls.append(name) or kernel(*args))
     monkeypatch.setenv(ENV_VAR, "triton")
     with LLM(path) as llm:
         got = llm.logits(prompt)
-    assert {"rms_norm_triton", "rotary_triton"} <= set(calls)
+    assert {"rms_norm_triton", "rotary_store_triton"} <= set(calls)
     assert got.shape == want.shape
     assert (got - want).abs().max().item() < 1e-4

@@ -1,6 +1,7 @@
 """Grouped-query causal self-attention over a step's sequences, with the paged KV cache.
 
-    project q, k, v -> RoPE -> write the step's k, v into the cache (one index_copy per layer)
+    project q, k, v -> RoPE of q and k, and the step's k, v written into the cache (kernels/rotary_store.py:
+    one launch per layer on the Triton path)
     -> paged_attention over the cache (kernels/: every sequence of the step in one call) -> o_proj
 
 The q/k/v projections carry what the families add: biases (Qwen2-MoE), RMSNorm
@@ -20,8 +21,8 @@ from moeshard.cluster.model.batch import StepBatch
 from moeshard.cluster.model.checkpoint import LayerWeights
 from moeshard.cluster.model.config import ModelConfig
 from moeshard.cluster.model.kv_cache import KVCache
-from moeshard.cluster.model.layers import RotaryTables, apply_rotary, rms_norm
-from moeshard.kernels import PagedLayout, paged_attention
+from moeshard.cluster.model.layers import RotaryTables, rms_norm
+from moeshard.kernels import PagedLayout, paged_attention, rotary_store
 from moeshard.kernels.linear import linear
 
 
@@ -71,8 +72,7 @@ def attention(
     """x [T, D] (already normed) -> attention output [T, D]; writes this step's K/V into the cache first."""
     t = x.shape[0]
     qkv = project_qkv(config, weights, x)
-    q, k, v = apply_rotary(qkv.q, rotary), apply_rotary(qkv.k, rotary), qkv.v  # [T, H|Hkv, Dh]
-    cache.keys[layer].index_copy_(0, layout.slot_mapping, k)  # [S, Hkv, Dh]
-    cache.values[layer].index_copy_(0, layout.slot_mapping, v)
+    # q rotated [T, H, Dh]; k rotated and v written into the cache's [S, Hkv, Dh] at the step's slots
+    q = rotary_store(qkv.q, qkv.k, qkv.v, rotary.cos, rotary.sin, layout.slot_mapping, cache.keys[layer], cache.values[layer])
     out = paged_attention(q, cache.keys[layer], cache.values[layer], layout)  # [T, H, Dh]
     return linear(out.reshape(t, config.num_heads * config.head_dim), weights.o_proj, weights.o_bias)  # [T, D]

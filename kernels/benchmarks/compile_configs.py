@@ -6,8 +6,8 @@ shape, warp count and pipeline depth of ``tuning.py`` compiles, and how much sha
 be read on any machine. Prints, per kernel, dtype and dot precision, row block and configuration, the
 shared memory each target's binary needs, against the part's limit per block, and whether the pruning
 keeps the configuration at Mixtral 8x7B's sizes. The kernels that are not autotuned (route, the permute
-gather, combine, RMSNorm, rotary) compile once per part and dtype, with the tiles their wrappers pick at
-those sizes.
+gather, combine, RMSNorm, rotary, rotary with the cache store) compile once per part and dtype, with the
+tiles their wrappers pick at those sizes.
 What it cannot show is speed: that takes a GPU (``benchmarks.kernels``).
 
 Triton must not be in interpreter mode: the module re-executes itself with ``TRITON_INTERPRET=0``.
@@ -34,7 +34,7 @@ TYPES = {"bfloat16": "bf16", "float32": "fp32"}
 
 @dataclass(frozen=True)
 class Case:
-    kernel: str  # gate_up, down, attention (autotuned); route, gather, combine, rms_norm, rotary (fixed tiles)
+    kernel: str  # gate_up, down, attention (autotuned); route, gather, combine, rms_norm, rotary, rotary_store (fixed tiles)
     arch: int
     dtype: str  # bfloat16, float32
     precision: str  # ieee, tf32
@@ -54,6 +54,7 @@ class Compiled:
 # Mixtral 8x7B's sizes; a step of T tokens sends N = T x K rows.
 D, I, HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, E, K, T = 4096, 14336, 32, 8, 128, 16, 8, 2, 256
 N = T * K
+QKV_ROW = (HEADS + 2 * KV_HEADS) * HEAD_DIM  # q, k and v are views of one projection's rows
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,15 @@ KERNELS = {
     "rms_norm": KernelArgs("rms_norm", "_rms_norm_kernel", {},
         dict(R=T, D=D, stride_xr=D, stride_w=1, stride_or=D), dict(BLOCK_R=1, BLOCK_D=D)),
     "rotary": KernelArgs("rotary", "_rotary_kernel", {},
-        dict(H=HEADS, HALF=HEAD_DIM // 2, stride_xt=(HEADS + 2 * KV_HEADS) * HEAD_DIM, stride_xh=HEAD_DIM,
+        dict(H=HEADS, HALF=HEAD_DIM // 2, stride_xt=QKV_ROW, stride_xh=HEAD_DIM,
              stride_ct=HEAD_DIM, stride_st=HEAD_DIM, stride_ot=HEADS * HEAD_DIM, stride_oh=HEAD_DIM),
         dict(BLOCK_H=HEADS, BLOCK_HALF=HEAD_DIM // 2)),
+    "rotary_store": KernelArgs("rotary_store", "_rotary_store_kernel", {"slots_ptr": "*i64"},
+        dict(H=HEADS, HKV=KV_HEADS, HALF=HEAD_DIM // 2, stride_qt=QKV_ROW, stride_qh=HEAD_DIM, stride_kt=QKV_ROW,
+             stride_kh=HEAD_DIM, stride_vt=QKV_ROW, stride_vh=HEAD_DIM, stride_ct=HEAD_DIM, stride_st=HEAD_DIM,
+             stride_ot=HEADS * HEAD_DIM, stride_oh=HEAD_DIM, stride_kcs=KV_HEADS * HEAD_DIM, stride_kch=HEAD_DIM,
+             stride_vcs=KV_HEADS * HEAD_DIM, stride_vch=HEAD_DIM),
+        dict(BLOCK_HQ=HEADS, BLOCK_HKV=KV_HEADS, BLOCK_HALF=HEAD_DIM // 2)),
 }  # fmt: skip
 AUTOTUNED = ("gate_up", "down", "attention")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeshard.kernels import PagedLayout, combine, expert_ffn, paged_attention, permute, rms_norm, rotary, route
+from moeshard.kernels import PagedLayout, combine, expert_ffn, paged_attention, permute, rms_norm, rotary, rotary_store, route
 
 SHAPES = [(1, 8, 2, 64, 96), (33, 8, 2, 512, 1024), (257, 64, 8, 256, 128), (1024, 128, 8, 512, 256)]  # T, E, K, D, I
 PRECISIONS = [(torch.float32, "highest"), (torch.float32, "high"), (torch.bfloat16, "highest")]
@@ -98,3 +98,21 @@ def test_rms_norm_and_rotary_compiled_equal_torch(compiled_triton, dtype):
         angles = torch.rand(T, Dh // 2, device="cuda", generator=g).mul(100).repeat(1, 2)  # [T, Dh]
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
         assert torch.equal(rotary(x, cos, sin, backend="triton"), rotary(x, cos, sin, backend="torch")), (T, H, Dh)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d).removeprefix("torch."))
+def test_rotary_store_compiled_equals_rotary_and_index_copy(compiled_triton, dtype):
+    """One launch: q rotated, k rotated and v stored into scattered cache slots, bit for bit as the torch ops."""
+    g = torch.Generator(device="cuda").manual_seed(4)
+    for T, H, Hkv, Dh in ((1, 32, 8, 128), (300, 8, 2, 64), (17, 9, 3, 80), (5, 80, 8, 128)):
+        qkv = torch.randn(T, (H + 2 * Hkv) * Dh, device="cuda", generator=g).to(dtype)
+        q, k, v = (z.view(T, -1, Dh) for z in qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=1))  # views, as attention's
+        angles = torch.rand(T, Dh // 2, device="cuda", generator=g).mul(100).repeat(1, 2)  # [T, Dh]
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        slots = torch.randperm(2 * T + 3, device="cuda", generator=g)[:T]
+        results = []
+        for backend in ("triton", "torch"):
+            caches = [torch.zeros(2 * T + 3, Hkv, Dh, device="cuda", dtype=dtype) + i for i in (1, 2)]  # [S, Hkv, Dh]
+            results.append((rotary_store(q, k, v, cos, sin, slots, *caches, backend=backend), *caches))
+        for got, want in zip(*results):
+            assert torch.equal(got, want), (T, H, Hkv, Dh)
