@@ -132,7 +132,7 @@ def launch_cluster(config: EngineConfig, model_config: ModelConfig) -> ExpertClu
     coordinator = (
         ray.remote(OfflineCoordinator)
         # Four threads: expert_health, a rebalance and a scaling's hold on rebalances answer while a generate runs.
-        .options(num_cpus=1, max_restarts=0, max_concurrency=4, scheduling_strategy=strategy)
+        .options(num_cpus=config.cluster.coordinator_cpus, max_restarts=0, max_concurrency=4, scheduling_strategy=strategy)
         .remote(config, pool.placement, pool.actors)
     )
     cluster = ExpertCluster(pool, coordinator, connected)

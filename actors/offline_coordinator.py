@@ -9,6 +9,7 @@ and never loads an expert weight: its engine's experts function is
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 class OfflineCoordinator:
     def __init__(self, config: EngineConfig, placement: ExpertPlacement, actors: list[ActorRef]):
         self.config = config
+        torch.set_num_threads(config.cluster.coordinator_cpus)  # the CPUs it asked Ray for
         files = read_model_files(config.model_dir)
         self.tokenizer = files.tokenizer
         self.experts = remote_experts(config, placement, actors)
@@ -45,6 +47,10 @@ class OfflineCoordinator:
 
     def ready(self) -> bool:
         return True
+
+    def info(self) -> dict:
+        """The process: its id and the torch threads its work runs on."""
+        return {"pid": os.getpid(), "torch_threads": torch.get_num_threads()}
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
         return generate_to_completion(self.engine, self.tokenizer, prompts, params)

@@ -49,7 +49,8 @@ def connect_ray(config: EngineConfig) -> bool:
     if address is not None:
         init_ray(address=address, logging_level=logging.WARNING)
         return True
-    # A local cluster with a logical CPU per actor (actors mostly wait on each other).
-    num_cpus = max(os.cpu_count() or 1, int(config.cluster.expert_actors * config.cluster.cpus_per_actor) + 2)
+    # A local cluster with a logical CPU per actor (actors mostly wait on each other), the coordinator's and one more.
+    cluster = config.cluster
+    num_cpus = max(os.cpu_count() or 1, int(cluster.expert_actors * cluster.cpus_per_actor) + cluster.coordinator_cpus + 1)
     init_ray(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     return True

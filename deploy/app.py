@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import ray
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -45,7 +46,7 @@ from moeshard.cluster.engine.generation_defaults import read_generation_defaults
 from moeshard.cluster.engine.prompts import encode_prompt
 from moeshard.cluster.errors import one_line
 from moeshard.deploy.admission import ClientAdmission, client_id
-from moeshard.deploy.config import ServeArgs
+from moeshard.deploy.config import ServeArgs, replica_cpus
 from moeshard.deploy.edge import EdgeGuard, configure_edge
 from moeshard.deploy.errors import APIError, error_body, error_response, validation_error_response
 from moeshard.deploy.limits import check_choices, check_prompt_chars, check_work
@@ -86,6 +87,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, f"internal error: {one_line(exc)}")
 
 
+# Serve pickles the class as it is decorated: what its methods call must be imported above, not defined below.
 @serve.deployment(ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
 @serve.ingress(api)
 class ServingCoordinator:
@@ -93,6 +95,7 @@ class ServingCoordinator:
         self.args = ServeArgs(**args)
         configure_edge(self.args.edge_settings())  # first: a missing key fails the replica before anything loads
         config = self.args.engine_config()
+        torch.set_num_threads(replica_cpus(config))  # the CPUs it asked Ray for
         files = read_model_files(config.model_dir)
         self.tokenizer = files.tokenizer
         self.defaults = read_generation_defaults(config.model_dir)  # for the fields a request omits
@@ -475,10 +478,10 @@ class ServingCoordinator:
 
 def build_app(args: dict) -> serve.Application:
     """The Serve application for ``args`` (see ``ServeArgs``); the replica asks Ray for a GPU when it will use one,
-    and for a CPU per expert thread."""
+    and for its CPUs (``replica_cpus``)."""
     validated = ServeArgs(**args)
     config = validated.engine_config()  # a bad combination fails here, before any replica starts
-    cpus = config.expert_threads  # 1, or the threads its in-process experts run on
+    cpus = replica_cpus(config)
     resources = {"num_cpus": cpus, "num_gpus": 1} if replica_wants_gpu(validated.device) else {"num_cpus": cpus}
     return ServingCoordinator.options(
         num_replicas=validated.coordinators, max_ongoing_requests=validated.max_ongoing_requests, ray_actor_options=resources

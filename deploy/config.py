@@ -94,3 +94,9 @@ class ServeArgs(BaseModel):
             public_metrics=self.public_metrics,
             max_body_bytes=self.limits.max_body_bytes,
         )
+
+
+def replica_cpus(config: EngineConfig) -> int:
+    """CPUs a replica asks Ray for, and its torch threads: the coordinator's (``cluster.coordinator_cpus``), or
+    the threads its in-process experts run on (``expert_threads``) if more."""
+    return max(config.cluster.coordinator_cpus, config.expert_threads)

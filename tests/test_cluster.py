@@ -89,3 +89,15 @@ def test_sharded_cluster_equals_single_process(layout, ray_cluster, tiny_mixtral
         # The coordinator holds no expert tensor.
         names = ray.get(llm._cluster.coordinator.tensor_names.remote())
         assert names and not any("expert" in name for name in names)
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_the_coordinator_runs_on_the_cpus_it_asks_for(cpus, ray_cluster, tiny_mixtral_dir, reference):
+    """``coordinator_cpus``: the coordinator's bundle holds that many CPUs and its torch work runs on that many
+    threads; the outputs stay the single process's."""
+    cluster = dict(actor_resources=_pinned(2), coordinator_resources={"head": 1}, coordinator_cpus=cpus)
+    with LLM(tiny_mixtral_dir, expert_actors=2, cluster=cluster) as llm:
+        assert ray.get(llm._cluster.coordinator.info.remote())["torch_threads"] == cpus
+        bundles = ray.util.placement_group_table(llm._cluster.pool.group)["bundles"]
+        assert bundles[len(bundles) - 1]["CPU"] == cpus  # the coordinator's bundle is the group's last
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference["tokens"]

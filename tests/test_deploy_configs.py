@@ -330,7 +330,7 @@ def test_serve_yaml_runs_under_serve_run(tmp_path, tmp_path_factory, tiny_checkp
         log.close()
 
 
-def test_the_replica_asks_for_a_cpu_per_expert_thread(tiny_mixtral_dir):
+def test_the_replica_asks_for_its_coordinator_cpus_or_a_cpu_per_expert_thread(tiny_mixtral_dir):
     def cpus(**args) -> float:
         app = build_app({"model_dir": str(tiny_mixtral_dir), **args})
         return app._bound_deployment.ray_actor_options["num_cpus"]
@@ -338,3 +338,5 @@ def test_the_replica_asks_for_a_cpu_per_expert_thread(tiny_mixtral_dir):
     assert cpus() == 1
     assert cpus(engine={"expert_threads": 3}) == 3
     assert cpus(expert_actors=2) == 1
+    assert cpus(expert_actors=2, engine={"cluster": {"coordinator_cpus": 3}}) == 3
+    assert cpus(engine={"expert_threads": 2, "cluster": {"coordinator_cpus": 4}}) == 4

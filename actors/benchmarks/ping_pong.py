@@ -1,13 +1,16 @@
 """Decode throughput through expert actors with and without ping-pong micro-batches (not a test).
 
     python -m moeshard.actors.benchmarks.ping_pong [--expert-actors 4] [--sequences 32] [--new-tokens 48]
+                                                   [--coordinator-cpus 1[,2]]
 
 A synthetic Mixtral (``--layers`` layers, hidden 512, 8 experts top-2, float32) decodes ``--sequences``
 greedy sequences of ``--new-tokens`` tokens each: in one process (the reference), with the experts on
 ``--expert-actors`` actors as one batch per step, and with each step split into two micro-batches whose
-attention and experts overlap (``ping_pong_min_sequences``). The three run in turn, ``--repeats`` times,
-on the same prompts; the table gives the median output tokens/s and the ratios. One run, one machine:
-read the ratios. Every configuration's tokens are checked equal to the reference.
+attention and experts overlap (``ping_pong_min_sequences``). With several ``--coordinator-cpus`` values
+the one-batch run is repeated with the coordinator on each (``cluster.coordinator_cpus``: the CPUs it asks
+Ray for and its torch threads); ping-pong runs with the first. All run in turn, ``--repeats`` times, on
+the same prompts; the table gives the median output tokens/s and the ratios. One run, one machine: read
+the ratios. Every configuration's tokens are checked equal to the reference.
 
 A second table says where the time went (Linux: from /proc): per run, the CPU seconds of the process that
 runs the model (this one, or the coordinator actor) and of the expert actors, and the share of the machine's
@@ -18,6 +21,7 @@ waited on itself (the coordinator's part of a layer, then the actors' part), not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import random
@@ -94,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--coordinator-cpus", default="1", help="comma-separated: one one-batch run per value")
     args = parser.parse_args(argv)
+    coordinator_cpus = [int(v) for v in args.coordinator_cpus.split(",")]
     logging.basicConfig(level="WARNING")
     rng = random.Random(0)
     prompts = [[1] + [rng.randrange(2, 32000) for _ in range(15)] for _ in range(args.sequences)]
@@ -103,25 +109,33 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="moeshard-bench") as tmp:
         os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray"))
         model_dir = write_synthetic_mixtral(Path(tmp) / "model", num_hidden_layers=args.layers)
-        init_ray(num_cpus=args.expert_actors + 4, include_dashboard=False, logging_level="WARNING")  # room for both clusters
-        runs = {"one process": [], "actors, one batch": [], "actors, ping-pong": []}
-        with LLM(model_dir, enable_prefix_caching=False) as single:
-            _time_generate(single, prompts[:2], SamplingParams(max_tokens=2, temperature=0))  # warm-up
-            cluster = {"cpus_per_actor": 0.5}
-            with LLM(model_dir, expert_actors=args.expert_actors, cluster=cluster, enable_prefix_caching=False,
-                     ping_pong_min_sequences=0) as plain, \
-                 LLM(model_dir, expert_actors=args.expert_actors, cluster=cluster, enable_prefix_caching=False,
-                     ping_pong_min_sequences=8) as overlapped:  # fmt: skip
-                for llm in (plain, overlapped):
-                    _time_generate(llm, prompts[:2], SamplingParams(max_tokens=2, temperature=0))  # warm-up
-                expected = None
-                for _ in range(args.repeats):
-                    for name, llm in zip(runs, (single, plain, overlapped)):
-                        timed = _time_generate(llm, prompts, params)
-                        expected = expected or timed.token_ids
-                        if timed.token_ids != expected:
-                            raise AssertionError(f"{name}: tokens differ from the one-process run")
-                        runs[name].append(timed)
+        # room for every cluster: half a CPU per actor, the coordinator's CPUs
+        clusters = len(coordinator_cpus) + 1
+        init_ray(num_cpus=clusters * args.expert_actors + 2 * sum(coordinator_cpus) + 4, include_dashboard=False,
+                 logging_level="WARNING")  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            llms = {"one process": stack.enter_context(LLM(model_dir, enable_prefix_caching=False))}
+
+            def sharded(cpus: int, ping_pong: int) -> LLM:
+                cluster = {"cpus_per_actor": 0.5, "coordinator_cpus": cpus}
+                return stack.enter_context(LLM(model_dir, expert_actors=args.expert_actors, cluster=cluster,
+                                               enable_prefix_caching=False, ping_pong_min_sequences=ping_pong))  # fmt: skip
+
+            for cpus in coordinator_cpus:
+                name = "actors, one batch" + ("" if coordinator_cpus == [1] else f", coordinator on {cpus} CPU" + "s" * (cpus > 1))
+                llms[name] = sharded(cpus, 0)
+            llms["actors, ping-pong"] = sharded(coordinator_cpus[0], 8)
+            for llm in llms.values():
+                _time_generate(llm, prompts[:2], SamplingParams(max_tokens=2, temperature=0))  # warm-up
+            runs = {name: [] for name in llms}
+            expected = None
+            for _ in range(args.repeats):
+                for name, llm in llms.items():
+                    timed = _time_generate(llm, prompts, params)
+                    expected = expected or timed.token_ids
+                    if timed.token_ids != expected:
+                        raise AssertionError(f"{name}: tokens differ from the one-process run")
+                    runs[name].append(timed)
     ray.shutdown()
     base = statistics.median(tokens / t.seconds for t in runs["one process"])
     print(f"{args.sequences} sequences x {args.new_tokens} new tokens, {args.layers} layers, {args.expert_actors} expert actors:")

@@ -200,7 +200,7 @@ def _bundles(config: EngineConfig, use_gpus: bool, with_coordinator: bool) -> li
     cluster = config.cluster
     bundles = [_actor_bundle(config, use_gpus, actor) for actor in range(cluster.expert_actors)]
     if with_coordinator:
-        bundles.append({"CPU": 1.0, **cluster.coordinator_resources})
+        bundles.append({"CPU": float(cluster.coordinator_cpus), **cluster.coordinator_resources})
     return bundles
 
 

@@ -71,6 +71,11 @@ def add_serve_command(commands) -> None:
         help="with --expert-actors 0: CPU threads that share each layer's experts out, one torch thread each; the "
         "server then asks Ray for N CPUs (default: 1)",
     )  # fmt: skip
+    serve.add_argument(
+        "--coordinator-cpus", type=int, default=1, metavar="N",
+        help="CPUs each coordinator replica asks Ray for, and the torch threads its attention, routers and LM head run "
+        "on (default: 1)",
+    )  # fmt: skip
     serve.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
     serve.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
     serve.add_argument(
@@ -108,7 +113,11 @@ def run_serve(args: argparse.Namespace) -> None:
         ray_address=args.ray_address,
         max_waiting=args.max_waiting,
         engine={
-            "cluster": {"transport": args.transport, "redundant_experts": args.redundant_experts},
+            "cluster": {
+                "transport": args.transport,
+                "redundant_experts": args.redundant_experts,
+                "coordinator_cpus": args.coordinator_cpus,
+            },
             "enable_prefix_caching": not args.no_prefix_caching,
             "expert_threads": args.expert_threads,
             "quantization": args.quantization,
