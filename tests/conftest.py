@@ -410,3 +410,44 @@ class MidGeneration:
 @pytest.fixture(scope="session")
 def mid_generation() -> type[MidGeneration]:
     return MidGeneration
+
+
+class TransformersOracle:
+    """Our single process against a transformers model on the same checkpoint: the parity tests' two checks."""
+
+    @staticmethod
+    def assert_prefill_logits(llm, reference, prompts: list[list[int]], tolerance: float = 1e-4) -> None:
+        """Every prompt's logits at every position within ``tolerance`` of the reference's forward."""
+        import torch
+
+        for prompt in prompts:
+            ours = llm.logits(prompt)
+            with torch.no_grad():
+                theirs = reference(torch.tensor([prompt])).logits[0].float()
+            assert ours.shape == theirs.shape == (len(prompt), reference.config.vocab_size)
+            assert (ours - theirs).abs().max().item() < tolerance
+
+    @staticmethod
+    def assert_greedy_tokens(llm, reference, prompts: list[list[int]], max_tokens: int) -> None:
+        """Greedy tokens (batched here) equal the reference's ``generate`` of each prompt alone, up to and
+        including its EOS, with the finish reason that follows."""
+        import torch
+
+        from moeshard.cluster import SamplingParams
+
+        eos = reference.config.eos_token_id
+        outputs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0))
+        for prompt, out in zip(prompts, outputs):
+            with torch.no_grad():
+                generated = reference.generate(
+                    torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0
+                )[0, len(prompt) :].tolist()
+            if eos in generated:
+                generated = generated[: generated.index(eos) + 1]
+            assert out.token_ids == generated
+            assert out.finish_reason == ("stop" if generated[-1] == eos else "length")
+
+
+@pytest.fixture(scope="session")
+def transformers_oracle() -> type[TransformersOracle]:
+    return TransformersOracle

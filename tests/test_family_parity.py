@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from moeshard.cluster import LLM, SamplingParams
+from moeshard.cluster import LLM
 
 VARIANTS = {
     "qwen2_shared_bias": ("Qwen2MoeForCausalLM", dict()),
@@ -49,26 +49,9 @@ def variant(request, tiny_family_factory):
         yield llm, reference
 
 
-def test_prefill_logits_match_transformers(variant):
-    llm, reference = variant
-    for prompt in PROMPTS:
-        ours = llm.logits(prompt)
-        with torch.no_grad():
-            theirs = reference(torch.tensor([prompt])).logits[0].float()
-        assert ours.shape == theirs.shape == (len(prompt), reference.config.vocab_size)
-        assert (ours - theirs).abs().max().item() < 1e-4
+def test_prefill_logits_match_transformers(variant, transformers_oracle):
+    transformers_oracle.assert_prefill_logits(*variant, PROMPTS)
 
 
-def test_greedy_tokens_match_transformers_generate(variant):
-    llm, reference = variant
-    eos = reference.config.eos_token_id
-    outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0))
-    for prompt, out in zip(PROMPTS, outputs):
-        with torch.no_grad():
-            generated = reference.generate(
-                torch.tensor([prompt]), max_new_tokens=24, do_sample=False, pad_token_id=0
-            )[0, len(prompt) :].tolist()
-        if eos in generated:
-            generated = generated[: generated.index(eos) + 1]
-        assert out.token_ids == generated
-        assert out.finish_reason == ("stop" if generated[-1] == eos else "length")
+def test_greedy_tokens_match_transformers_generate(variant, transformers_oracle):
+    transformers_oracle.assert_greedy_tokens(*variant, PROMPTS, max_tokens=24)
