@@ -1,12 +1,15 @@
 """Failover benchmark (not a test): serve under closed-loop load while an expert actor is SIGKILLed every few seconds.
 
     python -m moeshard.cluster.loadtest.failover_bench [--model-dir DIR] [--clients 16] [--duration 180] [--kill-every 20]
+        [--ping-pong-min-sequences N]
 
 Three runs on the same model, one after the other: fault-free with 2 expert actors; 2 actors (each expert on
 one actor: a kill waits for Ray's restart); 3 actors with every expert on two of them (a kill fails over to the
 replica). Reported per run: requests completed and failed (the goal is 0 failed), TTFT and TPOT p50/p99 over
 all requests and over the requests in flight at a kill, and the recovery time per kill (from the server's
 ``moeshard_expert_recovery_seconds``: failure noticed to the restarted actor taking work again).
+With ``--ping-pong-min-sequences`` every run splits steps of that many sequences into two micro-batches, so a
+kill can fail one pass while the other's dispatch is in flight.
 """
 
 from __future__ import annotations
@@ -136,7 +139,8 @@ def run_scenario(name: str, model_dir: Path, args: argparse.Namespace) -> Scenar
         cluster = {"dispatch_timeout_s": 30}
         if setup.get("replicated"):
             cluster["expert_map"] = {e: [e % 3, (e + 1) % 3] for e in range(8)}
-        app = {"model_dir": str(model_dir), "model_name": MODEL_NAME, "expert_actors": setup["expert_actors"], "engine": {"cluster": cluster}}
+        engine = {"cluster": cluster, "ping_pong_min_sequences": args.ping_pong_min_sequences}
+        app = {"model_dir": str(model_dir), "model_name": MODEL_NAME, "expert_actors": setup["expert_actors"], "engine": engine}
         serve.run(build_app(app), name="failover", route_prefix="/", logging_config=quiet)
         url = f"http://127.0.0.1:{port}"
         kills: list[float] = []
@@ -208,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-every", type=float, default=20.0, help="seconds between kills (default: 20)")
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens, about (default: 32)")
     parser.add_argument("--output-len", type=int, default=32, help="output tokens per request (default: 32)")
+    parser.add_argument(
+        "--ping-pong-min-sequences", type=int, default=0, metavar="N",
+        help="steps of at least N sequences run as two micro-batches (default: 0, never)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray"))
