@@ -9,8 +9,10 @@ Dimensions: T tokens, D hidden, K chosen per token, N rows sent (ids >= 0).
 A destination is an expert (then ``num_dest`` = E) or an expert actor (then
 ``num_dest`` = actors). The id -1 means "not sent": no row, ``slot`` -1. Rows
 are ordered by destination, then token, then j (stable). The index plan is
-the same steps on both backends: numpy for CPU ids, torch ops on other devices;
-the Triton kernel is the row gather.
+the same steps everywhere: numpy for CPU ids; on a device, numpy on a host copy
+of a few ids (a decode step's: one copy down in the plan's one sync, one up,
+where the torch steps launch about a dozen ops), torch ops on the device for
+more; the Triton kernel is the row gather.
 """
 
 from __future__ import annotations
@@ -25,8 +27,14 @@ import triton
 import triton.language as tl
 
 from moeshard.kernels.backend import resolve_backend, tile_rows
+from moeshard.kernels.host_copy import from_host
 
 logger = logging.getLogger(__name__)
+
+# Device ids up to this many (T * K) are planned on the host: a copy down (the plan's one sync either way), numpy's
+# few microseconds, one copy up; the torch steps launch about a dozen ops, which costs a launch-bound decode step
+# more host time. Past it, numpy's sort grows with the ids while the device's does not.
+HOST_PLAN_MAX_IDS = 1024
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,20 @@ def plan_permutation(dest_ids: torch.Tensor, num_dest: int) -> PermutationPlan:
     assert num_dest >= 1, num_dest
     if dest_ids.device.type == "cpu":
         return _plan_permutation_numpy(dest_ids, num_dest)
+    if dest_ids.numel() <= HOST_PLAN_MAX_IDS:
+        return _plan_permutation_on_host(dest_ids, num_dest)
     return _plan_permutation_torch(dest_ids, num_dest)
+
+
+def _plan_permutation_on_host(dest_ids: torch.Tensor, num_dest: int) -> PermutationPlan:
+    """``plan_permutation`` for a few device ids: planned in numpy on a host copy (the one sync), and the plan
+    copied back to the ids' device as one tensor (offsets, source, slot end to end) without waiting."""
+    T, K = dest_ids.shape
+    plan = _plan_permutation_numpy(dest_ids.to("cpu"), num_dest)
+    n = plan.source_token.shape[0]
+    packed = from_host(torch.cat((plan.expert_offsets, plan.source_token, plan.slot.view(-1))), dest_ids.device)
+    offsets, source, slot = packed.split((num_dest + 1, n, T * K))  # views: [num_dest + 1], [N], [T*K]
+    return PermutationPlan(offsets, source, slot.view(T, K), plan.host_offsets)
 
 
 def _plan_permutation_torch(dest_ids: torch.Tensor, num_dest: int) -> PermutationPlan:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moeshard.kernels import dedupe_destinations, permute, plan_permutation
-from moeshard.kernels.permute import _plan_permutation_torch
+from moeshard.kernels.permute import _plan_permutation_on_host, _plan_permutation_torch
 
 DIMS = (1, 33, 100, 257)
 EXPERTS = (1, 4, 8, 64)
@@ -125,12 +125,14 @@ def test_plan_on_cpu_equals_the_torch_steps(T, K, num_dest, id_dtype):
     ids = torch.randint(-1, num_dest, (T, K), generator=g).to(id_dtype)  # -1: not sent
     before = ids.clone()
     fast, steps = plan_permutation(ids, num_dest), _plan_permutation_torch(ids, num_dest)
-    for got, want in zip(fast[:3], steps[:3]):
-        assert got.dtype == want.dtype == torch.int64 and torch.equal(got, want)
-    for plan in (fast, steps):  # the offsets the host sync brought back are the tensor's
+    packed = _plan_permutation_on_host(ids, num_dest)  # what a device's few ids take: the plan copied as one tensor
+    for plan in (fast, packed):
+        for got, want in zip(plan[:3], steps[:3]):
+            assert got.dtype == want.dtype == torch.int64 and got.shape == want.shape and torch.equal(got, want)
+    for plan in (fast, steps, packed):  # the offsets the host sync brought back are the tensor's
         assert plan.host_offsets == tuple(plan.expert_offsets.tolist()) and all(type(o) is int for o in plan.host_offsets)
     assert torch.equal(ids, before)  # the caller's ids are not touched
-    for plan in (plan_permutation, _plan_permutation_torch):
+    for plan in (plan_permutation, _plan_permutation_torch, _plan_permutation_on_host):
         for bad in (num_dest, -2):
             with pytest.raises(AssertionError):
                 plan(torch.tensor([[0], [bad]]), num_dest)

@@ -48,6 +48,20 @@ def test_one_moe_layer_compiled_equals_torch(compiled_triton, matmul_precision, 
     assert (out_t.float() - out_ref.float()).abs().max().item() <= TOLERANCE[precision][dtype] * max(scale, 1.0)
 
 
+@pytest.mark.parametrize("T, K, E", [(1, 2, 8), (32, 2, 8), (64, 8, 128), (512, 2, 8), (513, 2, 8), (4096, 2, 8)])
+def test_the_plan_of_device_ids_equals_the_torch_steps(T, K, E):
+    """A decode step's few ids are planned on the host and copied back as one tensor; more on the device. Both
+    give the torch steps' plan, on the ids' device."""
+    from moeshard.kernels.permute import _plan_permutation_torch, plan_permutation
+
+    g = torch.Generator(device="cuda").manual_seed(T)
+    ids = torch.randint(-1, E, (T, K), device="cuda", generator=g, dtype=torch.int32)
+    got, want = plan_permutation(ids, E), _plan_permutation_torch(ids, E)
+    for a, b in zip(got[:3], want[:3]):
+        assert a.device == ids.device and a.dtype == torch.int64 and torch.equal(a, b)
+    assert got.host_offsets == want.host_offsets
+
+
 # (start position, queries) per sequence: decode tokens, a prefill from 0, chunks with history, a long chunk
 MIXED_STEP = ((9, 1), (0, 6), (20, 5), (33, 1), (7, 17), (0, 130), (300, 1), (64, 70))
 
