@@ -139,7 +139,9 @@ def test_request_fails_only_when_recovery_fails(ray_cluster, tiny_mixtral_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("transport", ["socket", "collective", "actor_calls"])
-def test_sigkill_under_ping_pong_loses_no_request(transport, ray_cluster, tiny_mixtral_dir, reference, expert_actor_pid, mid_generation):
+def test_sigkill_under_ping_pong_loses_no_request(
+    transport, ray_cluster, tiny_mixtral_dir, reference, expert_actor_pid, mid_generation
+):  # fmt: skip
     """Two micro-batches in flight per step (ping-pong): the kill fails one pass while the other's dispatch is out;
     the step is retried whole and every output equals the single process's."""
     options = _cluster_options(2, dispatch_timeout_s=20, transport=transport)

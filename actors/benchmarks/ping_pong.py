@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                                                enable_prefix_caching=False, ping_pong_min_sequences=ping_pong))  # fmt: skip
 
             for cpus in coordinator_cpus:
-                name = "actors, one batch" + ("" if coordinator_cpus == [1] else f", coordinator on {cpus} CPU" + "s" * (cpus > 1))
-                llms[name] = sharded(cpus, 0)
+                on = "" if coordinator_cpus == [1] else f", coordinator on {cpus} CPU" + "s" * (cpus > 1)
+                llms["actors, one batch" + on] = sharded(cpus, 0)
             llms["actors, ping-pong"] = sharded(coordinator_cpus[0], 8)
             for llm in llms.values():
                 _time_generate(llm, prompts[:2], SamplingParams(max_tokens=2, temperature=0))  # warm-up
