@@ -96,16 +96,21 @@ def test_paged_attention_compiled_equals_torch(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d).removeprefix("torch."))
 def test_rms_norm_and_rotary_compiled_equal_torch(compiled_triton, dtype):
     """Both round where torch's ops round: rotary bit for bit (no fused multiply-add), RMSNorm but for the
-    mean's summation order (then at most one unit in the last place, in few elements)."""
+    mean's summation order. In bfloat16 and float16 that order shows in few elements, by one unit in the last
+    place; in float32 it moves a row's variance by a few float32 units, and every element of the row with it
+    (an H200 measured up to 5 units, in up to 40% of the elements, at D = 576 to 5120)."""
     g = torch.Generator(device="cuda").manual_seed(3)
-    for shape in ((1, 4096), (37, 576), (64, 5120), (9, 32, 128)):
+    for shape in ((1, 4096), (37, 576), (64, 5120), (9, 32, 128), (256, 4096)):
         x = torch.randn(*shape, device="cuda", generator=g).mul(3).to(dtype)
         weight = torch.rand(shape[-1], device="cuda", generator=g).add(0.5).to(dtype)
         got, want = rms_norm(x, weight, 1e-5, backend="triton"), rms_norm(x, weight, 1e-5, backend="torch")
         assert got.dtype == want.dtype
         ulp = torch.finfo(dtype).eps * want.float().abs().clamp(min=1)
-        assert ((got.float() - want.float()).abs() <= 2 * ulp).all(), shape
-        assert (got != want).sum().item() <= 0.01 * got.numel() + 1, shape
+        if dtype == torch.float32:
+            assert ((got - want).abs() <= 8 * ulp).all(), shape
+        else:
+            assert ((got.float() - want.float()).abs() <= 2 * ulp).all(), shape
+            assert (got != want).sum().item() <= 0.01 * got.numel() + 1, shape
     for T, H, Dh in ((1, 32, 128), (300, 8, 64), (17, 9, 80)):
         qkv = torch.randn(T, (H + 2) * Dh, device="cuda", generator=g).to(dtype)
         x = qkv[:, : H * Dh].view(T, H, Dh)  # a view, as attention's q is
