@@ -90,7 +90,7 @@ def _fail_seed(monkeypatch, failing_seed: int) -> None:
     monkeypatch.setattr(engine_module, "sample_token", sample)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_greedy_rows_together_equal_sample_token_row_by_row(dtype):
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(10, 500, generator=g).mul(4).to(dtype)  # [R, V]
@@ -112,6 +112,8 @@ def test_greedy_rows_together_equal_sample_token_row_by_row(dtype):
             assert chosen[i] == sample_token(row, greedy, make_generator(greedy))
     assert chosen[2] == 10 and chosen[5] == 0
     assert greedy_rows(logits[:0]).token_ids == []
+    narrowed = logits[:6, :300]  # a strided view, as the engine passes rows cut to the tokenizer's vocabulary
+    assert greedy_rows(narrowed).token_ids == [sample_token(row, greedy, make_generator(greedy)) for row in narrowed]
 
 
 def test_a_step_of_mixed_sampling_gives_each_sequence_its_tokens_alone(tiny_mixtral_dir):
