@@ -95,6 +95,11 @@ class LLM:
 
         return route_tokens(self._engine, ids)
 
+    @property
+    def engine(self):
+        """The in-process ``Engine`` (its requests and steps), None when the experts run on actors."""
+        return self._engine
+
     def placement(self) -> list[dict]:
         """Which actor (and node) hosts which (layer, expert); empty in single-process mode."""
         self._check_open()

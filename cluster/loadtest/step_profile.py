@@ -6,8 +6,8 @@
 One process, the experts in it, ``torch.profiler`` around two workloads after one warm-up round of each:
 
 - **prefill**: one prompt of ``--prefill-len`` tokens, one new token (one step);
-- **decode**: ``--sequences`` prompts of ``--prompt-len`` tokens, ``--tokens`` new tokens each, greedy with
-  ``ignore_eos`` (their prefill step, then one step per further token).
+- **decode**: ``--sequences`` prompts of ``--prompt-len`` tokens, greedy with ``ignore_eos``: their prefill
+  (and first token) before the profile, then ``--tokens`` decode steps profiled, one token each.
 
 Per workload it prints the wall time (unprofiled, run just before), and per step the time the device was busy
 (CUDA kernels and copies; nothing on the CPU), the kernel launches, the host syncs (stream and device
@@ -46,15 +46,28 @@ class StepProfile(NamedTuple):
     table: str  # the ops with the most host time ('' unless asked)
 
 
-def profile_workload(name: str, run: Callable[[], object], steps: int, device: torch.device, table_rows: int = 0) -> StepProfile:
-    """Profile one call of ``run`` (after one warm-up call and one timed call); figures per engine step."""
+def profile_workload(
+    name: str, prepare: Callable[[], object], run: Callable[[], int], device: torch.device, table_rows: int = 0
+) -> StepProfile:
+    """Profile one call of ``run`` (after one warm-up call and one timed call), each after its own ``prepare``
+    (neither timed nor profiled); ``run`` returns the engine steps it took, and the figures are per step."""
+    prepare()
     run()
-    wall_s = timed(run, device)
+    prepare()
+    steps = 0
+
+    def counted() -> None:
+        nonlocal steps
+        steps = run()
+
+    wall_s = timed(counted, device)
+    prepare()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        run()
+        profiled_steps = run()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+    assert profiled_steps == steps, f"{name}: {steps} steps timed, {profiled_steps} profiled"
     events = prof.key_averages()
     busy_us = sum(e.self_device_time_total for e in events) if device.type == "cuda" else 0.0
     launches = sum(e.count for e in events if e.key in LAUNCHES)
@@ -62,6 +75,15 @@ def profile_workload(name: str, run: Callable[[], object], steps: int, device: t
     ops = sum(e.count for e in events if e.key.startswith("aten::"))
     table = events.table(sort_by="self_cpu_time_total", row_limit=table_rows) if table_rows else ""
     return StepProfile(name, steps, wall_s * 1e3, busy_us / 1e3 / steps, launches / steps, syncs / steps, ops / steps, table)
+
+
+def steps_to_finish(engine) -> int:
+    """Step the engine until its requests are done; the steps taken."""
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+    return steps
 
 
 def run(model_dir: Path, args: argparse.Namespace) -> list[StepProfile]:
@@ -79,11 +101,23 @@ def run(model_dir: Path, args: argparse.Namespace) -> list[StepProfile]:
         def params(n: int) -> SamplingParams:
             return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
+        engine = llm.engine
+
+        def add_prefill() -> None:
+            engine.add_request("prefill", prompt, params(1))
+
+        def add_and_prefill_decodes() -> None:
+            """The sequences admitted, their prompts computed and first tokens sampled: only decode steps remain."""
+            for b, ids in enumerate(prompts):
+                engine.add_request(f"decode-{b}", ids, params(args.tokens + 1))
+            while engine.waiting or any(len(seq.token_ids) == seq.prompt_len for seq in engine.running):
+                engine.step()
+
         return [
-            profile_workload(f"prefill {args.prefill_len}", lambda: llm.generate([prompt], params(1)), 1, device, args.table),
+            profile_workload(f"prefill {args.prefill_len}", add_prefill, lambda: steps_to_finish(engine), device, args.table),
             profile_workload(
-                f"decode {args.sequences} x {args.tokens}", lambda: llm.generate(prompts, params(args.tokens)), args.tokens,
-                device, args.table,
+                f"decode {args.sequences} x {args.tokens}", add_and_prefill_decodes, lambda: steps_to_finish(engine), device,
+                args.table,
             ),
         ]  # fmt: skip
     finally:
