@@ -1,7 +1,7 @@
 """What an engine step asks of the host and the device: ``python -m moeshard.cluster.loadtest.step_profile``.
 
     python -m moeshard.cluster.loadtest.step_profile [MODEL_DIR] [--device cuda] [--dtype bfloat16]
-        [--sequences 32] [--prompt-len 128] [--tokens 16] [--prefill-len 4096] [--table N]
+        [--sequences 32] [--prompt-len 128] [--tokens 16] [--prefill-len 4096] [--table N] [--host-plan-max-ids N]
 
 One process, the experts in it, ``torch.profiler`` around two workloads after one warm-up round of each:
 
@@ -19,6 +19,7 @@ host time. Without MODEL_DIR it writes prefill_bench's synthetic Mixtral.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import tempfile
@@ -151,6 +152,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prefill-len", type=int, default=4096, help="the prefill's prompt tokens (default: 4096)")
     parser.add_argument("--kv-cache-mb", type=int, default=1024, help="the engine's KV cache (default: 1024)")
     parser.add_argument("--table", type=int, default=0, metavar="N", help="also print the N ops with the most host time")
+    parser.add_argument(
+        "--host-plan-max-ids", type=int, default=None, metavar="N",
+        help="plan a permutation of up to N device ids on the host (default: the library's, 1024; 0: on the device)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -158,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     from moeshard.cluster.convert.synthetic_model import write_synthetic_mixtral
 
     args = parse_args(argv)
+    if args.host_plan_max_ids is not None:
+        # the module, not moeshard.kernels' attribute of the same name (the permute function)
+        importlib.import_module("moeshard.kernels.permute").HOST_PLAN_MAX_IDS = args.host_plan_max_ids
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory(prefix="moeshard-step-profile") as tmp:
         model_dir = Path(args.model_dir) if args.model_dir else None
@@ -165,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             positions = max(args.prefill_len, args.prompt_len + args.tokens) + 1
             model_dir = write_synthetic_mixtral(Path(tmp) / "mixtral", max_position_embeddings=positions, dtype=torch.float32, **SIZES)
         profiles = run(model_dir, args)
-    print(f"torch {torch.__version__}, {args.device}, {args.dtype}, {torch.get_num_threads()} threads")
+    host_plan = importlib.import_module("moeshard.kernels.permute").HOST_PLAN_MAX_IDS
+    print(f"torch {torch.__version__}, {args.device}, {args.dtype}, {torch.get_num_threads()} threads, "
+          f"permutations of up to {host_plan} device ids planned on the host")  # fmt: skip
     print(format_profiles(profiles))
     return 0
 

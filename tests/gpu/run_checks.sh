@@ -8,7 +8,9 @@
 #      chosen and its values' error);
 #   3. prefill and decode in one process against transformers, both on the GPU in bfloat16;
 #   4. what an engine step asks of the host and the device (step_profile: launches, syncs, host and device
-#      time per decode and prefill step), on the GPU in bfloat16.
+#      time per decode and prefill step), on the GPU in bfloat16;
+#   5. the same with every permutation planned on the device (--host-plan-max-ids 0), to weigh the host plan
+#      that a decode step's few ids get against the device's.
 # Each step runs under its own time limit and writes its log into REPORT_DIR; summary.txt holds one line per
 # step (exit status and seconds; 124 = out of time). A step that fails or runs out of time does not stop the
 # next. Run it from anywhere:
@@ -20,8 +22,8 @@
 # WHEELS       a folder of wheels for what that interpreter lacks (pydantic and its own dependencies): they and
 #              moeshard itself (from this checkout) are installed into a scratch folder without an index
 #              when moeshard does not import yet
-# STEP_LIMITS  seconds for steps 1 to 4 (default: "200 120 170 90", under 10 minutes in all; the model step tunes
-#              the kernels at load, and the profile finds them in Triton's cache)
+# STEP_LIMITS  seconds for steps 1 to 5 (default: "200 120 110 60 60", under 10 minutes in all; the model step
+#              tunes the kernels at load, and the profiles find them in Triton's cache)
 set -uo pipefail
 
 if [ $# -ne 1 ]; then
@@ -31,7 +33,7 @@ fi
 report=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "cannot write to $1" >&2; exit 2; }
 cd "$(dirname "$0")/../.."
 python=${PYTHON:-python3}
-read -r tests_limit kernels_limit model_limit profile_limit <<<"${STEP_LIMITS:-200 120 170 90}"
+read -r tests_limit kernels_limit model_limit profile_limit device_plan_limit <<<"${STEP_LIMITS:-200 120 110 60 60}"
 summary="$report/summary.txt"
 : >"$summary"
 
@@ -79,7 +81,10 @@ if "$python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
         --lengths 512,4096 --json "$report/model.json"
     step profile "$profile_limit" "$python" -m moeshard.cluster.loadtest.step_profile --device cuda --dtype bfloat16 \
         --table 25
+    step device_plan "$device_plan_limit" "$python" -m moeshard.cluster.loadtest.step_profile --device cuda \
+        --dtype bfloat16 --host-plan-max-ids 0
 else
-    echo "model: skipped, no CUDA GPU" | tee -a "$summary"
-    echo "profile: skipped, no CUDA GPU" | tee -a "$summary"
+    for name in model profile device_plan; do
+        echo "$name: skipped, no CUDA GPU" | tee -a "$summary"
+    done
 fi
