@@ -10,10 +10,11 @@ the same prompt can get another answer under load (docs/reliability.md). While t
   every row meets the one kernel of that row count, whatever its batch; a row's place in a tile does not
   change its sums (tested);
 - attention computes every query, decode or prefill, as a query of its own over the keys from position 0,
-  padded with masked keys to a multiple of KEY_MULTIPLE (``kernels/paged_attention.py``): a query's result
-  is then the same in any batch, in any prefill chunk, from the prefix cache or computed afresh.
+  padded with masked keys to a multiple of KEY_MULTIPLE, with two batched products and a softmax, not SDPA
+  (``kernels/paged_attention.py``, ``attention_by_products``): a query's result is then the same in any
+  batch, in any prefill chunk, from the prefix cache or computed afresh.
 
-Measured on the CPU (x86, AVX-512: 16 float32 lanes); the other ops of a step (norms, softmax, top-k,
+Measured on the CPU (x86, AVX-512 and AVX2); the other ops of a step (norms, softmax, top-k,
 embedding, rotary, the int8 experts) already give a row the same result in any batch. It costs speed (small
 tiles for large products, every masked key computed): docs/kernels.md, "Batch invariance".
 

@@ -129,7 +129,7 @@ def _attention_query_by_query(q, key_cache, value_cache, plan: TorchPlan, scale:
             width = padded_keys(chunk.history + start + g)  # no key past the group's last query, padded: causal half only
             visible = (torch.arange(width, device=q.device)[None, :] < seen[:, None])[:, None, None, :]  # [g, 1, 1, width]
             group_keys, group_values = (x[:, :, :width].expand(g, -1, -1, -1) for x in (keys, values))  # [g, Hkv, width, Dh]
-            attended = _masked_attention(queries, group_keys, group_values, visible, scale, gqa)
+            attended = attention_by_products(queries, group_keys, group_values, visible, scale)
             out[chunk.rows][start : start + g] = attended[:, :, 0]
     if plan.decode is not None:
         group = plan.decode
@@ -139,8 +139,30 @@ def _attention_query_by_query(q, key_cache, value_cache, plan: TorchPlan, scale:
         keys, values = (_padded_to(_cache_rows(cache, flat).unflatten(0, (Bd, Smax)), 1, width) for cache in (key_cache, value_cache))  # [Bd, S', Hkv, Dh]
         visible = _padded_to(group.visible, 3, width)  # [Bd, 1, 1, S'], False past Smax
         queries = q.index_select(0, group.rows)[:, :, None, :]  # [Bd, H, 1, Dh]
-        attended = _masked_attention(queries, keys.transpose(1, 2), values.transpose(1, 2), visible, scale, gqa)
+        attended = attention_by_products(queries, keys.transpose(1, 2), values.transpose(1, 2), visible, scale)
         out.index_copy_(0, group.rows, attended[:, :, 0])
+
+
+def attention_by_products(q, keys, values, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [g, H, n, Dh], keys and values [g, Hkv, S, Dh], mask [g, 1, n or 1, S] (True: visible) -> [g, H, n, Dh]:
+    attention as two batched products and a softmax, for batch-invariant mode. Each of the g queries' products
+    is a matrix product of its own, so its result does not depend on g; CPU SDPA's, on two threads, does (on an
+    AVX2 machine a query's output changed with the number of queries beside it). Computed in q's dtype, or in
+    float32 on the CPU for bfloat16 and float16 (as ``_masked_attention``); a query head h reads key head
+    h // (H / Hkv), as SDPA's ``enable_gqa`` does."""
+    compute = _compute_dtype(q)
+    g, H, n, Dh = q.shape
+    Hkv, S = keys.shape[1], keys.shape[2]
+    rep = H // Hkv
+    assert mask.shape[1] == 1 and H % Hkv == 0, (mask.shape, H, Hkv)
+    # bmm over explicit [g * Hkv] batches: matmul folds a broadcast (expanded) operand's batch into the rows of one
+    # product, whose kernel then depends on g
+    grouped = q.to(compute).reshape(g * Hkv, rep * n, Dh)  # the query heads sharing a key head, as rows
+    keys, values = (x.to(compute).reshape(g * Hkv, S, Dh) for x in (keys, values))  # [g*Hkv, S, Dh]
+    scores = torch.bmm(grouped, keys.transpose(1, 2)).mul_(scale)  # [g*Hkv, rep*n, S]
+    scores = scores.view(g, Hkv, rep, n, S).masked_fill_(~mask[:, :, None], float("-inf"))  # [g, Hkv, rep, n, S]
+    weights = scores.softmax(-1).view(g * Hkv, rep * n, S)
+    return torch.bmm(weights, values).view(g, H, n, Dh).to(q.dtype)  # [g, H, n, Dh]
 
 
 def _padded_to(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from moeshard.cluster import LLM, SamplingParams
 from moeshard.cluster.engine.config import EngineConfig
 from moeshard.kernels.batch_invariance import ROW_TILE, batch_invariant, batch_invariant_now
 from moeshard.kernels.linear import linear, linear_into, prepack
+from moeshard.kernels.paged_attention import attention_by_products
 
 MIXTRAL = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
 PROMPTS = [[1, 5, 9, 33, 17], [1, 100, 3], [1, 7, 7, 7, 7, 7, 7, 7, 64, 12, 90, 4], [1], list(range(1, 60))]
@@ -52,6 +53,40 @@ def test_a_products_row_is_its_own_on_row_tiles(dtype, packed):
             assert torch.equal(linear_into(x[start : start + count], weight, out), whole[start : start + count])
     assert not batch_invariant_now()
     torch.testing.assert_close(whole, linear(x, weight), rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_querys_attention_is_its_own_beside_any_number_of_others(dtype):
+    """The products batch-invariant attention runs on: a query's output alone equals its output among g others,
+    with keys of their own or one sequence's keys shared (expanded, as a prefill chunk's queries read them), on
+    torch's two threads (where CPU SDPA's output moved with g on an AVX2 machine), and with its keys padded by
+    masked zeros to any multiple of KEY_MULTIPLE; and it is SDPA's within rounding."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(5)
+        for width in (16, 48, 80):
+            q = torch.randn(32, 4, 1, 64, generator=g).to(dtype)  # [g, H, 1, Dh]
+            keys, values = (torch.randn(32, 2, width, 64, generator=g).to(dtype) for _ in range(2))  # [g, Hkv, S, Dh]
+            mask = torch.rand(32, 1, 1, width, generator=g) < 0.8  # [g, 1, 1, S]
+            mask[..., 0] = True
+            shared_keys, shared_values = keys[:1].expand(32, -1, -1, -1), values[:1].expand(32, -1, -1, -1)
+            for k, v in ((keys, values), (shared_keys, shared_values)):
+                every = attention_by_products(q, k, v, mask, 0.125)  # [32, H, 1, Dh]
+                for count in (1, 2, 5, 31):
+                    assert torch.equal(attention_by_products(q[:count], k[:count], v[:count], mask[:count], 0.125), every[:count])
+            for extra in (16, 64):  # masked zero keys past the last, to another multiple of KEY_MULTIPLE
+                padded_keys, padded_values = (torch.cat([x, x.new_zeros(32, 2, extra, 64)], dim=2) for x in (keys, values))
+                padded_mask = torch.cat([mask, mask.new_zeros(32, 1, 1, extra)], dim=3)
+                padded = attention_by_products(q, padded_keys, padded_values, padded_mask, 0.125)
+                assert torch.equal(padded, attention_by_products(q, keys, values, mask, 0.125)), (width, extra)
+            sdpa = torch.nn.functional.scaled_dot_product_attention(
+                q.float(), keys.float(), values.float(), attn_mask=mask, scale=0.125, enable_gqa=True
+            )
+            tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(attention_by_products(q, keys, values, mask, 0.125).float(), sdpa, rtol=tolerance, atol=tolerance)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
