@@ -184,3 +184,71 @@ def test_running_sequences_are_capped(tiny_mixtral_dir):
             engine.step()
             running.append(len(engine.running))
         assert max(running) == 2
+
+
+def _rows_seen_by_sampling(monkeypatch) -> list[bool]:
+    """Record, for every token sampled, whether its logits row reached ``Engine._sample``."""
+    seen: list[bool] = []
+    real = engine_module.Engine._sample
+
+    def sample(self, seq, row, chosen=None):
+        seen.append(row is not None)
+        return real(self, seq, row, chosen)
+
+    monkeypatch.setattr(engine_module.Engine, "_sample", sample)
+    return seen
+
+
+def test_greedy_taken_where_the_logits_are_gives_the_host_paths_outputs(tiny_mixtral_dir, monkeypatch):
+    """``greedy_on_device`` (the default on a GPU) forced on the CPU: a step of plain greedy sequences without
+    logprobs never hands its rows to the sampler, and every output, with mixed parameters, logprobs and prompt
+    logprobs in the same steps, is the host path's."""
+    prompts = [[1, 5, 9, 33], [1, 100, 7], [1, 2, 3, 4, 5, 6], [1, 77, 78], [1, 5, 9, 33, 40]]
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    mixed = [
+        greedy,
+        SamplingParams(max_tokens=6, temperature=0, logprobs=2, ignore_eos=True),
+        SamplingParams(max_tokens=8, temperature=0.8, seed=4, ignore_eos=True),
+        SamplingParams(max_tokens=5, temperature=0, prompt_logprobs=1, ignore_eos=True),
+        greedy,
+    ]
+    with LLM(tiny_mixtral_dir) as llm:
+        engine = llm.engine
+        engine.greedy_on_device = False
+        want_greedy = llm.generate(prompts, greedy)
+        want_mixed = llm.generate(prompts, mixed)
+        engine.greedy_on_device = True
+        seen = _rows_seen_by_sampling(monkeypatch)
+        got_greedy = llm.generate(prompts, greedy)
+        assert len(seen) == 5 * 8 and not any(seen)  # every token chosen without its row on the host
+        seen.clear()
+        got_mixed = llm.generate(prompts, mixed)
+        assert all(seen)  # each step held a sequence that reads its row: the logits came to the host
+    assert [o.token_ids for o in got_greedy] == [o.token_ids for o in want_greedy]
+    for got, want in zip(got_mixed, want_mixed):
+        assert (got.token_ids, got.logprobs, got.prompt_logprobs) == (want.token_ids, want.logprobs, want.prompt_logprobs)
+    assert got_mixed[1].logprobs is not None and got_mixed[3].prompt_logprobs is not None
+
+
+def test_greedy_taken_where_the_logits_are_fails_a_row_that_is_not_finite_alone(tiny_mixtral_dir, monkeypatch):
+    """A NaN in one sequence's row: that sequence fails with the host sampler's error, the others go on."""
+    prompts = [[1, 5, 9, 33], [1, 100, 7], [1, 2, 3, 4, 5, 6]]
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    with LLM(tiny_mixtral_dir) as llm:
+        engine = llm.engine
+        engine.greedy_on_device = True
+        alone = [llm.generate([p], greedy)[0].token_ids for p in prompts]
+        forward = engine.model.forward
+
+        def poisoned(batch, logits_rows=None):
+            logits = forward(batch, logits_rows=logits_rows)  # [R, V]
+            if batch.token_ids.numel() == 3:  # a decode step of all three: the second sequence's row
+                logits = logits.clone()
+                logits[1, 7] = float("nan")
+            return logits
+
+        monkeypatch.setattr(engine.model, "forward", poisoned)
+        together = llm.generate(prompts, greedy)
+        assert together[1].finish_reason == "error" and "non-finite logits" in together[1].error
+        assert [together[0].token_ids, together[2].token_ids] == [alone[0], alone[2]]
+        assert engine.cache.usage().used_blocks == 0 and not engine.has_work()

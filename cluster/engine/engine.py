@@ -22,7 +22,9 @@ prefill chunks (other chunks give only their last row).
 The model runs on its device (``model/device.py``); the step's logits come back to the host in one copy
 and sampling runs there, in float64 with a CPU generator per request, so a seeded request samples the
 same tokens on every device and in every batch. Greedy sequences without bias or penalties (what most load is)
-take their tokens in one argmax over their rows together; the others sample one by one. Sampling fails per
+take their tokens in one argmax over their rows together; the others sample one by one. On a GPU a step whose
+sequences read nothing of their logits but that argmax (plain greedy, no logprobs) takes it there and brings
+back its tokens, not the logits (``greedy_on_device``). Sampling fails per
 sequence: a sequence whose token cannot be sampled finishes
 with ``FinishReason.ERROR`` (its event carries the error) and frees its cache;
 the others in the step go on.
@@ -43,6 +45,7 @@ from moeshard.cluster.engine.sampling import SamplingParams, greedy_rows, make_g
 from moeshard.cluster.errors import one_line
 from moeshard.cluster.model.batch import SequenceChunk, StepBatch
 from moeshard.cluster.model.model import MoeModel
+from moeshard.kernels.host_copy import from_host
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +116,9 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
+        # Where a step whose sampling reads no logits but its argmaxes takes them: None, on the logits' device
+        # unless that is the CPU (a GPU sends back a few ints instead of R x V logits); True or False to force it.
+        self.greedy_on_device: bool | None = None
 
     # -- requests -----------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -173,9 +179,8 @@ class Engine:
             return []
         batch = StepBatch.build([(chunk, seq.token_ids[chunk.start_pos : chunk.end_pos]) for seq, chunk in scheduled])
         rows, spans = self._logit_rows(scheduled)
-        # [R, V]: per chunk its last row, or all its rows; brought to the host once per step (sampling runs there)
-        logits = self.model.forward(batch, logits_rows=rows).cpu()
-        greedy = self._greedy_choices(scheduled, spans, logits)
+        # [R, V] on the model's device: per chunk its last row, or all its rows
+        greedy, logits = self._greedy_and_host_logits(scheduled, spans, self.model.forward(batch, logits_rows=rows))
         events = []
         for (seq, chunk), span in zip(scheduled, spans):
             self.cache.commit(seq.seq_id, seq.token_ids, chunk.end_pos)
@@ -184,8 +189,34 @@ class Engine:
             seq.num_computed = chunk.end_pos
             if seq.num_computed < len(seq.token_ids):
                 continue  # a prefill chunk that has not reached the end of the prompt
-            events.append(self._sample(seq, logits[span.stop - 1], greedy.get(seq.seq_id)))
+            row = logits[span.stop - 1] if logits is not None else None  # [V]
+            events.append(self._sample(seq, row, greedy.get(seq.seq_id)))
         return events
+
+    def _greedy_and_host_logits(
+        self, scheduled: list[tuple[Sequence, SequenceChunk]], spans: list[slice], logits: torch.Tensor
+    ) -> tuple[dict[int, int], torch.Tensor | None]:
+        """The step's plain-greedy tokens (seq_id -> token) and its logits [R, V] on the host, where sampling runs;
+        one sync either way. A step whose sequences read nothing of their rows but the argmax (plain greedy, no
+        logprobs) takes the argmaxes where the logits are and leaves them there (None): on a GPU that brings back
+        a few ints, not R x V floats (64 rows of a 151936-token vocabulary are 39 MB)."""
+        on_device = self.greedy_on_device if self.greedy_on_device is not None else logits.device.type != "cpu"
+        if on_device and all(self._reads_only_argmax(seq, chunk) for seq, chunk in scheduled):
+            greedy = self._greedy_choices(scheduled, spans, logits)
+            sampling = sum(chunk.end_pos == len(seq.token_ids) for seq, chunk in scheduled)
+            if len(greedy) == sampling:
+                return greedy, None
+            # a row that is not finite: sample_token on the host reports it on that sequence alone
+        host = logits.cpu()
+        return self._greedy_choices(scheduled, spans, host), host
+
+    @staticmethod
+    def _reads_only_argmax(seq: Sequence, chunk: SequenceChunk) -> bool:
+        """Whether the sequence needs nothing of this step's logits but its row's argmax (or nothing at all)."""
+        if seq.wants_prompt_rows(chunk):
+            return False
+        samples = chunk.end_pos == len(seq.token_ids)
+        return not samples or (seq.params.plain_greedy and seq.params.logprobs is None)
 
     def _greedy_choices(
         self, scheduled: list[tuple[Sequence, SequenceChunk]], spans: list[slice], logits: torch.Tensor
@@ -203,7 +234,8 @@ class Engine:
         if last - first + 1 == len(picked):  # consecutive rows (a decode step's, usually all of them): a view, no copy
             rows = logits[first : last + 1]  # [G, V]
         else:
-            rows = logits.index_select(0, torch.tensor([row for _, row in picked], dtype=torch.int64))  # [G, V]
+            index = torch.tensor([row for _, row in picked], dtype=torch.int64)  # [G]
+            rows = logits.index_select(0, from_host(index, logits.device))  # [G, V]
         choices = greedy_rows(rows[:, : self.token_limit]).token_ids
         return {seq_id: choice for (seq_id, _), choice in zip(picked, choices) if choice is not None}
 
@@ -229,10 +261,12 @@ class Engine:
                 token_id = seq.token_ids[target]
                 seq.prompt_entries.append(token_logprobs(logits[i, : self.token_limit], token_id, seq.params.prompt_logprobs))
 
-    def _sample(self, seq: Sequence, row: torch.Tensor, chosen: int | None = None) -> TokenEvent:
-        """The sequence's next token event (``chosen``: its greedy token, already taken with others'); a sampling
-        error fails this sequence alone."""
-        row = row[: self.token_limit]  # [V]
+    def _sample(self, seq: Sequence, row: torch.Tensor | None, chosen: int | None = None) -> TokenEvent:
+        """The sequence's next token event (``chosen``: its greedy token, already taken with others'; ``row``, its
+        logits on the host, may then be None unless logprobs are asked for); a sampling error fails this sequence
+        alone."""
+        assert row is not None or (chosen is not None and seq.params.logprobs is None), seq.request_id
+        row = row[: self.token_limit] if row is not None else None  # [V]
         try:
             output_ids = seq.token_ids[seq.prompt_len :]
             if chosen is not None:

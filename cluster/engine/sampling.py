@@ -154,8 +154,11 @@ def greedy_rows(logits: torch.Tensor) -> GreedyRows:
     an infinity, or finite values that overflow it) is left to ``sample_token`` (None)."""
     if logits.shape[0] == 0:
         return GreedyRows([])
-    finite = logits.sum(dim=1).isfinite().tolist()  # [R]
-    choices = first_maxima(logits)  # [R]
+    if logits.device.type != "cpu":  # one copy back of both, where the logits are
+        finite, choices = torch.stack((logits.sum(dim=1).isfinite().long(), logits.max(dim=1).indices)).tolist()
+    else:
+        finite = logits.sum(dim=1).isfinite().tolist()  # [R]
+        choices = first_maxima(logits)  # [R]
     return GreedyRows([choice if ok else None for choice, ok in zip(choices, finite)])
 
 

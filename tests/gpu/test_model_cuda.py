@@ -40,8 +40,22 @@ def test_greedy_and_seeded_tokens_on_cuda_equal_the_cpu(checkpoint):
     with LLM(checkpoint, device="cpu", dtype="float32") as cpu:
         expected = [[o.token_ids for o in cpu.generate(PROMPTS, p)] for p in params]
     with LLM(checkpoint, device="cuda", dtype="float32") as gpu:
+        assert gpu.engine.greedy_on_device is None  # the default: greedy steps take their argmaxes on the GPU
         got = [[o.token_ids for o in gpu.generate(PROMPTS, p)] for p in params]
     assert got == expected
+
+
+def test_a_greedy_step_on_cuda_leaves_its_logits_there(checkpoint, monkeypatch):
+    from moeshard.cluster.engine import engine as engine_module
+
+    rows_on_host = []
+    real = engine_module.Engine._sample
+    monkeypatch.setattr(
+        engine_module.Engine, "_sample", lambda self, seq, row, chosen=None: rows_on_host.append(row) or real(self, seq, row, chosen)
+    )
+    with LLM(checkpoint, device="cuda", dtype="float32") as gpu:
+        gpu.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert len(rows_on_host) == 8 * len(PROMPTS) and all(row is None for row in rows_on_host)
 
 
 def test_bfloat16_on_cuda_stays_close_to_transformers(checkpoint):
