@@ -197,7 +197,7 @@ class Engine:
         self, scheduled: list[tuple[Sequence, SequenceChunk]], spans: list[slice], logits: torch.Tensor
     ) -> tuple[dict[int, int], torch.Tensor | None]:
         """The step's plain-greedy tokens (seq_id -> token) and its logits [R, V] on the host, where sampling runs;
-        one sync either way. A step whose sequences read nothing of their rows but the argmax (plain greedy, no
+        one sync (two when a greedy row on the device is not finite). A step whose sequences read nothing of their rows but the argmax (plain greedy, no
         logprobs) takes the argmaxes where the logits are and leaves them there (None): on a GPU that brings back
         a few ints, not R x V floats (64 rows of a 151936-token vocabulary are 39 MB)."""
         on_device = self.greedy_on_device if self.greedy_on_device is not None else logits.device.type != "cpu"
