@@ -19,6 +19,8 @@ Dimensions: N rows, K in features, O out features.
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -26,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from moeshard.kernels.linear import padded_rows
+
+logger = logging.getLogger(__name__)
 
 # oneDNN's int8 linear and its weight packing: private ops, None where this torch lacks them.
 _QLINEAR = getattr(torch.ops.onednn, "qlinear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -57,7 +61,28 @@ class Int8Weight:
 
 
 def onednn_int8_available() -> bool:
-    return _QPREPACK is not None
+    """Whether this torch has oneDNN's int8 linear and it sums exactly on this CPU (``onednn_int8_exact``)."""
+    return _QPREPACK is not None and onednn_int8_exact()
+
+
+@functools.cache
+def onednn_int8_exact() -> bool:
+    """Whether oneDNN's int8 linear gives the exact integer sums here. Without VNNI (an AVX2 part: no AVX512-VNNI,
+    no AVX-VNNI, no AMX) it multiplies bytes in pairs into 16-bit sums (``vpmaddubsw``), which saturate: on one
+    such machine its products were 20% off ``torch._int_mm``'s. Checked once, on the largest products there are
+    (every value 127, where a pair's sum reaches 2 x 255 x 127, past the 16-bit range); where it fails the int8
+    products go through ``torch._int_mm``."""
+    if _QPREPACK is None:
+        return False
+    k = 64
+    values = torch.full((1, k), INT8_MAX, dtype=torch.int8)  # [1, K]
+    weight = _QPREPACK(torch.full((16, k), INT8_MAX, dtype=torch.int8), None)  # [16, K] packed
+    scales = torch.ones(16)
+    out = _QLINEAR(values, 1.0, 0, weight, scales, torch.zeros(16, dtype=torch.long), None, 1.0, 0, torch.float32, "none", [], "")  # fmt: skip
+    exact = bool((out == INT8_MAX * INT8_MAX * k).all())
+    if not exact:
+        logger.warning("oneDNN's int8 linear is not exact on this CPU (no VNNI): int8 products run through torch._int_mm")
+    return exact
 
 
 def quantize_weight(weight: torch.Tensor, pack: bool = True) -> Int8Weight:
@@ -66,7 +91,7 @@ def quantize_weight(weight: torch.Tensor, pack: bool = True) -> Int8Weight:
     w = weight.detach().float()
     scales = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / INT8_MAX  # [O]
     values = torch.round(w / scales[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)  # [O, K]
-    if pack and _QPREPACK is not None:
+    if pack and onednn_int8_available():
         values = _QPREPACK(values, None)
     return Int8Weight(values, scales, torch.zeros_like(scales, dtype=torch.long))
 

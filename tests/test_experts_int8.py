@@ -33,7 +33,9 @@ from moeshard.kernels.int8_linear import (
 
 MIXTRAL = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
 PROMPTS = [[1, 5, 9, 33, 17], [1, 100, 3], [1, 7, 7, 7, 7, 7, 7, 7, 64, 12, 90, 4], [1]]
-needs_onednn_int8 = pytest.mark.skipif(not onednn_int8_available(), reason="this torch has no oneDNN int8 linear")
+needs_onednn_int8 = pytest.mark.skipif(
+    not onednn_int8_available(), reason="this torch has no oneDNN int8 linear, or it is not exact on this CPU (no VNNI)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,23 @@ def test_weights_round_to_their_channels_step():
     rows = quantize_rows(torch.tensor([[0.5, -2.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.bfloat16))
     assert rows.values.tolist() == [[32, -127, 64], [0, 0, 0]]  # 0.5 * 127 / 2 = 31.75; a zero row stays zero
     assert rows.scales[:, 0].tolist() == [pytest.approx(2.0 / 127), pytest.approx(torch.finfo(torch.float32).tiny / 127)]
+
+
+def test_int8_products_are_exact_on_this_cpu_whichever_path_it_takes():
+    """The largest int8 products (every value +-127, where byte-pair sums pass the 16-bit range): the path
+    ``quantize_weight`` picks here (oneDNN where its sums are exact, else torch._int_mm) gives the integer sums,
+    and the exactness check says whether oneDNN does."""
+    from moeshard.kernels import int8_linear as module
+
+    torch.manual_seed(0)
+    signs = torch.randint(0, 2, (48, 256)) * 2 - 1  # [O, K]
+    weight = signs.float() * 127  # quantizes to exactly +-127 with scale 1
+    x = (torch.randint(0, 2, (5, 256)) * 2 - 1).float() * 127  # [N, K], the same
+    exact = (x.double() @ weight.double().t()).float()  # integer sums, exact in float32 here (|sum| <= 127^2 * 256)
+    assert torch.equal(int8_linear(x, quantize_weight(weight)), exact)
+    if module._QPREPACK is not None:
+        packed = module.Int8Weight(module._QPREPACK(signs.to(torch.int8) * 127, None), torch.ones(48), torch.zeros(48, dtype=torch.long))
+        assert torch.equal(int8_linear(x, packed), exact) == module.onednn_int8_exact()
 
 
 @needs_onednn_int8
