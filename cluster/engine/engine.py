@@ -95,6 +95,11 @@ class Sequence:
         return len(self.token_ids) - self.prompt_len
 
 
+def _samples(seq: Sequence, chunk: SequenceChunk) -> bool:
+    """Whether the sequence samples a token after this step's chunk: the chunk reaches its last token."""
+    return chunk.end_pos == len(seq.token_ids)
+
+
 class Engine:
     def __init__(
         self,
@@ -197,13 +202,14 @@ class Engine:
         self, scheduled: list[tuple[Sequence, SequenceChunk]], spans: list[slice], logits: torch.Tensor
     ) -> tuple[dict[int, int], torch.Tensor | None]:
         """The step's plain-greedy tokens (seq_id -> token) and its logits [R, V] on the host, where sampling runs;
-        one sync (two when a greedy row on the device is not finite). A step whose sequences read nothing of their rows but the argmax (plain greedy, no
-        logprobs) takes the argmaxes where the logits are and leaves them there (None): on a GPU that brings back
-        a few ints, not R x V floats (64 rows of a 151936-token vocabulary are 39 MB)."""
+        one sync (two when a greedy row on the device is not finite). A step whose sequences read nothing of
+        their rows but the argmax (plain greedy, no logprobs) takes the argmaxes where the logits are and leaves
+        them there (None): on a GPU that brings back a few ints, not R x V floats (64 rows of a 151936-token
+        vocabulary are 39 MB)."""
         on_device = self.greedy_on_device if self.greedy_on_device is not None else logits.device.type != "cpu"
         if on_device and all(self._reads_only_argmax(seq, chunk) for seq, chunk in scheduled):
             greedy = self._greedy_choices(scheduled, spans, logits)
-            sampling = sum(chunk.end_pos == len(seq.token_ids) for seq, chunk in scheduled)
+            sampling = sum(_samples(seq, chunk) for seq, chunk in scheduled)
             if len(greedy) == sampling:
                 return greedy, None
             # a row that is not finite: sample_token on the host reports it on that sequence alone
@@ -215,8 +221,7 @@ class Engine:
         """Whether the sequence needs nothing of this step's logits but its row's argmax (or nothing at all)."""
         if seq.wants_prompt_rows(chunk):
             return False
-        samples = chunk.end_pos == len(seq.token_ids)
-        return not samples or (seq.params.plain_greedy and seq.params.logprobs is None)
+        return not _samples(seq, chunk) or (seq.params.plain_greedy and seq.params.logprobs is None)
 
     def _greedy_choices(
         self, scheduled: list[tuple[Sequence, SequenceChunk]], spans: list[slice], logits: torch.Tensor
@@ -226,7 +231,7 @@ class Engine:
         picked = [
             (seq.seq_id, span.stop - 1)
             for (seq, chunk), span in zip(scheduled, spans)
-            if chunk.end_pos == len(seq.token_ids) and seq.params.plain_greedy
+            if _samples(seq, chunk) and seq.params.plain_greedy
         ]
         if not picked:
             return {}
