@@ -50,7 +50,9 @@ Without native bfloat16 (AVX2 machines), oneDNN would emulate it, so bfloat16 we
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -163,6 +165,34 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, r
     columns = (x if n > 1 else x.expand(2, -1).contiguous()).T  # [K, n'], n' >= 2
     out = (weight @ columns)[:, :n].T.contiguous()  # [O, n'] -> [N, O]
     return out if bias is None else out.add_(bias)
+
+
+def linear_on_threads(x: torch.Tensor, weight: torch.Tensor, threads: int) -> torch.Tensor:
+    """``linear(x, weight)`` with torch's intra-op threads raised to ``threads`` for this product where it goes
+    through oneDNN (whose threads share out the outputs, not the sums: the same values on any count, tested);
+    other routes run on the caller's threads. Meant for a step's one large product, the LM head, while the cores
+    of its expert actors or expert threads wait: on one core a [32, 512] x [512, 32000] float32 LM head took
+    19.5 ms, on two 10.0 (docs/performance.md, "The LM head on the idle cores")."""
+    if threads <= 1 or batch_invariant_now() or route_for(x, weight) != "onednn":
+        return linear(x, weight)
+    with intra_op_threads(threads):
+        return linear(x, weight)
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """Inside, torch's intra-op threads are raised to ``threads`` where there are fewer; the count from before
+    again after. torch keeps one count for the process: another thread's ops in that window see it too (an
+    engine runs its products on its own thread; its expert threads wait for it meanwhile)."""
+    own = torch.get_num_threads()
+    if threads <= own:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(own)
 
 
 def padded_rows(rows: int) -> int:

@@ -173,6 +173,7 @@ def test_serve_checks_its_engine_flags_before_starting(tiny_checkpoint_factory):
         (["--expert-actors", "2", "--expert-threads", "2"], "expert_threads share out experts in this process: it needs expert_actors = 0"),
         (["--expert-threads", "0"], "expert_threads: Input should be greater than or equal to 1"),
         (["--expert-actors", "2", "--coordinator-cpus", "0"], "coordinator_cpus: Input should be greater than or equal to 1"),
+        (["--lm-head-threads", "0"], "lm_head_threads: Input should be greater than or equal to 1"),
         (["--quantization", "experts_int8", "--device", "cuda"], "quantization 'experts_int8' runs the experts on the CPU"),
         (["--batch-invariant", "--device", "cuda"], "batch_invariant runs on the CPU"),
     ]

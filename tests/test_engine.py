@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from moeshard.cluster import LLM, SamplingParams
 from moeshard.cluster.model.batch import SequenceChunk, StepBatch
+from moeshard.kernels.linear import route_for
 
 PROMPTS = [[1, 5, 9, 33, 17, 2, 64], [1, 100], [1, 7, 7, 7, 7, 7, 7, 7, 64, 12, 90, 4, 3, 3, 9, 11, 40, 41, 42]]
 
@@ -97,3 +100,23 @@ def test_preemption_under_a_small_cache_changes_no_output(tiny_mixtral_dir, llm)
         assert [o.token_ids for o in outputs] == expected
         assert small._engine.num_preemptions > 0
         assert small._engine.cache.usage().used_blocks == 0
+
+
+def test_an_lm_head_on_more_threads_changes_no_output(tiny_checkpoint_factory):
+    """lm_head_threads (default: every CPU of the process) widens the LM head's product alone; the same outputs."""
+    model_dir = tiny_checkpoint_factory("wide_head", vocab_size=4096)  # an LM head [4096, 64], 2^18 elements: oneDNN's
+    prompts = [[1, 5, 9, 33, 2 + i, 70] for i in range(5)] + [[1, 44]]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a Ray worker of one CPU
+    try:
+        with LLM(model_dir, lm_head_threads=1) as narrow, LLM(model_dir) as wide:
+            assert narrow._engine.model.lm_head_threads == 1
+            assert wide._engine.model.lm_head_threads == len(os.sched_getaffinity(0))
+            assert route_for(torch.zeros(6, 64), wide._engine.model.weights.lm_head) == "onednn"
+            expected, got = narrow.generate(prompts, params), wide.generate(prompts, params)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    assert [o.logprobs for o in got] == [o.logprobs for o in expected]

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import moeshard.kernels.linear as linear_module
 from moeshard.kernels.backend import ENV_VAR as BACKEND_ENV_VAR
 from moeshard.kernels.linear import (
     _ONEDNN_LINEAR,
@@ -21,8 +22,10 @@ from moeshard.kernels.linear import (
     PREPACK_ENV_VAR,
     ROW_STEPS_PER_OCTAVE,
     SMALL_ROWS,
+    intra_op_threads,
     linear,
     linear_into,
+    linear_on_threads,
     padded_rows,
     prepack,
     prepacks,
@@ -218,3 +221,48 @@ def test_grouped_benchmark_batches_the_same_experts(dtype, monkeypatch, capsys):
     assert [line.split("|")[1].strip() for line in lines] == ["1", "3", "70"]
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert all(float(line.split("|")[-2]) <= tolerance for line in lines), lines
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The calling thread on one torch thread (as a Ray worker of one CPU), its own count back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_intra_op_threads_raise_the_count_and_restore_it(one_torch_thread):
+    with intra_op_threads(3):
+        assert torch.get_num_threads() == 3
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(2)
+    with intra_op_threads(1):  # never fewer than the caller's
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == 2
+    with pytest.raises(RuntimeError, match="inside"), intra_op_threads(3):
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == 2
+
+
+@needs_onednn
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 5, 16, 32, 64, 100])
+def test_an_lm_head_on_more_threads_gives_the_same_values(rows, packed, one_torch_thread, monkeypatch):
+    """oneDNN shares the outputs out over its threads, not the sums: the values do not depend on the count."""
+    torch.manual_seed(rows)
+    plain = torch.randn(4096, 256)  # [V, D], 1M elements: through oneDNN unless weight-first at few rows
+    weight = prepack(plain) if packed else plain
+    x = torch.randn(rows, 256)  # [R, D]
+    expected = linear(x, weight)
+    threads_seen = []
+
+    def recording_linear(*args):
+        threads_seen.append(torch.get_num_threads())
+        return linear(*args)
+
+    monkeypatch.setattr(linear_module, "linear", recording_linear)
+    got = linear_on_threads(x, weight, 2)
+    assert torch.equal(got, expected)
+    assert threads_seen == [2 if route_for(x, weight) == "onednn" else 1]
+    assert torch.get_num_threads() == 1

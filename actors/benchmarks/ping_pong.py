@@ -1,14 +1,15 @@
 """Decode throughput through expert actors with and without ping-pong micro-batches (not a test).
 
     python -m moeshard.actors.benchmarks.ping_pong [--expert-actors 4] [--sequences 32] [--new-tokens 48]
-                                                   [--coordinator-cpus 1[,2]]
+                                                   [--coordinator-cpus 1[,2]] [--lm-head-threads 1,auto]
 
 A synthetic Mixtral (``--layers`` layers, hidden 512, 8 experts top-2, float32) decodes ``--sequences``
 greedy sequences of ``--new-tokens`` tokens each: in one process (the reference), with the experts on
 ``--expert-actors`` actors as one batch per step, and with each step split into two micro-batches whose
 attention and experts overlap (``ping_pong_min_sequences``). With several ``--coordinator-cpus`` values
 the one-batch run is repeated with the coordinator on each (``cluster.coordinator_cpus``: the CPUs it asks
-Ray for and its torch threads); ping-pong runs with the first. All run in turn, ``--repeats`` times, on
+Ray for and its torch threads), and likewise for each of several ``--lm-head-threads`` (``lm_head_threads``:
+the LM head's threads, auto for every CPU); ping-pong runs with the first of each. All run in turn, ``--repeats`` times, on
 the same prompts; the table gives the median output tokens/s and the ratios. One run, one machine: read
 the ratios. Every configuration's tokens are checked equal to the reference.
 
@@ -99,8 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--coordinator-cpus", default="1", help="comma-separated: one one-batch run per value")
+    parser.add_argument(
+        "--lm-head-threads", default="auto",
+        help="comma-separated, each a number or auto (every CPU): one one-batch run per value and coordinator CPUs",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     coordinator_cpus = [int(v) for v in args.coordinator_cpus.split(",")]
+    lm_head_threads = [None if v == "auto" else int(v) for v in args.lm_head_threads.split(",")]
     logging.basicConfig(level="WARNING")
     rng = random.Random(0)
     prompts = [[1] + [rng.randrange(2, 32000) for _ in range(15)] for _ in range(args.sequences)]
@@ -110,21 +116,24 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray"))
         model_dir = write_synthetic_mixtral(Path(tmp) / "model", num_hidden_layers=args.layers)
         # room for every cluster: half a CPU per actor, the coordinator's CPUs
-        clusters = len(coordinator_cpus) + 1
-        init_ray(num_cpus=clusters * args.expert_actors + 2 * sum(coordinator_cpus) + 4, include_dashboard=False,
+        clusters = len(coordinator_cpus) * len(lm_head_threads) + 1
+        init_ray(num_cpus=clusters * (args.expert_actors + 2 * max(coordinator_cpus)) + 4, include_dashboard=False,
                  logging_level="WARNING")  # fmt: skip
         with contextlib.ExitStack() as stack:
             llms = {"one process": stack.enter_context(LLM(model_dir, enable_prefix_caching=False))}
 
-            def sharded(cpus: int, ping_pong: int) -> LLM:
+            def sharded(cpus: int, ping_pong: int, head_threads: int | None) -> LLM:
                 cluster = {"cpus_per_actor": 0.5, "coordinator_cpus": cpus}
                 return stack.enter_context(LLM(model_dir, expert_actors=args.expert_actors, cluster=cluster,
-                                               enable_prefix_caching=False, ping_pong_min_sequences=ping_pong))  # fmt: skip
+                                               enable_prefix_caching=False, ping_pong_min_sequences=ping_pong,
+                                               lm_head_threads=head_threads))  # fmt: skip
 
             for cpus in coordinator_cpus:
-                on = "" if coordinator_cpus == [1] else f", coordinator on {cpus} CPU" + "s" * (cpus > 1)
-                llms["actors, one batch" + on] = sharded(cpus, 0)
-            llms["actors, ping-pong"] = sharded(coordinator_cpus[0], 8)
+                for head_threads in lm_head_threads:
+                    on = "" if coordinator_cpus == [1] else f", coordinator on {cpus} CPU" + "s" * (cpus > 1)
+                    on += f", LM head threads {head_threads or 'auto'}" if len(lm_head_threads) > 1 else ""
+                    llms["actors, one batch" + on] = sharded(cpus, 0, head_threads)
+            llms["actors, ping-pong"] = sharded(coordinator_cpus[0], 8, lm_head_threads[0])
             for llm in llms.values():
                 _time_generate(llm, prompts[:2], SamplingParams(max_tokens=2, temperature=0))  # warm-up
             runs = {name: [] for name in llms}

@@ -76,6 +76,11 @@ def add_serve_command(commands) -> None:
         help="CPUs each coordinator replica asks Ray for, and the torch threads its attention, routers and LM head run "
         "on (default: 1)",
     )  # fmt: skip
+    serve.add_argument(
+        "--lm-head-threads", type=int, default=None, metavar="N",
+        help="on the CPU, torch threads of the LM head's product, which runs while the experts wait (default: every "
+        "CPU of the coordinator's process; 1: its own threads)",
+    )  # fmt: skip
     serve.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
     serve.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
     serve.add_argument(
@@ -120,6 +125,7 @@ def run_serve(args: argparse.Namespace) -> None:
             },
             "enable_prefix_caching": not args.no_prefix_caching,
             "expert_threads": args.expert_threads,
+            "lm_head_threads": args.lm_head_threads,
             "quantization": args.quantization,
             "batch_invariant": args.batch_invariant,
         },

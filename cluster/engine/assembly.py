@@ -10,6 +10,7 @@ The cluster passes the experts function that dispatches to expert actors instead
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def build_engine(config: EngineConfig, files: ModelFiles, experts: ExpertsFn | N
     if config.batch_invariant and (device.type != "cpu" or mc.sliding_window is not None):
         where = f"on {device}" if device.type != "cpu" else f"with a sliding window ({mc.sliding_window})"
         raise ValueError(f"batch_invariant runs on the CPU, for models without a sliding window: not {where}")
-    model = MoeModel(mc, dense, experts, cache, ping_pong, config.batch_invariant)
+    model = MoeModel(mc, dense, experts, cache, ping_pong, config.batch_invariant, lm_head_threads(config.lm_head_threads, device))
     return Engine(model, eos, config.max_batch_tokens, config.max_running, token_limit(mc, files.tokenizer))
 
 
@@ -100,6 +101,16 @@ def expert_threads(count: int, device: torch.device) -> ExpertThreads | None:
     torch.set_num_threads(1)
     logger.info("the experts run on %d threads; torch's intra-op threads set to 1", count)
     return ExpertThreads(count)
+
+
+def lm_head_threads(setting: int | None, device: torch.device) -> int:
+    """The torch threads of the LM head's product (``EngineConfig.lm_head_threads``): None, every CPU this process
+    may run on; 1 off the CPU (the setting is for CPU products)."""
+    if device.type != "cpu":
+        return 1
+    if setting is not None:
+        return setting
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def token_limit(model_config: ModelConfig, tokenizer: Tokenizer | None) -> int:

@@ -86,6 +86,12 @@ class EngineConfig(BaseModel):
     # thread (torch's intra-op threads are then set to 1). 1 (the default): torch's own threads run every product.
     # It pays where torch runs on one thread beside idle cores, as in a server replica (docs/performance.md).
     expert_threads: int = Field(default=1, ge=1, le=64)
+    # On the CPU, the torch threads of the LM head's product, a step's largest ([R, D] x [D, V]; computed where
+    # the step's last experts have replied, so the cores of the expert actors or expert threads wait meanwhile).
+    # None (the default): every CPU this process may run on. 1: the process's own torch threads. The same values
+    # either way (oneDNN shares out the outputs, not the sums). On 2 cores, 32 sequences decoding with 4 expert actors
+    # ran 1.07x faster (docs/performance.md, "The LM head on the idle cores").
+    lm_head_threads: int | None = Field(default=None, ge=1, le=1024)
     # "experts_int8": every expert's weights int8 per output channel, quantized from the checkpoint at load, with
     # activations int8 per row at each product (kernels/int8_linear.py): half the bytes of bfloat16 to read per
     # step, outputs within quantization error of the model's own. On the CPU only. "none": the model's dtype.

@@ -40,7 +40,7 @@ from moeshard.cluster.model.moe import Done, ExpertsFn, PendingExperts
 from moeshard.kernels import route
 from moeshard.kernels.batch_invariance import batch_invariant
 from moeshard.kernels.host_copy import from_host
-from moeshard.kernels.linear import linear
+from moeshard.kernels.linear import linear, linear_on_threads
 
 # Sees each step's routing once, after its forward pass: (the step's batch, expert ids [L_moe, T, K] of every MoE
 # layer in order, first choice first).
@@ -58,8 +58,12 @@ class MoeModel:
         cache: KVCache,
         ping_pong_min_sequences: int | None = None,
         batch_invariant: bool = False,
+        lm_head_threads: int = 1,
     ):
         self.config = config
+        # Torch threads of the LM head's product (EngineConfig.lm_head_threads); more than the process's own borrows
+        # cores that wait meanwhile (those of the expert actors or expert threads: the experts have replied).
+        self.lm_head_threads = lm_head_threads
         # Every forward pass batch invariant (kernels/batch_invariance.py): a request's numbers do not depend
         # on the other requests of its steps, its prefill chunks or the prefix cache.
         self.batch_invariant = batch_invariant
@@ -117,7 +121,7 @@ class MoeModel:
                 if self.routing_observer is not None:
                     self.routing_observer(batch, chosen)
             x = rms_norm(x[rows], w.final_norm, config.rms_norm_eps)  # [R, D]
-            return linear(x, w.lm_head).float()  # [R, V]
+            return linear_on_threads(x, w.lm_head, self.lm_head_threads).float()  # [R, V]
 
     def start_feed_forward(self, layer: int, lw: LayerWeights, h: torch.Tensor, routed: list[torch.Tensor]) -> "PendingFeedForward":
         """h [T, D] (the residual stream after attention) -> its FFN started: experts submitted (+ shared expert run).
