@@ -73,8 +73,8 @@ def add_serve_command(commands) -> None:
     )  # fmt: skip
     serve.add_argument(
         "--coordinator-cpus", type=int, default=1, metavar="N",
-        help="CPUs each coordinator replica asks Ray for, and the torch threads its attention, routers and LM head run "
-        "on (default: 1)",
+        help="CPUs each coordinator replica asks Ray for, and the torch threads its attention and routers run on "
+        "(default: 1)",
     )  # fmt: skip
     serve.add_argument(
         "--lm-head-threads", type=int, default=None, metavar="N",

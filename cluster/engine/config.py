@@ -31,7 +31,8 @@ class ClusterConfig(BaseModel):
     actor_resources: list[dict[str, float]] | None = None
     coordinator_resources: dict[str, float] = Field(default_factory=dict)
     # CPUs the coordinator (the offline coordinator actor, or each Serve replica) asks Ray for, and the torch threads
-    # its own work (attention, projections, routers, LM head) runs on. 1 (the default) leaves the cores to the actors.
+    # its own work (attention, projections, routers) runs on; the LM head's product takes EngineConfig.lm_head_threads.
+    # 1 (the default) leaves the cores to the actors.
     coordinator_cpus: int = Field(default=1, ge=1, le=256)
     cpus_per_actor: float = Field(default=1.0, ge=0)
     use_gpus: bool | None = None  # None: one GPU per actor when the cluster has GPUs
