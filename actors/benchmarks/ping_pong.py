@@ -9,9 +9,9 @@ greedy sequences of ``--new-tokens`` tokens each: in one process (the reference)
 attention and experts overlap (``ping_pong_min_sequences``). With several ``--coordinator-cpus`` values
 the one-batch run is repeated with the coordinator on each (``cluster.coordinator_cpus``: the CPUs it asks
 Ray for and its torch threads), and likewise for each of several ``--lm-head-threads`` (``lm_head_threads``:
-the LM head's threads, auto for every CPU); ping-pong runs with the first of each. All run in turn, ``--repeats`` times, on
-the same prompts; the table gives the median output tokens/s and the ratios. One run, one machine: read
-the ratios. Every configuration's tokens are checked equal to the reference.
+the LM head's threads, auto for every CPU); ping-pong runs with the first of each. All run in turn,
+``--repeats`` times, on the same prompts; the table gives the median output tokens/s and the ratios. One
+run, one machine: read the ratios. Every configuration's tokens are checked equal to the reference.
 
 A second table says where the time went (Linux: from /proc): per run, the CPU seconds of the process that
 runs the model (this one, or the coordinator actor) and of the expert actors, and the share of the machine's

@@ -86,7 +86,8 @@ def build_engine(config: EngineConfig, files: ModelFiles, experts: ExpertsFn | N
     if config.batch_invariant and (device.type != "cpu" or mc.sliding_window is not None):
         where = f"on {device}" if device.type != "cpu" else f"with a sliding window ({mc.sliding_window})"
         raise ValueError(f"batch_invariant runs on the CPU, for models without a sliding window: not {where}")
-    model = MoeModel(mc, dense, experts, cache, ping_pong, config.batch_invariant, lm_head_threads(config.lm_head_threads, device))
+    head_threads = lm_head_threads(config.lm_head_threads, device)
+    model = MoeModel(mc, dense, experts, cache, ping_pong, config.batch_invariant, head_threads)
     return Engine(model, eos, config.max_batch_tokens, config.max_running, token_limit(mc, files.tokenizer))
 
 
