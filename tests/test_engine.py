@@ -111,9 +111,9 @@ def test_an_lm_head_on_more_threads_changes_no_output(tiny_checkpoint_factory):
     torch.set_num_threads(1)  # as in a Ray worker of one CPU
     try:
         with LLM(model_dir, lm_head_threads=1) as narrow, LLM(model_dir) as wide:
-            assert narrow._engine.model.lm_head_threads == 1
-            assert wide._engine.model.lm_head_threads == len(os.sched_getaffinity(0))
-            assert route_for(torch.zeros(6, 64), wide._engine.model.weights.lm_head) == "onednn"
+            assert narrow.engine.model.lm_head_threads == 1
+            assert wide.engine.model.lm_head_threads == len(os.sched_getaffinity(0))
+            assert route_for(torch.zeros(6, 64), wide.engine.model.weights.lm_head) == "onednn"
             expected, got = narrow.generate(prompts, params), wide.generate(prompts, params)
         assert torch.get_num_threads() == 1
     finally:
