@@ -46,7 +46,7 @@ def layer_weights(seed: int) -> LayerWeights:
         return torch.randn(rows, cols, generator=g) / cols**0.5
 
     return LayerWeights(
-        input_norm=torch.ones(D), q_proj=matrix(H * DH, D), k_proj=matrix(HKV * DH, D), v_proj=matrix(HKV * DH, D),
+        input_norm=torch.ones(D), qkv_proj=torch.cat([matrix(H * DH, D), matrix(HKV * DH, D), matrix(HKV * DH, D)]),
         o_proj=matrix(D, H * DH), post_attention_norm=torch.ones(D), router=matrix(2, D),
     )  # fmt: skip
 

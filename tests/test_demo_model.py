@@ -126,8 +126,10 @@ def test_checkpoint_is_transformers_weights_upcycled(demo_dir, hf_reference):
     assert torch.equal(dense.final_norm, state["model.norm.weight"])
     for index in (0, 17, config.num_layers - 1):
         ours, theirs = dense.layers[index], f"model.layers.{index}"
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):  # q/k un-permuted as transformers does
-            assert torch.equal(getattr(ours, name), state[f"{theirs}.self_attn.{name}.weight"]), (index, name)
+        # q/k un-permuted as transformers does; q, k and v stacked in that order
+        qkv = torch.cat([state[f"{theirs}.self_attn.{name}.weight"] for name in ("q_proj", "k_proj", "v_proj")])
+        assert torch.equal(ours.qkv_proj, qkv), index
+        assert torch.equal(ours.o_proj, state[f"{theirs}.self_attn.o_proj.weight"]), index
         assert torch.equal(ours.input_norm, state[f"{theirs}.input_layernorm.weight"])
         assert torch.equal(ours.post_attention_norm, state[f"{theirs}.post_attention_layernorm.weight"])
         experts = reader.read_experts([ExpertKey(index, e) for e in range(config.num_experts)], torch.float32)

@@ -56,8 +56,8 @@ def test_packed_model_matches_transformers(family, mixtral_dir, qwen2_dir):
     with LLM(path) as llm:
         model = llm._engine.model
         first, stacks = model.weights.layers[0], model.experts.stacks
-        assert first.q_proj.is_mkldnn and first.o_proj.is_mkldnn and model.weights.lm_head.is_mkldnn
-        assert not first.k_proj.is_mkldnn and not model.weights.embed.is_mkldnn  # small; indexed
+        assert first.qkv_proj.is_mkldnn and first.o_proj.is_mkldnn and model.weights.lm_head.is_mkldnn
+        assert not first.router.is_mkldnn and not model.weights.embed.is_mkldnn  # small; indexed
         assert all(stack.packed for stack in stacks.values())
         if family == "Qwen2MoeForCausalLM":  # the shared expert (layer 0) and the dense MLP (layer 1)
             assert first.shared_expert.w2.is_mkldnn and model.weights.layers[1].mlp.w1.is_mkldnn
@@ -82,7 +82,7 @@ def test_prepack_can_be_turned_off_and_gives_the_same_tokens(mixtral_dir, monkey
     monkeypatch.setenv(PREPACK_ENV_VAR, "0")
     with LLM(mixtral_dir) as llm:
         model = llm._engine.model
-        assert not model.weights.layers[0].q_proj.is_mkldnn and not model.experts.stacks[0].packed
+        assert not model.weights.layers[0].qkv_proj.is_mkldnn and not model.experts.stacks[0].packed
         plain = [o.token_ids for o in llm.generate(PROMPTS, params)]
     assert packed == plain
 
@@ -95,7 +95,7 @@ def test_bfloat16_packed_model_equals_the_plain_one_and_stays_close_to_transform
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     with LLM(mixtral_dir, dtype="bfloat16") as llm:
         model = llm._engine.model
-        assert model.weights.layers[0].q_proj.is_mkldnn and model.weights.layers[0].q_proj.dtype == torch.bfloat16
+        assert model.weights.layers[0].qkv_proj.is_mkldnn and model.weights.layers[0].qkv_proj.dtype == torch.bfloat16
         assert all(stack.packed and stack.w1[0].dtype == torch.bfloat16 for stack in model.experts.stacks.values())
         packed_logits = [llm.logits(prompt) for prompt in PROMPTS]
         packed_tokens = [o.token_ids for o in llm.generate(PROMPTS, params)]

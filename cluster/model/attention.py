@@ -1,7 +1,7 @@
 """Grouped-query causal self-attention over a step's sequences, with the paged KV cache.
 
-    project q, k, v -> RoPE of q and k, and the step's k, v written into the cache (kernels/rotary_store.py:
-    one launch per layer on the Triton path)
+    project q, k, v (one product on their stacked weights) -> RoPE of q and k, and the step's k, v written
+    into the cache (kernels/rotary_store.py: one launch per layer on the Triton path)
     -> paged_attention over the cache (kernels/: every sequence of the step in one call) -> o_proj
 
 The q/k/v projections carry what the families add: biases (Qwen2-MoE), RMSNorm
@@ -35,9 +35,9 @@ class QKV(NamedTuple):
 def project_qkv(config: ModelConfig, weights: LayerWeights, x: torch.Tensor) -> QKV:
     """x [T, D] (normed) -> q, k, v split into heads, before RoPE."""
     t, dh, eps = x.shape[0], config.head_dim, config.rms_norm_eps
-    q = linear(x, weights.q_proj, weights.q_bias)  # [T, H*Dh]
-    k = linear(x, weights.k_proj, weights.k_bias)  # [T, Hkv*Dh]
-    v = linear(x, weights.v_proj, weights.v_bias)  # [T, Hkv*Dh]
+    q_width, kv_width = config.num_heads * dh, config.num_kv_heads * dh
+    qkv = linear(x, weights.qkv_proj, weights.qkv_bias)  # [T, (H + 2*Hkv)*Dh]
+    q, k, v = qkv.split((q_width, kv_width, kv_width), dim=1)  # [T, H*Dh], [T, Hkv*Dh] x 2 (views)
     if config.qk_norm == "whole":
         q, k = rms_norm(q, weights.q_norm, eps), rms_norm(k, weights.k_norm, eps)
     if config.clip_qkv is not None:

@@ -55,15 +55,11 @@ class ExpertWeights:
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [D]
-    q_proj: torch.Tensor  # [H*Dh, D]
-    k_proj: torch.Tensor  # [Hkv*Dh, D]
-    v_proj: torch.Tensor  # [Hkv*Dh, D]
+    qkv_proj: torch.Tensor  # [(H + 2*Hkv)*Dh, D]: q_proj, k_proj and v_proj stacked, one product (attention.py)
     o_proj: torch.Tensor  # [D, H*Dh]
     post_attention_norm: torch.Tensor  # [D]
     router: torch.Tensor | None  # [E, D]; None in a dense layer
-    q_bias: torch.Tensor | None = None  # [H*Dh]
-    k_bias: torch.Tensor | None = None  # [Hkv*Dh]
-    v_bias: torch.Tensor | None = None  # [Hkv*Dh]
+    qkv_bias: torch.Tensor | None = None  # [(H + 2*Hkv)*Dh]: the three biases stacked the same way
     o_bias: torch.Tensor | None = None  # [D]
     q_norm: torch.Tensor | None = None  # [Dh] per head, or [H*Dh] over the projection
     k_norm: torch.Tensor | None = None  # [Dh] per head, or [Hkv*Dh] over the projection
@@ -145,18 +141,20 @@ def _layer_weights(config: ModelConfig, layer: int, t: dict[str, torch.Tensor]) 
     def ffn(names: tuple[str, str, str]) -> ExpertWeights:
         return ExpertWeights(*(t[name] for name in names))
 
+    def stacked(kind: str) -> torch.Tensor | None:
+        """q, k and v's ``kind`` (weight or bias) as one tensor, rows in that order; None without biases. The parts
+        are taken out of ``t``, so each is freed once stacked."""
+        parts = [t.pop(f"{p}.{name}.{kind}", None) for name in ("q_proj", "k_proj", "v_proj")]
+        return None if parts[0] is None else torch.cat(parts)
+
     moe, shared = config.is_moe_layer(layer), _has_shared_expert(config, layer)
     return LayerWeights(
         input_norm=t[f"{_layer_prefix(layer)}.input_layernorm.weight"],
-        q_proj=t[f"{p}.q_proj.weight"],
-        k_proj=t[f"{p}.k_proj.weight"],
-        v_proj=t[f"{p}.v_proj.weight"],
+        qkv_proj=stacked("weight"),
         o_proj=t[f"{p}.o_proj.weight"],
         post_attention_norm=t[f"{_layer_prefix(layer)}.post_attention_layernorm.weight"],
         router=t[keys.router(layer)] if moe else None,
-        q_bias=t.get(f"{p}.q_proj.bias"),
-        k_bias=t.get(f"{p}.k_proj.bias"),
-        v_bias=t.get(f"{p}.v_proj.bias"),
+        qkv_bias=stacked("bias"),
         o_bias=t.get(f"{p}.o_proj.bias"),
         q_norm=t.get(f"{p}.q_norm.weight"),
         k_norm=t.get(f"{p}.k_norm.weight"),

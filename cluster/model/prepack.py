@@ -1,7 +1,7 @@
 """The coordinator's projection weights in oneDNN's layout, for the CPU (``kernels/linear.py``, "Prepacked weights").
 
 Every matrix that goes through ``linear`` is prepacked where it is large enough (``packable``): attention's
-q/k/v/o projections, the dense MLPs and shared experts, the LM head. The embedding stays plain (it is
+stacked q/k/v and o projections, the dense MLPs and shared experts, the LM head. The embedding stays plain (it is
 indexed, not multiplied); a tied LM head therefore gets a packed copy of its own, the one weight this
 holds twice. Routers and the shared expert's gate are products of their own (``r @ w.T``) and small:
 they stay plain.
@@ -29,9 +29,7 @@ def prepack_dense(weights: DenseWeights) -> DenseWeights:
 def _prepack_layer(layer: LayerWeights) -> LayerWeights:
     return dataclasses.replace(
         layer,
-        q_proj=prepack(layer.q_proj),
-        k_proj=prepack(layer.k_proj),
-        v_proj=prepack(layer.v_proj),
+        qkv_proj=prepack(layer.qkv_proj),
         o_proj=prepack(layer.o_proj),
         mlp=_prepack_ffn(layer.mlp),
         shared_expert=_prepack_ffn(layer.shared_expert),
