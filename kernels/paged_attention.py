@@ -101,8 +101,11 @@ def paged_attention_torch(q, key_cache, value_cache, layout: PagedLayout, scale:
         group = plan.decode
         Bd, Smax = group.slots.shape
         flat = group.slots.reshape(-1)  # [Bd * Smax]
-        keys = _cache_rows(key_cache, flat).unflatten(0, (Bd, Smax)).transpose(1, 2)  # [Bd, Hkv, Smax, Dh]
-        values = _cache_rows(value_cache, flat).unflatten(0, (Bd, Smax)).transpose(1, 2)  # [Bd, Hkv, Smax, Dh]
+        gathered = group.gathered  # into the step's buffers, not a new tensor a layer (paged_plan.py)
+        keys, values = (
+            gathered.index_select(name, cache, flat).unflatten(0, (Bd, Smax)).transpose(1, 2)  # [Bd, Hkv, Smax, Dh] each
+            for name, cache in (("keys", key_cache), ("values", value_cache))
+        )
         queries = q.index_select(0, group.rows)[:, :, None, :]  # [Bd, H, 1, Dh]
         attended = _masked_attention(queries, keys, values, group.visible, scale, gqa)  # [Bd, H, 1, Dh]
         out.index_copy_(0, group.rows, attended[:, :, 0])

@@ -175,6 +175,20 @@ def test_layout_slots_and_views():
         PagedLayout(query_lens=(9,), start_pos=(0,), block_tables=((1, 2),), block_size=4)
 
 
+def test_layers_sharing_a_layout_gather_into_one_buffer_and_each_get_their_own_keys():
+    """A step's layers share its layout, and the torch path gathers every layer's decode keys into the same kept
+    buffer: each layer's output is still its own cache's attention, and the buffer is reused, not reallocated."""
+    q, keys, values, layout = make_case(DECODE + MIXED, 4, 4, 2, 16, torch.float32, seed=11)
+    g = torch.Generator().manual_seed(12)
+    caches = [(keys, values)] + [(torch.randn(keys.shape, generator=g), torch.randn(values.shape, generator=g)) for _ in range(2)]
+    kept = []  # the decode group's keys buffer after each layer
+    for layer_keys, layer_values in caches:
+        got = paged_attention(q, layer_keys, layer_values, layout, backend="torch")
+        torch.testing.assert_close(got.double(), dense_attention(q, layer_keys, layer_values, layout), **TOL[torch.float32])
+        kept.append(layout.torch_plan.decode.gathered._kept["keys"])
+    assert all(buffer is kept[0] for buffer in kept), "one buffer for every layer of the step"
+
+
 def test_history_without_the_flash_log_sum_exp_op(monkeypatch):
     """Where CPU's flash op with log-sum-exp is missing, a chunk with history takes one masked call."""
     import importlib
