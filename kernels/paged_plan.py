@@ -26,10 +26,11 @@ if TYPE_CHECKING:
 
 
 class GatherBuffers:
-    """Where the decode group's keys and values are gathered, kept for every layer of the step: a fresh [Bd * Smax,
-    Hkv, Dh] tensor per gather cost more than the gather itself on CPU (its pages are new each time: 0.85 against
-    0.34 ms for 32 sequences of 144 keys, 16.5 against 7.1 ms for 32 of 1024; docs/kernels.md). A layer's
-    gathers are read by its attention alone, done before the next layer gathers."""
+    """Where the decode group's keys and values are gathered, kept for every layer of the step. A fresh [Bd * Smax,
+    Hkv, Dh] tensor a layer costs page faults wherever the CPU allocator hands back new pages (always past 32 MB,
+    which glibc maps anew each time): a step's attention ran 1.0-1.5x faster with kept buffers, most where a gather
+    passes 32 MB (``kernels/benchmarks/decode_gathers.py``, docs/kernels.md). A layer's gathers are read by its
+    attention alone, which is done before the next layer gathers."""
 
     def __init__(self) -> None:
         self._kept: dict[str, torch.Tensor] = {}

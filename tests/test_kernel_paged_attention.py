@@ -216,3 +216,14 @@ def test_a_tile_holds_whole_query_head_groups(longest, group):
     assert tiles.rows & (tiles.rows - 1) == 0, "tl.arange needs a power of two"
     assert tiles.queries * group <= 64 or tiles.queries == 1, "a tile stays within 64 rows unless one query's heads need more"
     assert tiles.queries <= max(1, longest) * 2, "no more queries per program than the longest chunk needs"
+
+
+def test_the_decode_gathers_benchmark_compares_equal_outputs(monkeypatch, capsys):
+    from moeshard.kernels.benchmarks import decode_gathers
+
+    monkeypatch.setattr(decode_gathers, "CASES", ((4, 40, 4, 2, 16, 3),))
+    decode_gathers.main(["--rounds", "1"])
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:4] == ["4", "40", "4 / 2", "3"] and cells[-1] == "True", row
+    assert float(cells[5]) > 0 and float(cells[6]) > 0

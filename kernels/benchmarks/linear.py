@@ -16,6 +16,9 @@
    runs them (three products each, prepacked where this machine packs ``--dtype``) against one batched
    product per matrix over all of them (``torch.bmm`` on the [E, I, D] and [E, D, I] weights); with
    ``--threads`` 1 and 2 it also gives what a second core adds to the read rate.
+6. ``--qkv``: attention's q, k and v projections (the demo model's shapes) as three products against one on
+   their stacked [(H + 2*Hkv)*Dh, D] weight (what the model runs, ``LayerWeights.qkv_proj``), prepacked where
+   this machine packs ``--dtype``.
 
 Prints figures only; read the ratios, these machines are shared.
 
@@ -42,6 +45,7 @@ from moeshard.kernels.expert_ffn import expert_rows_torch
 logger = logging.getLogger(__name__)
 
 SHAPES = {"lm_head": (49152, 576), "q/o_proj": (576, 576), "expert gate/up": (1536, 576), "expert down": (576, 1536)}
+KV_PROJ = (192, 576)  # the demo model's k and v projections (3 kv heads of 64)
 CACHE_BYTES = 1 << 30  # more weights than a CPU's cache holds (this project's Xeons have 480 MiB of L3)
 
 
@@ -154,6 +158,29 @@ def gate_up_table(rows: list[int], repeats: int, dtype: torch.dtype) -> None:
         )
 
 
+def qkv_table(rows: list[int], repeats: int, dtype: torch.dtype) -> None:
+    """Three products against one on the stacked weight, over enough layers that none stays in the cache, taking
+    turns sweep by sweep."""
+    (q_out, d), kv_out = SHAPES["q/o_proj"], KV_PROJ[0]
+    layer_bytes = (q_out + 2 * kv_out) * d * dtype.itemsize
+    layers = []
+    for _ in range(max(2, CACHE_BYTES // layer_bytes)):
+        q, k, v = (torch.randn(o, d).to(dtype) for o in (q_out, kv_out, kv_out))
+        layers.append(([linear_module.prepack(w) for w in (q, k, v)], linear_module.prepack(torch.cat([q, k, v]))))
+    print(f"{len(layers)} layers' q [{q_out}, {d}], k and v [{kv_out}, {d}], {dtype}, prepacked: {layers[0][1].is_mkldnn}\n")
+    print("| rows | three products (us) | one stacked (us) | speed-up | same output |")
+    print("|---:|---:|---:|---:|---|")
+    for n in rows:
+        x = torch.randn(n, d).to(dtype)
+        three = lambda layer: [linear_module.linear(x, w) for w in layer[0]]  # noqa: E731
+        stacked = lambda layer: linear_module.linear(x, layer[1])  # noqa: E731
+        ways = {"three": lambda: seconds_per_call(three, layers, 1), "stacked": lambda: seconds_per_call(stacked, layers, 1)}
+        medians = medians_taking_turns(ways, repeats)
+        t3, t1 = medians["three"], medians["stacked"]
+        same = torch.equal(torch.cat(three(layers[0]), dim=1), stacked(layers[0]))
+        print(f"| {n} | {t3 * 1e6:.0f} | {t1 * 1e6:.0f} | {t3 / t1:.2f}x | {same} |")
+
+
 class GroupedLayer(NamedTuple):
     experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per expert: w1, w3 [I, D] and w2 [D, I], as served
     w1: torch.Tensor  # [E, I, D] gate, the same values, plain
@@ -260,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--routes", action="store_true", help="time every route at every shape and row count instead")
     parser.add_argument("--gate-up", action="store_true", help="time an expert's gate and up as one stacked product instead")
     parser.add_argument("--grouped", action="store_true", help="time a layer's experts one by one against batched instead")
+    parser.add_argument("--qkv", action="store_true", help="time q, k and v as three products against one stacked instead")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of the per-call tables")
     parser.add_argument("--decode-dtypes", default="float32", help="comma-separated, e.g. float32,bfloat16")
     args = parser.parse_args(argv)
@@ -276,6 +304,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.grouped:
         grouped_table(rows, args.repeats, getattr(torch, args.dtype))
+        return
+    if args.qkv:
+        qkv_table(rows, args.repeats, getattr(torch, args.dtype))
         return
     op_table(rows, args.repeats, getattr(torch, args.dtype))
     if args.model_dir:
