@@ -101,11 +101,11 @@ def paged_attention_torch(q, key_cache, value_cache, layout: PagedLayout, scale:
         group = plan.decode
         Bd, Smax = group.slots.shape
         flat = group.slots.reshape(-1)  # [Bd * Smax]
-        gathered = group.gathered  # into the step's buffers, not a new tensor a layer (paged_plan.py)
+        gathered, compute = group.gathered, _compute_dtype(q)  # into the step's buffers, not new tensors (paged_plan.py)
         keys, values = (
-            gathered.index_select(name, cache, flat).unflatten(0, (Bd, Smax)).transpose(1, 2)  # [Bd, Hkv, Smax, Dh] each
+            gathered.index_select(name, cache, flat, compute).unflatten(0, (Bd, Smax)).transpose(1, 2)  # [Bd, Hkv, Smax, Dh] each
             for name, cache in (("keys", key_cache), ("values", value_cache))
-        )
+        )  # in the dtype the masked call computes in: its .to() of them is then a no-op
         queries = q.index_select(0, group.rows)[:, :, None, :]  # [Bd, H, 1, Dh]
         attended = _masked_attention(queries, keys, values, group.visible, scale, gqa)  # [Bd, H, 1, Dh]
         out.index_copy_(0, group.rows, attended[:, :, 0])

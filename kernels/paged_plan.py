@@ -35,13 +35,20 @@ class GatherBuffers:
     def __init__(self) -> None:
         self._kept: dict[str, torch.Tensor] = {}
 
-    def index_select(self, name: str, cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """cache [slots, ...] at ``index`` [N] -> [N, ...], written over this step's buffer ``name``."""
-        shape = (index.shape[0], *cache.shape[1:])
+    def index_select(self, name: str, cache: torch.Tensor, index: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """cache [slots, ...] at ``index`` [N] -> [N, ...], written over this step's buffer ``name``; in ``dtype``
+        if given (converted into a second kept buffer: the float32 copies of a bfloat16 cache's keys)."""
+        gathered = torch.index_select(cache, 0, index, out=self._buffer(name, (index.shape[0], *cache.shape[1:]), cache))
+        if dtype is None or dtype == cache.dtype:
+            return gathered
+        return self._buffer(f"{name} as {dtype}", gathered.shape, cache, dtype).copy_(gathered)
+
+    def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or like.dtype
         kept = self._kept.get(name)
-        if kept is None or kept.shape != shape or kept.dtype != cache.dtype or kept.device != cache.device:
-            kept = self._kept[name] = cache.new_empty(shape)
-        return torch.index_select(cache, 0, index, out=kept)
+        if kept is None or kept.shape != shape or kept.dtype != dtype or kept.device != like.device:
+            kept = self._kept[name] = like.new_empty(shape, dtype=dtype)
+        return kept
 
 
 class DecodeGroup(NamedTuple):

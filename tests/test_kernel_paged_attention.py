@@ -189,6 +189,14 @@ def test_layers_sharing_a_layout_gather_into_one_buffer_and_each_get_their_own_k
     assert all(buffer is kept[0] for buffer in kept), "one buffer for every layer of the step"
 
 
+def test_a_bfloat16_cache_is_gathered_into_kept_float32_copies():
+    q, keys, values, layout = make_case(DECODE, 4, 4, 2, 16, torch.bfloat16, seed=13)
+    check(q, keys, values, layout)  # against the dense reference, on both backends
+    kept = layout.torch_plan.decode.gathered._kept
+    assert kept["keys"].dtype == torch.bfloat16 and kept["keys as torch.float32"].dtype == torch.float32
+    torch.testing.assert_close(kept["values as torch.float32"], kept["values"].float(), rtol=0, atol=0)
+
+
 def test_history_without_the_flash_log_sum_exp_op(monkeypatch):
     """Where CPU's flash op with log-sum-exp is missing, a chunk with history takes one masked call."""
     import importlib
@@ -218,11 +226,13 @@ def test_a_tile_holds_whole_query_head_groups(longest, group):
     assert tiles.queries <= max(1, longest) * 2, "no more queries per program than the longest chunk needs"
 
 
-def test_the_decode_gathers_benchmark_compares_equal_outputs(monkeypatch, capsys):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_decode_gathers_benchmark_finds_the_same_outputs_both_ways(monkeypatch, capsys, dtype):
+    """Kept buffers (and, in bfloat16, their kept float32 copies) against new tensors a layer: equal outputs."""
     from moeshard.kernels.benchmarks import decode_gathers
 
     monkeypatch.setattr(decode_gathers, "CASES", ((4, 40, 4, 2, 16, 3),))
-    decode_gathers.main(["--rounds", "1"])
+    decode_gathers.main(["--rounds", "1", "--dtype", dtype])
     row = capsys.readouterr().out.strip().splitlines()[-1]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:4] == ["4", "40", "4 / 2", "3"] and cells[-1] == "True", row

@@ -1,12 +1,14 @@
 """A decode step's attention on the torch path, its gathers into kept buffers or into a new tensor a layer (not a test).
 
-    python -m moeshard.kernels.benchmarks.decode_gathers [--threads 1] [--rounds 7]
+    python -m moeshard.kernels.benchmarks.decode_gathers [--threads 1] [--rounds 7] [--dtype float32|bfloat16]
 
 The torch path's decode group (kernels/paged_plan.py) gathers every sequence's visible keys and values from the
 paged cache into one padded tensor per layer. ``GatherBuffers`` keeps the step's two buffers for all its layers;
 the other way allocates them afresh each layer, as before it. Both run the same steps (every sequence's blocks
 consecutive, as the block pool hands them out, each layer with a cache of its own) taking turns round by round;
 the table gives the median ms of a step's attention over its layers and checks that both give the same output.
+In bfloat16 the kept buffers also hold the float32 copies the masked call computes on, where the other way
+makes new ones each layer.
 
 Dimensions: B sequences decoding, S keys each sees, H heads, Hkv kv heads, Dh head dim, L layers.
 """
@@ -32,8 +34,8 @@ CASES = (
 )  # fmt: skip
 
 
-def _fresh(self: GatherBuffers, name: str, cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return cache.index_select(0, index)  # a new tensor each call
+def _fresh(self: GatherBuffers, name: str, cache: torch.Tensor, index: torch.Tensor, dtype: object = None) -> torch.Tensor:
+    return cache.index_select(0, index)  # a new tensor each call (the masked call makes its own float32 copies)
 
 
 def step_attention(q, caches, tables, keys_seen: int) -> list[torch.Tensor]:
@@ -49,9 +51,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (Ray's workers run with 1)")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of the cache and queries")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, blocks of {BLOCK_SIZE}\n")
+    dtype = getattr(torch, args.dtype)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, blocks of {BLOCK_SIZE}\n")
     print("| sequences | keys each | heads / kv heads | layers | gather MB | a new tensor a layer (ms) | kept buffers (ms) "
           "| speed-up | same output |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -60,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         blocks = -(-s // BLOCK_SIZE)
         tables = tuple(tuple(range(i * blocks, (i + 1) * blocks)) for i in range(b))
         slots = b * blocks * BLOCK_SIZE
-        caches = [(torch.randn(slots, hkv, dh, generator=g), torch.randn(slots, hkv, dh, generator=g)) for _ in range(layers)]
-        q = torch.randn(b, h, dh, generator=g)
+        caches = [tuple(torch.randn(slots, hkv, dh, generator=g).to(dtype) for _ in "kv") for _ in range(layers)]
+        q = torch.randn(b, h, dh, generator=g).to(dtype)
         with mock.patch.object(GatherBuffers, "index_select", _fresh):
             fresh_out = step_attention(q, caches, tables, s)
         kept_out = step_attention(q, caches, tables, s)
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
                     step_attention(q, caches, tables, s)
                     times[way].append(time.perf_counter() - started)
         fresh, kept = (statistics.median(times[way]) * 1e3 for way in ("fresh", "kept"))
-        megabytes = b * s * hkv * dh * 4 / 2**20  # one of the two gathers
+        megabytes = b * s * hkv * dh * dtype.itemsize / 2**20  # one of the two gathers
         cells = (b, s, f"{h} / {hkv}", layers, f"{megabytes:.1f}", f"{fresh:.1f}", f"{kept:.1f}", f"{fresh / kept:.2f}x", same)
         print("| " + " | ".join(map(str, cells)) + " |")
 
