@@ -61,8 +61,10 @@ def paged_attention(
     scale: float | None = None,
     backend: str = "auto",
     out: torch.Tensor | None = None,
+    layer: int | None = None,
 ) -> torch.Tensor:
-    """q [T, H, Dh], key_cache and value_cache [slots, Hkv, Dh] holding every key the step reads -> [T, H, Dh]."""
+    """q [T, H, Dh], key_cache and value_cache [slots, Hkv, Dh] holding every key the step reads -> [T, H, Dh].
+    ``layer``: the caches' layer, which the layout's decode mirror (if any) keeps a copy of (decode_mirror.py)."""
     assert q.dim() == 3 and key_cache.dim() == 3 and key_cache.shape == value_cache.shape, (q.shape, key_cache.shape)
     T, H, Dh = q.shape
     Hkv = key_cache.shape[1]
@@ -78,7 +80,7 @@ def paged_attention(
     if resolve_backend(backend, q.device) == "triton":
         paged_attention_triton(q, key_cache, value_cache, layout, scale, out)
     else:
-        paged_attention_torch(q, key_cache, value_cache, layout, scale, out)
+        paged_attention_torch(q, key_cache, value_cache, layout, scale, out, layer)
     return out
 
 
@@ -86,10 +88,11 @@ def paged_attention(
 _FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def paged_attention_torch(q, key_cache, value_cache, layout: PagedLayout, scale: float, out) -> None:
+def paged_attention_torch(q, key_cache, value_cache, layout: PagedLayout, scale: float, out, layer: int | None = None) -> None:
     plan = layout.torch_plan
     gqa = q.shape[1] != key_cache.shape[1]
     if batch_invariant_now():
+        assert plan.decode is None or plan.decode.mirror is None, "batch-invariant attention reads no decode mirror"
         _attention_query_by_query(q, key_cache, value_cache, plan, scale, gqa, out)
         return
     for chunk in plan.chunks:
@@ -99,13 +102,17 @@ def paged_attention_torch(q, key_cache, value_cache, layout: PagedLayout, scale:
         out[chunk.rows] = _chunk_attention(queries, keys, values, chunk, scale, gqa)[0].transpose(0, 1)
     if plan.decode is not None:
         group = plan.decode
-        Bd, Smax = group.slots.shape
-        flat = group.slots.reshape(-1)  # [Bd * Smax]
-        gathered, compute = group.gathered, _compute_dtype(q)  # into the step's buffers, not new tensors (paged_plan.py)
-        keys, values = (
-            gathered.index_select(name, cache, flat, compute).unflatten(0, (Bd, Smax)).transpose(1, 2)  # [Bd, Hkv, Smax, Dh] each
-            for name, cache in (("keys", key_cache), ("values", value_cache))
-        )  # in the dtype the masked call computes in: its .to() of them is then a no-op
+        if group.mirror is not None:  # the step's new keys copied in, the rest kept from earlier steps (decode_mirror.py)
+            assert layer is not None, "a layout with a decode mirror needs the layer"
+            keys, values = group.mirror.fill(layer, key_cache, value_cache)  # [Bd, Hkv, Smax, Dh] each, views
+        else:
+            Bd, Smax = group.slots.shape
+            flat = group.slots.reshape(-1)  # [Bd * Smax]
+            gathered, compute = group.gathered, _compute_dtype(q)  # into the step's buffers, not new tensors (paged_plan.py)
+            keys, values = (
+                gathered.index_select(name, cache, flat, compute).unflatten(0, (Bd, Smax)).transpose(1, 2)  # [Bd, Hkv, Smax, Dh] each
+                for name, cache in (("keys", key_cache), ("values", value_cache))
+            )  # in the dtype the masked call computes in (as the mirror's): its .to() of them is then a no-op
         queries = q.index_select(0, group.rows)[:, :, None, :]  # [Bd, H, 1, Dh]
         attended = _masked_attention(queries, keys, values, group.visible, scale, gqa)  # [Bd, H, 1, Dh]
         out.index_copy_(0, group.rows, attended[:, :, 0])
@@ -177,9 +184,14 @@ def _padded_to(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
+def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the torch path's masked calls compute in for queries of ``dtype`` on ``device`` (a decode mirror's)."""
+    return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def _compute_dtype(q: torch.Tensor) -> torch.dtype:
     """The dtype ``_masked_attention`` computes in for q."""
-    return torch.float32 if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) else q.dtype
+    return attention_dtype(q.dtype, q.device)
 
 
 def _cache_rows(cache: torch.Tensor, keys: slice | torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import torch
 
+from moeshard.kernels.decode_mirror import DecodeMirror
 from moeshard.kernels.host_copy import from_host
 from moeshard.kernels.paged_plan import TorchPlan, plan_torch
 
@@ -45,6 +46,10 @@ class PagedLayout:
     block_size: int
     sliding_window: int | None = None
     device: torch.device = torch.device("cpu")
+    # The torch path's decode group reads its keys from this mirror, kept from step to step (decode_mirror.py);
+    # it needs each sequence's id, stable across steps. None: gathered from the cache every layer.
+    decode_mirror: DecodeMirror | None = field(default=None, compare=False, repr=False)
+    seq_ids: tuple[int, ...] | None = None  # [B]
     _query_blocks: dict[int, torch.Tensor] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self):
@@ -53,6 +58,8 @@ class PagedLayout:
         for n, start, table in zip(self.query_lens, self.start_pos, self.block_tables):
             assert n > 0 and start >= 0, (n, start)
             assert len(table) * self.block_size >= start + n, f"{len(table)} blocks cannot hold {start + n} positions"
+        assert self.decode_mirror is None or self.seq_ids is not None, "a decode mirror needs the sequences' ids"
+        assert self.seq_ids is None or len(self.seq_ids) == len(self.query_lens), "one id per sequence"
 
     @property
     def num_seqs(self) -> int:

@@ -1,8 +1,10 @@
 """The torch path's plan of a step's attention, built once per step and read by every layer.
 
     decode group: the sequences with one query (two or more of them) -> one padded SDPA call
-                  over a gather of their visible keys (into buffers kept for the step), with a
-                  key-padding mask
+                  over their visible keys, with a key-padding mask: read from the layout's decode
+                  mirror where it has one (``decode_mirror.py``: kept from step to step, a step
+                  copies in only its new keys), else gathered from the cache (into buffers kept
+                  for the step)
     chunks:       every other sequence -> SDPA over its visible keys, read as a view of the cache
                   where its blocks are consecutive (else gathered): without a sliding window,
                   keys before the chunk (its history) are seen by every query and its own keys
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from moeshard.kernels.decode_mirror import MirrorStep
 from moeshard.kernels.host_copy import from_host
 
 if TYPE_CHECKING:
@@ -53,9 +56,10 @@ class GatherBuffers:
 
 class DecodeGroup(NamedTuple):
     rows: torch.Tensor  # [Bd] int64 query rows in T
-    slots: torch.Tensor  # [Bd, Smax] int64 cache slot of each visible key; padded with its last
     visible: torch.Tensor  # [Bd, 1, 1, Smax] bool, False on padding
-    gathered: GatherBuffers  # where each layer gathers the keys and values at ``slots``
+    slots: torch.Tensor | None  # [Bd, Smax] int64 cache slot of each visible key, padded with its last (None: mirrored)
+    gathered: GatherBuffers | None  # where each layer gathers the keys and values at ``slots``
+    mirror: MirrorStep | None  # or where each layer reads them, after copying in the step's new ones
 
 
 class ChunkPlan(NamedTuple):
@@ -98,6 +102,9 @@ def _plan_chunk(layout: PagedLayout, b: int, rows: slice) -> ChunkPlan:
 
 def _plan_decode(layout: PagedLayout, members: list[int], starts: tuple[int, ...]) -> DecodeGroup:
     """Each member's one query sees positions first_visible(p) .. p; padded to the longest."""
+    mirrored = _plan_mirrored(layout, members, starts)
+    if mirrored is not None:
+        return mirrored
     firsts = torch.tensor([layout.first_visible(layout.start_pos[b]) for b in members])  # [Bd]
     ends = torch.tensor([layout.start_pos[b] + 1 for b in members])  # [Bd]
     lengths = ends - firsts  # [Bd]
@@ -109,5 +116,24 @@ def _plan_decode(layout: PagedLayout, members: list[int], starts: tuple[int, ...
     rows = torch.tensor([starts[b] for b in members], dtype=torch.int64)
     device = layout.device
     return DecodeGroup(
-        from_host(rows, device), from_host(slots, device), from_host(visible[:, None, None, :], device), GatherBuffers()
+        from_host(rows, device), from_host(visible[:, None, None, :], device), from_host(slots, device), GatherBuffers(), None
     )
+
+
+def _plan_mirrored(layout: PagedLayout, members: list[int], starts: tuple[int, ...]) -> DecodeGroup | None:
+    """The group read from the layout's decode mirror, in the mirror's row order; None where it has none, the model
+    has a sliding window (a query's keys do not start at 0) or the mirror is over its budget."""
+    mirror = layout.decode_mirror
+    if mirror is None or layout.sliding_window is not None:
+        return None
+    step = mirror.plan(
+        [layout.seq_ids[b] for b in members],
+        [layout.start_pos[b] for b in members],
+        lambda member, positions: layout.slots_at(torch.tensor(members)[member], positions),
+    )
+    if step is None:
+        return None
+    rows = torch.tensor([starts[members[i]] for i in step.order], dtype=torch.int64)  # [Bd]
+    visible = torch.arange(step.width)[None, :] < step.lengths[:, None]  # [Bd, Smax]
+    device = layout.device
+    return DecodeGroup(from_host(rows, device), from_host(visible[:, None, None, :], device), None, None, step)

@@ -82,6 +82,10 @@ class EngineConfig(BaseModel):
     # micro-batches, one's attention overlapping the other's experts. 0 (the default): never; it pays where the
     # coordinator and the actors have compute of their own (GPUs, nodes), not where they share a few cores.
     ping_pong_min_sequences: int = Field(default=0, ge=0)
+    # On the CPU, the decoding sequences' keys and values kept contiguous from step to step, so a step's attention
+    # copies in only its new ones instead of gathering every history each layer (kernels/decode_mirror.py; the same
+    # tokens). Up to this many bytes; None (the default): as many as kv_cache_bytes; 0: off, gather every step.
+    decode_mirror_bytes: int | None = Field(default=None, ge=0)
     enable_prefix_caching: bool = True  # share computed KV blocks between requests whose tokens start the same
     # Experts in this process on the CPU: threads that share each layer's experts out, each product on one torch
     # thread (torch's intra-op threads are then set to 1). 1 (the default): torch's own threads run every product.

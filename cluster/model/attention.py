@@ -23,6 +23,7 @@ from moeshard.cluster.model.config import ModelConfig
 from moeshard.cluster.model.kv_cache import KVCache
 from moeshard.cluster.model.layers import RotaryTables, rms_norm
 from moeshard.kernels import PagedLayout, paged_attention, rotary_store
+from moeshard.kernels.decode_mirror import DecodeMirror
 from moeshard.kernels.linear import linear
 
 
@@ -48,8 +49,11 @@ def project_qkv(config: ModelConfig, weights: LayerWeights, x: torch.Tensor) -> 
     return QKV(q, k, v)
 
 
-def step_layout(batch: StepBatch, cache: KVCache, sliding_window: int | None) -> PagedLayout:
-    """The step's sequences as paged attention reads them; built once per step, shared by every layer."""
+def step_layout(
+    batch: StepBatch, cache: KVCache, sliding_window: int | None, decode_mirror: DecodeMirror | None = None
+) -> PagedLayout:
+    """The step's sequences as paged attention reads them; built once per step, shared by every layer. With
+    ``decode_mirror`` (one of the cache's), the torch path's decode group reads its keys from it."""
     return PagedLayout(
         query_lens=tuple(c.num_tokens for c in batch.chunks),
         start_pos=tuple(c.start_pos for c in batch.chunks),
@@ -57,6 +61,8 @@ def step_layout(batch: StepBatch, cache: KVCache, sliding_window: int | None) ->
         block_size=cache.block_size,
         sliding_window=sliding_window,
         device=cache.keys.device,
+        decode_mirror=decode_mirror,
+        seq_ids=tuple(c.seq_id for c in batch.chunks),
     )
 
 
@@ -74,5 +80,5 @@ def attention(
     qkv = project_qkv(config, weights, x)
     # q rotated [T, H, Dh]; k rotated and v written into the cache's [S, Hkv, Dh] at the step's slots
     q = rotary_store(qkv.q, qkv.k, qkv.v, rotary.cos, rotary.sin, layout.slot_mapping, cache.keys[layer], cache.values[layer])
-    out = paged_attention(q, cache.keys[layer], cache.values[layer], layout)  # [T, H, Dh]
+    out = paged_attention(q, cache.keys[layer], cache.values[layer], layout, layer=layer)  # [T, H, Dh]
     return linear(out.reshape(t, config.num_heads * config.head_dim), weights.o_proj, weights.o_bias)  # [T, D]

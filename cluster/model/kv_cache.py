@@ -15,12 +15,17 @@ needed and none is free, least recently released first. A sequence whose next
 full block is being computed right now by another (``n`` > 1 choices, or the
 same prompt sent twice at once) waits for it instead of computing it again.
 
+The cache also holds the decode mirrors of the torch path's attention (kernels/decode_mirror.py: the
+decoding sequences' keys and values kept contiguous from step to step, one mirror per micro-batch of a step),
+up to ``mirror_bytes`` together, and drops a sequence from them when it frees its blocks.
+
 Dimensions: L layers, S slots, Hkv kv heads, Dh head dim.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -29,6 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from moeshard.cluster.model.block_pool import BlockHash, BlockPool, block_hashes
+from moeshard.kernels.decode_mirror import DecodeMirror
+from moeshard.kernels.paged_attention import attention_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +77,9 @@ class KVCache:
         dtype: torch.dtype,
         prefix_caching: bool = True,
         device: torch.device | str = "cpu",
+        mirror_bytes: int | None = None,
     ):
+        """``mirror_bytes``: what the decode mirrors may hold together; None: as much as the cache, 0: none."""
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"KV cache needs num_blocks > 0 and block_size > 0, got {num_blocks}, {block_size}")
         self.block_size = block_size
@@ -80,6 +89,8 @@ class KVCache:
         self.device = torch.device(device)
         self.keys = torch.zeros(num_layers, slots, num_kv_heads, head_dim, dtype=dtype, device=device)  # [L, S, Hkv, Dh]
         self.values = torch.zeros(num_layers, slots, num_kv_heads, head_dim, dtype=dtype, device=device)  # [L, S, Hkv, Dh]
+        cache_bytes = 2 * self.keys.numel() * self.keys.element_size()
+        self.decode_mirrors = self._decode_mirrors(cache_bytes if mirror_bytes is None else mirror_bytes)
         self._pool = BlockPool(num_blocks)
         self._tables: dict[int, list[int]] = {}
         self._computed_keys: dict[int, list[BlockHash]] = {}  # a sequence's keyed full blocks, from its first
@@ -99,12 +110,29 @@ class KVCache:
         dtype: torch.dtype,
         prefix_caching: bool = True,
         device: torch.device | str = "cpu",
+        mirror_bytes: int | None = None,
     ) -> "KVCache":
         bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
         num_blocks = budget_bytes // bytes_per_block
         if num_blocks < 1:
             raise ValueError(f"KV cache budget of {budget_bytes} bytes is below one block ({bytes_per_block} bytes)")
-        return cls(num_layers, num_kv_heads, head_dim, num_blocks, block_size, dtype, prefix_caching, device)
+        return cls(num_layers, num_kv_heads, head_dim, num_blocks, block_size, dtype, prefix_caching, device, mirror_bytes)
+
+    def _decode_mirrors(self, budget_bytes: int) -> tuple[DecodeMirror, ...]:
+        """One mirror per micro-batch of a step (two with ping-pong), within ``budget_bytes`` together."""
+        if budget_bytes == 0:
+            return ()
+        _, _, hkv, dh = self.keys.shape
+        dtype = attention_dtype(self.keys.dtype, self.device)
+        mirrors: list[DecodeMirror] = []
+
+        def held_by_others(mirror_index: int) -> int:
+            return sum(m.nbytes for i, m in enumerate(mirrors) if i != mirror_index)
+
+        for index in range(2):
+            others = functools.partial(held_by_others, index)
+            mirrors.append(DecodeMirror(self.keys.shape[0], hkv, dh, dtype, self.device, budget_bytes, others))
+        return tuple(mirrors)
 
     @property
     def capacity_tokens(self) -> int:
@@ -214,6 +242,8 @@ class KVCache:
             if self._computing.get(key) == seq_id:
                 del self._computing[key]
         self._computed_keys.pop(seq_id, None)
+        for mirror in self.decode_mirrors:
+            mirror.evict(seq_id)
         for block in reversed(self._tables.pop(seq_id, ())):
             self._pool.release(block)
 

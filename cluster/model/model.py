@@ -100,7 +100,12 @@ class MoeModel:
         # Each micro-batch: its tokens' hidden states [t, D] and its pending FFN (None before the first layer).
         xs = [w.embed.index_select(0, part.token_ids) for part in parts]  # [t, D] each
         rotaries = [self.rotary.tables(part.positions, self.dtype) for part in parts]
-        layouts = [step_layout(part, self.cache, config.sliding_window) for part in parts]
+        # each micro-batch its own decode mirror; batch-invariant attention reads every query's keys on its own
+        mirrors = () if self.batch_invariant else self.cache.decode_mirrors
+        layouts = [
+            step_layout(part, self.cache, config.sliding_window, mirrors[i] if i < len(mirrors) else None)
+            for i, part in enumerate(parts)
+        ]
         pending: list[PendingFeedForward | None] = [None] * len(parts)
         routed: list[list[torch.Tensor]] = [[] for _ in parts]  # per micro-batch, each MoE layer's expert ids [t, K]
         with batch_invariant(self.batch_invariant):
