@@ -227,13 +227,18 @@ def test_a_tile_holds_whole_query_head_groups(longest, group):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_decode_gathers_benchmark_finds_the_same_outputs_both_ways(monkeypatch, capsys, dtype):
-    """Kept buffers (and, in bfloat16, their kept float32 copies) against new tensors a layer: equal outputs."""
+def test_the_decode_gathers_benchmark_finds_the_same_outputs_every_way(monkeypatch, capsys, dtype):
+    """Kept buffers (and, in bfloat16, their kept float32 copies) and a mirror against new tensors a layer: equal
+    outputs."""
     from moeshard.kernels.benchmarks import decode_gathers
 
-    monkeypatch.setattr(decode_gathers, "CASES", ((4, 40, 4, 2, 16, 3),))
-    decode_gathers.main(["--rounds", "1", "--dtype", dtype])
+    monkeypatch.setattr(decode_gathers, "CASES", ((4, 64, 4, 2, 64, 3),))
+    plan = decode_gathers.DecodeMirror.plan
+    steps = []
+    monkeypatch.setattr(decode_gathers.DecodeMirror, "plan", lambda self, *a: steps.append(plan(self, *a)) or steps[-1])
+    decode_gathers.main(["--rounds", "2", "--dtype", dtype])
+    assert len(steps) == 3 and all(s is not None for s in steps), "the mirror way reads a mirror, small as the case is"
     row = capsys.readouterr().out.strip().splitlines()[-1]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[:4] == ["4", "40", "4 / 2", "3"] and cells[-1] == "True", row
-    assert float(cells[5]) > 0 and float(cells[6]) > 0
+    assert cells[:4] == ["4", "64", "4 / 2", "3"] and cells[-1] == "True", row
+    assert all(float(cells[i]) > 0 for i in (5, 6, 7))

@@ -1,14 +1,21 @@
-"""A decode step's attention on the torch path, its gathers into kept buffers or into a new tensor a layer (not a test).
+"""A decode step's attention on the torch path: gathers into a new tensor a layer or kept buffers, or a mirror (not a test).
 
     python -m moeshard.kernels.benchmarks.decode_gathers [--threads 1] [--rounds 7] [--dtype float32|bfloat16]
 
-The torch path's decode group (kernels/paged_plan.py) gathers every sequence's visible keys and values from the
-paged cache into one padded tensor per layer. ``GatherBuffers`` keeps the step's two buffers for all its layers;
-the other way allocates them afresh each layer, as before it. Both run the same steps (every sequence's blocks
-consecutive, as the block pool hands them out, each layer with a cache of its own) taking turns round by round;
-the table gives the median ms of a step's attention over its layers and checks that both give the same output.
-In bfloat16 the kept buffers also hold the float32 copies the masked call computes on, where the other way
-makes new ones each layer.
+The torch path's decode group (kernels/paged_plan.py) reads every sequence's visible keys and values in one
+padded tensor per layer. Three ways to get it, each running the same decode steps (every sequence's blocks
+consecutive, as the block pool hands them out, each layer with a cache of its own), taking turns step by step:
+
+    new tensor    gathered from the paged cache into a new tensor each layer
+    kept buffers  gathered into two buffers the step keeps for all its layers (``GatherBuffers``)
+    mirror        read from a ``DecodeMirror`` that the previous step filled: the step copies in one key
+                  and value per sequence (kernels/decode_mirror.py); here also below ``MIN_KEYS``, where
+                  the model gathers: the figures are where that threshold comes from
+
+The steps advance one position each, from the given number of keys less the rounds; the first is a warm-up
+(where the mirror copies in every history). The table gives the median ms of a step's attention over its layers
+and whether the three ways give the same outputs. In bfloat16 the kept buffers also hold the float32 copies the
+masked call computes on, where the new tensors' way makes new ones each layer; the mirror holds float32.
 
 Dimensions: B sequences decoding, S keys each sees, H heads, Hkv kv heads, Dh head dim, L layers.
 """
@@ -23,7 +30,9 @@ from unittest import mock
 
 import torch
 
-from moeshard.kernels import PagedLayout, paged_attention
+from moeshard.kernels import PagedLayout, decode_mirror, paged_attention
+from moeshard.kernels.decode_mirror import DecodeMirror
+from moeshard.kernels.paged_attention import attention_dtype
 from moeshard.kernels.paged_plan import GatherBuffers
 
 BLOCK_SIZE = 16
@@ -38,11 +47,15 @@ def _fresh(self: GatherBuffers, name: str, cache: torch.Tensor, index: torch.Ten
     return cache.index_select(0, index)  # a new tensor each call (the masked call makes its own float32 copies)
 
 
-def step_attention(q, caches, tables, keys_seen: int) -> list[torch.Tensor]:
+def step_attention(q, caches, tables, keys_seen: int, mirror: DecodeMirror | None = None) -> list[torch.Tensor]:
     """One decode step's attention over every layer's cache, with one layout for the step as the model builds it."""
     b = q.shape[0]
-    layout = PagedLayout(query_lens=(1,) * b, start_pos=(keys_seen - 1,) * b, block_tables=tables, block_size=BLOCK_SIZE)
-    return [paged_attention(q, keys, values, layout, backend="torch") for keys, values in caches]
+    ids = tuple(range(b)) if mirror is not None else None
+    layout = PagedLayout(
+        query_lens=(1,) * b, start_pos=(keys_seen - 1,) * b, block_tables=tables, block_size=BLOCK_SIZE,
+        decode_mirror=mirror, seq_ids=ids,
+    )  # fmt: skip
+    return [paged_attention(q, keys, values, layout, backend="torch", layer=i) for i, (keys, values) in enumerate(caches)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,9 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, blocks of {BLOCK_SIZE}\n")
-    print("| sequences | keys each | heads / kv heads | layers | gather MB | a new tensor a layer (ms) | kept buffers (ms) "
-          "| speed-up | same output |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| sequences | keys each | heads / kv heads | layers | gather MB | new tensor (ms) | kept buffers (ms) "
+          "| mirror (ms) | kept vs new | mirror vs kept | same output |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     g = torch.Generator().manual_seed(0)
     for b, s, h, hkv, dh, layers in CASES:
         blocks = -(-s // BLOCK_SIZE)
@@ -66,20 +79,26 @@ def main(argv: list[str] | None = None) -> None:
         slots = b * blocks * BLOCK_SIZE
         caches = [tuple(torch.randn(slots, hkv, dh, generator=g).to(dtype) for _ in "kv") for _ in range(layers)]
         q = torch.randn(b, h, dh, generator=g).to(dtype)
-        with mock.patch.object(GatherBuffers, "index_select", _fresh):
-            fresh_out = step_attention(q, caches, tables, s)
-        kept_out = step_attention(q, caches, tables, s)
-        same = all(torch.equal(x, y) for x, y in zip(fresh_out, kept_out))
-        times: dict[str, list[float]] = {"fresh": [], "kept": []}
-        for _ in range(args.rounds):
+        mirror = DecodeMirror(layers, hkv, dh, attention_dtype(dtype, q.device), q.device, budget_bytes=2**40)
+        times: dict[str, list[float]] = {"new": [], "kept": [], "mirror": []}
+        outs: dict[str, list[torch.Tensor]] = {}
+        first = max(1, s - args.rounds)  # keys seen at the warm-up step
+        for keys_seen in range(first, s + 1):
             for way in times:
-                with mock.patch.object(GatherBuffers, "index_select", _fresh) if way == "fresh" else contextlib.nullcontext():
+                if way == "new":
+                    patch = mock.patch.object(GatherBuffers, "index_select", _fresh)
+                else:
+                    patch = mock.patch.object(decode_mirror, "MIN_KEYS", 0) if way == "mirror" else contextlib.nullcontext()
+                with patch:
                     started = time.perf_counter()
-                    step_attention(q, caches, tables, s)
-                    times[way].append(time.perf_counter() - started)
-        fresh, kept = (statistics.median(times[way]) * 1e3 for way in ("fresh", "kept"))
+                    outs[way] = step_attention(q, caches, tables, keys_seen, mirror if way == "mirror" else None)
+                    if keys_seen > first:
+                        times[way].append(time.perf_counter() - started)
+        same = all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(outs["new"], outs["kept"], outs["mirror"]))
+        new, kept, mirrored = (statistics.median(times[way]) * 1e3 for way in times)
         megabytes = b * s * hkv * dh * dtype.itemsize / 2**20  # one of the two gathers
-        cells = (b, s, f"{h} / {hkv}", layers, f"{megabytes:.1f}", f"{fresh:.1f}", f"{kept:.1f}", f"{fresh / kept:.2f}x", same)
+        cells = (b, s, f"{h} / {hkv}", layers, f"{megabytes:.1f}", f"{new:.1f}", f"{kept:.1f}", f"{mirrored:.1f}",
+                 f"{new / kept:.2f}x", f"{kept / mirrored:.2f}x", same)  # fmt: skip
         print("| " + " | ".join(map(str, cells)) + " |")
 
 
