@@ -218,3 +218,13 @@ def test_a_model_decodes_the_same_tokens_with_and_without_its_mirror(tiny_checkp
     with LLM(path, decode_mirror_bytes=0) as llm:
         gathered = [out.token_ids for out in llm.generate(prompts, params)]
     assert steps == [] and mirrored == gathered
+
+
+def test_the_decode_mirror_benchmark_finds_the_same_tokens_both_ways(capsys):
+    from moeshard.cluster.loadtest import decode_mirror_bench
+
+    decode_mirror_bench.main(["--sequences", "3", "--prompt-len", "40", "--tokens", "4", "--repeats", "1"])
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:2] == ["3", "40"] and cells[-1] == "True", row
+    assert float(cells[2]) > 0 and float(cells[3]) > 0
