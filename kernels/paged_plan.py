@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 class GatherBuffers:
     """Where the decode group's keys and values are gathered, kept for every layer of the step. A fresh [Bd * Smax,
     Hkv, Dh] tensor a layer costs page faults wherever the CPU allocator hands back new pages (always past 32 MB,
-    which glibc maps anew each time): a step's attention ran 1.0-1.5x faster with kept buffers, most where a gather
+    which glibc maps anew each time): a step's attention ran 0.9-2.3x as fast with kept buffers, surest where a gather
     passes 32 MB (``kernels/benchmarks/decode_gathers.py``, docs/kernels.md). A layer's gathers are read by its
     attention alone, which is done before the next layer gathers."""
 
