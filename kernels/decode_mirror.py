@@ -15,11 +15,12 @@ view ``[:n, :, :width]``: the same keys in the same order as the gather, so the 
 (bit for bit in the benchmark's cases; at some head dims a row at another address rounds a last bit
 differently). Each head's keys are contiguous, which SDPA on the CPU reads faster than the gather's layout.
 
-Where the group is small (fewer than ``MIN_KEYS`` keys in its padded call) the step gathers: its gather is
-cheap and read hot by the attention right after, while the mirror's rows come cold from memory; on a 2-core
-AMD EPYC 16 sequences of 100 keys over 30 layers ran 0.92x with a mirror (1 thread), 64 of 100 1.43x, 32 of
-1024 2.0x (kernels/benchmarks/decode_gathers.py, docs/kernels.md). Its rows then fall behind and the next
-mirrored step refills them.
+Where the group is small (fewer than ``min_keys`` keys in its padded call, by default ``MIN_KEYS``) the step
+gathers: its gather is cheap and read hot by the attention right after, while the mirror's rows come cold from
+memory. On a 2-core AMD EPYC a step's attention with the mirror ran 0.93-0.98x the gathers at 16 sequences of
+100 keys, 1.05-1.60x at 64 of 100, 1.91-2.41x at 32 of 1024 (kernels/benchmarks/decode_gathers.py,
+docs/kernels.md); the crossover is the machine's (``EngineConfig.decode_mirror_min_keys``). A group's rows fall
+behind while it gathers, and the next mirrored step refills them.
 
 A sequence keeps its row only while its history is unchanged: it must hold exactly the positions before this
 step's query, the cache evicts it when it frees the sequence (finished, aborted, preempted), and a step whose
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 POSITION_STEP = 64  # capacity in positions grows in multiples of this
 ROW_STEP = 8  # and in rows, of this
-MIN_KEYS = 4096  # a group of fewer keys (sequences x the longest's keys) gathers
+MIN_KEYS = 4096  # by default a group of fewer keys (sequences x the longest's keys) gathers
 
 
 class MirrorKV(NamedTuple):
@@ -82,11 +83,13 @@ class DecodeMirror:
         device: torch.device,
         budget_bytes: int,
         held_elsewhere: Callable[[], int] = lambda: 0,
+        min_keys: int = MIN_KEYS,
     ):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         self.budget_bytes = budget_bytes  # for this mirror and those ``held_elsewhere`` counts together
         self._held_elsewhere = held_elsewhere
+        self.min_keys = min_keys  # a smaller group gathers
         self.keys: torch.Tensor | None = None  # [L, R, Hkv, C, Dh]
         self.values: torch.Tensor | None = None  # [L, R, Hkv, C, Dh]
         self._row_seqs: list[int | None] = []  # the sequence in each row (None: a hole)
@@ -125,7 +128,7 @@ class DecodeMirror:
             self.release()
         ends = [p + 1 for p in positions]  # keys each member sees
         rows, width = len(seq_ids), max(ends)
-        if rows * width < MIN_KEYS:
+        if rows * width < self.min_keys:
             return None
         have_rows, have_positions = self.capacity
         if rows > have_rows or width > have_positions:

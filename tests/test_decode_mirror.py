@@ -16,17 +16,11 @@ import pytest
 import torch
 
 from moeshard.cluster.model.kv_cache import KVCache
-from moeshard.kernels import PagedLayout, decode_mirror, paged_attention
+from moeshard.kernels import PagedLayout, paged_attention
 from moeshard.kernels.decode_mirror import MIN_KEYS, POSITION_STEP, DecodeMirror
 
 L, H, HKV, DH, BLOCK = 3, 4, 2, 16, 4
 TABLE_BLOCKS = 64  # blocks each sequence may use (positions up to 255)
-
-
-@pytest.fixture(autouse=True)
-def mirror_small_groups(monkeypatch):
-    """Every group here is mirrored, small as it is (below MIN_KEYS the model gathers; one test checks that)."""
-    monkeypatch.setattr(decode_mirror, "MIN_KEYS", 0)
 
 
 class Caches:
@@ -55,9 +49,10 @@ def decode_step(caches: Caches, seqs: dict[int, int], mirror: DecodeMirror | Non
     ]
 
 
-def mirror_for(caches: Caches, budget: int = 2**30) -> DecodeMirror:
+def mirror_for(caches: Caches, budget: int = 2**30, min_keys: int = 0) -> DecodeMirror:
+    """A mirror of every group, small as the groups here are (by default the model gathers below MIN_KEYS)."""
     dtype = torch.float32  # the torch path computes in float32 on the CPU
-    return DecodeMirror(L, HKV, DH, dtype, torch.device("cpu"), budget)
+    return DecodeMirror(L, HKV, DH, dtype, torch.device("cpu"), budget, min_keys=min_keys)
 
 
 def assert_close_to_gathers(caches, seqs, mirror, seed) -> None:
@@ -155,10 +150,9 @@ def test_over_its_budget_the_group_gathers_and_the_mirror_holds_nothing():
     assert_close_to_gathers(caches, long, mirror, seed=2)
 
 
-def test_a_small_group_gathers_and_its_rows_refill_when_it_grows(monkeypatch):
-    monkeypatch.setattr(decode_mirror, "MIN_KEYS", MIN_KEYS)
+def test_a_small_group_gathers_and_its_rows_refill_when_it_grows():
     caches = Caches(4)
-    mirror = mirror_for(caches)
+    mirror = mirror_for(caches, min_keys=MIN_KEYS)
     assert mirror.plan([0, 1], [9, 9], lambda b, p: p) is None  # 2 x 10 keys
     width = MIN_KEYS // 2
     step = mirror.plan([0, 1], [width - 1, width - 1], lambda b, p: p)
@@ -175,7 +169,7 @@ def test_a_sliding_window_gathers():
 
 
 def test_the_cache_drops_a_freed_sequence_and_releases_the_last():
-    cache = KVCache(L, HKV, DH, num_blocks=32, block_size=BLOCK, dtype=torch.bfloat16, mirror_bytes=2**24)
+    cache = KVCache(L, HKV, DH, num_blocks=32, block_size=BLOCK, dtype=torch.bfloat16, mirror_bytes=2**24, mirror_min_keys=0)
     mirror = cache.decode_mirrors[0]
     assert mirror.dtype == torch.float32 and len(cache.decode_mirrors) == 2
     for seq in (7, 8):
@@ -193,7 +187,8 @@ def test_the_cache_drops_a_freed_sequence_and_releases_the_last():
 
 def test_the_two_mirrors_of_a_cache_share_its_budget():
     per_position = 2 * L * HKV * DH * 4
-    cache = KVCache(L, HKV, DH, num_blocks=64, block_size=BLOCK, dtype=torch.float32, mirror_bytes=per_position * 8 * 64 * 3 // 2)
+    budget = per_position * 8 * 64 * 3 // 2
+    cache = KVCache(L, HKV, DH, num_blocks=64, block_size=BLOCK, dtype=torch.float32, mirror_bytes=budget, mirror_min_keys=0)
     first, second = cache.decode_mirrors
     assert first.plan([0, 1], [3, 4], lambda b, p: p) is not None  # 8 x 64: two thirds of the budget
     assert second.plan([2, 3], [3, 4], lambda b, p: p) is None  # another 8 x 64 would pass it
@@ -208,7 +203,7 @@ def test_a_model_decodes_the_same_tokens_with_and_without_its_mirror(tiny_checkp
     plan = DecodeMirror.plan
     monkeypatch.setattr(DecodeMirror, "plan", lambda self, *a: steps.append(plan(self, *a)) or steps[-1])
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    with LLM(path) as llm:
+    with LLM(path, decode_mirror_min_keys=0) as llm:  # every group mirrored, small as they are
         mirrored = [out.token_ids for out in llm.generate(prompts, params)]
         cache = llm.engine.model.cache
         assert all(m.nbytes == 0 for m in cache.decode_mirrors)  # released with the last sequence
@@ -223,7 +218,8 @@ def test_a_model_decodes_the_same_tokens_with_and_without_its_mirror(tiny_checkp
 def test_the_decode_mirror_benchmark_finds_the_same_tokens_both_ways(capsys):
     from moeshard.cluster.loadtest import decode_mirror_bench
 
-    decode_mirror_bench.main(["--sequences", "3", "--prompt-len", "40", "--tokens", "4", "--repeats", "1"])
+    args = ["--sequences", "3", "--prompt-len", "40", "--tokens", "4", "--repeats", "1", "--mirror-min-keys", "0"]
+    decode_mirror_bench.main(args)
     row = capsys.readouterr().out.strip().splitlines()[-1]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:2] == ["3", "40"] and cells[-1] == "True", row

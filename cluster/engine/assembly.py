@@ -73,7 +73,7 @@ def build_engine(config: EngineConfig, files: ModelFiles, experts: ExpertsFn | N
         )
     cache = KVCache.with_budget(
         mc.num_layers, mc.num_kv_heads, mc.head_dim, config.kv_cache_bytes, config.kv_block_size, dtype,
-        config.enable_prefix_caching, device, config.decode_mirror_bytes,
+        config.enable_prefix_caching, device, config.decode_mirror_bytes, config.decode_mirror_min_keys,
     )  # fmt: skip
     if uses_triton(device):
         warm_up_paged_attention(

@@ -86,6 +86,9 @@ class EngineConfig(BaseModel):
     # copies in only its new ones instead of gathering every history each layer (kernels/decode_mirror.py; the same
     # tokens). Up to this many bytes; None (the default): as many as kv_cache_bytes; 0: off, gather every step.
     decode_mirror_bytes: int | None = Field(default=None, ge=0)
+    # A decode group of fewer keys (sequences x the longest's keys) gathers them: below it the mirror was slower on
+    # the CPU measured (its rows come cold from memory, a small gather's hot); the crossover is the machine's.
+    decode_mirror_min_keys: int = Field(default=4096, ge=0)
     enable_prefix_caching: bool = True  # share computed KV blocks between requests whose tokens start the same
     # Experts in this process on the CPU: threads that share each layer's experts out, each product on one torch
     # thread (torch's intra-op threads are then set to 1). 1 (the default): torch's own threads run every product.

@@ -2,11 +2,13 @@
 
     python -m moeshard.cluster.loadtest.decode_mirror_bench [--sequences N,...] [--prompt-len N,...]
                                                             [--tokens 32] [--repeats 3] [--dtype float32]
+                                                            [--mirror-min-keys 4096]
     (defaults: --sequences 32,64 --prompt-len 128,1024)
 
 Two engines on prefill_bench's synthetic Mixtral (8 layers, hidden 512, 8 experts top-2, 8 heads on 4 kv heads),
 the experts in process: one with the decode mirror (the default, kernels/decode_mirror.py), one with
-``decode_mirror_bytes=0`` (the decode group gathers every history each layer). For each number of sequences
+``decode_mirror_bytes=0`` (the decode group gathers every history each layer). The mirror's engine gathers
+too where a step's group has fewer than ``--mirror-min-keys`` keys (``decode_mirror_min_keys``). For each number of sequences
 and prompt length, both decode the same greedy sequences of ``--tokens`` tokens each, taking turns
 ``--repeats`` times, their prompts already in the prefix cache (a first untimed call computes them): the table
 gives the median output tokens/s, all but the first of each sequence from decode steps, and checks both give the
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=32, help="tokens each sequence decodes (default: 32)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--mirror-min-keys", type=int, default=4096, help="the mirror engine's decode_mirror_min_keys")
     args = parser.parse_args(argv)
     sequences = [int(v) for v in args.sequences.split(",")]
     prompt_lens = [int(v) for v in args.prompt_len.split(",")]
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         positions = max(prompt_lens) + args.tokens + 1
         model_dir = write_synthetic_mixtral(Path(tmp) / "mixtral", max_position_embeddings=positions, dtype=torch.float32, **SIZES)
         common = dict(dtype=args.dtype, kv_cache_bytes=kv_bytes)
-        with LLM(model_dir, **common) as mirrored, LLM(model_dir, decode_mirror_bytes=0, **common) as gathered:
+        mirror_min_keys = dict(decode_mirror_min_keys=args.mirror_min_keys)
+        with LLM(model_dir, **common, **mirror_min_keys) as mirrored, LLM(model_dir, decode_mirror_bytes=0, **common) as gathered:
             engines = {"mirror": mirrored, "gather": gathered}
             print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, {args.tokens} tokens each\n")
             print("| sequences | prompt tokens | gathers (tok/s) | mirror (tok/s) | mirror vs gathers | same tokens |")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from moeshard.cluster.model.block_pool import BlockHash, BlockPool, block_hashes
-from moeshard.kernels.decode_mirror import DecodeMirror
+from moeshard.kernels.decode_mirror import MIN_KEYS, DecodeMirror
 from moeshard.kernels.paged_attention import attention_dtype
 
 logger = logging.getLogger(__name__)
@@ -78,8 +78,10 @@ class KVCache:
         prefix_caching: bool = True,
         device: torch.device | str = "cpu",
         mirror_bytes: int | None = None,
+        mirror_min_keys: int = MIN_KEYS,
     ):
-        """``mirror_bytes``: what the decode mirrors may hold together; None: as much as the cache, 0: none."""
+        """``mirror_bytes``: what the decode mirrors may hold together; None: as much as the cache, 0: none.
+        ``mirror_min_keys``: a decode group of fewer keys gathers them (``DecodeMirror.min_keys``)."""
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"KV cache needs num_blocks > 0 and block_size > 0, got {num_blocks}, {block_size}")
         self.block_size = block_size
@@ -90,7 +92,7 @@ class KVCache:
         self.keys = torch.zeros(num_layers, slots, num_kv_heads, head_dim, dtype=dtype, device=device)  # [L, S, Hkv, Dh]
         self.values = torch.zeros(num_layers, slots, num_kv_heads, head_dim, dtype=dtype, device=device)  # [L, S, Hkv, Dh]
         cache_bytes = 2 * self.keys.numel() * self.keys.element_size()
-        self.decode_mirrors = self._decode_mirrors(cache_bytes if mirror_bytes is None else mirror_bytes)
+        self.decode_mirrors = self._decode_mirrors(cache_bytes if mirror_bytes is None else mirror_bytes, mirror_min_keys)
         self._pool = BlockPool(num_blocks)
         self._tables: dict[int, list[int]] = {}
         self._computed_keys: dict[int, list[BlockHash]] = {}  # a sequence's keyed full blocks, from its first
@@ -111,14 +113,17 @@ class KVCache:
         prefix_caching: bool = True,
         device: torch.device | str = "cpu",
         mirror_bytes: int | None = None,
+        mirror_min_keys: int = MIN_KEYS,
     ) -> "KVCache":
         bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
         num_blocks = budget_bytes // bytes_per_block
         if num_blocks < 1:
             raise ValueError(f"KV cache budget of {budget_bytes} bytes is below one block ({bytes_per_block} bytes)")
-        return cls(num_layers, num_kv_heads, head_dim, num_blocks, block_size, dtype, prefix_caching, device, mirror_bytes)
+        return cls(
+            num_layers, num_kv_heads, head_dim, num_blocks, block_size, dtype, prefix_caching, device, mirror_bytes, mirror_min_keys
+        )
 
-    def _decode_mirrors(self, budget_bytes: int) -> tuple[DecodeMirror, ...]:
+    def _decode_mirrors(self, budget_bytes: int, min_keys: int) -> tuple[DecodeMirror, ...]:
         """One mirror per micro-batch of a step (two with ping-pong), within ``budget_bytes`` together."""
         if budget_bytes == 0:
             return ()
@@ -131,7 +136,7 @@ class KVCache:
 
         for index in range(2):
             others = functools.partial(held_by_others, index)
-            mirrors.append(DecodeMirror(self.keys.shape[0], hkv, dh, dtype, self.device, budget_bytes, others))
+            mirrors.append(DecodeMirror(self.keys.shape[0], hkv, dh, dtype, self.device, budget_bytes, others, min_keys))
         return tuple(mirrors)
 
     @property

@@ -10,7 +10,7 @@ consecutive, as the block pool hands them out, each layer with a cache of its ow
     kept buffers  gathered into two buffers the step keeps for all its layers (``GatherBuffers``)
     mirror        read from a ``DecodeMirror`` that the previous step filled: the step copies in one key
                   and value per sequence (kernels/decode_mirror.py); here also below ``MIN_KEYS``, where
-                  the model gathers: the figures are where that threshold comes from
+                  the model gathers by default: the figures are where that threshold comes from
 
 The steps advance one position each, from the given number of keys less the rounds; the first is a warm-up
 (where the mirror copies in every history). The table gives the median ms of a step's attention over its layers
@@ -30,7 +30,7 @@ from unittest import mock
 
 import torch
 
-from moeshard.kernels import PagedLayout, decode_mirror, paged_attention
+from moeshard.kernels import PagedLayout, paged_attention
 from moeshard.kernels.decode_mirror import DecodeMirror
 from moeshard.kernels.paged_attention import attention_dtype
 from moeshard.kernels.paged_plan import GatherBuffers
@@ -79,17 +79,13 @@ def main(argv: list[str] | None = None) -> None:
         slots = b * blocks * BLOCK_SIZE
         caches = [tuple(torch.randn(slots, hkv, dh, generator=g).to(dtype) for _ in "kv") for _ in range(layers)]
         q = torch.randn(b, h, dh, generator=g).to(dtype)
-        mirror = DecodeMirror(layers, hkv, dh, attention_dtype(dtype, q.device), q.device, budget_bytes=2**40)
+        mirror = DecodeMirror(layers, hkv, dh, attention_dtype(dtype, q.device), q.device, budget_bytes=2**40, min_keys=0)
         times: dict[str, list[float]] = {"new": [], "kept": [], "mirror": []}
         outs: dict[str, list[torch.Tensor]] = {}
         first = max(1, s - args.rounds)  # keys seen at the warm-up step
         for keys_seen in range(first, s + 1):
             for way in times:
-                if way == "new":
-                    patch = mock.patch.object(GatherBuffers, "index_select", _fresh)
-                else:
-                    patch = mock.patch.object(decode_mirror, "MIN_KEYS", 0) if way == "mirror" else contextlib.nullcontext()
-                with patch:
+                with mock.patch.object(GatherBuffers, "index_select", _fresh) if way == "new" else contextlib.nullcontext():
                     started = time.perf_counter()
                     outs[way] = step_attention(q, caches, tables, keys_seen, mirror if way == "mirror" else None)
                     if keys_seen > first:
