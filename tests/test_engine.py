@@ -9,6 +9,7 @@ import torch
 
 from moeshard.cluster import LLM, SamplingParams
 from moeshard.cluster.model.batch import SequenceChunk, StepBatch
+from moeshard.kernels.decode_mirror import DecodeMirror
 from moeshard.kernels.linear import route_for
 
 PROMPTS = [[1, 5, 9, 33, 17, 2, 64], [1, 100], [1, 7, 7, 7, 7, 7, 7, 7, 64, 12, 90, 4, 3, 3, 9, 11, 40, 41, 42]]
@@ -89,17 +90,24 @@ def test_logits_dtype_and_shape(llm):
     assert logits.dtype == torch.float32 and logits.shape == (len(PROMPTS[0]), 128)
 
 
-def test_preemption_under_a_small_cache_changes_no_output(tiny_mixtral_dir, llm):
-    """Six blocks of 16 tokens for three growing sequences: some must be preempted and recomputed."""
+@pytest.mark.parametrize("mirror", [False, True], ids=["gathered", "decode_mirror"])
+def test_preemption_under_a_small_cache_changes_no_output(tiny_mixtral_dir, llm, mirror, monkeypatch):
+    """Six blocks of 16 tokens for three growing sequences: some must be preempted and recomputed. With every decode
+    group read from the decode mirror, a preempted sequence's rows are dropped when its blocks are freed."""
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     expected = [o.token_ids for o in llm.generate(PROMPTS, params)]
     block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # layers x (K, V) x block x kv heads x head dim x fp32
-    with LLM(tiny_mixtral_dir, kv_cache_bytes=6 * block_bytes, kv_block_size=16) as small:
+    mirrored = dict(decode_mirror_min_keys=0, decode_mirror_bytes=2**24) if mirror else {}
+    steps = []
+    plan = DecodeMirror.plan
+    monkeypatch.setattr(DecodeMirror, "plan", lambda self, *a: steps.append(plan(self, *a)) or steps[-1])
+    with LLM(tiny_mixtral_dir, kv_cache_bytes=6 * block_bytes, kv_block_size=16, **mirrored) as small:
         assert small._engine.cache.num_blocks == 6
         outputs = small.generate(PROMPTS, params)
         assert [o.token_ids for o in outputs] == expected
         assert small._engine.num_preemptions > 0
         assert small._engine.cache.usage().used_blocks == 0
+    assert any(s is not None for s in steps) == mirror
 
 
 def test_an_lm_head_on_more_threads_changes_no_output(tiny_checkpoint_factory):

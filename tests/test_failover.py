@@ -155,6 +155,21 @@ def test_sigkill_under_ping_pong_loses_no_request(
 
 
 @pytest.mark.slow
+def test_sigkill_with_decode_mirrors_loses_no_request(ray_cluster, tiny_mixtral_dir, reference, expert_actor_pid, mid_generation):
+    """The coordinator reads every decode group from its decode mirrors (kernels/decode_mirror.py; two under
+    ping-pong, kept from step to step): a kill fails a pass part way through its layers, the step is retried whole,
+    the mirrors refill, and every output equals the single process's (which gathers)."""
+    options = _cluster_options(2, dispatch_timeout_s=20, transport="socket")
+    mirrored = dict(ping_pong_min_sequences=2, decode_mirror_min_keys=0)  # every group mirrored, small as they are
+    with LLM(tiny_mixtral_dir, expert_actors=2, cluster=options, **mirrored) as llm:
+        pid = expert_actor_pid(llm, 0)
+        tokens = mid_generation.generate_while(llm, PROMPTS, LONG, lambda: mid_generation.once_decoding(llm, lambda: _kill(pid)))
+        assert tokens == reference
+        assert llm.expert_health().failures[0] >= 1 and expert_actor_pid(llm, 0) != pid
+        assert [o.token_ids for o in llm.generate(PROMPTS, LONG)] == reference
+
+
+@pytest.mark.slow
 def test_request_fails_cleanly_under_ping_pong_when_recovery_fails(ray_cluster, tiny_mixtral_dir):
     """A sole host gone for good while both micro-batches are dispatched: the request fails naming it, no hang, and
     the coordinator still answers (the other micro-batch's dispatch was abandoned, not left waiting)."""
