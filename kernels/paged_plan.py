@@ -122,7 +122,8 @@ def _plan_decode(layout: PagedLayout, members: list[int], starts: tuple[int, ...
 
 def _plan_mirrored(layout: PagedLayout, members: list[int], starts: tuple[int, ...]) -> DecodeGroup | None:
     """The group read from the layout's decode mirror, in the mirror's row order; None where it has none, the model
-    has a sliding window (a query's keys do not start at 0) or the mirror is over its budget."""
+    has a sliding window (a query's keys do not start at 0), or the mirror gathers this step (a group under its
+    ``min_keys``, or over its budget)."""
     mirror = layout.decode_mirror
     if mirror is None or layout.sliding_window is not None:
         return None
