@@ -19,8 +19,8 @@ Where the group is small (fewer than ``min_keys`` keys in its padded call, by de
 gathers: its gather is cheap and read hot by the attention right after, while the mirror's rows come cold from
 memory. On a 2-core AMD EPYC a step's attention with the mirror ran 0.93-0.98x the gathers at 16 sequences of
 100 keys, 1.05-1.60x at 64 of 100, 1.91-2.41x at 32 of 1024 (kernels/benchmarks/decode_gathers.py,
-docs/kernels.md); the crossover is the machine's (``EngineConfig.decode_mirror_min_keys``). A group's rows fall
-behind while it gathers, and the next mirrored step refills them.
+docs/kernels.md); the crossover is the machine's (``EngineConfig.decode_mirror_min_keys``). A step that gathers
+for its small group releases the mirror: its rows would fall behind, and the next mirrored step refills them.
 
 A sequence keeps its row only while its history is unchanged: it must hold exactly the positions before this
 step's query, the cache evicts it when it frees the sequence (finished, aborted, preempted), and a step whose
@@ -29,7 +29,9 @@ past the new count move into the holes (each move refills one history), so rows 
 
 Memory: capacity grows by half again (positions in steps of 64, rows of 8) and everything is refilled from
 the cache when it does; a step whose capacity would pass ``budget_bytes`` (counted with what the other mirrors
-of the cache hold) gathers as before and the mirror is released, as it is when its last sequence leaves.
+of the cache hold) gathers as before and the mirror is released, as it is when its last sequence leaves. Under
+continuous batching a group rarely empties, so a mirror that holds more than ``SHRINK_ABOVE`` times what its
+group needs (the long sequence it grew for has left) is made anew at the group's size, refilled like a growth.
 Models with a sliding window gather (their visible keys do not start at position 0).
 
 Dimensions: L layers, R rows, C positions per row, n sequences in the step's group, F keys copied in a step,
@@ -51,6 +53,7 @@ logger = logging.getLogger(__name__)
 POSITION_STEP = 64  # capacity in positions grows in multiples of this
 ROW_STEP = 8  # and in rows, of this
 MIN_KEYS = 4096  # by default a group of fewer keys (sequences x the longest's keys) gathers
+SHRINK_ABOVE = 4  # a mirror holding more than this many times what its group needs is made anew, fitted
 
 
 class MirrorKV(NamedTuple):
@@ -123,17 +126,24 @@ class DecodeMirror:
     ) -> MirrorStep | None:
         """A step's group: member i is sequence ``seq_ids[i]`` with its one query at ``positions[i]``, its keys
         0 .. positions[i] in the cache at ``slots_at(members [N], positions [N])`` (host int64). None: this step
-        gathers instead (a small group; or over budget, and the mirror is released)."""
+        gathers instead (a small group, or over budget), and the mirror is released."""
         if self._unfilled:  # the last step stopped part way: its rows may miss keys
             self.release()
         ends = [p + 1 for p in positions]  # keys each member sees
         rows, width = len(seq_ids), max(ends)
         if rows * width < self.min_keys:
+            self.release()  # its rows would fall behind this step, and refill whole at the next mirrored one
             return None
         have_rows, have_positions = self.capacity
-        if rows > have_rows or width > have_positions:
-            want_rows = _grown(rows, have_rows, ROW_STEP)
-            want_positions = _grown(width, have_positions, POSITION_STEP)
+        grows = rows > have_rows or width > have_positions
+        fitted = (_grown(rows, rows, ROW_STEP), _grown(width, width, POSITION_STEP))  # the group's size, room to grow
+        shrinks = not grows and self._bytes_for(have_rows, have_positions) > SHRINK_ABOVE * self._bytes_for(*fitted)
+        if grows or shrinks:
+            if grows:
+                want_rows, want_positions = _grown(rows, have_rows, ROW_STEP), _grown(width, have_positions, POSITION_STEP)
+            else:  # the long sequences it grew for have left: hand the memory back
+                want_rows, want_positions = fitted
+                logger.debug("decode mirror %d x %d shrinks to %d x %d", have_rows, have_positions, *fitted)
             if self._bytes_for(want_rows, want_positions) + self._held_elsewhere() > self.budget_bytes:
                 logger.debug("a decode mirror of %d rows x %d positions is over its budget: gathering", want_rows, want_positions)
                 self.release()

@@ -159,6 +159,48 @@ def test_a_small_group_gathers_and_its_rows_refill_when_it_grows():
     assert step is not None and step.fill_slots.numel() == 2 * width
 
 
+def test_a_small_group_releases_the_mirror():
+    caches = Caches(3)
+    mirror = mirror_for(caches, min_keys=100)
+    decode_step(caches, {0: 60, 1: 70}, mirror, seed=0)  # 2 x 71 keys: mirrored
+    assert mirror.nbytes > 0
+    decode_step(caches, {0: 30, 2: 20}, mirror, seed=1)  # 2 x 31 keys: gathers, and hands the mirror's memory back
+    assert mirror.nbytes == 0
+    assert_close_to_gathers(caches, {0: 62, 1: 71}, mirror, seed=2)  # mirrored again, every row refilled
+
+
+def test_a_mirror_far_larger_than_its_group_is_made_anew_at_its_size():
+    caches = Caches(20)
+    mirror = mirror_for(caches)
+    seqs = {s: 10 + s for s in range(19)} | {19: 200}  # one long sequence among short ones
+    decode_step(caches, seqs, mirror, seed=0)
+    assert mirror.capacity == (24, 256)
+    for s in range(3, 20):  # the long one and most others finish; the group never empties
+        mirror.evict(s)
+        del seqs[s]
+    seqs = {s: p + 1 for s, p in seqs.items()}
+    assert mirror.plan(list(seqs), list(seqs.values()), lambda b, p: p) is not None
+    assert mirror.capacity == (8, 64)  # the group's size, with room to grow (it held 12x that)
+    mirror.release()
+    assert_close_to_gathers(caches, seqs, mirror, seed=1)
+    for s, p in seqs.items():  # after the shrink the rows still equal the cache
+        slots = torch.tensor([caches.tables[s][i // BLOCK] * BLOCK + i % BLOCK for i in range(p + 1)])
+        assert torch.equal(mirror.keys[1, mirror._rows[s], :, : p + 1], caches.keys[1, slots].transpose(0, 1))
+
+
+def test_a_mirror_a_few_times_its_group_keeps_its_rows():
+    caches = Caches(4)
+    mirror = mirror_for(caches)
+    seqs = {0: 200, 1: 100, 2: 90, 3: 80}
+    decode_step(caches, seqs, mirror, seed=0)
+    assert mirror.capacity == (8, 256)
+    mirror.evict(0)
+    rest = {s: p + 1 for s, p in seqs.items() if s != 0}  # 101 keys: fitted would be 8 x 192, under 4x
+    step = mirror.plan(list(rest), list(rest.values()), lambda b, p: p)
+    assert mirror.capacity == (8, 256)
+    assert step.fill_slots.numel() == (len(rest) - 1) + (rest[3] + 1)  # one key each, the moved row its history
+
+
 def test_a_sliding_window_gathers():
     caches = Caches(2)
     mirror = mirror_for(caches)
