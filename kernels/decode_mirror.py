@@ -27,8 +27,8 @@ step's query, the cache evicts it when it frees the sequence (finished, aborted,
 layers did not all fill (an error part way) drops every row. Sequences that leave free their rows; the rows
 past the new count move into the holes (each move refills one history), so rows 0 .. n - 1 stay dense.
 
-Memory: capacity grows by half again (positions in steps of 64, rows of 8) and everything is refilled from
-the cache when it does; a step whose capacity would pass ``budget_bytes`` (counted with what the other mirrors
+Memory: capacity grows by half again in each dimension the group passes (positions in steps of 64, rows of 8)
+and everything is refilled from the cache when it does; a step whose capacity would pass ``budget_bytes`` (counted with what the other mirrors
 of the cache hold) gathers as before and the mirror is released, as it is when its last sequence leaves. Under
 continuous batching a group rarely empties, so a mirror that holds more than ``SHRINK_ABOVE`` times what its
 group needs (the long sequence it grew for has left) is made anew at the group's size, refilled like a growth.
@@ -135,15 +135,15 @@ class DecodeMirror:
             self.release()  # its rows would fall behind this step, and refill whole at the next mirrored one
             return None
         have_rows, have_positions = self.capacity
-        grows = rows > have_rows or width > have_positions
+        # each dimension grows by half again where the group passes it, else stays
+        want_rows = _grown(rows, have_rows, ROW_STEP) if rows > have_rows else have_rows
+        want_positions = _grown(width, have_positions, POSITION_STEP) if width > have_positions else have_positions
         fitted = (_grown(rows, rows, ROW_STEP), _grown(width, width, POSITION_STEP))  # the group's size, room to grow
-        shrinks = not grows and self._bytes_for(have_rows, have_positions) > SHRINK_ABOVE * self._bytes_for(*fitted)
-        if grows or shrinks:
-            if grows:
-                want_rows, want_positions = _grown(rows, have_rows, ROW_STEP), _grown(width, have_positions, POSITION_STEP)
-            else:  # the long sequences it grew for have left: hand the memory back
-                want_rows, want_positions = fitted
-                logger.debug("decode mirror %d x %d shrinks to %d x %d", have_rows, have_positions, *fitted)
+        if self._bytes_for(want_rows, want_positions) > SHRINK_ABOVE * self._bytes_for(*fitted):
+            # the long sequences it grew for have left: hand the memory back
+            logger.debug("decode mirror %d x %d made anew at %d x %d", have_rows, have_positions, *fitted)
+            want_rows, want_positions = fitted
+        if (want_rows, want_positions) != (have_rows, have_positions):
             if self._bytes_for(want_rows, want_positions) + self._held_elsewhere() > self.budget_bytes:
                 logger.debug("a decode mirror of %d rows x %d positions is over its budget: gathering", want_rows, want_positions)
                 self.release()

@@ -189,7 +189,7 @@ def test_a_mirror_far_larger_than_its_group_is_made_anew_at_its_size():
 
 
 def test_a_mirror_a_few_times_its_group_keeps_its_rows():
-    caches = Caches(4)
+    caches = Caches(10)
     mirror = mirror_for(caches)
     seqs = {0: 200, 1: 100, 2: 90, 3: 80}
     decode_step(caches, seqs, mirror, seed=0)
@@ -199,6 +199,11 @@ def test_a_mirror_a_few_times_its_group_keeps_its_rows():
     step = mirror.plan(list(rest), list(rest.values()), lambda b, p: p)
     assert mirror.capacity == (8, 256)
     assert step.fill_slots.numel() == (len(rest) - 1) + (rest[3] + 1)  # one key each, the moved row its history
+    for layer in range(L):
+        mirror.fill(step, layer, caches.keys[layer], caches.values[layer])
+    more = {s: p + 1 for s, p in rest.items()} | {s: 30 for s in range(4, 10)}  # 9 rows: only the rows grow
+    assert mirror.plan(list(more), list(more.values()), lambda b, p: p) is not None
+    assert mirror.capacity == (16, 256)
 
 
 def test_a_sliding_window_gathers():
