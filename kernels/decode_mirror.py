@@ -207,7 +207,7 @@ class DecodeMirror:
         return order, whole
 
     def _bytes_for(self, rows: int, positions: int) -> int:
-        per_position = self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        per_position = self.num_kv_heads * self.head_dim * self.dtype.itemsize
         return 2 * self.num_layers * rows * positions * per_position
 
 
