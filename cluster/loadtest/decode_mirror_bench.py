@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -31,12 +32,17 @@ from moeshard.cluster import LLM, SamplingParams
 from moeshard.cluster.loadtest.prefill_bench import SIZES, prompt_ids
 
 
-def decode_rate(llm: LLM, prompts: list[list[int]], tokens: int) -> tuple[float, list[list[int]]]:
-    """(tokens/s, the tokens) of decoding ``prompts`` whose blocks the prefix cache already holds: the step that
-    computes each prompt's last token, then ``tokens - 1`` decode steps."""
+class DecodeRun(NamedTuple):
+    tokens_per_s: float
+    token_ids: list[list[int]]  # each prompt's output tokens
+
+
+def decode_rate(llm: LLM, prompts: list[list[int]], tokens: int) -> DecodeRun:
+    """Decoding ``prompts`` whose blocks the prefix cache already holds: the step that computes each prompt's
+    last token, then ``tokens - 1`` decode steps."""
     started = time.perf_counter()
     outputs = llm.generate(prompts, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
-    return len(prompts) * tokens / (time.perf_counter() - started), [o.token_ids for o in outputs]
+    return DecodeRun(len(prompts) * tokens / (time.perf_counter() - started), [o.token_ids for o in outputs])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                         llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0))
                     for _ in range(args.repeats):
                         for name, llm in engines.items():
-                            rate, tokens[name] = decode_rate(llm, prompts, args.tokens)
-                            rates[name].append(rate)
+                            run = decode_rate(llm, prompts, args.tokens)
+                            rates[name].append(run.tokens_per_s)
+                            tokens[name] = run.token_ids
                     gather, mirror = (statistics.median(rates[name]) for name in ("gather", "mirror"))
                     same = tokens["gather"] == tokens["mirror"]
                     print(f"| {n} | {length} | {gather:.1f} | {mirror:.1f} | {mirror / gather:.2f}x | {same} |")
